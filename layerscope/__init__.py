@@ -1,5 +1,6 @@
 """layerscope: will this fine-tuning run fit, what will it cost, which layers should be frozen?"""
 
+from layerscope.apply import apply_plan
 from layerscope.errors import (
     ConfigError,
     EstimateError,
@@ -9,18 +10,67 @@ from layerscope.errors import (
     PlanError,
     StructureError,
 )
+from layerscope.layer_utils import (
+    GradualUnfreezer,
+    estimate_training_time,
+    freeze_by_name,
+    freeze_embeddings,
+    freeze_except_last_n,
+    freeze_first_n_layers,
+    freeze_last_n_layers,
+    freeze_model,
+    get_frozen_percentage,
+    get_layer_names,
+    get_memory_savings_estimate,
+    get_num_layers,
+    get_trainable_params,
+    layer_status,
+    model_summary,
+    print_layer_status,
+    print_model_summary,
+    setup_lp_lora_style,
+    unfreeze_model,
+)
+from layerscope.plan import FreezePlan, Resolution
+from layerscope.scan import BlockStack, ModelScan, ParamInfo, scan
 
 __version__ = "0.1.0"
 
 __all__ = sorted(
     [
+        "BlockStack",
         "ConfigError",
         "EstimateError",
+        "FreezePlan",
+        "GradualUnfreezer",
         "LayerscopeError",
         "LayerscopeWarning",
+        "ModelScan",
         "ModelTypeError",
+        "ParamInfo",
         "PlanError",
+        "Resolution",
         "StructureError",
         "__version__",
+        "apply_plan",
+        "estimate_training_time",
+        "freeze_by_name",
+        "freeze_embeddings",
+        "freeze_except_last_n",
+        "freeze_first_n_layers",
+        "freeze_last_n_layers",
+        "freeze_model",
+        "get_frozen_percentage",
+        "get_layer_names",
+        "get_memory_savings_estimate",
+        "get_num_layers",
+        "get_trainable_params",
+        "layer_status",
+        "model_summary",
+        "print_layer_status",
+        "print_model_summary",
+        "scan",
+        "setup_lp_lora_style",
+        "unfreeze_model",
     ]
 )

@@ -1,0 +1,307 @@
+"""The "Layer Utils" API of the reference, each function a thin composition of scan, plan and
+apply. Every function takes any ``nn.Module``, real or meta, and only ever toggles
+``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from layerscope.apply import apply_plan, emit, set_requires_grad
+from layerscope.errors import PlanError
+from layerscope.plan import Embeddings, ExceptLast, FreezePlan, Rule
+from layerscope.render.text import layer_status_text, model_summary_text
+from layerscope.scan import check_module, scan
+from layerscope.units import GIB, dtype_bytes, format_duration
+
+
+def _freeze(model: nn.Module, plan: FreezePlan, func: str) -> int:
+    """Freeze what ``plan`` selects (leaving other flags alone); return the elements covered."""
+    check_module(model, func)
+    res = plan.resolve(scan(model))
+    set_requires_grad(model, res.frozen, False)
+    emit(res.warnings)
+    return res.frozen_params
+
+
+def freeze_model(model: nn.Module) -> int:
+    """Freeze every parameter. Returns the number of parameter elements frozen."""
+    return _freeze(model, FreezePlan.all(), "freeze_model")
+
+
+def unfreeze_model(model: nn.Module) -> int:
+    """Make every (floating-point) parameter trainable. Returns the elements covered."""
+    check_module(model, "unfreeze_model")
+    s = scan(model)
+    set_requires_grad(model, s.by_name, True)
+    return s.total_params
+
+
+def freeze_first_n_layers(model: nn.Module, n: int) -> int:
+    """Freeze blocks ``0 .. n-1`` of the main block stack."""
+    return _freeze(model, FreezePlan.first(n), "freeze_first_n_layers")
+
+
+def freeze_last_n_layers(model: nn.Module, n: int) -> int:
+    """Freeze blocks ``L-n .. L-1`` of the main block stack."""
+    return _freeze(model, FreezePlan.last(n), "freeze_last_n_layers")
+
+
+def freeze_except_last_n(model: nn.Module, n: int) -> int:
+    """Freeze everything except the last ``n`` blocks and the head side (final norm, head).
+
+    A head tied to the embeddings keeps the shared tensor trainable (with a warning).
+    """
+    return _freeze(model, FreezePlan.except_last(n), "freeze_except_last_n")
+
+
+def freeze_embeddings(model: nn.Module) -> int:
+    """Freeze the input embeddings outside the blocks (token, position, token-type).
+
+    A head tied to them is frozen too (with a warning).
+    """
+    return _freeze(model, FreezePlan.embeddings(), "freeze_embeddings")
+
+
+def freeze_by_name(model: nn.Module, patterns: str | Sequence[str], case_sensitive: bool = True) -> int:
+    """Freeze every parameter whose full name matches a pattern (``re.search``).
+
+    Raises:
+        PlanError (a ValueError): an invalid regex, or no pattern matches any name.
+    """
+    check_module(model, "freeze_by_name")
+    if not isinstance(case_sensitive, bool):
+        raise PlanError(f"freeze_by_name: case_sensitive must be a bool, got {case_sensitive!r}")
+    pats = patterns if isinstance(patterns, str) else tuple(patterns)
+    return _freeze(model, FreezePlan.regex(pats, case_sensitive), "freeze_by_name")
+
+
+def setup_lp_lora_style(model: nn.Module, freeze_ratio: float = 0.5, freeze_embed: bool = True) -> int:
+    """LP-LoRA style: freeze blocks ``0 .. int(L * freeze_ratio) - 1`` and the embeddings."""
+    check_module(model, "setup_lp_lora_style")
+    return _freeze(model, FreezePlan.lp_lora(freeze_ratio, freeze_embed), "setup_lp_lora_style")
+
+
+def get_trainable_params(model: nn.Module) -> int:
+    """Trainable parameter elements, a shared tensor counted once."""
+    return scan(check_module(model, "get_trainable_params")).trainable_params
+
+
+def get_frozen_percentage(model: nn.Module) -> float:
+    """Frozen share of the parameter elements, in percent (0.0 without parameters)."""
+    s = scan(check_module(model, "get_frozen_percentage"))
+    return 100.0 * s.frozen_params / s.total_params if s.total_params else 0.0
+
+
+def get_num_layers(model: nn.Module) -> int:
+    """Blocks in the main block stack (``StructureError`` when there is none)."""
+    return scan(check_module(model, "get_num_layers")).num_layers
+
+
+def get_layer_names(model: nn.Module, include_params: bool = False) -> list[str]:
+    """Modules that directly own parameters, in registration order; with ``include_params``,
+    the parameter names instead (every alias of a tied tensor)."""
+    s = scan(check_module(model, "get_layer_names"))
+    if include_params:
+        return [p.name for p in s.params]
+    return [m.name for m in s.modules if m.own_params]
+
+
+def layer_status(model: nn.Module, show_all: bool = False) -> str:
+    """The text :func:`print_layer_status` prints."""
+    return layer_status_text(scan(check_module(model, "layer_status")), show_all=bool(show_all))
+
+
+def print_layer_status(model: nn.Module, show_all: bool = False) -> None:
+    """Print which blocks are frozen, grouped into runs, then the embeddings and the head."""
+    print(layer_status(model, show_all))
+
+
+def model_summary(model: nn.Module, max_depth: int = 3) -> str:
+    """The text :func:`print_model_summary` prints."""
+    check_module(model, "model_summary")
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+        raise ValueError(f"max_depth must be an int >= 0, got {max_depth!r}")
+    return model_summary_text(scan(model), max_depth)
+
+
+def print_model_summary(model: nn.Module, max_depth: int = 3) -> None:
+    """Print the Keras-like summary: totals, then one row per module down to ``max_depth``."""
+    print(model_summary(model, max_depth))
+
+
+def get_memory_savings_estimate(model: nn.Module) -> dict[str, Any]:
+    """Memory the frozen parameters save: no gradient and no AdamW state (two per parameter).
+
+    Bytes come from each frozen tensor's own dtype; ``*_gb`` values are GiB (2**30 bytes).
+    """
+    s = scan(check_module(model, "get_memory_savings_estimate"))
+    frozen = [g[0] for g in s.tensors if not g[0].requires_grad]
+    grad = int(sum(p.numel * dtype_bytes(p.dtype) for p in frozen))
+    optim = 2 * grad
+    return {
+        "gradient_saved_gb": grad / GIB,
+        "optimizer_saved_gb": optim / GIB,
+        "total_saved_gb": (grad + optim) / GIB,
+        "gradient_saved_bytes": grad,
+        "optimizer_saved_bytes": optim,
+        "total_saved_bytes": grad + optim,
+        "frozen_params": s.frozen_params,
+        "trainable_params": s.trainable_params,
+    }
+
+
+def _check_count(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def estimate_training_time(
+    model: nn.Module,
+    num_samples: int,
+    batch_size: int,
+    num_epochs: int,
+    ms_per_step: float = 500.0,
+) -> dict[str, Any]:
+    """Steps and wall time of a run at a given time per step.
+
+    ``total_steps = ceil(num_samples / batch_size) * num_epochs``.
+    """
+    check_module(model, "estimate_training_time")
+    _check_count(num_samples, "num_samples", 0)
+    _check_count(batch_size, "batch_size", 1)
+    _check_count(num_epochs, "num_epochs", 0)
+    if isinstance(ms_per_step, bool) or not isinstance(ms_per_step, (int, float)) or not (
+        ms_per_step >= 0 and math.isfinite(ms_per_step)
+    ):
+        raise ValueError(f"ms_per_step must be a finite number >= 0, got {ms_per_step!r}")
+    steps_per_epoch = math.ceil(num_samples / batch_size)
+    total_steps = steps_per_epoch * num_epochs
+    seconds = total_steps * ms_per_step / 1000.0
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "ms_per_step": float(ms_per_step),
+        "total_seconds": seconds,
+        "total_hours": seconds / 3600.0,
+        "formatted": format_duration(seconds),
+    }
+
+
+class GradualUnfreezer:
+    """Unfreeze blocks from the top, epoch by epoch (ULMFiT-style gradual unfreezing).
+
+    Epoch 0 trains only the head side; at epoch ``e`` the top ``L * e // (total_epochs - 1)``
+    blocks train, so all blocks train by the last epoch and none refreezes. The embeddings stay
+    frozen unless ``freeze_embeddings=False`` or ``epoch >= unfreeze_embeddings_at``; a head tied
+    to them trains with the head side (with a warning). Everything else (e.g. a vision tower)
+    stays frozen until the last epoch.
+
+    ``step(e)`` sets the flags for epoch ``e`` from scratch, so resuming at any epoch gives the
+    same flags. With an optimizer built before unfreezing, give it *all* parameters (frozen ones
+    included): PyTorch optimizers skip parameters whose ``.grad`` is None, so frozen ones are
+    not updated and start updating as soon as they are unfrozen. An optimizer built from only
+    the trainable parameters never sees the ones unfrozen later.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_epochs: int,
+        unfreeze_embeddings_at: int | None = None,
+        freeze_embeddings: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        check_module(model, "GradualUnfreezer")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 2:
+            raise ValueError(
+                f"GradualUnfreezer: total_epochs must be an int >= 2 (epoch 0 trains the head "
+                f"only, the last epoch everything), got {total_epochs!r}"
+            )
+        if unfreeze_embeddings_at is not None and (
+            isinstance(unfreeze_embeddings_at, bool)
+            or not isinstance(unfreeze_embeddings_at, int)
+            or unfreeze_embeddings_at < 0
+        ):
+            raise ValueError(
+                f"GradualUnfreezer: unfreeze_embeddings_at must be None or an int >= 0, "
+                f"got {unfreeze_embeddings_at!r}"
+            )
+        self.model = model
+        self.total_epochs = total_epochs
+        self.unfreeze_embeddings_at = unfreeze_embeddings_at
+        self.freeze_embeddings = bool(freeze_embeddings)
+        self.verbose = bool(verbose)
+        self.num_layers = scan(model).num_layers
+        self.epoch: int | None = None
+
+    def trainable_blocks(self, epoch: int) -> int:
+        """How many of the top blocks train at ``epoch``."""
+        self._check_epoch(epoch)
+        last = self.total_epochs - 1
+        return self.num_layers if epoch >= last else self.num_layers * epoch // last
+
+    def _check_epoch(self, epoch: object) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"GradualUnfreezer: epoch must be an int >= 0, got {epoch!r}")
+
+    def plan(self, epoch: int) -> FreezePlan:
+        """The freeze plan of ``epoch``."""
+        k = self.trainable_blocks(epoch)
+        embeddings_frozen = self.freeze_embeddings and (
+            self.unfreeze_embeddings_at is None or epoch < self.unfreeze_embeddings_at
+        )
+        if k < self.num_layers:
+            rule: Rule = ExceptLast(k, keep_embeddings=not embeddings_frozen)
+            return FreezePlan((rule,), self.num_layers)
+        if embeddings_frozen:
+            return FreezePlan((Embeddings(keep_tied_head=True),), self.num_layers)
+        return FreezePlan((), self.num_layers)
+
+    def step(self, epoch: int) -> int:
+        """Set the flags for ``epoch``; returns the trainable parameter elements."""
+        plan = self.plan(epoch)
+        res = apply_plan(self.model, plan)
+        self.epoch = epoch
+        if self.verbose:
+            print(
+                f"[GradualUnfreezer] epoch {epoch}: top {self.trainable_blocks(epoch)}/"
+                f"{self.num_layers} blocks trainable, {res.trainable_params:,} parameters"
+            )
+        return res.trainable_params
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "total_epochs": self.total_epochs,
+            "unfreeze_embeddings_at": self.unfreeze_embeddings_at,
+            "freeze_embeddings": self.freeze_embeddings,
+            "num_layers": self.num_layers,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule and re-apply the saved epoch's flags."""
+        if not isinstance(state, dict) or state.get("num_layers") != self.num_layers:
+            raise ValueError(
+                f"GradualUnfreezer.load_state_dict: state is for "
+                f"{state.get('num_layers') if isinstance(state, dict) else state!r} layers, "
+                f"this model has {self.num_layers}"
+            )
+        restored = GradualUnfreezer(
+            self.model, state["total_epochs"], state["unfreeze_embeddings_at"],
+            state["freeze_embeddings"], verbose=False,
+        )
+        if state["epoch"] is not None:
+            restored._check_epoch(state["epoch"])
+        self.total_epochs = restored.total_epochs
+        self.unfreeze_embeddings_at = restored.unfreeze_embeddings_at
+        self.freeze_embeddings = restored.freeze_embeddings
+        if state["epoch"] is not None:
+            verbose, self.verbose = self.verbose, False
+            self.step(state["epoch"])
+            self.verbose = verbose
