@@ -118,7 +118,7 @@ def layer_status(model: nn.Module, show_all: bool = False) -> str:
 
 def print_layer_status(model: nn.Module, show_all: bool = False) -> None:
     """Print which blocks are frozen, grouped into runs, then the embeddings and the head."""
-    print(layer_status(model, show_all))
+    print(layer_status(check_module(model, "print_layer_status"), show_all))
 
 
 def model_summary(model: nn.Module, max_depth: int = 3) -> str:
@@ -131,7 +131,7 @@ def model_summary(model: nn.Module, max_depth: int = 3) -> str:
 
 def print_model_summary(model: nn.Module, max_depth: int = 3) -> None:
     """Print the Keras-like summary: totals, then one row per module down to ``max_depth``."""
-    print(model_summary(model, max_depth))
+    print(model_summary(check_module(model, "print_model_summary"), max_depth))
 
 
 def get_memory_savings_estimate(model: nn.Module) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""Time of scan() and of resolving freeze plans on a 70B-class meta skeleton.
+
+Run: python benchmarks/scan_resolve.py
+Prints one table: the build time (for scale), then scan and each plan's resolve (best of 5).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tabulate import tabulate
+
+from layerscope import FreezePlan, scan
+
+# Llama-3.1-70B's published config.json (meta-llama/Llama-3.1-70B), structural fields.
+LLAMA_70B = dict(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
+
+
+def best_of(func, repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_70B), dtype=torch.bfloat16)
+    build = time.perf_counter() - start
+    s = scan(model)
+    rows = [["build skeleton (once)", f"{build * 1000:.1f}"],
+            ["scan", f"{best_of(lambda: scan(model)) * 1000:.1f}"]]
+    for text in ("lp-lora", "first:40", "except-last:4", "embeddings", r"regex:self_attn\.(q|k)_proj",
+                 "first:16+embeddings"):
+        plan = FreezePlan.parse(text)
+        rows.append([f"resolve {text} (on a scan)", f"{best_of(lambda: plan.resolve(s)) * 1000:.1f}"])
+    rows.append(["scan + resolve lp-lora", f"{best_of(lambda: FreezePlan.lp_lora().resolve(model)) * 1000:.1f}"])
+    print(f"Llama-3.1-70B skeleton: {s.total_params:,} parameters, {len(s.params)} tensors, "
+          f"{s.num_layers} layers")
+    print(tabulate(rows, headers=["step", "ms"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
