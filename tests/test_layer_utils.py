@@ -174,3 +174,25 @@ def test_estimate_training_time_reference_example(model):
         args = {"num_samples": 100, "batch_size": 4, "num_epochs": 1, **kwargs}
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             ls.estimate_training_time(model, **args)
+
+
+def test_every_function_on_a_plain_module(capsys):
+    model = PlainNet()
+    block, embed, head = 8 * 8 + 8 + 2 * 8, 10 * 8, 2 * 8 + 8 * 10 + 10
+    total = 3 * block + embed + head
+    assert ls.freeze_model(model) == total and ls.unfreeze_model(model) == total
+    assert ls.freeze_last_n_layers(model, 1) == block
+    assert ls.freeze_except_last_n(model, 2) == block + embed
+    assert ls.get_trainable_params(model) == block + head
+    assert ls.setup_lp_lora_style(model, 1 / 3) == block + embed
+    assert ls.freeze_by_name(model, r"\.fc\.") == 3 * (8 * 8 + 8)
+    # only block 1's norm and the head still train; fp32 gradients are 4 bytes each
+    assert ls.get_memory_savings_estimate(model)["gradient_saved_bytes"] == 4 * (total - head - 2 * 8)
+    ls.print_layer_status(model)
+    ls.print_model_summary(model, max_depth=1)
+    out = capsys.readouterr().out
+    assert "Layer 0: FROZEN" in out and "Layer 1: PARTIAL" in out and "Layer 2: FROZEN" in out
+    assert "║  blocks " in out  # depth 1 of the summary
+    ls.GradualUnfreezer(model, 2, verbose=False).step(0)
+    assert ls.get_trainable_params(model) == head
+    assert ls.estimate_training_time(model, 8, 4, 1)["total_steps"] == 2
