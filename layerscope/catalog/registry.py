@@ -70,7 +70,8 @@ def find_preset(name: str) -> Preset | None:
 
     A name matches a preset's own name or one of its aliases (e.g. the repository id
     ``"meta-llama/Llama-3.1-8B"`` or its last part ``"Llama-3.1-8B"``), ignoring case, ``_``
-    and spaces.
+    and spaces. Failing that, a name that equals exactly one preset or alias once every
+    character but letters and digits is dropped also matches (``"qwen2_5_7b"``).
     """
     key = normalize_name(name)
     names, aliases = _index()
@@ -78,6 +79,9 @@ def find_preset(name: str) -> Preset | None:
         return _load(key)
     if key in aliases:
         return _load(aliases[key])
+    found = {target for spelling, target in _spellings().items() if _compact(spelling) == _compact(key)}
+    if len(found) == 1:
+        return _load(found.pop())
     return None
 
 
@@ -94,18 +98,21 @@ def get_preset(name: str) -> Preset:
 
 
 def close_presets(name: str, n: int = 3) -> list[str]:
-    """Up to ``n`` preset names that look like ``name`` (difflib), best first."""
+    """Up to ``n`` preset names that look like ``name``, best first.
+
+    difflib's close matches on names and aliases (with and without an organisation prefix),
+    then presets whose name contains ``name`` once punctuation is dropped (``"phi3"``).
+    """
     key = normalize_name(name)
-    names, aliases = _index()
-    candidates = {**{k: k for k in names}, **aliases}
-    # Also match without an organisation prefix: "org/llama-3.1-7b" -> "llama-3.1-7b".
-    keys = {key, key.rsplit("/", 1)[-1]}
+    spellings = _spellings()
     found: list[str] = []
-    for k in keys:
-        for match in difflib.get_close_matches(k, candidates, n=n, cutoff=0.6):
-            if candidates[match] not in found:
-                found.append(candidates[match])
-    return found[:n]
+    for k in (key, key.rsplit("/", 1)[-1]):
+        for match in difflib.get_close_matches(k, spellings, n=n, cutoff=0.6):
+            found.append(spellings[match])
+    compact = _compact(key.rsplit("/", 1)[-1])
+    if compact:
+        found += sorted(p for p in _index()[0] if compact in _compact(p))
+    return list(dict.fromkeys(found))[:n]
 
 
 def unknown_preset_message(name: str) -> str:
@@ -117,6 +124,16 @@ def unknown_preset_message(name: str) -> str:
         f"See layerscope.presets() for all {len(_index()[0])} names, "
         "or pass a path to a config.json, a dict or a transformers config."
     )
+
+
+def _compact(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _spellings() -> dict[str, str]:
+    """Every normalized name and alias -> its preset name."""
+    names, aliases = _index()
+    return {**{name: name for name in names}, **aliases}
 
 
 @functools.cache
