@@ -11,7 +11,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,9 @@ def empty_model(
     return model
 
 
-def model_class(resolved: ResolvedConfig, *, trust_remote_code: bool = False) -> type[PreTrainedModel]:
+def model_class(
+    resolved: ResolvedConfig, *, trust_remote_code: bool = False
+) -> type[PreTrainedModel]:
     """The class :func:`empty_model` builds for ``resolved`` (see its Returns section)."""
     import transformers
 
@@ -81,10 +83,14 @@ def model_class(resolved: ResolvedConfig, *, trust_remote_code: bool = False) ->
     if trust_remote_code and resolved.code_dir is not None and getattr(config, "auto_map", None):
         return _remote_class(resolved, architectures)
     for name in architectures[:1]:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            if isinstance(config, cls.config_class):
-                return cls
+        named = getattr(transformers, name, None)
+        if (
+            isinstance(named, type)
+            and issubclass(named, transformers.PreTrainedModel)
+            and named.config_class is not None
+            and isinstance(config, named.config_class)
+        ):
+            return named
     cls = _auto_class(config)
     if architectures:
         warnings.warn(
@@ -108,8 +114,7 @@ def _auto_class(config: PretrainedConfig) -> type[PreTrainedModel]:
         auto.MODEL_MAPPING,
     ):
         if type(config) in mapping:
-            cls: type[PreTrainedModel] = mapping[type(config)]
-            return cls
+            return cast("type[PreTrainedModel]", mapping[type(config)])
     raise ConfigError(f"transformers has no model class for {type(config).__name__}")
 
 
@@ -167,7 +172,9 @@ def _instantiate(
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         with torch.device("meta"), _no_init_weights():
-            model: PreTrainedModel = cls._from_config(resolved.config, **{dtype_kw: dtype})
+            model: PreTrainedModel = cls._from_config(  # type: ignore[no-untyped-call]
+                resolved.config, **{dtype_kw: dtype}
+            )
     except Exception as exc:
         raise ConfigError(
             f"{resolved.label}: transformers could not build {cls.__name__} from this config: "
@@ -184,7 +191,7 @@ def _no_init_weights() -> Iterator[None]:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     with no_init_weights():
         yield
 
@@ -220,5 +227,5 @@ def _declared_ties(model: nn.Module) -> dict[str, str]:
         return {}
     if not getattr(config.get_text_config(), "tie_word_embeddings", False):
         return {}
-    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
-    return {f"{names[id(get_out())]}.weight": f"{names[id(get_in())]}.weight"}
+    module_names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    return {f"{module_names[id(get_out())]}.weight": f"{module_names[id(get_in())]}.weight"}

@@ -5,4 +5,4 @@ Importing this package imports neither torch nor transformers.
 
 from layerscope.catalog.registry import Preset, find_preset, get_preset, presets
 
-__all__ = sorted(["Preset", "find_preset", "get_preset", "presets"])
+__all__ = ["Preset", "find_preset", "get_preset", "presets"]

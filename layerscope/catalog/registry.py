@@ -79,7 +79,9 @@ def find_preset(name: str) -> Preset | None:
         return _load(key)
     if key in aliases:
         return _load(aliases[key])
-    found = {target for spelling, target in _spellings().items() if _compact(spelling) == _compact(key)}
+    found = {
+        target for spelling, target in _spellings().items() if _compact(spelling) == _compact(key)
+    }
     if len(found) == 1:
         return _load(found.pop())
     return None

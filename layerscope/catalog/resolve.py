@@ -69,7 +69,9 @@ def resolve_config(source: object, *, trust_remote_code: bool = False) -> Resolv
     )
 
 
-def _resolve_name_or_path(source: str | os.PathLike[str], trust_remote_code: bool) -> ResolvedConfig:
+def _resolve_name_or_path(
+    source: str | os.PathLike[str], trust_remote_code: bool
+) -> ResolvedConfig:
     text = os.fspath(source)
     if not text.strip():
         raise ConfigError("empty model source: expected a preset name, a path or a hub id")
@@ -92,7 +94,9 @@ def _resolve_name_or_path(source: str | os.PathLike[str], trust_remote_code: boo
         raise ConfigError(unknown_preset_message(text))
     cached = cached_config_path(text)
     if cached is not None:
-        resolved = _from_path(cached, trust_remote_code, label=f"hub id {text!r} (cached at {cached})")
+        resolved = _from_path(
+            cached, trust_remote_code, label=f"hub id {text!r} (cached at {cached})"
+        )
         resolved.config.name_or_path = text
         return resolved
     if "/" not in text:
@@ -160,7 +164,9 @@ def config_from_dict(data: Mapping[str, Any], label: str) -> PretrainedConfig:
     try:
         config = CONFIG_MAPPING[model_type].from_dict(fields)
     except Exception as exc:
-        raise ConfigError(f"{label}: transformers rejected this {model_type} config: {exc}") from exc
+        raise ConfigError(
+            f"{label}: transformers rejected this {model_type} config: {exc}"
+        ) from exc
     return config
 
 
@@ -200,7 +206,7 @@ def cached_config_path(repo_id: str) -> Path | None:
 
     try:
         found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir())
-    except Exception:  # an id the hub library rejects is simply not cached
+    except ValueError:  # an id huggingface_hub rejects (HFValidationError) is simply not cached
         return None
     return Path(found) if isinstance(found, str) else None
 
