@@ -339,9 +339,17 @@ def remote_folder(tmp_path: Path) -> Path:
 
 
 def test_remote_code_needs_trust(remote_folder: Path) -> None:
-    with pytest.raises(ConfigError, match="trust_remote_code=True") as info:
+    with pytest.raises(ConfigError, match="remote code.*trust_remote_code=True") as info:
         empty_model(remote_folder)
     assert str(remote_folder) in str(info.value)
+
+
+def test_auto_map_is_ignored_when_transformers_has_the_class(tmp_path: Path) -> None:
+    # Like Phi-3's published config: auto_map points to remote code, but transformers has Phi3.
+    config = {**TINY, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    assert type(empty_model(config)).__name__ == "LlamaForCausalLM"
+    assert type(empty_model(config, trust_remote_code=True)).__name__ == "LlamaForCausalLM"
+    assert type(empty_model(write(tmp_path, json.dumps(config)))).__name__ == "LlamaForCausalLM"
 
 
 def test_remote_code_with_trust(remote_folder: Path, tmp_path: Path) -> None:

@@ -151,8 +151,8 @@ def config_from_dict(data: Mapping[str, Any], label: str) -> PretrainedConfig:
         if "auto_map" in data:
             raise ConfigError(
                 f"{label}: model_type {model_type!r} is defined by remote code (auto_map), not by "
-                f"transformers {__version__}. Pass trust_remote_code=True with the folder that holds "
-                "config.json and its .py files, after reading them: that code will run"
+                f"transformers {__version__}. To run that code (read it first), pass the folder "
+                "holding config.json and its .py files with trust_remote_code=True"
             )
         close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
