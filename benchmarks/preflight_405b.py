@@ -149,7 +149,11 @@ def main() -> None:
             results.append(run_child(variant, args))
     print(f"preset {args.preset}; {args.repeat} fresh processes per variant, interleaved")
     print(table(runs))
-    extra = {k: v for k, v in runs["preflight"][-1].items() if k not in ("times", "wall", "params")}
+    extra = {
+        k: v
+        for k, v in runs["preflight"][-1].items()
+        if k not in ("times", "wall", "params", "peak_rss_mib")
+    }
     print("preflight results (last run): " + json.dumps(extra))
 
 
