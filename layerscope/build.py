@@ -91,7 +91,7 @@ def model_class(
             and isinstance(config, named.config_class)
         ):
             return named
-    cls = _auto_class(config)
+    cls = _auto_class(config, resolved.label)
     if architectures:
         warnings.warn(
             f"{resolved.label}: architectures names {architectures[0]!r}, which transformers "
@@ -103,7 +103,7 @@ def model_class(
     return cls
 
 
-def _auto_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+def _auto_class(config: PretrainedConfig, label: str) -> type[PreTrainedModel]:
     """The head-bearing class for ``config``: causal LM, seq2seq LM, image-text LM, else base."""
     from transformers.models.auto import modeling_auto as auto
 
@@ -115,7 +115,7 @@ def _auto_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     ):
         if type(config) in mapping:
             return cast("type[PreTrainedModel]", mapping[type(config)])
-    raise ConfigError(f"transformers has no model class for {type(config).__name__}")
+    raise ConfigError(f"{label}: transformers has no model class for {type(config).__name__}")
 
 
 def _remote_class(resolved: ResolvedConfig, architectures: list[str]) -> type[PreTrainedModel]:
