@@ -8,17 +8,9 @@ from __future__ import annotations
 
 import time
 
-import torch
 from tabulate import tabulate
 
-from layerscope import FreezePlan, scan
-
-# Llama-3.1-70B's published config.json (meta-llama/Llama-3.1-70B), structural fields.
-LLAMA_70B = dict(
-    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-    tie_word_embeddings=False,
-)
+from layerscope import FreezePlan, empty_model, scan
 
 
 def best_of(func, repeat: int = 5) -> float:
@@ -31,11 +23,9 @@ def best_of(func, repeat: int = 5) -> float:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+    empty_model("gpt2")  # pay the transformers import before timing
     start = time.perf_counter()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_70B), dtype=torch.bfloat16)
+    model = empty_model("llama-3.1-70b")
     build = time.perf_counter() - start
     s = scan(model)
     rows = [["build skeleton (once)", f"{build * 1000:.1f}"],

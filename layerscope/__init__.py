@@ -1,6 +1,8 @@
 """layerscope: will this fine-tuning run fit, what will it cost, which layers should be frozen?"""
 
 from layerscope.apply import apply_plan
+from layerscope.build import empty_model
+from layerscope.catalog import presets
 from layerscope.errors import (
     ConfigError,
     EstimateError,
@@ -53,6 +55,7 @@ __all__ = sorted(
         "StructureError",
         "__version__",
         "apply_plan",
+        "empty_model",
         "estimate_training_time",
         "freeze_by_name",
         "freeze_embeddings",
@@ -69,6 +72,7 @@ __all__ = sorted(
         "model_summary",
         "print_layer_status",
         "print_model_summary",
+        "presets",
         "scan",
         "setup_lp_lora_style",
         "unfreeze_model",
