@@ -411,7 +411,7 @@ def _block_kinds(
 
     Two blocks are of one kind when they have the same trainable flags, the same LoRA targets,
     the same layer type, and both do or both do not receive an input that needs a gradient
-    (true once anything before them is trainable).
+    (true once anything before them is trainable). Block 0 is a kind of its own.
     """
     in_blocks = {id(p) for p in blocks.parameters()}
     grad_in = False
@@ -436,7 +436,9 @@ def _block_kinds(
         )
         prefix = f"{prefix_all}{i}."
         targets = tuple(sorted(t[len(prefix):] for t in lora_targets if t.startswith(prefix)))
-        key = (flags, targets, grad_in, layer_types[i])
+        # The first block is always its own kind: its input (the embedding output) is still
+        # referenced by the model's forward, so it is not freed when the block is done with it.
+        key = ("first",) if i == 0 else (flags, targets, grad_in, layer_types[i])
         if key not in index:
             index[key] = len(index)
             reps.append(i)

@@ -240,7 +240,7 @@ def run_step(
     model: nn.Module,
     blocks: nn.ModuleList,
     *,
-    kinds: Sequence[int],
+    kinds: Sequence[Any],
     batch_size: int,
     seq_len: int,
     vocab_size: int,
@@ -253,8 +253,10 @@ def run_step(
     ``kinds[p]`` is the kind index of the block at position ``p`` of ``blocks``. The step is the
     calibration protocol's: ``out = model(input_ids=x, labels=x)``, only the loss outlives the
     forward, then ``loss.backward()``; for ``inference``, ``model(input_ids=x)`` under no_grad
-    with the logits dropped.
+    with the logits dropped. No KV cache is kept (``use_cache=False`` where the model takes it):
+    a training step does not use one, and the calibration's forward-only row shows none.
     """
+    extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
     tracker = _Tracker()
     tracker.ignore([*model.parameters(), *model.buffers()])
     kernels = CudaKernels(autocast_dtype)
@@ -297,16 +299,16 @@ def run_step(
             handles.append(m.register_forward_pre_hook(on_other_pre))
 
     try:
-        with mode, kernels, tracker:
+        with _unpacked_sequences(), mode, kernels, tracker:
             x = torch.randint(0, vocab_size, (batch_size, seq_len))
             if inference:
                 with torch.no_grad():
-                    out = model(input_ids=x)
+                    out = model(input_ids=x, **extra)
                 tracker.switch(("head", "release"))
                 del out
                 kernels.clear_cache()
             else:
-                out = model(input_ids=x, labels=x)
+                out = model(input_ids=x, labels=x, **extra)
                 tracker.switch(("head", "release"))
                 kernels.clear_cache()  # leaving the autocast region
                 loss = out.loss if hasattr(out, "loss") else out[0]
@@ -321,6 +323,35 @@ def run_step(
         for h in handles:
             h.remove()
     return StepTrace(segments=tracker.segments())
+
+
+def _unpacked_sequences() -> Any:
+    """Tell transformers the batch holds one sequence per row, as it would find on real data.
+
+    Without a KV cache, transformers checks ``position_ids`` for several sequences packed in
+    one row by reading their values; on fake tensors it cannot, assumes packing and builds a
+    dense mask, which sends attention to another kernel than a GPU runs. Our inputs are never
+    packed (positions ``0..seq_len-1``), so the check's answer, ``None``, is given directly.
+    """
+    import contextlib
+    from unittest import mock
+
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:  # pragma: no cover - not a transformers model
+        return contextlib.nullcontext()
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        return contextlib.nullcontext()
+    return mock.patch.object(masking, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
 
 
 def _backward(loss: torch.Tensor) -> None:
