@@ -79,8 +79,10 @@ class CudaKernels(TorchFunctionMode):
                 args, kwargs = self._cast_all(args, kwargs, torch.float32, low_only=True)
         if name == "scaled_dot_product_attention":
             return cuda_sdpa(*args, **kwargs)
-        if name in ("grouped_mm", "_grouped_mm") and _grouped_fallback(args, kwargs) is not None:
-            return _grouped_fallback(args, kwargs)(args[0], args[1], offs=kwargs["offs"])
+        if name == "dropout":
+            return _fused_dropout(func, args, kwargs)
+        if name in ("grouped_mm", "_grouped_mm") and _needs_grouped_fallback(args, kwargs):
+            return _GroupedMatmul.apply(args[0], args[1])
         return func(*args, **kwargs)
 
     def _cast(self, value: Any, dtype: torch.dtype, low_only: bool) -> Any:
@@ -104,19 +106,52 @@ class CudaKernels(TorchFunctionMode):
         )
 
 
-def _grouped_fallback(args: tuple, kwargs: dict) -> Any:
-    """The per-group fallback for a non-bf16 grouped matmul (CUDA's fast kernel is bf16-only).
+def _fused_dropout(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.dropout`` as CUDA runs it: the fused ``native_dropout``, which saves a bool mask.
 
-    The fake kernel of ``torch._grouped_mm`` accepts bf16 only; a GPU runs other dtypes through a
-    loop of matmuls with the same output and the same saved inputs, which transformers registers
-    as ``torch.ops.transformers.grouped_mm_fallback``.
+    On CPU, ``at::dropout`` takes the composite path (a mask of the input's dtype, multiplied
+    in), which saves 2-4 times more; CUDA takes ``native_dropout`` (``Dropout.cpp``,
+    ``is_fused_kernel_acceptable``).
     """
-    if len(args) < 2 or "offs" not in kwargs or kwargs.get("bias") is not None:
-        return None
-    if args[0].dtype == torch.bfloat16 and args[1].dtype == torch.bfloat16:
-        return None
-    namespace = getattr(torch.ops, "transformers", None)
-    return getattr(namespace, "grouped_mm_fallback", None) if namespace is not None else None
+    names = ("input", "p", "training", "inplace")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, p = bound.get("input"), bound.get("p", 0.5)
+    if isinstance(x, torch.Tensor) and bound.get("training", True) and 0 < p < 1 and not bound.get("inplace", False):
+        return torch.native_dropout(x, p, True)[0]
+    return func(*args, **kwargs)
+
+
+def _needs_grouped_fallback(args: tuple, kwargs: dict) -> bool:
+    """A non-bf16 grouped matmul, which the fake kernel of ``torch._grouped_mm`` rejects."""
+    if len(args) < 2 or kwargs.get("bias") is not None or kwargs.get("out_dtype") is not None:
+        return False
+    a, b = args[0], args[1]
+    return a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """Memory stand-in for ``torch._grouped_mm(a, b, offs)`` in fp32/fp16 (2-D ``a``, 3-D ``b``).
+
+    A GPU runs these dtypes through a per-group loop of matmuls (PyTorch's grouped-mm fallback)
+    whose output is ``[a.shape[0], b.shape[-1]]`` and whose autograd formula, like every native
+    one, saves ``b`` only when ``a`` needs a gradient and ``a`` only when ``b`` does. The values
+    are irrelevant on fake tensors, so this allocates what that op allocates and nothing else.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(b if ctx.needs_input_grad[0] else None, a if ctx.needs_input_grad[1] else None)
+        ctx.shapes = (a.shape, b.shape)
+        return a.new_empty((a.shape[0], b.shape[-1]))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        b, a = ctx.saved_tensors
+        a_shape, b_shape = ctx.shapes
+        grad_a = grad.new_empty(a_shape) if ctx.needs_input_grad[0] else None
+        grad_b = grad.new_empty(b_shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
 
 
 def sdpa_backend(query: torch.Tensor, key: torch.Tensor, has_mask: bool, enable_gqa: bool) -> str:
