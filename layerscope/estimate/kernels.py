@@ -61,11 +61,15 @@ class CudaKernels(TorchFunctionMode):
     def __init__(self, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.autocast_dtype = autocast_dtype
-        self._weight_cache: dict[int, torch.Tensor] = {}
+        self._weight_cache: dict[int, torch.Tensor] | None = {}
 
-    def clear_cache(self) -> None:
-        """Drop the cast weights, as leaving an autocast region does."""
-        self._weight_cache.clear()
+    def leave_autocast(self) -> None:
+        """Drop the cast weights and stop caching, as leaving the outermost autocast region does.
+
+        A recomputation under gradient checkpointing re-enters autocast for one block and leaves
+        it again, so its casts live only as long as autograd holds them.
+        """
+        self._weight_cache = None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -92,7 +96,7 @@ class CudaKernels(TorchFunctionMode):
             return value
         if low_only and value.dtype == torch.float32:
             return value
-        if value.is_leaf and value.requires_grad:  # autocast's weight cache
+        if value.is_leaf and value.requires_grad and self._weight_cache is not None:  # weight cache
             key = id(value)
             if key not in self._weight_cache:
                 self._weight_cache[key] = value.to(dtype)

@@ -53,12 +53,16 @@ class Segment:
         high: the highest live bytes reached inside, relative to the start (>= 0).
         flops: floating-point operations of the part (``torch.utils.flop_counter`` formulas).
         allocated: bytes of every storage the part allocated (a proxy for memory traffic).
+        freed_per_block: ``(kind, bytes)``: what this part (outside the blocks) frees that a block
+            of that kind allocated, once per such block (e.g. autocast's cast weights, dropped
+            when the forward ends); the replay frees it once per block of the full model.
     """
 
     net: int = 0
     high: int = 0
     flops: int = 0
     allocated: int = 0
+    freed_per_block: tuple[tuple[Any, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None if best is None else (best[1], best[2])
 
 
+_GLOBAL_PARTS = ("embed", "head")
+
+
 class _Tracker(TorchDispatchMode):
     """Counts live storages (allocator-rounded) and attributes changes to the current segment."""
 
@@ -100,7 +107,9 @@ class _Tracker(TorchDispatchMode):
         self._end: dict[tuple[Any, str], int] = {}
         self._flops: dict[tuple[Any, str], int] = {}
         self._alloc: dict[tuple[Any, str], int] = {}
-        self._seen: weakref.WeakSet = weakref.WeakSet()
+        self._freed_per_block: dict[tuple[Any, str], dict[Any, int]] = {}
+        # storage -> [bytes, allocating segment, passed on as a block's output]
+        self._info: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.switch(self.current)
 
     def switch(self, segment: tuple[Any, str]) -> None:
@@ -113,10 +122,22 @@ class _Tracker(TorchDispatchMode):
     def ignore(self, tensors: Iterable[torch.Tensor]) -> None:
         """Storages that exist before the step (weights, buffers): their views allocate nothing."""
         for t in tensors:
-            self._seen.add(t.untyped_storage())
+            self._info[t.untyped_storage()] = None
 
-    def _free(self, nbytes: int) -> None:
+    def mark_passed_on(self, t: torch.Tensor) -> None:
+        """``t`` is a block's output: freed once by whoever consumes it, not once per block."""
+        info = self._info.get(t.untyped_storage())
+        if info is not None:
+            info[2] = True
+
+    def _free(self, info: list) -> None:
+        nbytes, allocated_in, passed_on = info
         self.live -= nbytes
+        if passed_on:
+            return
+        if self.current[0] in _GLOBAL_PARTS and allocated_in[0] not in _GLOBAL_PARTS:
+            per_kind = self._freed_per_block.setdefault(self.current, {})
+            per_kind[allocated_in[0]] = per_kind.get(allocated_in[0], 0) + nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -134,13 +155,14 @@ class _Tracker(TorchDispatchMode):
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
-            if storage in self._seen:
+            if storage in self._info:
                 continue
-            self._seen.add(storage)
             size = rounded(storage.nbytes())
+            info = [size, seg, False]
+            self._info[storage] = info
             self.live += size
             self._alloc[seg] = self._alloc.get(seg, 0) + size
-            weakref.finalize(storage, self._free, size)
+            weakref.finalize(storage, self._free, info)
         if self.live > self._high[seg]:
             self._high[seg] = self.live
         return out
@@ -153,6 +175,7 @@ class _Tracker(TorchDispatchMode):
                 high=max(0, self._high[key] - start),
                 flops=self._flops.get(key, 0),
                 allocated=self._alloc.get(key, 0),
+                freed_per_block=tuple(self._freed_per_block.get(key, {}).items()),
             )
             for key, start in self._start.items()
         }
@@ -280,6 +303,8 @@ def run_step(
             return
         p = block_ids[id(module)]
         out = _first_tensor(output)
+        if out is not None:
+            tracker.mark_passed_on(out)
         if out is not None and out.grad_fn is not None:
             kind = kinds[p]
             out.grad_fn.register_prehook(lambda *_: tracker.switch((kind, "bwd")))
@@ -306,11 +331,11 @@ def run_step(
                     out = model(input_ids=x, **extra)
                 tracker.switch(("head", "release"))
                 del out
-                kernels.clear_cache()
+                kernels.leave_autocast()
             else:
                 out = model(input_ids=x, labels=x, **extra)
                 tracker.switch(("head", "release"))
-                kernels.clear_cache()  # leaving the autocast region
+                kernels.leave_autocast()
                 loss = out.loss if hasattr(out, "loss") else out[0]
                 del out
                 state["phase"] = "bwd"
@@ -396,6 +421,9 @@ def replay(trace: StepTrace, block_kinds: Sequence[int], inference: bool) -> Rep
     if not inference:
         order += [("head", "bwd")] + [(k, "bwd") for k in reversed(block_kinds)]
         order += [("embed", "bwd"), ("head", "end")]
+    blocks_of_kind: dict[Any, int] = {}
+    for k in block_kinds:
+        blocks_of_kind[k] = blocks_of_kind.get(k, 0) + 1
     live = 0
     peaks = [0, 0]
     after_forward = 0
@@ -403,7 +431,8 @@ def replay(trace: StepTrace, block_kinds: Sequence[int], inference: bool) -> Rep
         s = seg.get(key, Segment())
         phase = 0 if i < n_forward else 1
         peaks[phase] = max(peaks[phase], live + s.high)
-        live += s.net
+        # the traced model had one block of each kind; the full model frees once per block
+        live += s.net - sum(b * (blocks_of_kind.get(k, 0) - 1) for k, b in s.freed_per_block)
         if i == n_forward - 1:
             after_forward = live
     return Replay(forward_peak=peaks[0], backward_peak=peaks[1], after_forward=after_forward, end=live)
