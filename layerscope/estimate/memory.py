@@ -239,6 +239,11 @@ def estimate_memory(
         trainable = frozenset(n for n, _ in names if n not in frozen)
     if lora is not None and plan is None:
         trainable = frozenset()  # peft freezes the base model
+    if not isinstance(gradient_checkpointing, bool) or not isinstance(inference, bool):
+        raise EstimateError(
+            f"gradient_checkpointing and inference must be bools, got "
+            f"{gradient_checkpointing!r} and {inference!r}"
+        )
     return estimate_memory_for(
         model, trainable, batch_size=batch_size, seq_len=seq_len, precision=precision,
         optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
@@ -308,7 +313,9 @@ def estimate_memory_for(
         enable = getattr(reduced, "gradient_checkpointing_enable", None)
         if enable is None or not getattr(reduced, "supports_gradient_checkpointing", False):
             raise EstimateError(f"{type(model).__name__} does not support gradient checkpointing")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # transformers 5 renames it; same behaviour
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reduced.train(not inference)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -515,3 +522,83 @@ def _lora_tensors(
     out += [(p.numel(), 4, tuple(p.shape)) for p in reduced.parameters()
             if id(p) in lora_ids and id(p) not in in_kept]
     return out
+
+
+@dataclass(frozen=True)
+class MemorySavings:
+    """Memory of a freeze plan next to full fine-tuning, same settings.
+
+    Attributes:
+        baseline: every parameter trainable.
+        planned: the plan (or the model's flags).
+        saved_bytes: ``baseline.peak_bytes - planned.peak_bytes``.
+        saved_fraction: ``saved_bytes / baseline.peak_bytes``.
+    """
+
+    baseline: MemoryEstimate
+    planned: MemoryEstimate
+    saved_bytes: int
+    saved_fraction: float
+
+
+def estimate_memory_savings(model: Any, plan: Any = None, **settings: Any) -> MemorySavings:
+    """Peak memory saved by ``plan`` (``None``: the model's flags) against full fine-tuning.
+
+    ``settings`` are :func:`estimate_memory`'s keyword arguments.
+    """
+    model = _as_module(model)
+    everything = frozenset(n for n, _ in _param_names(model))
+    baseline = estimate_memory_for(model, everything, **settings)
+    planned = estimate_memory(model, plan, **settings)
+    saved = baseline.peak_bytes - planned.peak_bytes
+    return MemorySavings(baseline, planned, saved, saved / baseline.peak_bytes)
+
+
+def max_batch_size(
+    model: Any,
+    gpu: int | str,
+    plan: Any = None,
+    *,
+    limit: int = 65536,
+    context_bytes: int = CUDA_CONTEXT_BYTES,
+    headroom: float = ALLOCATOR_HEADROOM,
+    **settings: Any,
+) -> int:
+    """The largest batch size whose step fits on ``gpu`` (0 if none does), up to ``limit``.
+
+    Memory grows with the batch by a near-constant step (activations are linear in it); the
+    search starts from that linear guess and confirms it with full estimates.
+    ``settings`` are :func:`estimate_memory`'s keyword arguments other than ``batch_size``.
+    """
+    if "batch_size" in settings:
+        raise EstimateError("max_batch_size searches batch_size; do not pass it")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise EstimateError(f"limit must be a positive integer, got {limit!r}")
+    budget = gpu_bytes(gpu)
+    model = _as_module(model)
+
+    def fits(b: int) -> bool:
+        est = estimate_memory(model, plan, batch_size=b, **settings)
+        return est.fits(budget, context_bytes=context_bytes, headroom=headroom)
+
+    if not fits(1):
+        return 0
+    one = estimate_memory(model, plan, batch_size=1, **settings).required_bytes(
+        context_bytes=context_bytes, headroom=headroom)
+    two = estimate_memory(model, plan, batch_size=2, **settings).required_bytes(
+        context_bytes=context_bytes, headroom=headroom)
+    step = max(two - one, 1)
+    guess = max(1, min(limit, 1 + (budget - one) // step))
+    good, bad = 1, limit + 1
+    if fits(guess):
+        good = guess
+        probe = guess + 1
+        while probe <= limit and fits(probe):
+            good, probe = probe, min(limit + 1, probe + max(1, probe - guess) * 2)
+        bad = min(probe, limit + 1)
+    else:
+        bad = guess
+    while bad - good > 1:  # fits(good), not fits(bad)
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good

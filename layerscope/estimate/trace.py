@@ -144,13 +144,11 @@ class _Tracker(TorchDispatchMode):
         seg = self.current
         flop_fn = _FLOP_REGISTRY.get(func._overloadpacket)
         if flop_fn is not None:
-            try:
-                out_shape = tree_leaves(_shapes(out))
-                self._flops[seg] = self._flops.get(seg, 0) + int(
-                    flop_fn(*_shapes(args), **_shapes(kwargs or {}), out_shape=out_shape)
-                )
+            try:  # the registry's formulas take tensors and read their shapes
+                flops = int(flop_fn(*args, **(kwargs or {}), out_val=out))
             except Exception:  # a formula that does not accept this overload's signature
-                pass
+                flops = 0
+            self._flops[seg] = self._flops.get(seg, 0) + flops
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -181,12 +179,6 @@ class _Tracker(TorchDispatchMode):
         }
 
 
-def _shapes(tree: Any) -> Any:
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda x: x.shape if isinstance(x, torch.Tensor) else x, tree)
-
-
 try:
     from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
 except ImportError:  # pragma: no cover - older torch
@@ -212,6 +204,10 @@ def reduced_copy(
         The copy, its block list, and the deepcopy memo (``id(original) -> copy``).
     """
     memo: dict[int, Any] = {}
+    # Tensors are copied as meta placeholders: a real model's weights are never duplicated.
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     kept = nn.ModuleList([copy.deepcopy(blocks[i], memo) for i in representatives])
     memo[id(blocks)] = kept
     reduced = copy.deepcopy(model, memo)
