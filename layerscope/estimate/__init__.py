@@ -1,0 +1,1 @@
+"""Estimates: pure functions of a model skeleton and settings, returning frozen results."""

@@ -1,0 +1,445 @@
+"""One training step traced on fake tensors, for a model reduced to one block per kind.
+
+The model is never run for real and never modified. :func:`trace_step` copies the skeleton
+with only one representative of each *kind* of block (same parameter flags, same LoRA targets,
+whether its input needs a gradient, same layer type), swaps every tensor for a fake one of the
+target dtype, and runs forward and backward under
+:class:`torch._subclasses.fake_tensor.FakeTensorMode`, with :class:`~.kernels.CudaKernels` making
+autocast and attention behave as on a CUDA GPU. A dispatch mode watches every storage the step
+allocates (rounded as the CUDA caching allocator rounds) and when it dies, and attributes each
+change to a *segment*: the embedding part, the forward of each block, the head and loss, the
+backward of each of those. Because a block's segments are the same wherever the block sits,
+the step of the full model is the concatenation of segments in execution order
+(:func:`replay`), which is how a 126-block model costs the trace of one or two blocks.
+
+Each segment also records the FLOPs of its operators (``torch.utils.flop_counter``'s formulas)
+and the bytes its outputs allocate, for a time estimator to reuse.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from layerscope.estimate.kernels import CudaKernels
+
+ALLOCATOR_ROUNDING = 512
+"""Bytes: the CUDA caching allocator rounds every block up to a multiple of 512
+(``c10/cuda/CUDACachingAllocator.cpp``, ``kMinBlockSize``/``round_size``), and
+``max_memory_allocated`` counts the rounded sizes."""
+
+
+def rounded(nbytes: int) -> int:
+    """``nbytes`` as the CUDA caching allocator accounts it (a multiple of 512, at least 512)."""
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Memory change of one part of the step, in bytes relative to its start.
+
+    Attributes:
+        net: live bytes at the end minus live bytes at the start.
+        high: the highest live bytes reached inside, relative to the start (>= 0).
+        flops: floating-point operations of the part (``torch.utils.flop_counter`` formulas).
+        allocated: bytes of every storage the part allocated (a proxy for memory traffic).
+        freed_per_block: ``(kind, bytes)``: what this part (outside the blocks) frees that a block
+            of that kind allocated, once per such block (e.g. autocast's cast weights, dropped
+            when the forward ends); the replay frees it once per block of the full model.
+    """
+
+    net: int = 0
+    high: int = 0
+    flops: int = 0
+    allocated: int = 0
+    freed_per_block: tuple[tuple[Any, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """The segments of one traced step of a reduced model.
+
+    ``segments`` maps ``(part, phase)`` to a :class:`Segment`, where ``part`` is ``"embed"``,
+    ``"head"`` or the kind index of a block, and ``phase`` is ``"fwd"`` or ``"bwd"``; plus
+    ``("head", "release")`` (the model output dropped after the loss is taken) and
+    ``("head", "end")`` (the loss dropped after backward).
+    """
+
+    segments: dict[tuple[Any, str], Segment]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The repeated block stack: the ``ModuleList`` of same-class modules holding most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        if best is None or count > best[0]:
+            best = (count, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+_GLOBAL_PARTS = ("embed", "head")
+
+
+class _Tracker(TorchDispatchMode):
+    """Counts live storages (allocator-rounded) and attributes changes to the current segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.current: tuple[Any, str] = ("embed", "fwd")
+        self._start: dict[tuple[Any, str], int] = {}
+        self._high: dict[tuple[Any, str], int] = {}
+        self._end: dict[tuple[Any, str], int] = {}
+        self._flops: dict[tuple[Any, str], int] = {}
+        self._alloc: dict[tuple[Any, str], int] = {}
+        self._freed_per_block: dict[tuple[Any, str], dict[Any, int]] = {}
+        # storage -> [bytes, allocating segment, passed on as a block's output]
+        self._info: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.switch(self.current)
+
+    def switch(self, segment: tuple[Any, str]) -> None:
+        self._end[self.current] = self.live
+        self.current = segment
+        # A segment can recur (a block kind's backward re-entered); keep the first start.
+        self._start.setdefault(segment, self.live)
+        self._high.setdefault(segment, self.live)
+
+    def ignore(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Storages that exist before the step (weights, buffers): their views allocate nothing."""
+        for t in tensors:
+            self._info[t.untyped_storage()] = None
+
+    def mark_passed_on(self, t: torch.Tensor) -> None:
+        """``t`` is a block's output: freed once by whoever consumes it, not once per block."""
+        info = self._info.get(t.untyped_storage())
+        if info is not None:
+            info[2] = True
+
+    def _free(self, info: list) -> None:
+        nbytes, allocated_in, passed_on = info
+        self.live -= nbytes
+        if passed_on:
+            return
+        if self.current[0] in _GLOBAL_PARTS and allocated_in[0] not in _GLOBAL_PARTS:
+            per_kind = self._freed_per_block.setdefault(self.current, {})
+            per_kind[allocated_in[0]] = per_kind.get(allocated_in[0], 0) + nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        seg = self.current
+        flop_fn = _FLOP_REGISTRY.get(func._overloadpacket)
+        if flop_fn is not None:
+            try:  # the registry's formulas take tensors and read their shapes
+                flops = int(flop_fn(*args, **(kwargs or {}), out_val=out))
+            except Exception:  # a formula that does not accept this overload's signature
+                flops = 0
+            self._flops[seg] = self._flops.get(seg, 0) + flops
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage in self._info:
+                continue
+            size = rounded(storage.nbytes())
+            info = [size, seg, False]
+            self._info[storage] = info
+            self.live += size
+            self._alloc[seg] = self._alloc.get(seg, 0) + size
+            weakref.finalize(storage, self._free, info)
+        if self.live > self._high[seg]:
+            self._high[seg] = self.live
+        return out
+
+    def segments(self) -> dict[tuple[Any, str], Segment]:
+        self._end[self.current] = self.live
+        return {
+            key: Segment(
+                net=self._end[key] - start,
+                high=max(0, self._high[key] - start),
+                flops=self._flops.get(key, 0),
+                allocated=self._alloc.get(key, 0),
+                freed_per_block=tuple(self._freed_per_block.get(key, {}).items()),
+            )
+            for key, start in self._start.items()
+        }
+
+
+try:
+    from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
+except ImportError:  # pragma: no cover - older torch
+    _FLOP_REGISTRY = {}
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, torch.Tensor):
+                return v
+    return None
+
+
+def reduced_copy(
+    model: nn.Module, blocks: nn.ModuleList, representatives: Sequence[int]
+) -> tuple[nn.Module, nn.ModuleList, dict[int, Any]]:
+    """A deep copy of ``model`` whose block stack holds only ``representatives``.
+
+    Returns:
+        The copy, its block list, and the deepcopy memo (``id(original) -> copy``).
+    """
+    memo: dict[int, Any] = {}
+    # Tensors are copied as meta placeholders: a real model's weights are never duplicated.
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    kept = nn.ModuleList([copy.deepcopy(blocks[i], memo) for i in representatives])
+    memo[id(blocks)] = kept
+    reduced = copy.deepcopy(model, memo)
+    config = getattr(reduced, "config", None)
+    if config is not None:
+        n = len(blocks)
+        for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+            if getattr(config, attr, None) == n:
+                setattr(config, attr, len(representatives))
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
+            config.layer_types = [layer_types[i] for i in representatives]
+    for position, block in enumerate(kept):
+        for module in block.modules():  # the KV cache is indexed by layer_idx
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    return reduced, kept, memo
+
+
+def fake_parameters(
+    model: nn.Module,
+    mode: Any,
+    dtype_of: Any,
+    trainable_of: Any,
+) -> None:
+    """Replace every parameter and buffer of ``model`` (a copy) by a fake tensor, ties kept.
+
+    Args:
+        dtype_of: ``(name, parameter) -> dtype``.
+        trainable_of: ``(parameter) -> bool``.
+    """
+    done: dict[int, nn.Parameter] = {}
+    with mode:
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in done:
+                    full = f"{module_name}.{name}" if module_name else name
+                    fake = torch.empty(p.shape, dtype=dtype_of(full, p))
+                    done[id(p)] = nn.Parameter(fake, requires_grad=trainable_of(p))
+                module._parameters[name] = done[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is not None and not isinstance(b, torch._subclasses.FakeTensor):
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def run_step(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    *,
+    kinds: Sequence[Any],
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int,
+    autocast_dtype: torch.dtype | None,
+    inference: bool,
+    mode: Any,
+) -> StepTrace:
+    """Run one step of a fake reduced ``model`` and return its segments.
+
+    ``kinds[p]`` is the kind index of the block at position ``p`` of ``blocks``. The step is the
+    calibration protocol's: ``out = model(input_ids=x, labels=x)``, only the loss outlives the
+    forward, then ``loss.backward()``; for ``inference``, ``model(input_ids=x)`` under no_grad
+    with the logits dropped. No KV cache is kept (``use_cache=False`` where the model takes it):
+    a training step does not use one, and the calibration's forward-only row shows none.
+    """
+    extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    tracker = _Tracker()
+    tracker.ignore([*model.parameters(), *model.buffers()])
+    kernels = CudaKernels(autocast_dtype)
+    block_ids = {id(b): p for p, b in enumerate(blocks)}
+    inside_blocks = {id(m) for b in blocks for m in b.modules()}
+    state = {"phase": "fwd", "after_blocks": False}
+    handles = []
+
+    def on_block_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if state["phase"] != "fwd":
+            return  # a recomputation under gradient checkpointing
+        p = block_ids[id(module)]
+        tracker.switch((kinds[p], "fwd"))
+        if p == 0:
+            hidden = _first_tensor(args) if args else kwargs.get("hidden_states")
+            if hidden is not None and hidden.grad_fn is not None:
+                hidden.grad_fn.register_prehook(lambda *_: tracker.switch(("embed", "bwd")))
+
+    def on_block_post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if state["phase"] != "fwd":
+            return
+        p = block_ids[id(module)]
+        out = _first_tensor(output)
+        if out is not None:
+            tracker.mark_passed_on(out)
+        if out is not None and out.grad_fn is not None:
+            kind = kinds[p]
+            out.grad_fn.register_prehook(lambda *_: tracker.switch((kind, "bwd")))
+        if p == len(blocks) - 1:
+            state["after_blocks"] = True
+
+    def on_other_pre(module: nn.Module, args: tuple) -> None:
+        if state["phase"] == "fwd" and state["after_blocks"] and tracker.current[1] == "fwd":
+            if tracker.current[0] != "head":
+                tracker.switch(("head", "fwd"))
+
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(on_block_pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(on_block_post, with_kwargs=True))
+    for m in model.modules():
+        if id(m) not in inside_blocks and m is not blocks:
+            handles.append(m.register_forward_pre_hook(on_other_pre))
+
+    try:
+        with _unpacked_sequences(), mode, kernels, tracker:
+            x = torch.randint(0, vocab_size, (batch_size, seq_len))
+            if inference:
+                with torch.no_grad():
+                    out = model(input_ids=x, **extra)
+                tracker.switch(("head", "release"))
+                del out
+                kernels.leave_autocast()
+            else:
+                out = model(input_ids=x, labels=x, **extra)
+                tracker.switch(("head", "release"))
+                kernels.leave_autocast()
+                loss = out.loss if hasattr(out, "loss") else out[0]
+                del out
+                state["phase"] = "bwd"
+                tracker.switch(("head", "bwd"))
+                _backward(loss)
+                tracker.switch(("head", "end"))
+                del loss
+            del x
+    finally:
+        for h in handles:
+            h.remove()
+    return StepTrace(segments=tracker.segments())
+
+
+def _unpacked_sequences() -> Any:
+    """Tell transformers the batch holds one sequence per row, as it would find on real data.
+
+    Without a KV cache, transformers checks ``position_ids`` for several sequences packed in
+    one row by reading their values; on fake tensors it cannot, assumes packing and builds a
+    dense mask, which sends attention to another kernel than a GPU runs. Our inputs are never
+    packed (positions ``0..seq_len-1``), so the check's answer, ``None``, is given directly.
+    """
+    import contextlib
+    from unittest import mock
+
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:  # pragma: no cover - not a transformers model
+        return contextlib.nullcontext()
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        return contextlib.nullcontext()
+    return mock.patch.object(masking, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` with the torch-function modes still active.
+
+    ``Tensor.backward`` dispatches to the active ``TorchFunctionMode``, which is popped while it
+    handles the call, so a recomputation under gradient checkpointing would run without the CUDA
+    emulation. The autograd engine is therefore called directly, as ``torch.autograd.backward``
+    does after its own checks.
+    """
+    from torch.autograd.variable import Variable
+
+    Variable._execution_engine.run_backward(
+        (loss,), (torch.ones_like(loss),), False, False, (), True, True
+    )
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The full model's step rebuilt from segments, in bytes above the persistent state.
+
+    Attributes:
+        forward_peak: highest live bytes during forward (head and loss included).
+        backward_peak: highest live bytes during backward.
+        after_forward: live bytes after the forward, once only the loss is kept.
+        end: live bytes after backward (the gradients, and anything the step leaks).
+    """
+
+    forward_peak: int
+    backward_peak: int
+    after_forward: int
+    end: int
+
+
+def replay(trace: StepTrace, block_kinds: Sequence[int], inference: bool) -> Replay:
+    """Concatenate segments in execution order for a model whose block ``i`` has ``block_kinds[i]``."""
+    seg = trace.segments
+    order: list[tuple[Any, str]] = [("embed", "fwd")]
+    order += [(k, "fwd") for k in block_kinds]
+    order += [("head", "fwd"), ("head", "release")]
+    n_forward = len(order)
+    if not inference:
+        order += [("head", "bwd")] + [(k, "bwd") for k in reversed(block_kinds)]
+        order += [("embed", "bwd"), ("head", "end")]
+    blocks_of_kind: dict[Any, int] = {}
+    for k in block_kinds:
+        blocks_of_kind[k] = blocks_of_kind.get(k, 0) + 1
+    live = 0
+    peaks = [0, 0]
+    after_forward = 0
+    for i, key in enumerate(order):
+        s = seg.get(key, Segment())
+        phase = 0 if i < n_forward else 1
+        peaks[phase] = max(peaks[phase], live + s.high)
+        # the traced model had one block of each kind; the full model frees once per block
+        live += s.net - sum(b * (blocks_of_kind.get(k, 0) - 1) for k, b in s.freed_per_block)
+        if i == n_forward - 1:
+            after_forward = live
+    return Replay(forward_peak=peaks[0], backward_peak=peaks[1], after_forward=after_forward, end=live)
+
+
+def flops_by_segment(trace: StepTrace, block_kinds: Iterable[int]) -> dict[str, int]:
+    """Forward and backward FLOPs of the full model (for a time estimator)."""
+    seg = trace.segments
+    kinds = list(block_kinds)
+    totals = {"forward": 0, "backward": 0}
+    for phase, name in (("fwd", "forward"), ("bwd", "backward")):
+        parts = ["embed", "head"] + kinds
+        totals[name] = sum(seg.get((p, phase), Segment()).flops for p in parts)
+    return totals
