@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from layerscope.estimate.memory import estimate_memory_for
+from layerscope import FreezePlan, estimate_memory, scan
 from layerscope.units import GIB
 
 CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration"
@@ -39,47 +39,27 @@ def skeleton(config: dict) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
 
-def plan_trainable(model: torch.nn.Module, plan: str) -> frozenset[str]:
-    """Trainable parameter names of a calibration plan (README's definitions).
+def calibration_plan(model: torch.nn.Module, plan: str) -> FreezePlan:
+    """The calibration README's plan as a :class:`FreezePlan` (L = number of blocks).
 
-    A tensor tied to an embedding (the head of gpt2 and llama3.2-1b) stayed trainable, except in
-    ``first_4_trainable`` (its measured ``trainable_params`` is the four blocks alone).
+    The head tied to the embedding (gpt2, llama3.2-1b) stayed trainable in every plan except
+    ``first_4_trainable``, whose measured ``trainable_params`` is the four blocks alone.
     """
-    from layerscope.estimate.trace import find_blocks
-
-    blocks_name, blocks = find_blocks(model)
-    n = len(blocks)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    head = model.get_output_embeddings()
-    tied = {id(head.weight)} & embeddings if head is not None else set()
-    names = list(model.named_parameters(remove_duplicate=False))
-
-    def block_of(name: str) -> int | None:
-        m = re.match(rf"{re.escape(blocks_name)}\.(\d+)\.", name)
-        return int(m.group(1)) if m else None
-
-    def frozen(name: str, p: torch.nn.Parameter) -> bool:
-        b = block_of(name)
-        if plan == "full":
-            return False
-        if plan == "lp_lora":
-            return id(p) in embeddings or (b is not None and b < n // 2)
-        if plan == "last_half_frozen":
-            return b is not None and b >= n - n // 2
-        if plan == "except_last_4":
-            return (b is not None and b < n - 4) or (b is None and id(p) in embeddings)
-        if plan == "embeddings_frozen":
-            return id(p) in embeddings
-        if plan == "attention_frozen":
-            return re.fullmatch(r".*(attn|attention).*", name) is not None
-        if plan == "first_4_trainable":
-            return b is None or b >= 4
-        raise ValueError(f"unknown plan {plan!r}")
-
-    trainable = {name for name, p in names if not frozen(name, p)}
-    if plan != "first_4_trainable":  # that plan froze embeddings and head, tied or not
-        trainable |= {name for name, p in names if id(p) in tied}
-    return frozenset(trainable)
+    s = scan(model)
+    n = s.num_layers
+    plans = {
+        "full": lambda: FreezePlan(),
+        "lp_lora": lambda: FreezePlan.first(n // 2) | FreezePlan.embeddings(keep_tied_head=True),
+        "last_half_frozen": lambda: FreezePlan.last(n // 2),
+        "except_last_4": lambda: FreezePlan.except_last(4),
+        "embeddings_frozen": lambda: FreezePlan.embeddings(keep_tied_head=True),
+        "attention_frozen": lambda: FreezePlan.regex(".*(attn|attention).*"),
+        "first_4_trainable": lambda: FreezePlan.last(n - 4) | FreezePlan.embeddings()
+        | FreezePlan.names(s.head_names),
+    }
+    if plan not in plans:
+        raise ValueError(f"unknown calibration plan {plan!r}; known: {sorted(plans)}")
+    return plans[plan]()
 
 
 def lora_config(rank: int):
@@ -140,10 +120,11 @@ def main() -> int:
         if args.filter and args.filter not in label:
             continue
         model = models.setdefault(row["model"], skeleton(configs[row["model"]]))
-        trainable = plan_trainable(model, row["plan"])
+        plan = calibration_plan(model, row["plan"])
+        trainable = plan.resolve(model).trainable
         start = time.perf_counter()
-        est = estimate_memory_for(
-            model, frozenset() if row["lora"] else trainable, batch_size=row["batch"], seq_len=row["seq"],
+        est = estimate_memory(
+            model, None if row["lora"] else plan, batch_size=row["batch"], seq_len=row["seq"],
             precision=REGIMES[row["regime"]], optimizer=optimizer, gradient_checkpointing=row["grad_ckpt"],
             lora=lora_config(row["lora"]) if row["lora"] else None, inference=row["inference"],
         )

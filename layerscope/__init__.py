@@ -12,6 +12,13 @@ from layerscope.errors import (
     PlanError,
     StructureError,
 )
+from layerscope.estimate.memory import (
+    MemoryEstimate,
+    MemorySavings,
+    estimate_memory,
+    estimate_memory_savings,
+    max_batch_size,
+)
 from layerscope.layer_utils import (
     GradualUnfreezer,
     estimate_training_time,
@@ -47,6 +54,8 @@ __all__ = sorted(
         "GradualUnfreezer",
         "LayerscopeError",
         "LayerscopeWarning",
+        "MemoryEstimate",
+        "MemorySavings",
         "ModelScan",
         "ModelTypeError",
         "ParamInfo",
@@ -56,6 +65,8 @@ __all__ = sorted(
         "__version__",
         "apply_plan",
         "empty_model",
+        "estimate_memory",
+        "estimate_memory_savings",
         "estimate_training_time",
         "freeze_by_name",
         "freeze_embeddings",
@@ -69,6 +80,7 @@ __all__ = sorted(
         "get_num_layers",
         "get_trainable_params",
         "layer_status",
+        "max_batch_size",
         "model_summary",
         "print_layer_status",
         "print_model_summary",

@@ -29,7 +29,6 @@ from layerscope.errors import EstimateError, LayerscopeWarning, ModelTypeError
 from layerscope.estimate.optimizers import OPTIMIZERS
 from layerscope.estimate.trace import (
     Segment,
-    find_blocks,
     reduced_copy,
     replay,
     rounded,
@@ -299,8 +298,7 @@ def estimate_memory_for(
         tensors[id(p)] = p
         is_trainable[id(p)] = is_trainable.get(id(p), False) or name in trainable
 
-    found = find_blocks(model)
-    blocks_name, blocks = found if found is not None else ("", nn.ModuleList())
+    blocks_name, blocks = _block_stack(model)
     lora_targets = _lora_targets(model, lora) if lora is not None else frozenset()
     kinds, reps = _block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config)
 
@@ -404,6 +402,19 @@ def estimate_memory_for(
         forward_flops=flops_f,
         backward_flops=0 if inference else flops_b,
     )
+
+
+def _block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The main block stack as found by :func:`layerscope.scan.scan` (empty when none)."""
+    from layerscope.scan import scan
+
+    s = scan(model)
+    if s.primary is None:
+        return "", nn.ModuleList()
+    stack = model.get_submodule(s.layers.path)
+    if not isinstance(stack, nn.ModuleList):
+        raise EstimateError(f"{s.layers.path} is a {type(stack).__name__}; a ModuleList of blocks is needed")
+    return s.layers.path, stack
 
 
 def _block_kinds(

@@ -78,20 +78,6 @@ class StepTrace:
     segments: dict[tuple[Any, str], Segment]
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The repeated block stack: the ``ModuleList`` of same-class modules holding most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        count = sum(p.numel() for p in module.parameters())
-        if best is None or count > best[0]:
-            best = (count, name, module)
-    return None if best is None else (best[1], best[2])
-
-
 _GLOBAL_PARTS = ("embed", "head")
 
 
