@@ -7,7 +7,7 @@ import layerscope
 def test_all_is_exactly_what_the_package_exports():
     public = {n for n in vars(layerscope) if not n.startswith("_")} - {
         # submodules are attributes too, not exports
-        "apply", "errors", "layer_utils", "plan", "render", "scan", "units",
+        "apply", "errors", "estimate", "layer_utils", "plan", "render", "scan", "units",
     } | {"scan", "__version__"}
     assert sorted(layerscope.__all__) == layerscope.__all__
     assert set(layerscope.__all__) == public
