@@ -442,6 +442,8 @@ class _Model:
     rotary: bool
     sliding: tuple[int | None, ...]
     logit_softcap: bool
+    eager_attention: bool  # scores materialised (attn_implementation="eager")
+    attn_softcap: bool
     vocab: int
     has_loss: bool
     embeddings: tuple[tuple[str, int, int], ...]  # (name, rows, width)
@@ -495,6 +497,8 @@ def _analyse(model: nn.Module, training: bool) -> _Model:
         heads=heads if has_attention else 0, kv_heads=kv_heads, head_dim=head_dim,
         rotary=bool(rope) and has_attention, sliding=sliding,
         logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
+        eager_attention=getattr(config, "_attn_implementation", None) == "eager",
+        attn_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         vocab=vocab, has_loss=vocab > 0, embeddings=tuple(embeddings),
     )
 
@@ -644,6 +648,26 @@ def _estimate(m: _Model, trainable: set[str], gpu: GPU, prec: Precision, opt: st
         w.stream(t * g.n_in * (ab + lb) * cast + t * g.n_out * (2 * lb + ab + 2 * lb)
                  + t * g.n_out * (lb + ab) * cast, 2 + 2 * cast)
 
+    def eager_attention(w: _Work, backward: bool) -> None:
+        """transformers' eager attention: repeat_kv copies, QK^T and PV as batched GEMMs over
+        every (batch, head) on the full S x S scores (no causal skipping), then on the scores
+        the mask add, optional soft-capping (div, tanh, mul), softmax upcast to fp32 and back,
+        dropout. Backward: dX and dW of both GEMMs, twice the elementwise work."""
+        q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+        heads = batch * m.heads
+        grads = 2 if backward else 1
+        for _ in range(grads):
+            w.gemm(seq, seq, m.head_dim, heads)  # scores = Q K^T (or its gradients)
+            w.gemm(seq, m.head_dim, seq, heads)  # out = P V
+        scores = heads * seq * seq
+        nbytes = scores * (3 * ab + (ab + 4) + 8 + (4 + ab)) + 6 * scores * ab * m.attn_softcap
+        kernels = 4 + 3 * m.attn_softcap
+        if q != kv:
+            nbytes += tokens * 2 * (q + kv) * ab
+            kernels += 2
+        factor = BACKWARD_ELEMENTWISE_RATIO if backward else 1.0
+        w.stream(nbytes * factor, kernels * factor)
+
     def block_forward(w: _Work) -> None:
         routed = _Work(gpu, prec, HOST_LOOP_S_PER_KERNEL)
         for g in block.gemms:
@@ -658,11 +682,15 @@ def _estimate(m: _Model, trainable: set[str], gpu: GPU, prec: Precision, opt: st
             routed.stream(tokens * hidden * 4 * ab, block.experts * EXPERT_LOOP_KERNELS)
             # transformers' eager loop syncs twice per expert (nonzero, where)
             w.serial(2 * block.experts, routed)
-        if m.heads:
+        if m.heads and m.eager_attention:
+            eager_attention(w, backward=False)
+        elif m.heads:
             keys = [min(seq / 2, win) if win else seq / 2 for win in m.sliding] or [seq / 2]
             keys_avg = sum(keys) / len(keys)
             q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
             w.attention(4 * batch * seq * keys_avg * q, tokens * (2 * q + 2 * kv) * ab)
+        if m.heads:
+            q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
             w.stream(tokens * q * 2 * ab, 1)  # output transpose(1, 2).contiguous()
             if m.rotary:
                 w.stream(tokens * (q + kv) * ROTARY_PASSES * ab, ROTARY_KERNELS)
@@ -761,11 +789,15 @@ def _estimate(m: _Model, trainable: set[str], gpu: GPU, prec: Precision, opt: st
         if block.experts:
             # the loop's gathers and scatters each have a single-kernel backward
             bwd.stream(tokens * hidden * 8 * ab, block.experts * EXPERT_LOOP_KERNELS)
-        if m.heads:
+        if m.heads and m.eager_attention:
+            eager_attention(bwd, backward=True)
+        elif m.heads:
             keys = min(seq / 2, m.sliding[b]) if m.sliding and m.sliding[b] else seq / 2
             q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
             bwd.attention(ATTENTION_BACKWARD_RATIO * 4 * batch * seq * keys * q,
                           tokens * (4 * q + 4 * kv) * ab, kernels=2)
+        if m.heads:
+            q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
             bwd.stream(tokens * q * 2 * ab, 1)
             if m.rotary:
                 bwd.stream(tokens * (q + kv) * ROTARY_PASSES * ab, ROTARY_KERNELS)
@@ -837,7 +869,9 @@ def _notes(prec: Precision, opt: str, m: _Model) -> tuple[str, ...]:
     if prec.autocast:
         notes.append("bf16 autocast: every weight cast to bf16 each forward, weight gradients "
                      "cast back to fp32; residual stream and norms in fp32")
-    if m.heads:
+    if m.heads and m.eager_attention:
+        notes.append("eager attention: S x S scores materialised, no causal skipping")
+    elif m.heads:
         notes.append("causal SDPA kernel (flash / memory-efficient): half the S x S scores")
     if m.block.experts:
         notes.append("MoE: each token runs top-k experts; experts run in a Python loop")
