@@ -218,3 +218,12 @@ def test_unfreezing_schedule_time():
     assert flags(model) == before  # plans resolved, never applied
     with pytest.raises(EstimateError, match="GradualUnfreezer"):
         estimate_unfreezing_schedule(model, 100, 4)
+
+
+def test_eager_attention_computes_every_score():
+    model = build("llama", "meta")
+    model.config._attn_implementation = "eager"  # as for models without SDPA (Gemma-2)
+    t = step(model, inference=True)
+    # QK^T and PV as batched GEMMs on the full S x S scores: twice the causal kernel's FLOPs
+    assert t.forward.flops == 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2 * LLAMA_ATTN
+    assert any("eager" in n for n in t.assumptions.notes)
