@@ -12,7 +12,10 @@ from typing import Any
 from torch import nn
 
 from layerscope.apply import apply_plan, emit, set_requires_grad
-from layerscope.errors import PlanError
+from layerscope.errors import EstimateError, PlanError
+from layerscope.estimate.hardware import GPU, check_price, get_gpu
+from layerscope.estimate.time import estimate_step_time
+from layerscope.estimate.time import steps_per_epoch as steps_per_epoch_for
 from layerscope.plan import Embeddings, ExceptLast, FreezePlan, Rule
 from layerscope.render.text import layer_status_text, model_summary_text
 from layerscope.scan import check_module, scan
@@ -167,10 +170,25 @@ def estimate_training_time(
     batch_size: int,
     num_epochs: int,
     ms_per_step: float = 500.0,
+    *,
+    seq_len: int = 2048,
+    gpu: str | GPU | None = None,
+    plan: FreezePlan | None = None,
+    precision: str = "bf16-mixed",
+    num_gpus: int = 1,
+    price_per_hour: float | None = None,
 ) -> dict[str, Any]:
-    """Steps and wall time of a run at a given time per step.
+    """Steps, wall time, GPU-hours and cost of a run.
 
-    ``total_steps = ceil(num_samples / batch_size) * num_epochs``.
+    ``total_steps = ceil(num_samples / (batch_size * num_gpus)) * num_epochs``: data parallel,
+    each of the ``num_gpus`` GPUs takes ``batch_size`` samples per step (gradient all-reduce
+    time is not modelled). Without ``gpu`` a step takes ``ms_per_step``; with one, the step
+    time comes from :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is
+    then ignored). ``gpu_hours = total_hours * num_gpus``; ``cost = gpu_hours * price``, the
+    price being ``price_per_hour`` or the catalogue's (None when neither is known).
+
+    Raises:
+        ValueError: a count or time out of range (``EstimateError`` for the GPU settings).
     """
     check_module(model, "estimate_training_time")
     _check_count(num_samples, "num_samples", 0)
@@ -180,9 +198,22 @@ def estimate_training_time(
         ms_per_step >= 0 and math.isfinite(ms_per_step)
     ):
         raise ValueError(f"ms_per_step must be a finite number >= 0, got {ms_per_step!r}")
-    steps_per_epoch = math.ceil(num_samples / batch_size)
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+        raise EstimateError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
+    price = check_price(price_per_hour)
+    step = None
+    if gpu is not None:
+        step = estimate_step_time(model, plan, batch_size=batch_size, seq_len=seq_len,
+                                  precision=precision, gpu=gpu)
+        ms_per_step = step.seconds * 1000.0
+        if price is None:
+            price = get_gpu(gpu).price_per_hour
+    elif plan is not None:
+        raise EstimateError("estimate_training_time: plan needs gpu (a step time to estimate)")
+    steps_per_epoch = steps_per_epoch_for(num_samples, batch_size, num_gpus)
     total_steps = steps_per_epoch * num_epochs
     seconds = total_steps * ms_per_step / 1000.0
+    gpu_hours = seconds / 3600.0 * num_gpus
     return {
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
@@ -190,6 +221,12 @@ def estimate_training_time(
         "total_seconds": seconds,
         "total_hours": seconds / 3600.0,
         "formatted": format_duration(seconds),
+        "num_gpus": num_gpus,
+        "gpu": None if gpu is None else get_gpu(gpu).name,
+        "gpu_hours": gpu_hours,
+        "price_per_hour": price,
+        "cost": None if price is None else gpu_hours * price,
+        "step_time": step,
     }
 
 

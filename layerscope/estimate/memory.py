@@ -143,21 +143,15 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def gpu_bytes(gpu: int | str) -> int:
-    """Memory of ``gpu``: a positive number of bytes, or a GPU name known to ``estimate.hardware``."""
-    if isinstance(gpu, bool) or not isinstance(gpu, (int, str)):
-        raise EstimateError(f"gpu must be bytes (int) or a GPU name, got {gpu!r}")
-    if isinstance(gpu, int):
+def gpu_bytes(gpu: Any) -> int:
+    """Memory of ``gpu``: a positive number of bytes, a GPU name or a ``GPU`` from the catalogue."""
+    if isinstance(gpu, int) and not isinstance(gpu, bool):
         if gpu <= 0:
             raise EstimateError(f"gpu memory must be > 0 bytes, got {gpu}")
         return gpu
-    from layerscope.estimate.hardware import GPU_MEMORY_BYTES
+    from layerscope.estimate.hardware import get_gpu
 
-    key = gpu.strip().lower()
-    for name, size in GPU_MEMORY_BYTES.items():
-        if name.lower() == key:
-            return size
-    raise EstimateError(f"unknown GPU {gpu!r}; known: {sorted(GPU_MEMORY_BYTES)} (or pass bytes)")
+    return get_gpu(gpu).memory_bytes
 
 
 def resolve_precision(precision: str) -> str:

@@ -1,0 +1,812 @@
+"""Step time of one training (or inference) step, from the model's structure and a GPU.
+
+The model is never run. From the scan (and the model's config, when it has one) each block
+type is described once as kernels: GEMMs (every Linear / Conv1D / expert weight), attention,
+memory-bound elementwise work (norms, activations, residual adds, rotary, dropout, the loss on
+the full vocabulary, autocast weight casts) and the optimizer's passes over its tensors. Then:
+
+* a GEMM takes ``max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)``, where the
+  achievable FLOP/s is :data:`GEMM_EFFICIENCY` of the dense peak times the share of the GPU's
+  SMs its output tiles keep busy (small matmuls cannot fill the GPU);
+* a memory-bound kernel takes ``bytes / (BANDWIDTH_EFFICIENCY * peak bandwidth)``;
+* every kernel also costs :data:`KERNEL_LATENCY_S` on the GPU, and the host must issue it:
+  :data:`HOST_FORWARD_S_PER_KERNEL` in the Python forward, :data:`HOST_BACKWARD_S_PER_KERNEL`
+  from the autograd engine. Eager PyTorch runs the host ahead of the GPU, so a phase takes
+  ``max(host, device)``;
+* the optimizer is memory-bound: its passes over weights, grads and states, plus
+  :data:`HOST_OPTIMIZER_S_PER_TENSOR` of Python per trainable tensor.
+
+Backward runs only as deep as the earliest trainable parameter: blocks from there up compute
+input gradients, and weight gradients only for their trainable weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from layerscope.errors import EstimateError
+from layerscope.estimate.hardware import GPU, get_gpu
+from layerscope.plan import FreezePlan
+from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
+from layerscope.scan import ModelScan
+
+# -- named assumptions ------------------------------------------------------------------------
+GEMM_EFFICIENCY = {"fp32": 0.80, "tf32": 0.70, "bf16": 0.70, "fp16": 0.70, "fp8": 0.70}
+"""Fraction of the dense peak a large cuBLAS GEMM sustains, per matmul dtype: tensor-core
+GEMMs run at power-limited clocks (H100 SXM bf16: ~650-750 of 989 TFLOP/s); CUDA-core SGEMM
+keeps closer to its lower peak (~50-55 of 67 TFLOP/s)."""
+
+ATTENTION_EFFICIENCY = 0.35
+"""Fraction of the dense peak reached by PyTorch's SDPA kernels (FlashAttention-2 forward on
+H100 reaches ~330-350 TFLOP/s; Dao, "FlashAttention-2", 2023, fig. 6)."""
+
+ATTENTION_BACKWARD_RATIO = 2.5
+"""Attention backward FLOPs over forward: five matmuls (QK^T recomputed, dV, dP, dQ, dK)
+against two (Dao et al., FlashAttention-2, section 3.1)."""
+
+BANDWIDTH_EFFICIENCY = 0.75
+"""Fraction of the peak DRAM bandwidth streaming and foreach kernels sustain (~2.5 TB/s of
+3.35 TB/s on H100 SXM)."""
+
+KERNEL_LATENCY_S = 4e-6
+"""GPU time of an empty kernel: launch, ramp-up and tail (a few microseconds)."""
+
+HOST_FORWARD_S_PER_KERNEL = 32e-6
+"""Host time per kernel of an eager Python forward: the module call, the aten op, its
+views/reshapes and autograd bookkeeping (HF blocks issue ~4 view ops per kernel)."""
+
+HOST_BACKWARD_S_PER_KERNEL = 17e-6
+"""Host time per backward kernel, issued by the C++ autograd engine (no Python)."""
+
+HOST_LOOP_S_PER_KERNEL = 8e-6
+"""Host time per kernel of a bare Python loop of tensor ops (no module call, few views), as in
+transformers' eager MoE expert loop."""
+
+HOST_OPTIMIZER_S_PER_TENSOR = 10e-6
+"""Python time per trainable tensor in ``optimizer.step()`` + ``zero_grad()`` (state lookup,
+grouping tensors by device and dtype)."""
+
+GEMM_TILE = 128
+"""Output tile edge of the GEMM kernels (cuBLAS/CUTLASS on Hopper and Ampere: 128x128 and
+up), used to count how many SMs a GEMM can keep busy."""
+
+SPLIT_K_MIN = 512
+"""cuBLAS splits the reduction of a GEMM with too few output tiles to fill the GPU into
+chunks of at least this many (split-K / stream-K), so skinny GEMMs still use most SMs."""
+
+SYNC_S = 15e-6
+"""A host-device synchronisation (``nonzero``, ``tensor.item()``): the host waits for the
+queue to drain and the GPU for the next launch."""
+
+
+
+# -- precision and optimizer ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """How a precision setting stores and computes.
+
+    Attributes:
+        name: ``"32-true"``, ``"bf16-true"`` or ``"bf16-mixed"`` (Lightning's names).
+        matmul: the catalogue dtype key of matmuls and attention.
+        weight_bytes: bytes per weight, gradient and optimizer state element.
+        act_bytes: bytes per element of matmul outputs.
+        stream_bytes: bytes per element of the residual stream and norms (fp32 under autocast,
+            where embeddings and residual adds stay in the weights' dtype).
+        autocast: weights are cast to bf16 before each matmul (bf16-mixed).
+    """
+
+    name: str
+    matmul: str
+    weight_bytes: int
+    act_bytes: int
+    stream_bytes: int
+    autocast: bool
+
+
+PRECISIONS = {
+    "32-true": Precision("32-true", "fp32", 4, 4, 4, False),
+    "bf16-true": Precision("bf16-true", "bf16", 2, 2, 2, False),
+    "bf16-mixed": Precision("bf16-mixed", "bf16", 4, 2, 4, True),
+}
+_PRECISION_ALIASES = {
+    "32": "32-true", "fp32": "32-true", "float32": "32-true",
+    "bf16": "bf16-true", "bfloat16": "bf16-true",
+    "amp_bf16": "bf16-mixed", "amp-bf16": "bf16-mixed", "bf16-amp": "bf16-mixed",
+}
+
+OPTIMIZER_PASSES = {
+    # torch.optim._multi_tensor_adam with decoupled weight decay: mul_(p) 2, lerp_(m, g) 3,
+    # mul_(v) 2, addcmul_(v, g, g) 4, sqrt(v) 2, div_ 2, add_(eps) 2, addcdiv_(p, m, d) 4.
+    "adamw": (21, 8),
+    # torch.optim Adam without weight decay: the same without the mul_(p).
+    "adam": (19, 7),
+    # _fused_adamw: one kernel reads p, g, m, v and writes p, m, v.
+    "adamw-fused": (7, 1),
+    # _multi_tensor_sgd, momentum: mul_(buf) 2, add_(buf, g) 3, add_(p, buf) 3.
+    "sgd-momentum": (8, 3),
+    # _multi_tensor_sgd without momentum: add_(p, g) 3.
+    "sgd": (3, 1),
+}
+"""Per optimizer: (element passes over a trainable tensor per step, foreach kernels per step).
+A pass reads or writes every element once."""
+
+_OPTIMIZER_ALIASES = {
+    "adamw_fused": "adamw-fused", "fused_adamw": "adamw-fused", "fused-adamw": "adamw-fused",
+    "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum",
+}
+
+_FOREACH_ELEMENTS_PER_LAUNCH = 320 * 65536
+"""multi_tensor_apply processes at most 320 chunks of 65536 elements per launch
+(aten/src/ATen/native/cuda/MultiTensorApply.cuh)."""
+
+
+def resolve_precision(precision: str) -> Precision:
+    """``"bf16-mixed"``, ``"bf16-true"``, ``"32-true"`` or an alias (``"amp_bf16"``, ``"bf16"``,
+    ``"fp32"``) -> :class:`Precision`.
+
+    Raises:
+        EstimateError: an unknown precision; the message lists the allowed ones.
+    """
+    if not isinstance(precision, str):
+        raise EstimateError(f"precision must be a str, got {precision!r}")
+    key = precision.lower()
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        allowed = sorted(PRECISIONS) + sorted(_PRECISION_ALIASES)
+        raise EstimateError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
+    return PRECISIONS[key]
+
+
+def resolve_optimizer(optimizer: str) -> str:
+    """Canonical optimizer name (``adamw``, ``adamw-fused``, ``adam``, ``sgd``, ``sgd-momentum``).
+
+    Raises:
+        EstimateError: an unknown optimizer; the message lists the allowed ones.
+    """
+    if not isinstance(optimizer, str):
+        raise EstimateError(f"optimizer must be a str, got {optimizer!r}")
+    key = optimizer.lower()
+    key = _OPTIMIZER_ALIASES.get(key, key)
+    if key not in OPTIMIZER_PASSES:
+        allowed = sorted(OPTIMIZER_PASSES) + sorted(_OPTIMIZER_ALIASES)
+        raise EstimateError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(allowed)}")
+    return key
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Phase:
+    """One part of a step.
+
+    Attributes:
+        seconds: estimated wall time.
+        flops: matmul and attention FLOPs.
+        bytes: DRAM bytes read and written.
+        kernels: GPU kernels launched.
+        device_seconds: GPU busy time (FLOP-, bandwidth- and latency-bound kernels).
+        host_seconds: CPU time to issue the kernels.
+    """
+
+    seconds: float = 0.0
+    flops: float = 0.0
+    bytes: float = 0.0
+    kernels: int = 0
+    device_seconds: float = 0.0
+    host_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TimeAssumptions:
+    """Every number the estimate used besides the model's shape."""
+
+    gpu: str
+    precision: str
+    matmul_dtype: str
+    peak_flops: float
+    achievable_gemm_flops: float
+    achievable_attention_flops: float
+    peak_bandwidth: float
+    achievable_bandwidth: float
+    kernel_latency_s: float
+    host_forward_s_per_kernel: float
+    host_backward_s_per_kernel: float
+    host_optimizer_s_per_tensor: float
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One optimizer step: forward + backward (+ recomputation) + optimizer.
+
+    ``seconds`` is their sum. For ``inference=True`` only ``forward`` is non-zero.
+    """
+
+    seconds: float
+    forward: Phase
+    backward: Phase
+    recompute: Phase
+    optimizer: Phase
+    tokens: int
+    trainable_params: int
+    earliest_trainable_block: int | None
+    assumptions: TimeAssumptions
+
+    @property
+    def flops(self) -> float:
+        return self.forward.flops + self.backward.flops + self.recompute.flops
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else math.inf
+
+    @property
+    def fwd_bwd_seconds(self) -> float:
+        return self.forward.seconds + self.backward.seconds + self.recompute.seconds
+
+
+# -- the workload: kernels with FLOPs and bytes -----------------------------------------------
+@dataclass
+class _Work:
+    """Accumulates kernels of one phase on one GPU."""
+
+    gpu: GPU
+    precision: Precision
+    host_s_per_kernel: float
+    flops: float = 0.0
+    bytes: float = 0.0
+    kernels: int = 0
+    device: float = 0.0
+    serial_s: float = 0.0
+    serial_host: float = 0.0
+    serial_device: float = 0.0
+    serial_kernels: int = 0
+
+    def gemm(self, m: float, n: int, k: int, count: float = 1.0, dtype_bytes: int = 0) -> None:
+        """``count`` GEMMs (m x k) @ (k x n): 2mnk FLOPs each (the multiply-add counted as 2)."""
+        if m <= 0 or count <= 0:
+            return
+        a = dtype_bytes or self.precision.act_bytes
+        flops = 2.0 * m * n * k
+        nbytes = a * (m * k + k * n + m * n)
+        peak = self.gpu.peak(self.precision.matmul) * GEMM_EFFICIENCY[self.precision.matmul]
+        t_compute = flops / (peak * _busy_share(m, n, k, self.gpu.sm_count))
+        t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
+        self._add(count, flops, nbytes, max(t_compute, t_memory))
+
+    def attention(self, flops: float, nbytes: float, kernels: float = 1.0) -> None:
+        peak = self.gpu.peak(self.precision.matmul)
+        t = max(flops / (peak * ATTENTION_EFFICIENCY),
+                nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY))
+        self.flops += flops
+        self.bytes += nbytes
+        self.kernels += round(kernels)
+        self.device += t + kernels * KERNEL_LATENCY_S
+
+    def stream(self, nbytes: float, kernels: float) -> None:
+        """Memory-bound kernels moving ``nbytes`` in total."""
+        if kernels <= 0:
+            return
+        self.bytes += nbytes
+        self.kernels += round(kernels)
+        self.device += nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
+        self.device += kernels * KERNEL_LATENCY_S
+
+    def _add(self, count: float, flops: float, nbytes: float, t: float) -> None:
+        self.flops += count * flops
+        self.bytes += count * nbytes
+        self.kernels += round(count)
+        self.device += count * (t + KERNEL_LATENCY_S)
+
+    def serial(self, syncs: int, work: _Work) -> None:
+        """Add ``work`` that a host-device sync serialises: its host and GPU time add up."""
+        host = work.kernels * work.host_s_per_kernel + syncs * SYNC_S
+        self.flops += work.flops
+        self.bytes += work.bytes
+        self.kernels += work.kernels
+        self.serial_s += host + work.device
+        self.serial_host += host
+        self.serial_device += work.device
+        self.serial_kernels += work.kernels
+
+    def phase(self, extra_host: float = 0.0, overlap: bool = True) -> Phase:
+        host = (self.kernels - self.serial_kernels) * self.host_s_per_kernel + extra_host
+        overlapped = self.device - self.serial_device
+        seconds = (max(host, overlapped) if overlap else host + overlapped) + self.serial_s
+        return Phase(seconds, self.flops, self.bytes, self.kernels, self.device,
+                     host + self.serial_host)
+
+
+def _busy_share(m: float, n: int, k: int, sms: int) -> float:
+    """Share of the SMs a GEMM keeps busy: output tiles of GEMM_TILE x GEMM_TILE, the
+    reduction split (split-K) while tiles are fewer than SMs, then the last wave's idle SMs."""
+    tiles = math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE)
+    if tiles < sms:
+        tiles *= max(1, min(sms // tiles, k // SPLIT_K_MIN))
+    waves = math.ceil(tiles / sms)
+    return tiles / (waves * sms)
+
+
+# -- per-kernel byte counts (documented once) -------------------------------------------------
+RMSNORM_KERNELS = 7
+"""transformers' RMSNorm in Python: to(fp32), pow, mean, add eps + rsqrt, mul, to(dtype), mul
+by the weight."""
+
+ROTARY_KERNELS, ROTARY_PASSES = 10, 9
+"""apply_rotary_pos_emb on q and k: mul cos, neg + cat (rotate_half), mul sin, add, for each."""
+
+EXPERT_LOOP_KERNELS = 10
+"""Non-GEMM kernels per expert of transformers' eager MoE loop: the hit test, ``where``, the
+token gather, two expert-weight gathers, activation, gate multiply, routing-weight gather and
+multiply, ``index_add_``."""
+
+LOSS_FORWARD_KERNELS, LOSS_BACKWARD_KERNELS = 4, 4
+"""ForCausalLMLoss: logits.float(), log_softmax, nll_loss (+ the shifted labels); backward:
+nll_loss_backward (zero-filled), log_softmax_backward, the cast back, the label shift."""
+
+BACKWARD_ELEMENTWISE_RATIO = 2.0
+"""Backward kernels and bytes of elementwise work per forward kernel: each op's backward
+reads its saved inputs and the incoming gradient and writes the outgoing one (a dispatch trace
+of a Llama block on transformers 5 gives 59 non-GEMM backward kernels for 33 forward)."""
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EstimateError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _resolve_model(model: object) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    try:
+        from layerscope.build import empty_model  # type: ignore[import-not-found]
+    except ImportError as exc:  # the builder lands in another branch
+        raise EstimateError(
+            f"estimate_step_time: model must be an nn.Module here (layerscope.build, which "
+            f"builds skeletons from presets and configs, is not available); got "
+            f"{type(model).__name__}"
+        ) from exc
+    return empty_model(model)
+
+
+def estimate_step_time(
+    model: nn.Module | Any,
+    plan: FreezePlan | None = None,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    precision: str = "bf16-mixed",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    lora: int | None = None,
+    inference: bool = False,
+    gpu: str | GPU = "h100-sxm",
+) -> StepTime:
+    """Time of one step on one GPU: forward, backward, recomputation and optimizer.
+
+    Args:
+        model: an ``nn.Module`` (a meta skeleton is enough) or what ``layerscope.build.
+            empty_model`` accepts (a preset name, config path, dict or config).
+        plan: the freeze plan; None uses the model's ``requires_grad`` flags. The model is
+            never modified.
+        batch_size: sequences per step on this GPU.
+        seq_len: tokens per sequence.
+        precision: ``"bf16-mixed"`` (fp32 weights, bf16 autocast), ``"bf16-true"`` or
+            ``"32-true"`` (fp32 matmuls on CUDA cores: PyTorch's default leaves TF32 off).
+        optimizer: ``"adamw"`` (PyTorch's default foreach), ``"adamw-fused"``, ``"adam"``,
+            ``"sgd"`` or ``"sgd-momentum"``.
+        gradient_checkpointing: every block's forward is recomputed during backward.
+        lora: rank of a LoRA adapter on every linear layer of the blocks (the base model
+            frozen, as PEFT does); None for none.
+        inference: forward only under ``torch.no_grad()`` (no loss, no dropout).
+        gpu: a catalogue name (see :func:`layerscope.estimate.hardware.gpus`) or a ``GPU``.
+
+    Raises:
+        EstimateError: invalid settings, or nothing to train (all frozen, no LoRA) outside
+            inference.
+    """
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    seq_len = _check_positive_int(seq_len, "seq_len")
+    prec = resolve_precision(precision)
+    opt = resolve_optimizer(optimizer)
+    device = get_gpu(gpu)
+    if lora is not None:
+        lora = _check_positive_int(lora, "lora (the LoRA rank)")
+        if plan is not None:
+            raise EstimateError("lora: PEFT freezes the whole base model; pass plan=None")
+    if plan is not None and not isinstance(plan, FreezePlan):
+        raise EstimateError(f"plan must be a FreezePlan or None, got {type(plan).__name__}")
+    for flag, value in (("gradient_checkpointing", gradient_checkpointing),
+                        ("inference", inference)):
+        if not isinstance(value, bool):
+            raise EstimateError(f"{flag} must be a bool, got {value!r}")
+    try:
+        device.peak(prec.matmul)
+    except EstimateError as exc:
+        raise EstimateError(f"precision {prec.name!r} on {device.name}: {exc}") from None
+    net = _resolve_model(model)
+    m = analyse(net, training=not inference)
+    trainable = _trainable_names(m.scan, plan, lora, inference)
+    return _estimate(m, trainable, device, prec, opt, batch_size, seq_len,
+                     gradient_checkpointing, lora, inference)
+
+
+def _trainable_names(s: ModelScan, plan: FreezePlan | None, lora: int | None,
+                     inference: bool) -> set[str]:
+    if lora is not None:
+        trainable: set[str] = set()
+    elif plan is not None:
+        trainable = set(plan.resolve(s).trainable)
+    else:
+        trainable = {p.name for p in s.params if p.requires_grad}
+    trainable = {n for n in trainable if s.by_name[n].dtype.is_floating_point}
+    if not inference and not trainable and lora is None:
+        raise EstimateError(
+            "nothing is trainable (every parameter is frozen and lora is None); "
+            "use inference=True for a forward-only estimate"
+        )
+    return trainable
+
+
+def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt: str, batch: int,
+              seq: int, ckpt: bool, lora: int | None, inference: bool) -> StepTime:
+    s = m.scan
+    tokens = batch * seq
+    ab, sb, wb = prec.act_bytes, prec.stream_bytes, prec.weight_bytes
+    block, rest = m.block, m.outside
+    hidden = max((w for w, _ in block.norms), default=0) or max(
+        (g.n_in for g in block.gemms), default=0)
+    layers = len(m.prefixes)
+
+    # PEFT upcasts bf16/fp16 adapters to fp32 (get_peft_model(autocast_adapter_dtype=True));
+    # under autocast their matmuls still run in bf16.
+    lb = ab if prec.autocast else 4
+
+    def lora_forward(w: _Work, g: Gemm) -> None:
+        """x.to(adapter dtype), A, B, * scaling, + base output, .to(output dtype)."""
+        t = tokens * g.share
+        w.gemm(t, lora, g.n_in, dtype_bytes=lb)
+        w.gemm(t, g.n_out, lora, dtype_bytes=lb)
+        cast = lb != ab
+        w.stream(t * g.n_in * (ab + lb) * cast + t * g.n_out * (2 * lb + ab + 2 * lb)
+                 + t * g.n_out * (lb + ab) * cast, 2 + 2 * cast)
+
+    def eager_attention(w: _Work, backward: bool) -> None:
+        """transformers' eager attention: repeat_kv copies, QK^T and PV as batched GEMMs over
+        every (batch, head) on the full S x S scores (no causal skipping), then on the scores
+        the mask add, optional soft-capping (div, tanh, mul), softmax upcast to fp32 and back,
+        dropout. Backward: dX and dW of both GEMMs, twice the elementwise work."""
+        q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+        heads = batch * m.heads
+        grads = 2 if backward else 1
+        for _ in range(grads):
+            w.gemm(seq, seq, m.head_dim, heads)  # scores = Q K^T (or its gradients)
+            w.gemm(seq, m.head_dim, seq, heads)  # out = P V
+        scores = heads * seq * seq
+        nbytes = scores * (3 * ab + (ab + 4) + 8 + (4 + ab)) + 6 * scores * ab * m.attn_softcap
+        kernels = 4 + 3 * m.attn_softcap
+        if q != kv:
+            nbytes += tokens * 2 * (q + kv) * ab
+            kernels += 2
+        factor = BACKWARD_ELEMENTWISE_RATIO if backward else 1.0
+        w.stream(nbytes * factor, kernels * factor)
+
+    def block_forward(w: _Work) -> None:
+        routed = _Work(gpu, prec, HOST_LOOP_S_PER_KERNEL)
+        for g in block.gemms:
+            target = routed if g.share < 1 else w
+            target.gemm(tokens * g.share, g.n_out, g.n_in, g.count)
+            if lora is not None and g.count == 1:
+                lora_forward(target, g)
+            if prec.autocast:  # cast of the fp32 weight to bf16, every forward
+                target.stream(g.count * g.n_in * g.n_out * (4 + 2), g.count)
+        _elementwise(w, block, tokens, hidden, ab, sb)
+        if block.experts:
+            routed.stream(tokens * hidden * 4 * ab, block.experts * EXPERT_LOOP_KERNELS)
+            # transformers' eager loop syncs twice per expert (nonzero, where)
+            w.serial(2 * block.experts, routed)
+        if m.heads and m.eager_attention:
+            eager_attention(w, backward=False)
+        elif m.heads:
+            keys = [min(seq / 2, win) if win else seq / 2 for win in m.sliding] or [seq / 2]
+            keys_avg = sum(keys) / len(keys)
+            q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+            w.attention(4 * batch * seq * keys_avg * q, tokens * (2 * q + 2 * kv) * ab)
+        if m.heads:
+            q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+            w.stream(tokens * q * 2 * ab, 1)  # output transpose(1, 2).contiguous()
+            if m.rotary:
+                w.stream(tokens * (q + kv) * ROTARY_PASSES * ab, ROTARY_KERNELS)
+
+    def outside_forward(w: _Work) -> None:
+        for name, rows, width in m.embeddings:
+            w.stream(tokens * width * (wb + sb), 1)
+        w.stream(tokens * hidden * 3 * sb, max(len(m.embeddings) - 1, 0))
+        for g in rest.gemms:
+            w.gemm(tokens, g.n_out, g.n_in)
+            if prec.autocast:
+                w.stream(g.n_in * g.n_out * 6, 1)
+        _elementwise(w, rest, tokens, hidden, ab, sb, residual=False)
+        if m.logit_softcap:
+            w.stream(tokens * m.vocab * 3 * 2 * ab, 3)
+
+    def loss_forward(w: _Work) -> None:
+        w.stream(tokens * m.vocab * (ab + 12), LOSS_FORWARD_KERNELS)
+
+    fwd = _Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
+    for _ in range(layers):
+        block_forward(fwd)
+    outside_forward(fwd)
+    if not inference and m.has_loss:
+        loss_forward(fwd)
+    forward = fwd.phase()
+    notes = _notes(prec, opt, m)
+    assumptions = _assumptions(gpu, prec, notes)
+    trainable_params = _trainable_numel(s, trainable, block, m.prefixes, lora)
+    if inference:
+        zero = Phase()
+        return StepTime(forward.seconds, forward, zero, zero, zero, tokens, 0, None, assumptions)
+
+    # -- backward: as deep as the earliest trainable parameter ------------------------------
+    emb_trainable = any(name in trainable for name, _, _ in m.embeddings) or any(
+        n in trainable for n in s.embedding_names)
+    primary_blocks = {sb_[1] for sb_ in map(s.block_of, trainable)
+                      if sb_ is not None and sb_[0] == s.primary}
+    block_train = [b in primary_blocks for b in range(layers)]
+    if lora is not None:
+        block_train = [True] * layers
+    earliest: int | None
+    if emb_trainable:
+        earliest = 0
+    else:
+        earliest = next((b for b, t in enumerate(block_train) if t), None)
+    bwd = _Work(gpu, prec, HOST_BACKWARD_S_PER_KERNEL)
+    rec = _Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
+    upstream = earliest is not None  # something before the head trains
+    # loss, head and final norm
+    if m.has_loss:
+        bwd.stream(tokens * m.vocab * (20 + ab), LOSS_BACKWARD_KERNELS)
+        if m.logit_softcap:
+            bwd.stream(tokens * m.vocab * 3 * 2 * ab * BACKWARD_ELEMENTWISE_RATIO,
+                       3 * BACKWARD_ELEMENTWISE_RATIO)
+    for g in rest.gemms:
+        if upstream:
+            bwd.gemm(tokens, g.n_in, g.n_out)
+        if g.param in trainable:
+            bwd.gemm(g.n_out, g.n_in, tokens)
+            if prec.autocast:
+                bwd.stream(g.n_in * g.n_out * 6, 1)
+    if upstream:
+        _elementwise(bwd, rest, tokens, hidden, ab, sb, residual=False,
+                     factor=BACKWARD_ELEMENTWISE_RATIO)
+    for b in range(layers):
+        if earliest is None or b < earliest:
+            continue
+        prefix = m.prefixes[b]
+        if ckpt:
+            block_forward(rec)
+        for g in block.gemms:
+            t = tokens * g.share
+            bwd.gemm(t, g.n_in, g.n_out, g.count)  # input gradient
+            if f"{prefix}.{g.param}" in trainable:
+                bwd.gemm(g.n_out, g.n_in, t, g.count)  # weight gradient
+                if prec.autocast:
+                    bwd.stream(g.count * g.n_in * g.n_out * 6, g.count)
+                if g.count > 1:
+                    # each expert's weight is an index of the stacked tensor: its gradient is a
+                    # zero-filled full-size tensor (index backward), summed in place into the
+                    # others: E fills + (E - 1) read-read-write adds
+                    full = g.count * g.n_in * g.n_out * wb
+                    bwd.stream(full * (g.count + 3 * (g.count - 1)), 2 * g.count)
+            if g.bias and f"{prefix}.{g.bias}" in trainable:
+                bwd.stream(t * g.n_out * ab, 1)
+            if lora is not None and g.count == 1:
+                bwd.gemm(t, lora, g.n_out, dtype_bytes=lb)  # dX through B
+                bwd.gemm(t, g.n_in, lora, dtype_bytes=lb)  # dX through A
+                bwd.gemm(lora, g.n_out, t, dtype_bytes=lb)  # dB
+                bwd.gemm(g.n_in, lora, t, dtype_bytes=lb)  # dA
+                cast = lb != ab
+                nbytes = t * g.n_out * (4 * lb + ab) + t * (g.n_in + g.n_out) * (lb + ab) * cast
+                bwd.stream(nbytes * BACKWARD_ELEMENTWISE_RATIO, 3 + 2 * cast)
+        _elementwise(bwd, block, tokens, hidden, ab, sb, factor=BACKWARD_ELEMENTWISE_RATIO)
+        if block.experts:
+            # the loop's gathers and scatters each have a single-kernel backward
+            bwd.stream(tokens * hidden * 8 * ab, block.experts * EXPERT_LOOP_KERNELS)
+        if m.heads and m.eager_attention:
+            eager_attention(bwd, backward=True)
+        elif m.heads:
+            keys = min(seq / 2, m.sliding[b]) if m.sliding and m.sliding[b] else seq / 2
+            q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+            bwd.attention(ATTENTION_BACKWARD_RATIO * 4 * batch * seq * keys * q,
+                          tokens * (4 * q + 4 * kv) * ab, kernels=2)
+        if m.heads:
+            q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+            bwd.stream(tokens * q * 2 * ab, 1)
+            if m.rotary:
+                bwd.stream(tokens * (q + kv) * ROTARY_PASSES * ab, ROTARY_KERNELS)
+    for name, rows, width in m.embeddings:
+        if name in trainable:  # embedding_dense_backward: zero-fill, sort, scatter-add
+            bwd.stream(rows * width * wb + tokens * width * (sb + 8), 5)
+    backward = bwd.phase()
+    recompute = rec.phase() if ckpt else Phase()
+
+    # -- optimizer: memory-bound passes over the trainable tensors ---------------------------
+    numel, tensors = _trainable_tensors(s, trainable, block, m.prefixes, lora)
+    passes, kernels_per_launch = OPTIMIZER_PASSES[opt]
+    launches = kernels_per_launch * max(1, math.ceil(numel / _FOREACH_ELEMENTS_PER_LAUNCH))
+    ow = _Work(gpu, prec, 0.0)
+    ow.stream(passes * numel * wb, launches)
+    optim = ow.phase(extra_host=tensors * HOST_OPTIMIZER_S_PER_TENSOR, overlap=False)
+    seconds = forward.seconds + backward.seconds + recompute.seconds + optim.seconds
+    return StepTime(seconds, forward, backward, recompute, optim, tokens, trainable_params,
+                    earliest, assumptions)
+
+
+def _elementwise(w: _Work, part: Part, tokens: int, hidden: int, ab: int, sb: int,
+                 residual: bool = True, factor: float = 1.0) -> None:
+    """Norms, activations, GLU multiply, dropout and (in blocks) the two residual adds."""
+    nbytes, kernels = 0.0, 0.0
+    for width, fused in part.norms:
+        if fused:
+            nbytes += tokens * width * 2 * sb
+            kernels += 1
+        else:
+            nbytes += tokens * width * (28 + sb + 3 * ab)
+            kernels += RMSNORM_KERNELS
+    mlp = tokens * part.mlp_share * part.mlp_width
+    for k in part.act_kernels:
+        nbytes += mlp * 2 * ab * k
+        kernels += k
+    if part.gated:
+        nbytes += mlp * 3 * ab
+        kernels += 1
+    nbytes += part.dropouts * tokens * hidden * (2 * ab + 1)
+    kernels += part.dropouts
+    if residual:
+        nbytes += 2 * tokens * hidden * 3 * sb
+        kernels += 2
+    w.stream(nbytes * factor, kernels * factor)
+
+
+def _trainable_tensors(s: ModelScan, trainable: set[str], block: Part,
+                       prefixes: tuple[str, ...], lora: int | None) -> tuple[int, int]:
+    """Elements and tensors the optimizer updates (a shared tensor once)."""
+    if lora is not None:
+        adapted = [g for g in block.gemms if g.count == 1]
+        numel = len(prefixes) * sum(lora * (g.n_in + g.n_out) for g in adapted)
+        return numel, 2 * len(prefixes) * len(adapted)
+    seen = {s.by_name[n].tensor: s.by_name[n].numel for n in trainable}
+    return sum(seen.values()), len(seen)
+
+
+def _trainable_numel(s: ModelScan, trainable: set[str], block: Part,
+                     prefixes: tuple[str, ...], lora: int | None) -> int:
+    return _trainable_tensors(s, trainable, block, prefixes, lora)[0]
+
+
+def _notes(prec: Precision, opt: str, m: ModelShape) -> tuple[str, ...]:
+    notes = []
+    if prec.name == "32-true":
+        notes.append("fp32 matmuls on CUDA cores (torch.backends.cuda.matmul.allow_tf32 off, "
+                     "PyTorch's default)")
+    if prec.autocast:
+        notes.append("bf16 autocast: every weight cast to bf16 each forward, weight gradients "
+                     "cast back to fp32; residual stream and norms in fp32")
+    if m.heads and m.eager_attention:
+        notes.append("eager attention: S x S scores materialised, no causal skipping")
+    elif m.heads:
+        notes.append("causal SDPA kernel (flash / memory-efficient): half the S x S scores")
+    if m.block.experts:
+        notes.append("MoE: each token runs top-k experts; experts run in a Python loop")
+    notes.append(f"optimizer {opt}: {OPTIMIZER_PASSES[opt][0]} element passes per trainable "
+                 "element per step")
+    return tuple(notes)
+
+
+def _assumptions(gpu: GPU, prec: Precision, notes: tuple[str, ...]) -> TimeAssumptions:
+    peak = gpu.peak(prec.matmul)
+    return TimeAssumptions(
+        gpu=gpu.name, precision=prec.name, matmul_dtype=prec.matmul, peak_flops=peak,
+        achievable_gemm_flops=peak * GEMM_EFFICIENCY[prec.matmul],
+        achievable_attention_flops=peak * ATTENTION_EFFICIENCY,
+        peak_bandwidth=gpu.memory_bandwidth,
+        achievable_bandwidth=gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY,
+        kernel_latency_s=KERNEL_LATENCY_S,
+        host_forward_s_per_kernel=HOST_FORWARD_S_PER_KERNEL,
+        host_backward_s_per_kernel=HOST_BACKWARD_S_PER_KERNEL,
+        host_optimizer_s_per_tensor=HOST_OPTIMIZER_S_PER_TENSOR,
+        notes=notes,
+    )
+
+
+# -- gradual unfreezing ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EpochTime:
+    """One epoch of a gradual-unfreezing schedule."""
+
+    epoch: int
+    plan: FreezePlan
+    trainable_params: int
+    step: StepTime
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ScheduleTime:
+    """Time of a whole :class:`~layerscope.GradualUnfreezer` schedule (data parallel: each of
+    ``num_gpus`` GPUs takes ``batch_size`` samples per step)."""
+
+    epochs: tuple[EpochTime, ...]
+    seconds: float
+    num_gpus: int
+    gpu_hours: float
+    price_per_hour: float | None
+    cost: float | None
+
+    @property
+    def slowest_epoch(self) -> EpochTime:
+        return max(self.epochs, key=lambda e: e.seconds)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, num_gpus: int = 1) -> int:
+    """``ceil(num_samples / (batch_size * num_gpus))``: data parallel, every GPU takes
+    ``batch_size`` samples per step."""
+    return math.ceil(num_samples / (batch_size * num_gpus))
+
+
+def estimate_unfreezing_schedule(
+    unfreezer: Any,
+    num_samples: int,
+    batch_size: int,
+    *,
+    seq_len: int = 2048,
+    gpu: str | GPU = "h100-sxm",
+    precision: str = "bf16-mixed",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    num_gpus: int = 1,
+    price_per_hour: float | None = None,
+) -> ScheduleTime:
+    """Per-epoch plan, step time and epoch time of a gradual-unfreezing schedule, and the total.
+
+    Epoch ``e`` runs ``unfreezer.plan(e)`` for ``ceil(num_samples / (batch_size * num_gpus))``
+    steps. The model is not modified (the plans are resolved, not applied).
+
+    Raises:
+        EstimateError: not a GradualUnfreezer, or invalid settings.
+    """
+    from layerscope.estimate.hardware import check_price
+    from layerscope.layer_utils import GradualUnfreezer
+
+    if not isinstance(unfreezer, GradualUnfreezer):
+        raise EstimateError(f"expected a GradualUnfreezer, got {type(unfreezer).__name__}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise EstimateError(f"num_samples must be an int >= 0, got {num_samples!r}")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    num_gpus = _check_positive_int(num_gpus, "num_gpus")
+    seq_len = _check_positive_int(seq_len, "seq_len")
+    prec, opt, device = resolve_precision(precision), resolve_optimizer(optimizer), get_gpu(gpu)
+    price = check_price(price_per_hour) if price_per_hour is not None else device.price_per_hour
+    if not isinstance(gradient_checkpointing, bool):
+        raise EstimateError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
+    m = analyse(unfreezer.model, training=True)
+    steps = steps_per_epoch(num_samples, batch_size, num_gpus)
+    epochs = []
+    for epoch in range(unfreezer.total_epochs):
+        plan = unfreezer.plan(epoch)
+        trainable = _trainable_names(m.scan, plan, None, inference=False)
+        step = _estimate(m, trainable, device, prec, opt, batch_size, seq_len,
+                         gradient_checkpointing, None, False)
+        # Memory per epoch (and the peak over epochs) belongs here once
+        # layerscope.estimate.memory is merged: estimate the same plan's memory and attach it.
+        epochs.append(EpochTime(epoch, plan, step.trainable_params, step, steps,
+                                steps * step.seconds))
+    seconds = sum(e.seconds for e in epochs)
+    gpu_hours = seconds / 3600 * num_gpus
+    return ScheduleTime(tuple(epochs), seconds, num_gpus, gpu_hours, price,
+                        None if price is None else gpu_hours * price)

@@ -1,0 +1,229 @@
+"""Step-time estimates on tiny models: FLOP counts checked against hand arithmetic."""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import build, flags
+from layerscope import FreezePlan, GradualUnfreezer, estimate_training_time
+from layerscope.errors import EstimateError
+from layerscope.estimate.time import (
+    OPTIMIZER_PASSES,
+    estimate_step_time,
+    estimate_unfreezing_schedule,
+)
+
+B, S = 2, 16
+T = B * S  # tokens per step
+# conftest LLAMA: hidden 64, intermediate 128, 4 heads (head_dim 16), 2 kv heads, vocab 100.
+# Matmul weights per block: q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate/up/down 3 * 64*128.
+LLAMA_BLOCK = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128  # 36864
+LLAMA_HEAD = 64 * 100
+LLAMA_ATTN = 4 * B * S * (S / 2) * 64  # QK^T and PV, causal: half the scores
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def step(model, plan=None, **kw):
+    kw = {"batch_size": B, "seq_len": S, **kw}
+    return estimate_step_time(model, plan, **kw)
+
+
+def test_one_linear_layer():
+    t = step(OneLinear(), precision="bf16-true")
+    assert t.forward.flops == 2 * T * 64 * 32
+    assert t.backward.flops == 2 * T * 64 * 32  # weight gradient only: the input needs none
+    assert t.optimizer.bytes == OPTIMIZER_PASSES["adamw"][0] * 64 * 32 * 2  # bf16 states
+    assert t.seconds == pytest.approx(t.forward.seconds + t.backward.seconds + t.optimizer.seconds)
+    assert t.seconds > 0 and t.trainable_params == 64 * 32
+
+
+def test_tiny_llama_forward_and_full_backward_flops():
+    t = step(build("llama", "meta"))
+    assert t.forward.flops == 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * LLAMA_ATTN
+    # input and weight gradients of every matmul, attention backward 2.5x its forward
+    assert t.backward.flops == 2 * 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2.5 * LLAMA_ATTN
+    assert t.recompute.flops == 0 and t.earliest_trainable_block == 0
+
+
+def test_backward_stops_at_the_earliest_trainable_block():
+    model = build("llama", "meta")
+    first = step(model, FreezePlan.first(2) | FreezePlan.embeddings())
+    # blocks 2, 3 and the head: input + weight gradients; blocks 0, 1: nothing
+    assert first.backward.flops == 2 * 2 * T * (2 * LLAMA_BLOCK + LLAMA_HEAD) + 2 * 2.5 * LLAMA_ATTN
+    assert first.earliest_trainable_block == 2
+    last = step(model, FreezePlan.last(2))
+    # backward still runs through every block (the embeddings train); blocks 2, 3 lack dW
+    assert last.backward.flops == (2 * 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD)
+                                   - 2 * T * 2 * LLAMA_BLOCK + 4 * 2.5 * LLAMA_ATTN)
+    full = step(model)
+    assert first.backward.flops < last.backward.flops < full.backward.flops
+    assert first.seconds < full.seconds
+
+
+def test_plan_does_not_touch_the_model():
+    model = build("llama", "meta")
+    before = flags(model)
+    step(model, FreezePlan.first(3))
+    assert flags(model) == before
+
+
+def test_requires_grad_flags_are_used_without_a_plan():
+    model = build("llama", "meta")
+    for p in model.model.embed_tokens.parameters():
+        p.requires_grad_(False)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    assert step(model).earliest_trainable_block == 1
+
+
+def test_gradient_checkpointing_recomputes_the_forward_of_the_blocks():
+    model = build("llama", "meta")
+    plain, ckpt = step(model), step(model, gradient_checkpointing=True)
+    assert ckpt.recompute.flops == 2 * T * 4 * LLAMA_BLOCK + 4 * LLAMA_ATTN
+    assert ckpt.backward.flops == plain.backward.flops
+    assert ckpt.seconds > plain.seconds
+    frozen = step(model, FreezePlan.first(2) | FreezePlan.embeddings(), gradient_checkpointing=True)
+    assert frozen.recompute.flops == 2 * T * 2 * LLAMA_BLOCK + 2 * LLAMA_ATTN  # blocks 2, 3 only
+
+
+def test_inference_is_forward_only():
+    model = build("llama", "meta")
+    t = step(model, inference=True)
+    assert t.forward.flops == step(model).forward.flops
+    assert t.backward.flops == 0 and t.optimizer.seconds == 0 and t.seconds == t.forward.seconds
+    # every parameter frozen: training is an error, inference is fine
+    with pytest.raises(EstimateError, match="nothing is trainable"):
+        step(model, FreezePlan.all())
+    assert step(model, FreezePlan.all(), inference=True).seconds == t.seconds
+
+
+def test_lora_trains_adapters_through_every_block():
+    model = build("llama", "meta")
+    r = 8
+    t = step(model, lora=r)
+    # adapters on q, k, v, o, gate, up, down: r * (in + out) each
+    per_block = r * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
+    assert t.trainable_params == 4 * per_block
+    lora_fwd = 2 * T * per_block * 4  # two skinny matmuls per adapted layer
+    assert t.forward.flops == step(model).forward.flops + lora_fwd
+    # base weights frozen: input gradients everywhere, no base weight gradients
+    base_dx = 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD)
+    assert t.backward.flops == base_dx + 4 * 2.5 * LLAMA_ATTN + 2 * lora_fwd
+    with pytest.raises(EstimateError, match="plan=None"):
+        step(model, FreezePlan.first(1), lora=r)
+
+
+def test_moe_runs_only_top_k_experts():
+    model = build("mixtral", "meta")  # hidden 32, intermediate 48, 4 experts, top-2, 2 blocks
+    t = step(model, inference=True)
+    attn_proj = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32
+    router = 32 * 4
+    experts = 2 * (2 * 48 * 32 + 48 * 32)  # top-2 of gate_up (96 x 32) and down (32 x 48)
+    head = 32 * 50
+    attn = 4 * B * S * (S / 2) * 32
+    assert t.forward.flops == 2 * T * (2 * (attn_proj + router + experts) + head) + 2 * attn
+
+
+def test_optimizer_bytes_follow_the_optimizer_and_precision():
+    model = build("llama", "meta")
+    n = sum(p.numel() for p in model.parameters())
+    assert step(model, precision="bf16-mixed").optimizer.bytes == 21 * n * 4
+    assert step(model, precision="bf16-true").optimizer.bytes == 21 * n * 2
+    assert step(model, optimizer="adamw-fused").optimizer.bytes == 7 * n * 4
+    assert step(model, optimizer="sgd_momentum").optimizer.bytes == 8 * n * 4
+    fused, foreach = step(model, optimizer="fused_adamw"), step(model)
+    assert fused.optimizer.seconds < foreach.optimizer.seconds
+
+
+def test_precision_and_gpu_change_the_time_in_the_expected_direction():
+    model = build("llama", "meta")
+    big = dict(batch_size=8, seq_len=1024)
+    h100 = estimate_step_time(model, precision="bf16-true", **big)
+    assert estimate_step_time(model, precision="32-true", **big).seconds > h100.seconds
+    assert estimate_step_time(model, precision="bf16-true", gpu="l4", **big).seconds > h100.seconds
+    assert h100.assumptions.matmul_dtype == "bf16" and h100.assumptions.gpu == "h100-sxm"
+    fp32 = estimate_step_time(model, precision="fp32", **big).assumptions
+    assert fp32.peak_flops == 66.9e12 and any("TF32" in n or "tf32" in n for n in fp32.notes)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"seq_len": -3}, "seq_len"),
+    ({"precision": "fp8-magic"}, "unknown precision 'fp8-magic'; allowed: 32-true"),
+    ({"optimizer": "lion"}, "unknown optimizer 'lion'; allowed: adam"),
+    ({"gpu": "h1000"}, "unknown GPU 'h1000'.*known:"),
+    ({"lora": 0}, "lora"),
+    ({"inference": "yes"}, "inference must be a bool"),
+])
+def test_bad_settings_name_the_value_and_what_is_allowed(kwargs, match):
+    with pytest.raises(EstimateError, match=match):
+        step(OneLinear(), **kwargs)
+
+
+def test_model_must_be_a_module_or_a_buildable_source(monkeypatch):
+    monkeypatch.setitem(sys.modules, "layerscope.build", None)  # the builder absent
+    with pytest.raises(EstimateError, match="nn.Module.*got object"):
+        estimate_step_time(object())
+    with pytest.raises(EstimateError, match="FreezePlan"):
+        estimate_step_time(OneLinear(), "first:2")  # type: ignore[arg-type]
+
+
+# -- estimate_training_time -----------------------------------------------------------------
+def test_training_time_reference_example_is_unchanged():
+    out = estimate_training_time(OneLinear(), num_samples=50000, batch_size=16, num_epochs=3)
+    assert out["total_steps"] == 9375 and out["formatted"] == "1h 18m 7s"
+    assert out["gpu_hours"] == 9375 * 0.5 / 3600 and out["cost"] is None
+
+
+def test_training_time_with_gpu_price_and_data_parallel_gpus():
+    model = build("llama", "meta")
+    out = estimate_training_time(model, 1000, 4, 2, seq_len=S, gpu="h100", num_gpus=4,
+                                 price_per_hour=2.0, precision="bf16-true")
+    step_s = estimate_step_time(model, batch_size=4, seq_len=S, precision="bf16-true").seconds
+    steps = 2 * 63  # ceil(1000 / (4 samples x 4 GPUs)) per epoch
+    assert out["total_steps"] == steps and out["ms_per_step"] == pytest.approx(step_s * 1e3)
+    assert out["cost"] == pytest.approx(steps * step_s / 3600 * 4 * 2.0)
+    assert out["gpu"] == "h100-sxm" and out["step_time"].seconds == pytest.approx(step_s)
+    catalogue = estimate_training_time(model, 1000, 4, 2, seq_len=S, gpu="h100-sxm")
+    assert catalogue["price_per_hour"] == 2.99  # the catalogue's price when none is given
+    for bad, match in (({"num_gpus": 0}, "num_gpus"), ({"price_per_hour": -1.0}, "price")):
+        with pytest.raises(EstimateError, match=match):
+            estimate_training_time(model, 10, 2, 1, **bad)
+
+
+def test_unfreezing_schedule_time():
+    model = build("llama", "meta")
+    before = flags(model)
+    unfreezer = GradualUnfreezer(model, total_epochs=3, verbose=False)
+    sched = estimate_unfreezing_schedule(unfreezer, 100, 4, seq_len=S, gpu="a100",
+                                         precision="bf16-true")
+    assert [e.epoch for e in sched.epochs] == [0, 1, 2]
+    assert all(e.steps == 25 for e in sched.epochs)
+    # more blocks train each epoch: more trainable parameters and longer steps
+    params = [e.trainable_params for e in sched.epochs]
+    assert params == sorted(params) and params[0] < params[-1]
+    assert sched.epochs[0].step.seconds < sched.epochs[-1].step.seconds
+    assert sched.seconds == pytest.approx(sum(e.seconds for e in sched.epochs))
+    assert sched.cost == pytest.approx(sched.gpu_hours * 1.79)
+    assert flags(model) == before  # plans resolved, never applied
+    with pytest.raises(EstimateError, match="GradualUnfreezer"):
+        estimate_unfreezing_schedule(model, 100, 4)
+
+
+def test_eager_attention_computes_every_score():
+    model = build("llama", "meta")
+    model.config._attn_implementation = "eager"  # as for models without SDPA (Gemma-2)
+    t = step(model, inference=True)
+    # QK^T and PV as batched GEMMs on the full S x S scores: twice the causal kernel's FLOPs
+    assert t.forward.flops == 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2 * LLAMA_ATTN
+    assert any("eager" in n for n in t.assumptions.notes)
