@@ -27,6 +27,7 @@ from torch import nn
 
 from layerscope.errors import EstimateError, LayerscopeWarning, ModelTypeError
 from layerscope.estimate.optimizers import OPTIMIZERS
+from layerscope.estimate.settings import lora_config, resolve_optimizer, resolve_precision
 from layerscope.estimate.trace import (
     Segment,
     reduced_copy,
@@ -36,16 +37,6 @@ from layerscope.estimate.trace import (
     fake_parameters,
 )
 from layerscope.units import GIB, dtype_bytes, format_bytes
-
-# precision name -> (parameter dtype, autocast dtype); Lightning's names plus short aliases.
-PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
-    "32-true": (torch.float32, None),
-    "bf16-true": (torch.bfloat16, None),
-    "16-true": (torch.float16, None),
-    "bf16-mixed": (torch.float32, torch.bfloat16),
-    "16-mixed": (torch.float32, torch.float16),
-}
-PRECISION_ALIASES = {"fp32": "32-true", "bf16": "bf16-true", "fp16": "16-true"}
 
 CUDA_CONTEXT_BYTES = 512 * 2**20
 """Bytes the CUDA context takes outside PyTorch's allocator: typically 300-600 MiB on an
@@ -154,23 +145,10 @@ def gpu_bytes(gpu: Any) -> int:
     return get_gpu(gpu).memory_bytes
 
 
-def resolve_precision(precision: str) -> str:
-    """Canonical precision name; raises :class:`EstimateError` listing the valid ones."""
-    if not isinstance(precision, str):
-        raise EstimateError(f"precision must be a string, got {precision!r}")
-    name = PRECISION_ALIASES.get(precision.lower(), precision.lower())
-    if name not in PRECISIONS:
-        valid = sorted(PRECISIONS) + sorted(PRECISION_ALIASES)
-        raise EstimateError(f"unknown precision {precision!r}; expected one of {valid}")
-    return name
-
-
-def _check_settings(batch_size: Any, seq_len: Any, optimizer: Any) -> None:
+def _check_settings(batch_size: Any, seq_len: Any) -> None:
     for label, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise EstimateError(f"{label} must be a positive integer, got {value!r}")
-    if optimizer not in OPTIMIZERS:
-        raise EstimateError(f"unknown optimizer {optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
 
 
 def _as_module(model: Any) -> nn.Module:
@@ -207,19 +185,23 @@ def estimate_memory(
         batch_size: sequences per step (> 0).
         seq_len: tokens per sequence (> 0); beyond ``max_position_embeddings`` warns.
         precision: ``"32-true"``, ``"bf16-true"``, ``"16-true"``, ``"bf16-mixed"``,
-            ``"16-mixed"`` (aliases ``"fp32"``, ``"bf16"``, ``"fp16"``).
-        optimizer: one of :data:`~layerscope.estimate.optimizers.OPTIMIZERS`.
+            ``"16-mixed"`` (aliases ``"fp32"``, ``"bf16"``, ``"fp16"``; see
+            :mod:`~layerscope.estimate.settings`).
+        optimizer: one of :data:`~layerscope.estimate.settings.OPTIMIZERS`.
         gradient_checkpointing: transformers' ``gradient_checkpointing_enable()``
             (non-reentrant).
-        lora: a peft ``LoraConfig``: adapters added (fp32, as peft upcasts them), base frozen;
-            with a ``plan``, the plan's trainable base parameters stay trainable too.
+        lora: a peft ``LoraConfig``, or a rank (adapters on every Linear of the blocks, see
+            :func:`~layerscope.estimate.settings.lora_config`): adapters added (fp32, as peft
+            upcasts them), base frozen; with a ``plan``, the plan's trainable base parameters
+            stay trainable too.
         inference: forward only under ``no_grad`` in eval mode, logits dropped.
 
     Returns:
         A :class:`MemoryEstimate`. The caller's model is not modified.
     """
-    precision = resolve_precision(precision)
-    _check_settings(batch_size, seq_len, optimizer)
+    precision = resolve_precision(precision).name
+    optimizer = resolve_optimizer(optimizer)
+    _check_settings(batch_size, seq_len)
     model = _as_module(model)
     names = _param_names(model)
     if plan is None:
@@ -264,16 +246,18 @@ def estimate_memory_for(
 
     A tensor shared under several names (a tied head) is trainable if any of its names is.
     """
-    precision = resolve_precision(precision)
-    _check_settings(batch_size, seq_len, optimizer)
+    prec = resolve_precision(precision)
+    optimizer = resolve_optimizer(optimizer)
+    _check_settings(batch_size, seq_len)
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    lora = lora_config(model, lora)
     trainable = frozenset(trainable)
     named = _param_names(model)
     unknown = trainable - {n for n, _ in named}
     if unknown:
         raise EstimateError(f"trainable names not in the model: {sorted(unknown)[:5]}")
-    param_dtype, autocast_dtype = PRECISIONS[precision]
+    param_dtype, autocast_dtype = prec.param_dtype, prec.autocast_dtype
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
@@ -388,7 +372,7 @@ def estimate_memory_for(
         total_params=total_params,
         batch_size=batch_size,
         seq_len=seq_len,
-        precision=precision,
+        precision=prec.name,
         optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing,
         inference=inference,

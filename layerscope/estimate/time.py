@@ -30,6 +30,12 @@ from torch import nn
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import GPU, get_gpu
+from layerscope.estimate.settings import (
+    Precision,
+    lora_rank,
+    resolve_optimizer,
+    resolve_precision,
+)
 from layerscope.plan import FreezePlan
 from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
 from layerscope.scan import ModelScan
@@ -84,40 +90,7 @@ queue to drain and the GPU for the next launch."""
 
 
 
-# -- precision and optimizer ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Precision:
-    """How a precision setting stores and computes.
-
-    Attributes:
-        name: ``"32-true"``, ``"bf16-true"`` or ``"bf16-mixed"`` (Lightning's names).
-        matmul: the catalogue dtype key of matmuls and attention.
-        weight_bytes: bytes per weight, gradient and optimizer state element.
-        act_bytes: bytes per element of matmul outputs.
-        stream_bytes: bytes per element of the residual stream and norms (fp32 under autocast,
-            where embeddings and residual adds stay in the weights' dtype).
-        autocast: weights are cast to bf16 before each matmul (bf16-mixed).
-    """
-
-    name: str
-    matmul: str
-    weight_bytes: int
-    act_bytes: int
-    stream_bytes: int
-    autocast: bool
-
-
-PRECISIONS = {
-    "32-true": Precision("32-true", "fp32", 4, 4, 4, False),
-    "bf16-true": Precision("bf16-true", "bf16", 2, 2, 2, False),
-    "bf16-mixed": Precision("bf16-mixed", "bf16", 4, 2, 4, True),
-}
-_PRECISION_ALIASES = {
-    "32": "32-true", "fp32": "32-true", "float32": "32-true",
-    "bf16": "bf16-true", "bfloat16": "bf16-true",
-    "amp_bf16": "bf16-mixed", "amp-bf16": "bf16-mixed", "bf16-amp": "bf16-mixed",
-}
-
+# -- optimizer passes -------------------------------------------------------------------------
 OPTIMIZER_PASSES = {
     # torch.optim._multi_tensor_adam with decoupled weight decay: mul_(p) 2, lerp_(m, g) 3,
     # mul_(v) 2, addcmul_(v, g, g) 4, sqrt(v) 2, div_ 2, add_(eps) 2, addcdiv_(p, m, d) 4.
@@ -130,51 +103,19 @@ OPTIMIZER_PASSES = {
     "sgd-momentum": (8, 3),
     # _multi_tensor_sgd without momentum: add_(p, g) 3.
     "sgd": (3, 1),
+    # bitsandbytes AdamW8bit: one kernel per tensor reads p, g and the two 1-byte moments and
+    # writes p and the moments: about 5 weight-sized passes (not checked against a GPU).
+    "adamw-8bit": (5, 1),
+    # torch.optim.Adafactor (foreach): row/column means of g*g, the factored estimate, the
+    # update and its RMS clip, about as many passes as foreach AdamW (not checked on a GPU).
+    "adafactor": (21, 10),
 }
 """Per optimizer: (element passes over a trainable tensor per step, foreach kernels per step).
 A pass reads or writes every element once."""
 
-_OPTIMIZER_ALIASES = {
-    "adamw_fused": "adamw-fused", "fused_adamw": "adamw-fused", "fused-adamw": "adamw-fused",
-    "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum",
-}
-
 _FOREACH_ELEMENTS_PER_LAUNCH = 320 * 65536
 """multi_tensor_apply processes at most 320 chunks of 65536 elements per launch
 (aten/src/ATen/native/cuda/MultiTensorApply.cuh)."""
-
-
-def resolve_precision(precision: str) -> Precision:
-    """``"bf16-mixed"``, ``"bf16-true"``, ``"32-true"`` or an alias (``"amp_bf16"``, ``"bf16"``,
-    ``"fp32"``) -> :class:`Precision`.
-
-    Raises:
-        EstimateError: an unknown precision; the message lists the allowed ones.
-    """
-    if not isinstance(precision, str):
-        raise EstimateError(f"precision must be a str, got {precision!r}")
-    key = precision.lower()
-    key = _PRECISION_ALIASES.get(key, key)
-    if key not in PRECISIONS:
-        allowed = sorted(PRECISIONS) + sorted(_PRECISION_ALIASES)
-        raise EstimateError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
-    return PRECISIONS[key]
-
-
-def resolve_optimizer(optimizer: str) -> str:
-    """Canonical optimizer name (``adamw``, ``adamw-fused``, ``adam``, ``sgd``, ``sgd-momentum``).
-
-    Raises:
-        EstimateError: an unknown optimizer; the message lists the allowed ones.
-    """
-    if not isinstance(optimizer, str):
-        raise EstimateError(f"optimizer must be a str, got {optimizer!r}")
-    key = optimizer.lower()
-    key = _OPTIMIZER_ALIASES.get(key, key)
-    if key not in OPTIMIZER_PASSES:
-        allowed = sorted(OPTIMIZER_PASSES) + sorted(_OPTIMIZER_ALIASES)
-        raise EstimateError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(allowed)}")
-    return key
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -382,7 +323,7 @@ def estimate_step_time(
     precision: str = "bf16-mixed",
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
-    lora: int | None = None,
+    lora: Any = None,
     inference: bool = False,
     gpu: str | GPU = "h100-sxm",
 ) -> StepTime:
@@ -400,8 +341,10 @@ def estimate_step_time(
         optimizer: ``"adamw"`` (PyTorch's default foreach), ``"adamw-fused"``, ``"adam"``,
             ``"sgd"`` or ``"sgd-momentum"``.
         gradient_checkpointing: every block's forward is recomputed during backward.
-        lora: rank of a LoRA adapter on every linear layer of the blocks (the base model
-            frozen, as PEFT does); None for none.
+        lora: a peft ``LoraConfig`` or a rank (adapters on every Linear of the blocks, see
+            :func:`~layerscope.estimate.settings.lora_config`); the base model is frozen, as
+            PEFT does. Time counts an adapter on every Linear of the blocks whatever the
+            config's ``target_modules``; only its rank is read.
         inference: forward only under ``torch.no_grad()`` (no loss, no dropout).
         gpu: a catalogue name (see :func:`layerscope.estimate.hardware.gpus`) or a ``GPU``.
 
@@ -414,8 +357,8 @@ def estimate_step_time(
     prec = resolve_precision(precision)
     opt = resolve_optimizer(optimizer)
     device = get_gpu(gpu)
+    lora = lora_rank(lora)
     if lora is not None:
-        lora = _check_positive_int(lora, "lora (the LoRA rank)")
         if plan is not None:
             raise EstimateError("lora: PEFT freezes the whole base model; pass plan=None")
     if plan is not None and not isinstance(plan, FreezePlan):
