@@ -9,8 +9,7 @@ each process found.
   ``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``, sum ``numel``.
 * ``preflight``: ``import layerscope``, ``empty_model(preset)``, then every step in ``STEPS``.
 
-To extend the pre-flight (e.g. with the memory estimate once it exists), add a
-``(name, function)`` pair to ``STEPS``: the function takes the model and returns a dict of
+To extend the pre-flight, add a ``(name, function)`` pair to ``STEPS``: the function takes the model and returns a dict of
 results for the table; an ``ImportError`` marks the step skipped. ``--steps`` picks a subset.
 
     PYTHONPATH=. python benchmarks/preflight_405b.py [--preset llama-3.1-405b] [--repeat 5]
@@ -39,15 +38,17 @@ def step_lp_lora(model: Any) -> dict[str, Any]:
     return {"frozen": setup_lp_lora_style(model)}
 
 
-def step_count(model: Any) -> dict[str, Any]:
-    """Stand-in for the memory estimate: parameters counted once per tensor (ties by identity)."""
-    unique = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
-    return {"params": sum(p.numel() for p in unique.values())}
+def step_memory(model: Any) -> dict[str, Any]:
+    """The memory estimate of the plan just applied (flags), batch 1 x 2048, bf16-mixed."""
+    from layerscope.estimate.memory import estimate_memory
+
+    est = estimate_memory(model, batch_size=1, seq_len=2048)
+    return {"peak_gib": round(est.peak_bytes / 2**30, 1), "params": est.total_params}
 
 
 STEPS: list[tuple[str, Callable[[Any], dict[str, Any]]]] = [
     ("lp_lora", step_lp_lora),
-    ("count", step_count),
+    ("memory", step_memory),
 ]
 
 

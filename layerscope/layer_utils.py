@@ -137,16 +137,34 @@ def print_model_summary(model: nn.Module, max_depth: int = 3) -> None:
     print(model_summary(check_module(model, "print_model_summary"), max_depth))
 
 
-def get_memory_savings_estimate(model: nn.Module) -> dict[str, Any]:
-    """Memory the frozen parameters save: no gradient and no AdamW state (two per parameter).
+def get_memory_savings_estimate(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    precision: str | None = None,
+    optimizer: str = "adamw",
+) -> dict[str, Any]:
+    """Memory the current freezing saves against full fine-tuning.
 
-    Bytes come from each frozen tensor's own dtype; ``*_gb`` values are GiB (2**30 bytes).
+    ``gradient_saved_*`` and ``optimizer_saved_*`` come from the frozen parameters' own dtypes
+    (no gradient, no AdamW ``exp_avg``/``exp_avg_sq``). For models the memory estimator
+    supports (Hugging Face causal LMs), the peak of a training step is estimated too, with
+    and without the freezing (:func:`layerscope.estimate.memory.estimate_memory_savings`), which
+    adds the activation memory freezing the first blocks saves: ``peak_saved_*``,
+    ``activation_saved_*``, ``baseline_peak_bytes``, ``planned_peak_bytes``. For other models
+    those are None and ``estimate_note`` says why. ``*_gb`` values are GiB (2**30 bytes).
+
+    Args:
+        batch_size, seq_len, optimizer: the step estimated (see ``estimate_memory``).
+        precision: the step's precision; None means the "-true" precision of the model's
+            parameter dtype (fp32 -> "32-true", bf16 -> "bf16-true", fp16 -> "16-true").
     """
     s = scan(check_module(model, "get_memory_savings_estimate"))
     frozen = [g[0] for g in s.tensors if not g[0].requires_grad]
     grad = int(sum(p.numel * dtype_bytes(p.dtype) for p in frozen))
     optim = 2 * grad
-    return {
+    out: dict[str, Any] = {
         "gradient_saved_gb": grad / GIB,
         "optimizer_saved_gb": optim / GIB,
         "total_saved_gb": (grad + optim) / GIB,
@@ -156,6 +174,39 @@ def get_memory_savings_estimate(model: nn.Module) -> dict[str, Any]:
         "frozen_params": s.frozen_params,
         "trainable_params": s.trainable_params,
     }
+    from layerscope.errors import EstimateError
+    from layerscope.estimate.memory import estimate_memory_savings
+
+    if precision is None:
+        dtypes = {g[0].dtype for g in s.tensors if g[0].dtype.is_floating_point}
+        precision = {"torch.bfloat16": "bf16-true", "torch.float16": "16-true"}.get(
+            str(dtypes.pop()) if len(dtypes) == 1 else "", "32-true"
+        )
+    try:
+        saved = estimate_memory_savings(
+            model, None, batch_size=batch_size, seq_len=seq_len, precision=precision,
+            optimizer=optimizer,
+        )
+    except EstimateError as exc:
+        if "vocab_size" not in str(exc):
+            raise
+        keys = ("peak_saved_bytes", "peak_saved_gb", "activation_saved_bytes",
+                "activation_saved_gb", "baseline_peak_bytes", "planned_peak_bytes")
+        out.update({k: None for k in keys})
+        out["estimate_note"] = f"no step estimate: {exc}"
+        return out
+    activations = saved.baseline.activation_bytes - saved.planned.activation_bytes
+    out.update({
+        "peak_saved_bytes": saved.saved_bytes,
+        "peak_saved_gb": saved.saved_bytes / GIB,
+        "activation_saved_bytes": activations,
+        "activation_saved_gb": activations / GIB,
+        "baseline_peak_bytes": saved.baseline.peak_bytes,
+        "planned_peak_bytes": saved.planned.peak_bytes,
+        "estimate_settings": {"batch_size": batch_size, "seq_len": seq_len,
+                              "precision": saved.planned.precision, "optimizer": optimizer},
+    })
+    return out
 
 
 def _check_count(value: object, name: str, minimum: int) -> int:

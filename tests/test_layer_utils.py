@@ -157,7 +157,7 @@ def test_weights_are_byte_identical_after_every_call():
 def test_memory_savings_from_frozen_dtypes():
     model = build("llama", "meta").to(torch.bfloat16)
     ls.freeze_first_n_layers(model, 2)
-    out = ls.get_memory_savings_estimate(model)
+    out = ls.get_memory_savings_estimate(model, seq_len=32)
     grad = 2 * 36_992 * 2  # two blocks, bf16
     assert out["gradient_saved_bytes"] == grad and out["optimizer_saved_bytes"] == 2 * grad
     assert out["gradient_saved_gb"] == grad / 2**30
@@ -196,3 +196,24 @@ def test_every_function_on_a_plain_module(capsys):
     ls.GradualUnfreezer(model, 2, verbose=False).step(0)
     assert ls.get_trainable_params(model) == head
     assert ls.estimate_training_time(model, 8, 4, 1)["total_steps"] == 2
+
+
+def test_memory_savings_include_the_step_estimate():
+    """Freezing the first blocks (and the embeddings) saves activations; the last, less."""
+    first, last = build("llama", "meta"), build("llama", "meta")
+    ls.freeze_first_n_layers(first, 2)
+    ls.freeze_embeddings(first)
+    ls.freeze_last_n_layers(last, 2)
+    ls.freeze_embeddings(last)
+    a = ls.get_memory_savings_estimate(first, batch_size=2, seq_len=32)
+    b = ls.get_memory_savings_estimate(last, batch_size=2, seq_len=32)
+    assert a["gradient_saved_bytes"] == b["gradient_saved_bytes"] == 4 * (2 * 36_992 + 6_400)
+    assert a["activation_saved_bytes"] > b["activation_saved_bytes"] >= 0
+    assert a["planned_peak_bytes"] < a["baseline_peak_bytes"] == b["baseline_peak_bytes"]
+    assert a["estimate_settings"]["precision"] == "32-true"  # the model's fp32 weights
+
+
+def test_memory_savings_of_a_model_the_estimator_cannot_step():
+    out = ls.get_memory_savings_estimate(PlainNet())
+    assert out["peak_saved_bytes"] is None and "vocab_size" in out["estimate_note"]
+    assert out["gradient_saved_bytes"] == 0
