@@ -20,7 +20,8 @@ from layerscope.estimate.memory import (
     max_batch_size,
 )
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
-from layerscope.estimate.time import StepTime, estimate_step_time, estimate_unfreezing_schedule
+from layerscope.estimate.schedule import ScheduleEstimate, estimate_unfreezing_schedule
+from layerscope.estimate.time import StepTime, estimate_step_time
 from layerscope.layer_utils import (
     GradualUnfreezer,
     estimate_training_time,
@@ -64,6 +65,7 @@ __all__ = sorted(
         "ParamInfo",
         "PlanError",
         "Resolution",
+        "ScheduleEstimate",
         "StepTime",
         "StructureError",
         "__version__",

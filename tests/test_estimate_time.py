@@ -9,11 +9,8 @@ from torch import nn
 from conftest import build, flags
 from layerscope import FreezePlan, GradualUnfreezer, estimate_training_time
 from layerscope.errors import EstimateError
-from layerscope.estimate.time import (
-    OPTIMIZER_PASSES,
-    estimate_step_time,
-    estimate_unfreezing_schedule,
-)
+from layerscope.estimate.schedule import estimate_unfreezing_schedule
+from layerscope.estimate.time import OPTIMIZER_PASSES, estimate_step_time
 
 B, S = 2, 16
 T = B * S  # tokens per step
@@ -215,6 +212,10 @@ def test_unfreezing_schedule_time():
     assert sched.epochs[0].step.seconds < sched.epochs[-1].step.seconds
     assert sched.seconds == pytest.approx(sum(e.seconds for e in sched.epochs))
     assert sched.cost == pytest.approx(sched.gpu_hours * 1.79)
+    # memory: each epoch trains more blocks, so the last epoch has the highest peak
+    peaks = [e.memory.peak_bytes for e in sched.epochs]
+    assert peaks == sorted(peaks) and sched.peak_bytes == peaks[-1] and sched.peak_epoch == 2
+    assert [e.memory.trainable_params for e in sched.epochs] == params
     assert flags(model) == before  # plans resolved, never applied
     with pytest.raises(EstimateError, match="GradualUnfreezer"):
         estimate_unfreezing_schedule(model, 100, 4)

@@ -29,5 +29,7 @@ def test_layer_utils_on_preset_skeleton(name):
     assert ls.get_num_layers(model) == n
     assert "LAYER STATUS" in ls.layer_status(model)
     assert "MODEL SUMMARY" in ls.model_summary(model, max_depth=2)
-    assert ls.get_memory_savings_estimate(model)["frozen_params"] == scan(model).frozen_params
+    savings = ls.get_memory_savings_estimate(model, seq_len=256)  # runs the memory estimator
+    assert savings["frozen_params"] == scan(model).frozen_params
+    assert savings["estimate_note"] if savings["peak_saved_bytes"] is None else savings["planned_peak_bytes"] > 0
     assert ls.get_layer_names(model)

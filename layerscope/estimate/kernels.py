@@ -158,15 +158,24 @@ class _GroupedMatmul(torch.autograd.Function):
         return grad_a, grad_b
 
 
-def sdpa_backend(query: torch.Tensor, key: torch.Tensor, has_mask: bool, enable_gqa: bool) -> str:
+def sdpa_backend(
+    query: torch.Tensor, key: torch.Tensor, has_mask: bool, enable_gqa: bool,
+    value: torch.Tensor | None = None,
+) -> str:
     """The kernel a CUDA GPU (sm80+) picks for ``scaled_dot_product_attention``.
+
+    Flash attention needs one head size for query, key and value
+    (``check_head_dim_size_flash``); the memory-efficient kernel allows a value head size of
+    its own (DeepSeek's multi-head latent attention: 192 for query/key, 128 for value).
 
     Returns:
         ``"flash"``, ``"efficient"`` or ``"math"`` (PyTorch's ``sdp_utils.cpp`` order).
     """
     head_dim = query.shape[-1]
+    same_dims = head_dim == key.shape[-1] and (value is None or value.shape[-1] == head_dim)
     gqa = enable_gqa and key.shape[-3] != query.shape[-3]
-    if query.dtype in (torch.float16, torch.bfloat16) and not has_mask and head_dim <= 256:
+    flash_dtype = query.dtype in (torch.float16, torch.bfloat16)
+    if flash_dtype and not has_mask and head_dim <= 256 and same_dims:
         return "flash"
     if not gqa and head_dim % (8 if query.dtype != torch.float32 else 4) == 0:
         return "efficient"
@@ -184,7 +193,7 @@ def cuda_sdpa(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` through the kernel a CUDA GPU would run."""
-    backend = sdpa_backend(query, key, attn_mask is not None, enable_gqa)
+    backend = sdpa_backend(query, key, attn_mask is not None, enable_gqa, value)
     if backend == "flash":
         return torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, is_causal, False, scale=scale

@@ -17,6 +17,7 @@ optimizer state always), with the model in training mode.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -311,10 +312,22 @@ def estimate_memory_for(
     kind_of_position = [kinds[r] for r in reps]
     lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, lora_ids)
     fake_parameters(reduced, mode, dtype_of, trainable_of)
-    trace = run_step(
-        reduced, kept, kinds=kind_of_position, batch_size=batch_size, seq_len=seq_len,
-        vocab_size=vocab, autocast_dtype=autocast_dtype, inference=inference, mode=mode,
-    )
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a failing op is reported below, once, not logged
+    try:
+        trace = run_step(
+            reduced, kept, kinds=kind_of_position, batch_size=batch_size, seq_len=seq_len,
+            vocab_size=vocab, autocast_dtype=autocast_dtype, inference=inference, mode=mode,
+        )
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own forward
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EstimateError(
+            f"{type(model).__name__}: its forward failed when traced with batch_size="
+            f"{batch_size}, seq_len={seq_len} ({first})"
+        ) from exc
+    finally:
+        fake_log.setLevel(level)
     rep = replay(trace, block_kinds, inference)
 
     # static memory of the full model

@@ -667,89 +667,9 @@ def _assumptions(gpu: GPU, prec: Precision, notes: tuple[str, ...]) -> TimeAssum
 
 
 # -- gradual unfreezing ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EpochTime:
-    """One epoch of a gradual-unfreezing schedule."""
-
-    epoch: int
-    plan: FreezePlan
-    trainable_params: int
-    step: StepTime
-    steps: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ScheduleTime:
-    """Time of a whole :class:`~layerscope.GradualUnfreezer` schedule (data parallel: each of
-    ``num_gpus`` GPUs takes ``batch_size`` samples per step)."""
-
-    epochs: tuple[EpochTime, ...]
-    seconds: float
-    num_gpus: int
-    gpu_hours: float
-    price_per_hour: float | None
-    cost: float | None
-
-    @property
-    def slowest_epoch(self) -> EpochTime:
-        return max(self.epochs, key=lambda e: e.seconds)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, num_gpus: int = 1) -> int:
     """``ceil(num_samples / (batch_size * num_gpus))``: data parallel, every GPU takes
     ``batch_size`` samples per step."""
     return math.ceil(num_samples / (batch_size * num_gpus))
-
-
-def estimate_unfreezing_schedule(
-    unfreezer: Any,
-    num_samples: int,
-    batch_size: int,
-    *,
-    seq_len: int = 2048,
-    gpu: str | GPU = "h100-sxm",
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
-    num_gpus: int = 1,
-    price_per_hour: float | None = None,
-) -> ScheduleTime:
-    """Per-epoch plan, step time and epoch time of a gradual-unfreezing schedule, and the total.
-
-    Epoch ``e`` runs ``unfreezer.plan(e)`` for ``ceil(num_samples / (batch_size * num_gpus))``
-    steps. The model is not modified (the plans are resolved, not applied).
-
-    Raises:
-        EstimateError: not a GradualUnfreezer, or invalid settings.
-    """
-    from layerscope.estimate.hardware import check_price
-    from layerscope.layer_utils import GradualUnfreezer
-
-    if not isinstance(unfreezer, GradualUnfreezer):
-        raise EstimateError(f"expected a GradualUnfreezer, got {type(unfreezer).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-        raise EstimateError(f"num_samples must be an int >= 0, got {num_samples!r}")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    num_gpus = _check_positive_int(num_gpus, "num_gpus")
-    seq_len = _check_positive_int(seq_len, "seq_len")
-    prec, opt, device = resolve_precision(precision), resolve_optimizer(optimizer), get_gpu(gpu)
-    price = check_price(price_per_hour) if price_per_hour is not None else device.price_per_hour
-    if not isinstance(gradient_checkpointing, bool):
-        raise EstimateError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
-    m = analyse(unfreezer.model, training=True)
-    steps = steps_per_epoch(num_samples, batch_size, num_gpus)
-    epochs = []
-    for epoch in range(unfreezer.total_epochs):
-        plan = unfreezer.plan(epoch)
-        trainable = _trainable_names(m.scan, plan, None, inference=False)
-        step = _estimate(m, trainable, device, prec, opt, batch_size, seq_len,
-                         gradient_checkpointing, None, False)
-        # Memory per epoch (and the peak over epochs) belongs here once
-        # layerscope.estimate.memory is merged: estimate the same plan's memory and attach it.
-        epochs.append(EpochTime(epoch, plan, step.trainable_params, step, steps,
-                                steps * step.seconds))
-    seconds = sum(e.seconds for e in epochs)
-    gpu_hours = seconds / 3600 * num_gpus
-    return ScheduleTime(tuple(epochs), seconds, num_gpus, gpu_hours, price,
-                        None if price is None else gpu_hours * price)
