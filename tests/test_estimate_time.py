@@ -10,7 +10,8 @@ from conftest import build, flags
 from layerscope import FreezePlan, GradualUnfreezer, estimate_training_time
 from layerscope.errors import EstimateError
 from layerscope.estimate.schedule import estimate_unfreezing_schedule
-from layerscope.estimate.time import OPTIMIZER_PASSES, estimate_step_time
+from layerscope.estimate.roofline import OPTIMIZER_PASSES
+from layerscope.estimate.time import estimate_step_time
 
 B, S = 2, 16
 T = B * S  # tokens per step

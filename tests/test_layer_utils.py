@@ -6,7 +6,7 @@ import torch
 
 import layerscope as ls
 from conftest import PlainNet, build, flags
-from layerscope import LayerscopeWarning, ModelTypeError, PlanError, StructureError, scan
+from layerscope import LayerscopeWarning, ModelTypeError, StructureError, scan
 
 # Per-block sizes by hand (see test_scan.py): gpt2 49,984; llama 36,992;
 # mixtral 2*32*32 + 2*16*32 + router 4*32 + experts 4*(96*32 + 32*48) + norms 2*32 = 21,696.

@@ -37,7 +37,7 @@ from layerscope.estimate.trace import (
     run_step,
     fake_parameters,
 )
-from layerscope.units import GIB, dtype_bytes, format_bytes
+from layerscope.units import dtype_bytes, format_bytes
 
 CUDA_CONTEXT_BYTES = 512 * 2**20
 """Bytes the CUDA context takes outside PyTorch's allocator: typically 300-600 MiB on an

@@ -5,14 +5,8 @@ type is described once as kernels: GEMMs (every Linear / Conv1D / expert weight)
 memory-bound elementwise work (norms, activations, residual adds, rotary, dropout, the loss on
 the full vocabulary, autocast weight casts) and the optimizer's passes over its tensors. Then:
 
-* a GEMM takes ``max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)``, where the
-  achievable FLOP/s is :data:`GEMM_EFFICIENCY` of the dense peak times the share of the GPU's
-  SMs its output tiles keep busy (small matmuls cannot fill the GPU);
-* a memory-bound kernel takes ``bytes / (BANDWIDTH_EFFICIENCY * peak bandwidth)``;
-* every kernel also costs :data:`KERNEL_LATENCY_S` on the GPU, and the host must issue it:
-  :data:`HOST_FORWARD_S_PER_KERNEL` in the Python forward, :data:`HOST_BACKWARD_S_PER_KERNEL`
-  from the autograd engine. Eager PyTorch runs the host ahead of the GPU, so a phase takes
-  ``max(host, device)``;
+* each kernel is timed by :mod:`layerscope.estimate.roofline` (compute or bandwidth bound,
+  plus launch and host costs);
 * the optimizer is memory-bound: its passes over weights, grads and states, plus
   :data:`HOST_OPTIMIZER_S_PER_TENSOR` of Python per trainable tensor.
 
@@ -40,106 +34,30 @@ from layerscope.plan import FreezePlan
 from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
 from layerscope.scan import ModelScan
 
-# -- named assumptions ------------------------------------------------------------------------
-GEMM_EFFICIENCY = {"fp32": 0.80, "tf32": 0.70, "bf16": 0.70, "fp16": 0.70, "fp8": 0.70}
-"""Fraction of the dense peak a large cuBLAS GEMM sustains, per matmul dtype: tensor-core
-GEMMs run at power-limited clocks (H100 SXM bf16: ~650-750 of 989 TFLOP/s); CUDA-core SGEMM
-keeps closer to its lower peak (~50-55 of 67 TFLOP/s)."""
-
-ATTENTION_EFFICIENCY = 0.35
-"""Fraction of the dense peak reached by PyTorch's SDPA kernels (FlashAttention-2 forward on
-H100 reaches ~330-350 TFLOP/s; Dao, "FlashAttention-2", 2023, fig. 6)."""
-
-ATTENTION_BACKWARD_RATIO = 2.5
-"""Attention backward FLOPs over forward: five matmuls (QK^T recomputed, dV, dP, dQ, dK)
-against two (Dao et al., FlashAttention-2, section 3.1)."""
-
-BANDWIDTH_EFFICIENCY = 0.75
-"""Fraction of the peak DRAM bandwidth streaming and foreach kernels sustain (~2.5 TB/s of
-3.35 TB/s on H100 SXM)."""
-
-KERNEL_LATENCY_S = 4e-6
-"""GPU time of an empty kernel: launch, ramp-up and tail (a few microseconds)."""
-
-HOST_FORWARD_S_PER_KERNEL = 32e-6
-"""Host time per kernel of an eager Python forward: the module call, the aten op, its
-views/reshapes and autograd bookkeeping (HF blocks issue ~4 view ops per kernel)."""
-
-HOST_BACKWARD_S_PER_KERNEL = 17e-6
-"""Host time per backward kernel, issued by the C++ autograd engine (no Python)."""
-
-HOST_LOOP_S_PER_KERNEL = 8e-6
-"""Host time per kernel of a bare Python loop of tensor ops (no module call, few views), as in
-transformers' eager MoE expert loop."""
-
-HOST_OPTIMIZER_S_PER_TENSOR = 10e-6
-"""Python time per trainable tensor in ``optimizer.step()`` + ``zero_grad()`` (state lookup,
-grouping tensors by device and dtype)."""
-
-GEMM_TILE = 128
-"""Output tile edge of the GEMM kernels (cuBLAS/CUTLASS on Hopper and Ampere: 128x128 and
-up), used to count how many SMs a GEMM can keep busy."""
-
-SPLIT_K_MIN = 512
-"""cuBLAS splits the reduction of a GEMM with too few output tiles to fill the GPU into
-chunks of at least this many (split-K / stream-K), so skinny GEMMs still use most SMs."""
-
-SYNC_S = 15e-6
-"""A host-device synchronisation (``nonzero``, ``tensor.item()``): the host waits for the
-queue to drain and the GPU for the next launch."""
-
-
-
-# -- optimizer passes -------------------------------------------------------------------------
-OPTIMIZER_PASSES = {
-    # torch.optim._multi_tensor_adam with decoupled weight decay: mul_(p) 2, lerp_(m, g) 3,
-    # mul_(v) 2, addcmul_(v, g, g) 4, sqrt(v) 2, div_ 2, add_(eps) 2, addcdiv_(p, m, d) 4.
-    "adamw": (21, 8),
-    # torch.optim Adam without weight decay: the same without the mul_(p).
-    "adam": (19, 7),
-    # _fused_adamw: one kernel reads p, g, m, v and writes p, m, v.
-    "adamw-fused": (7, 1),
-    # _multi_tensor_sgd, momentum: mul_(buf) 2, add_(buf, g) 3, add_(p, buf) 3.
-    "sgd-momentum": (8, 3),
-    # _multi_tensor_sgd without momentum: add_(p, g) 3.
-    "sgd": (3, 1),
-    # bitsandbytes AdamW8bit: one kernel per tensor reads p, g and the two 1-byte moments and
-    # writes p and the moments: about 5 weight-sized passes (not checked against a GPU).
-    "adamw-8bit": (5, 1),
-    # torch.optim.Adafactor (foreach): row/column means of g*g, the factored estimate, the
-    # update and its RMS clip, about as many passes as foreach AdamW (not checked on a GPU).
-    "adafactor": (21, 10),
-}
-"""Per optimizer: (element passes over a trainable tensor per step, foreach kernels per step).
-A pass reads or writes every element once."""
-
-_FOREACH_ELEMENTS_PER_LAUNCH = 320 * 65536
-"""multi_tensor_apply processes at most 320 chunks of 65536 elements per launch
-(aten/src/ATen/native/cuda/MultiTensorApply.cuh)."""
-
+from layerscope.estimate.roofline import (
+    FOREACH_ELEMENTS_PER_LAUNCH,
+    ATTENTION_BACKWARD_RATIO,
+    ATTENTION_EFFICIENCY,
+    BACKWARD_ELEMENTWISE_RATIO,
+    BANDWIDTH_EFFICIENCY,
+    GEMM_EFFICIENCY,
+    HOST_BACKWARD_S_PER_KERNEL,
+    HOST_FORWARD_S_PER_KERNEL,
+    HOST_LOOP_S_PER_KERNEL,
+    HOST_OPTIMIZER_S_PER_TENSOR,
+    KERNEL_LATENCY_S,
+    EXPERT_LOOP_KERNELS,
+    LOSS_BACKWARD_KERNELS,
+    LOSS_FORWARD_KERNELS,
+    OPTIMIZER_PASSES,
+    RMSNORM_KERNELS,
+    ROTARY_KERNELS,
+    ROTARY_PASSES,
+    Phase,
+    Work,
+)
 
 # -- results ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Phase:
-    """One part of a step.
-
-    Attributes:
-        seconds: estimated wall time.
-        flops: matmul and attention FLOPs.
-        bytes: DRAM bytes read and written.
-        kernels: GPU kernels launched.
-        device_seconds: GPU busy time (FLOP-, bandwidth- and latency-bound kernels).
-        host_seconds: CPU time to issue the kernels.
-    """
-
-    seconds: float = 0.0
-    flops: float = 0.0
-    bytes: float = 0.0
-    kernels: int = 0
-    device_seconds: float = 0.0
-    host_seconds: float = 0.0
-
-
 @dataclass(frozen=True)
 class TimeAssumptions:
     """Every number the estimate used besides the model's shape."""
@@ -187,111 +105,6 @@ class StepTime:
     @property
     def fwd_bwd_seconds(self) -> float:
         return self.forward.seconds + self.backward.seconds + self.recompute.seconds
-
-
-# -- the workload: kernels with FLOPs and bytes -----------------------------------------------
-@dataclass
-class _Work:
-    """Accumulates kernels of one phase on one GPU."""
-
-    gpu: GPU
-    precision: Precision
-    host_s_per_kernel: float
-    flops: float = 0.0
-    bytes: float = 0.0
-    kernels: int = 0
-    device: float = 0.0
-    serial_s: float = 0.0
-    serial_host: float = 0.0
-    serial_device: float = 0.0
-    serial_kernels: int = 0
-
-    def gemm(self, m: float, n: int, k: int, count: float = 1.0, dtype_bytes: int = 0) -> None:
-        """``count`` GEMMs (m x k) @ (k x n): 2mnk FLOPs each (the multiply-add counted as 2)."""
-        if m <= 0 or count <= 0:
-            return
-        a = dtype_bytes or self.precision.act_bytes
-        flops = 2.0 * m * n * k
-        nbytes = a * (m * k + k * n + m * n)
-        peak = self.gpu.peak(self.precision.matmul) * GEMM_EFFICIENCY[self.precision.matmul]
-        t_compute = flops / (peak * _busy_share(m, n, k, self.gpu.sm_count))
-        t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
-        self._add(count, flops, nbytes, max(t_compute, t_memory))
-
-    def attention(self, flops: float, nbytes: float, kernels: float = 1.0) -> None:
-        peak = self.gpu.peak(self.precision.matmul)
-        t = max(flops / (peak * ATTENTION_EFFICIENCY),
-                nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY))
-        self.flops += flops
-        self.bytes += nbytes
-        self.kernels += round(kernels)
-        self.device += t + kernels * KERNEL_LATENCY_S
-
-    def stream(self, nbytes: float, kernels: float) -> None:
-        """Memory-bound kernels moving ``nbytes`` in total."""
-        if kernels <= 0:
-            return
-        self.bytes += nbytes
-        self.kernels += round(kernels)
-        self.device += nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
-        self.device += kernels * KERNEL_LATENCY_S
-
-    def _add(self, count: float, flops: float, nbytes: float, t: float) -> None:
-        self.flops += count * flops
-        self.bytes += count * nbytes
-        self.kernels += round(count)
-        self.device += count * (t + KERNEL_LATENCY_S)
-
-    def serial(self, syncs: int, work: _Work) -> None:
-        """Add ``work`` that a host-device sync serialises: its host and GPU time add up."""
-        host = work.kernels * work.host_s_per_kernel + syncs * SYNC_S
-        self.flops += work.flops
-        self.bytes += work.bytes
-        self.kernels += work.kernels
-        self.serial_s += host + work.device
-        self.serial_host += host
-        self.serial_device += work.device
-        self.serial_kernels += work.kernels
-
-    def phase(self, extra_host: float = 0.0, overlap: bool = True) -> Phase:
-        host = (self.kernels - self.serial_kernels) * self.host_s_per_kernel + extra_host
-        overlapped = self.device - self.serial_device
-        seconds = (max(host, overlapped) if overlap else host + overlapped) + self.serial_s
-        return Phase(seconds, self.flops, self.bytes, self.kernels, self.device,
-                     host + self.serial_host)
-
-
-def _busy_share(m: float, n: int, k: int, sms: int) -> float:
-    """Share of the SMs a GEMM keeps busy: output tiles of GEMM_TILE x GEMM_TILE, the
-    reduction split (split-K) while tiles are fewer than SMs, then the last wave's idle SMs."""
-    tiles = math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE)
-    if tiles < sms:
-        tiles *= max(1, min(sms // tiles, k // SPLIT_K_MIN))
-    waves = math.ceil(tiles / sms)
-    return tiles / (waves * sms)
-
-
-# -- per-kernel byte counts (documented once) -------------------------------------------------
-RMSNORM_KERNELS = 7
-"""transformers' RMSNorm in Python: to(fp32), pow, mean, add eps + rsqrt, mul, to(dtype), mul
-by the weight."""
-
-ROTARY_KERNELS, ROTARY_PASSES = 10, 9
-"""apply_rotary_pos_emb on q and k: mul cos, neg + cat (rotate_half), mul sin, add, for each."""
-
-EXPERT_LOOP_KERNELS = 10
-"""Non-GEMM kernels per expert of transformers' eager MoE loop: the hit test, ``where``, the
-token gather, two expert-weight gathers, activation, gate multiply, routing-weight gather and
-multiply, ``index_add_``."""
-
-LOSS_FORWARD_KERNELS, LOSS_BACKWARD_KERNELS = 4, 4
-"""ForCausalLMLoss: logits.float(), log_softmax, nll_loss (+ the shifted labels); backward:
-nll_loss_backward (zero-filled), log_softmax_backward, the cast back, the label shift."""
-
-BACKWARD_ELEMENTWISE_RATIO = 2.0
-"""Backward kernels and bytes of elementwise work per forward kernel: each op's backward
-reads its saved inputs and the incoming gradient and writes the outgoing one (a dispatch trace
-of a Llama block on transformers 5 gives 59 non-GEMM backward kernels for 33 forward)."""
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -409,7 +222,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
     # under autocast their matmuls still run in bf16.
     lb = ab if prec.autocast else 4
 
-    def lora_forward(w: _Work, g: Gemm) -> None:
+    def lora_forward(w: Work, g: Gemm) -> None:
         """x.to(adapter dtype), A, B, * scaling, + base output, .to(output dtype)."""
         t = tokens * g.share
         w.gemm(t, lora, g.n_in, dtype_bytes=lb)
@@ -418,7 +231,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         w.stream(t * g.n_in * (ab + lb) * cast + t * g.n_out * (2 * lb + ab + 2 * lb)
                  + t * g.n_out * (lb + ab) * cast, 2 + 2 * cast)
 
-    def eager_attention(w: _Work, backward: bool) -> None:
+    def eager_attention(w: Work, backward: bool) -> None:
         """transformers' eager attention: repeat_kv copies, QK^T and PV as batched GEMMs over
         every (batch, head) on the full S x S scores (no causal skipping), then on the scores
         the mask add, optional soft-capping (div, tanh, mul), softmax upcast to fp32 and back,
@@ -438,8 +251,8 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         factor = BACKWARD_ELEMENTWISE_RATIO if backward else 1.0
         w.stream(nbytes * factor, kernels * factor)
 
-    def block_forward(w: _Work) -> None:
-        routed = _Work(gpu, prec, HOST_LOOP_S_PER_KERNEL)
+    def block_forward(w: Work) -> None:
+        routed = Work(gpu, prec, HOST_LOOP_S_PER_KERNEL)
         for g in block.gemms:
             target = routed if g.share < 1 else w
             target.gemm(tokens * g.share, g.n_out, g.n_in, g.count)
@@ -465,7 +278,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
             if m.rotary:
                 w.stream(tokens * (q + kv) * ROTARY_PASSES * ab, ROTARY_KERNELS)
 
-    def outside_forward(w: _Work) -> None:
+    def outside_forward(w: Work) -> None:
         for name, rows, width in m.embeddings:
             w.stream(tokens * width * (wb + sb), 1)
         w.stream(tokens * hidden * 3 * sb, max(len(m.embeddings) - 1, 0))
@@ -477,10 +290,10 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         if m.logit_softcap:
             w.stream(tokens * m.vocab * 3 * 2 * ab, 3)
 
-    def loss_forward(w: _Work) -> None:
+    def loss_forward(w: Work) -> None:
         w.stream(tokens * m.vocab * (ab + 12), LOSS_FORWARD_KERNELS)
 
-    fwd = _Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
+    fwd = Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
     for _ in range(layers):
         block_forward(fwd)
     outside_forward(fwd)
@@ -507,8 +320,8 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         earliest = 0
     else:
         earliest = next((b for b, t in enumerate(block_train) if t), None)
-    bwd = _Work(gpu, prec, HOST_BACKWARD_S_PER_KERNEL)
-    rec = _Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
+    bwd = Work(gpu, prec, HOST_BACKWARD_S_PER_KERNEL)
+    rec = Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
     upstream = earliest is not None  # something before the head trains
     # loss, head and final norm
     if m.has_loss:
@@ -580,8 +393,8 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
     # -- optimizer: memory-bound passes over the trainable tensors ---------------------------
     numel, tensors = _trainable_tensors(s, trainable, block, m.prefixes, lora)
     passes, kernels_per_launch = OPTIMIZER_PASSES[opt]
-    launches = kernels_per_launch * max(1, math.ceil(numel / _FOREACH_ELEMENTS_PER_LAUNCH))
-    ow = _Work(gpu, prec, 0.0)
+    launches = kernels_per_launch * max(1, math.ceil(numel / FOREACH_ELEMENTS_PER_LAUNCH))
+    ow = Work(gpu, prec, 0.0)
     ow.stream(passes * numel * wb, launches)
     optim = ow.phase(extra_host=tensors * HOST_OPTIMIZER_S_PER_TENSOR, overlap=False)
     seconds = forward.seconds + backward.seconds + recompute.seconds + optim.seconds
@@ -589,7 +402,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
                     earliest, assumptions)
 
 
-def _elementwise(w: _Work, part: Part, tokens: int, hidden: int, ab: int, sb: int,
+def _elementwise(w: Work, part: Part, tokens: int, hidden: int, ab: int, sb: int,
                  residual: bool = True, factor: float = 1.0) -> None:
     """Norms, activations, GLU multiply, dropout and (in blocks) the two residual adds."""
     nbytes, kernels = 0.0, 0.0
