@@ -72,6 +72,16 @@ def empty_model(
     return model
 
 
+def as_model(model: object) -> nn.Module:
+    """``model`` itself when it is an ``nn.Module``, else its skeleton (:func:`empty_model`).
+
+    What every estimate accepts as ``model``: a real or meta module, or a model source.
+    """
+    if isinstance(model, nn.Module):
+        return model
+    return empty_model(model)  # type: ignore[arg-type]  # empty_model validates the source
+
+
 def model_class(
     resolved: ResolvedConfig, *, trust_remote_code: bool = False
 ) -> type[PreTrainedModel]:

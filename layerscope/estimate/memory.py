@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerscope.build import as_model
 from layerscope.errors import EstimateError, LayerscopeWarning, ModelTypeError
 from layerscope.estimate.optimizers import OPTIMIZERS
 from layerscope.estimate.settings import lora_config, resolve_optimizer, resolve_precision
@@ -152,18 +153,6 @@ def _check_settings(batch_size: Any, seq_len: Any) -> None:
             raise EstimateError(f"{label} must be a positive integer, got {value!r}")
 
 
-def _as_module(model: Any) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, (str, dict)) or hasattr(model, "to_dict"):
-        from layerscope.build import empty_model  # lazy: heavy, and owned by build.py
-
-        return empty_model(model)
-    raise ModelTypeError(
-        f"model must be an nn.Module, a preset name, a config dict or a config, got {type(model).__name__}"
-    )
-
-
 def estimate_memory(
     model: Any,
     plan: Any = None,
@@ -203,7 +192,7 @@ def estimate_memory(
     precision = resolve_precision(precision).name
     optimizer = resolve_optimizer(optimizer)
     _check_settings(batch_size, seq_len)
-    model = _as_module(model)
+    model = as_model(model)
     names = _param_names(model)
     if plan is None:
         trainable = frozenset(n for n, p in names if p.requires_grad)
@@ -548,7 +537,7 @@ def estimate_memory_savings(model: Any, plan: Any = None, **settings: Any) -> Me
 
     ``settings`` are :func:`estimate_memory`'s keyword arguments.
     """
-    model = _as_module(model)
+    model = as_model(model)
     everything = frozenset(n for n, _ in _param_names(model))
     baseline = estimate_memory_for(model, everything, **settings)
     planned = estimate_memory(model, plan, **settings)
@@ -577,7 +566,7 @@ def max_batch_size(
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise EstimateError(f"limit must be a positive integer, got {limit!r}")
     budget = gpu_bytes(gpu)
-    model = _as_module(model)
+    model = as_model(model)
 
     def fits(b: int) -> bool:
         est = estimate_memory(model, plan, batch_size=b, **settings)

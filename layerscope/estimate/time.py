@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from layerscope.build import as_model
 from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import GPU, get_gpu
 from layerscope.estimate.settings import (
@@ -113,20 +114,6 @@ def _check_positive_int(value: object, name: str) -> int:
     return value
 
 
-def _resolve_model(model: object) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    try:
-        from layerscope.build import empty_model  # type: ignore[import-not-found]
-    except ImportError as exc:  # the builder lands in another branch
-        raise EstimateError(
-            f"estimate_step_time: model must be an nn.Module here (layerscope.build, which "
-            f"builds skeletons from presets and configs, is not available); got "
-            f"{type(model).__name__}"
-        ) from exc
-    return empty_model(model)
-
-
 def estimate_step_time(
     model: nn.Module | Any,
     plan: FreezePlan | None = None,
@@ -184,7 +171,7 @@ def estimate_step_time(
         device.peak(prec.matmul)
     except EstimateError as exc:
         raise EstimateError(f"precision {prec.name!r} on {device.name}: {exc}") from None
-    net = _resolve_model(model)
+    net = as_model(model)
     m = analyse(net, training=not inference)
     trainable = _trainable_names(m.scan, plan, lora, inference)
     return _estimate(m, trainable, device, prec, opt, batch_size, seq_len,
