@@ -165,10 +165,21 @@ class _Tracker(TorchDispatchMode):
         }
 
 
+def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """``torch._grouped_mm`` (MoE experts): every row of ``a`` meets one group's matrix, so
+    ``2 * a.numel() * b.shape[-1]`` for each layout autograd uses (2-D x 3-D forward, 2-D x 2-D
+    weight gradient, 3-D x 3-D batched). ``flop_counter`` has no formula for it."""
+    return 2 * a.numel() * b.shape[-1]
+
+
 try:
-    from torch.utils.flop_counter import flop_registry as _FLOP_REGISTRY
+    from torch.utils.flop_counter import flop_registry
+
+    _FLOP_REGISTRY: dict[Any, Any] = dict(flop_registry)
 except ImportError:  # pragma: no cover - older torch
     _FLOP_REGISTRY = {}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _FLOP_REGISTRY.setdefault(torch.ops.aten._grouped_mm, _grouped_mm_flops)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
