@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
@@ -386,18 +390,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for message in dict.fromkeys(str(w.message) for w in shown):
             print(f"layerscope {args.command}: warning: {message}", file=sys.stderr)
         return code
+    except KeyboardInterrupt:
+        print(f"layerscope {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `layerscope presets | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (UsageError, LayerscopeError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"layerscope {args.command}: error: {exc}", file=sys.stderr)
+        print(f"layerscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return USAGE
     except Exception as exc:  # a failure while working: one line, traceback with --debug
         if debug:
             traceback.print_exc()
-        print(f"layerscope {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"layerscope {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}",
+              file=sys.stderr)
         return FAILURE
 
 
