@@ -134,8 +134,9 @@ def _estimator(args: argparse.Namespace, progress: Progress) -> Any:
 
     est = Estimator(_load(args), progress)
     plan = _plan(args)
-    if plan is not None:
-        plan.resolve(est.scan)  # a plan beyond the layer count fails here, as a usage error
+    if plan is not None:  # a plan beyond the layer count fails here, as a usage error
+        if plan.resolve(est.scan).trainable_params == 0:
+            raise UsageError(f"plan {plan} freezes every parameter: there is nothing to train")
     return est, plan
 
 

@@ -179,11 +179,14 @@ def test_estimate_suggestions_are_estimated_alternatives(not_fitting):
     assert any(fits), "a smaller batch with accumulation fits"
     batch = next(s for s in suggestions if s["kind"] == "batch")
     assert batch["settings"]["batch_size"] < 4 and batch["fits"]
+    b = batch["settings"]["batch_size"]
+    assert batch["change"] == f"--batch-size {b} (x {math.ceil(4 / b)} accumulation)"
     ckpt = next(s for s in suggestions if s["kind"] == "checkpointing")
     assert ckpt["settings"]["gradient_checkpointing"] is True
     assert ckpt["time_per_token_ratio"] > 1  # recomputation costs time
     lora = next(s for s in suggestions if s["kind"] == "lora")
     assert lora["plan"] == "lora:16" and lora["settings"]["lora_rank"] == 16
+    assert lora["change"] == "--lora-rank 16 (instead of --plan)"
     # the GPUs the run as asked fits on: all with at least the memory it needs
     need = not_fitting["estimate"]["required_bytes"]
     assert all(g["memory_bytes"] >= need for g in not_fitting["fits_on"])
@@ -257,6 +260,7 @@ def test_argparse_error_is_one_line_subprocess():
         (("estimate", "gpt2", "--precision", "fp12"), ["unknown precision 'fp12'", "bf16-mixed"]),
         (("estimate", "gpt2", "--optimizer", "lion"), ["unknown optimizer 'lion'", "adamw-8bit"]),
         (("estimate", "gpt2", "--plan", "first:40"), ["n=40", "12 layers", "allowed: 0..12"]),
+        (("estimate", "gpt2", "--plan", "all"), ["plan all freezes every parameter"]),
         (("estimate", "gpt2", "--plan", "frist:4"), ["unknown plan 'frist:4'", "except-last:N"]),
         (("estimate", "gpt2", "--seq-len", "-5"), ["--seq-len", "-5 must be >= 1"]),
         (("estimate", "gpt2", "--batch-size", "two"), ["--batch-size", "'two' is not a whole"]),

@@ -71,7 +71,7 @@ def test_report_content(report):
     assert doc["command"] == "report" and doc["model"]["name"] == "llama-3.2-1b"
     assert "<title>layerscope: llama-3.2-1b</title>" in html
     assert "On l4 (22.49 GiB): DOES NOT FIT." in html and 'class="verdict nofit"' in html
-    assert "What would make it fit" in html and "smaller batch" in html
+    assert "What would make it fit" in html and "--batch-size 2 (x 2 accumulation)" in html
     # structure: embeddings frozen, blocks 0-7 frozen, 8-15 trainable; the head is tied
     parts = doc["structure"]
     assert [p["name"] for p in parts] == (["embeddings"]

@@ -130,9 +130,10 @@ def suggestions_text(doc: Mapping[str, Any]) -> str:
     table = tabulate(rows, headers=("change", "peak", "needed", "fits", "time/token"),
                      colalign=("left", "right", "right", "left", "right"), disable_numparse=True)
     fit = any(a["fits"] for a in doc["suggestions"])
-    title = ("Changes that would make it fit (those that fit first, least change to the "
-             "training first):" if fit else "Nothing tried makes it fit on this GPU:")
-    return f"{title}\n{table}\ntime/token: estimated step time per token against the run as asked."
+    title = ("What would make it fit (each estimated; those that fit first, then by how little "
+             "they change the training):" if fit else "Nothing tried makes it fit on this GPU:")
+    return (f"{title}\n{table}\nchange: the flags to add or replace. time/token: the step time "
+            "per token, against the run as asked.")
 
 
 def estimate_text(doc: Mapping[str, Any], color: bool = False) -> str:
@@ -156,7 +157,7 @@ def _gpu_line(doc: Mapping[str, Any]) -> str:
     g, t = doc["gpu"], doc["training"]
     price = g["price_per_hour"]
     cost = f"${price:.2f} per GPU-hour" if price is not None else "no price known (--price-per-hour)"
-    return f"GPU: {t['num_gpus']} x {g['name']} ({g['full_name']}), {cost}"
+    return f"GPU: {t['num_gpus']} x {g['name']}, {g['full_name']}, {cost}"
 
 
 def time_text(doc: Mapping[str, Any], color: bool = False) -> str:

@@ -224,7 +224,10 @@ def _header(command: str, name: str, est: Estimator, plan: FreezePlan | None,
 # -- alternatives for a run that does not fit -----------------------------------------------
 @dataclass(frozen=True)
 class Change:
-    """One alternative run: what changes, and how much that changes the training."""
+    """One alternative run: the command-line flags that make it, and the settings.
+
+    ``kind`` names the change (``checkpointing``, ``batch``, ``optimizer``, ``freeze``,
+    ``lora``, joined by ``+`` when combined)."""
 
     label: str
     kind: str
@@ -254,15 +257,16 @@ def _single_changes(est: Estimator, plan: FreezePlan | None, s: Settings) -> lis
     """
     out = []
     if not s.gradient_checkpointing:
-        out.append(Change("gradient checkpointing", "checkpointing", plan,
+        out.append(Change("--gradient-checkpointing", "checkpointing", plan,
                           dataclasses.replace(s, gradient_checkpointing=True)))
     if s.optimizer not in ("adamw-8bit", "sgd"):
-        out.append(Change("8-bit AdamW (bitsandbytes)", "optimizer", plan,
+        out.append(Change("--optimizer adamw-8bit", "optimizer", plan,
                           dataclasses.replace(s, optimizer="adamw-8bit")))
     if s.lora_rank is None:
         for deeper in _deeper_plans(est, plan or FreezePlan.none(), s):
-            out.append(Change(f"freeze deeper: --plan {deeper}", "freeze", deeper, s))
-        out.append(Change("LoRA rank 16 (base frozen)", "lora", None,
+            out.append(Change(f"--plan {deeper}", "freeze", deeper, s))
+        instead = "" if plan is None or plan == FreezePlan.none() else " (instead of --plan)"
+        out.append(Change(f"--lora-rank 16{instead}", "lora", None,
                           dataclasses.replace(s, lora_rank=16)))
     return out
 
@@ -294,10 +298,10 @@ def _smaller_batch(est: Estimator, change: Change, gpu: GPU, base_step: Any,
         return None
     best = est.max_batch(change.plan, change.settings, gpu, limit=batch - 1)
     b = max(best, 1)
-    label = f"{change.label} + smaller batch" if change.label else "smaller batch"
+    label = f"{change.label} --batch-size {b}".strip()
     kind = f"{change.kind}+batch" if change.kind else "batch"
     smaller = Change(label, kind, change.plan, dataclasses.replace(change.settings, batch_size=b))
-    note = f": {b} x {math.ceil(batch / b)} accumulation steps" if best else ": batch 1 still does not fit"
+    note = f" (x {math.ceil(batch / b)} accumulation)" if best else " (still too big)"
     return _alternative(est, smaller, gpu, base_step, note)
 
 
@@ -317,7 +321,7 @@ def suggestions(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU) 
         found.insert(1 if s.gradient_checkpointing is False else 0, batch)
     if not any(a["fits"] for a in found) and not s.gradient_checkpointing:
         ckpt, others = singles[0], singles[1:]
-        combos = [Change(f"{ckpt.label} + {c.label}", f"checkpointing+{c.kind}", c.plan,
+        combos = [Change(f"{ckpt.label} {c.label}", f"checkpointing+{c.kind}", c.plan,
                          dataclasses.replace(c.settings, gradient_checkpointing=True))
                   for c in others]
         found += [_alternative(est, c, gpu, base_step) for c in combos]
@@ -325,7 +329,7 @@ def suggestions(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU) 
         found += [batch] if batch else []
         if not any(a["fits"] for a in found) and combos and combos[-1].settings.optimizer != "adamw-8bit":
             last = combos[-1]  # LoRA (or the deepest freeze) with checkpointing
-            everything = Change(f"{last.label} + 8-bit AdamW", f"{last.kind}+optimizer",
+            everything = Change(f"{last.label} --optimizer adamw-8bit", f"{last.kind}+optimizer",
                                 last.plan, dataclasses.replace(last.settings, optimizer="adamw-8bit"))
             found.append(_alternative(est, everything, gpu, base_step))
             batch = _smaller_batch(est, everything, gpu, base_step, s.batch_size)

@@ -199,9 +199,9 @@ def _suggestions_section(doc: Mapping[str, Any]) -> str:
         rows.append((escape(a["change"]), _gib(a["peak_bytes"]), _gib(a["required_bytes"]), fits,
                      "" if ratio is None else f"{ratio:.2f}×"))
     return ("<h2>What would make it fit</h2>"
-            "<p class=\"note\">Each alternative estimated; those that fit first, least change "
-            "to the training first. time/token: step time per token against the run as "
-            "asked.</p>"
+            "<p class=\"note\">Each alternative estimated; those that fit first, then by how "
+            "little they change the training. change: the command-line flags to add or "
+            "replace; time/token: the step time per token, against the run as asked.</p>"
             + _table(("change", "peak", "needed", "fits", "time/token"), rows, raw=True,
                      align="lrrlr"))
 
