@@ -101,12 +101,9 @@ class Estimator:
         """The ``StepTime`` on ``gpu``, or None when there is nothing to train."""
         from layerscope.estimate.time import estimate_step_time
 
-        try:
-            return estimate_step_time(self.model, plan, gpu=gpu, **s.estimator_kwargs())
-        except EstimateError as exc:
-            if "nothing is trainable" in str(exc):
-                return None
-            raise
+        if s.lora_rank is None and plan is not None and plan.resolve(self.scan).trainable_params == 0:
+            return None
+        return estimate_step_time(self.model, plan, gpu=gpu, **s.estimator_kwargs())
 
     def max_batch(self, plan: FreezePlan | None, s: Settings, gpu: GPU, limit: int) -> int:
         self.progress(f"searching the largest batch for {describe_change(plan, s)}")
@@ -235,7 +232,7 @@ class Change:
     settings: Settings
 
 
-def _deeper_plans(est: Estimator, plan: FreezePlan, s: Settings) -> list[FreezePlan]:
+def _deeper_plans(est: Estimator, plan: FreezePlan) -> list[FreezePlan]:
     """LP-LoRA and ``except-last:N`` plans that train fewer parameters than ``plan``."""
     try:
         layers = est.scan.num_layers
@@ -263,7 +260,7 @@ def _single_changes(est: Estimator, plan: FreezePlan | None, s: Settings) -> lis
         out.append(Change("--optimizer adamw-8bit", "optimizer", plan,
                           dataclasses.replace(s, optimizer="adamw-8bit")))
     if s.lora_rank is None:
-        for deeper in _deeper_plans(est, plan or FreezePlan.none(), s):
+        for deeper in _deeper_plans(est, plan or FreezePlan.none()):
             out.append(Change(f"--plan {deeper}", "freeze", deeper, s))
         instead = "" if plan is None or plan == FreezePlan.none() else " (instead of --plan)"
         out.append(Change(f"--lora-rank 16{instead}", "lora", None,
@@ -317,8 +314,8 @@ def suggestions(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU) 
     singles = _single_changes(est, plan, s)
     found = [_alternative(est, c, gpu, base_step) for c in singles]
     batch = _smaller_batch(est, Change("", "", plan, s), gpu, base_step, s.batch_size)
-    if batch:
-        found.insert(1 if s.gradient_checkpointing is False else 0, batch)
+    if batch:  # right after checkpointing: the same training, in more steps
+        found.insert(0 if s.gradient_checkpointing else 1, batch)
     if not any(a["fits"] for a in found) and not s.gradient_checkpointing:
         ckpt, others = singles[0], singles[1:]
         combos = [Change(f"{ckpt.label} {c.label}", f"checkpointing+{c.kind}", c.plan,
@@ -327,10 +324,11 @@ def suggestions(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU) 
         found += [_alternative(est, c, gpu, base_step) for c in combos]
         batch = _smaller_batch(est, ckpt, gpu, base_step, s.batch_size)
         found += [batch] if batch else []
-        if not any(a["fits"] for a in found) and combos and combos[-1].settings.optimizer != "adamw-8bit":
-            last = combos[-1]  # LoRA (or the deepest freeze) with checkpointing
+        last = combos[-1] if combos else None  # LoRA (or the deepest freeze) + checkpointing
+        if not any(a["fits"] for a in found) and last and last.settings.optimizer != "adamw-8bit":
             everything = Change(f"{last.label} --optimizer adamw-8bit", f"{last.kind}+optimizer",
-                                last.plan, dataclasses.replace(last.settings, optimizer="adamw-8bit"))
+                                last.plan, dataclasses.replace(last.settings,
+                                                               optimizer="adamw-8bit"))
             found.append(_alternative(est, everything, gpu, base_step))
             batch = _smaller_batch(est, everything, gpu, base_step, s.batch_size)
             found += [batch] if batch else []
