@@ -60,7 +60,7 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
     layers = f", {m['num_layers']} layers" if m["num_layers"] is not None else ""
     ckpt = "gradient checkpointing" if s["gradient_checkpointing"] else "no gradient checkpointing"
     tokens = f"{s['seq_len']} tokens" + (" per GPU" if per_gpu else "")
-    batch = f"batch {s['batch_size']} x {tokens}" if doc["command"] != "fit" else tokens
+    batch = f"batch {s['batch_size']} x {tokens}" if doc["command"] != "fit" else f"sequences of {tokens}"
     total = m["total_params"]
     if plan["lora_rank"] is not None:
         what = (f"LoRA rank {plan['lora_rank']} on every Linear of the blocks "
