@@ -1,8 +1,9 @@
 """The ``layerscope`` command line: the only module that prints besides the ``print_*`` helpers.
 
-Exit codes: 0 success; 2 a usage error (bad arguments or values: unknown model, plan, GPU,
-precision, optimizer, non-positive sizes); 1 a failure while doing the work (e.g. a file that
-cannot be written), or, for ``estimate --fail-if-not-fits``, a run that does not fit.
+Exit codes: 0 success (also for a run that does not fit, unless asked otherwise); 2 a usage
+error (bad arguments or values: unknown model, plan, GPU, precision, optimizer, non-positive
+sizes), reported as one line on stderr; 1 a failure while doing the work (e.g. a file that
+cannot be written), or, with ``--fail-if-not-fits``, a run that does not fit on the GPU.
 """
 
 from __future__ import annotations
@@ -11,17 +12,50 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from layerscope.errors import LayerscopeError
 
 USAGE, FAILURE = 2, 1
+DEFAULT_SAMPLES, DEFAULT_EPOCHS = 10_000, 1
+"""The run the report prices when ``--samples``/``--epochs`` are not given."""
 
 
 class UsageError(Exception):
     """A bad command-line value found after argparse (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (what is wrong, where to look)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Progress:
+    """``\r``-updated status on stderr: only on a terminal, and only once the work has
+    taken more than a second (quick commands stay silent)."""
+
+    def __init__(self, stream: Any = sys.stderr, delay: float = 1.0) -> None:
+        self.stream, self.delay = stream, delay
+        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+        self.start, self.shown = time.monotonic(), False
+
+    def __call__(self, message: str) -> None:
+        if self.enabled and time.monotonic() - self.start > self.delay:
+            self.stream.write(f"\r\033[K{message}...")
+            self.stream.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
 
 
 def _positive_int(text: str) -> int:
@@ -55,6 +89,130 @@ def _plan(args: argparse.Namespace) -> Any:
     from layerscope.plan import FreezePlan
 
     return FreezePlan.parse(args.plan) if getattr(args, "plan", None) else None
+
+
+def _price(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (USD per GPU-hour)")
+    return value
+
+
+def _settings(args: argparse.Namespace, batch_size: int | None = None) -> Any:
+    """The step settings, validated before any model is built (names resolved to canonical)."""
+    from layerscope.estimate.settings import resolve_optimizer, resolve_precision
+    from layerscope.render.documents import Settings
+
+    if args.lora_rank is not None and args.plan is not None:
+        raise UsageError(
+            f"--lora-rank {args.lora_rank} trains adapters on a frozen base model; it cannot be "
+            f"combined with --plan {args.plan} (drop one of them)"
+        )
+    return Settings(
+        batch_size=args.batch_size if batch_size is None else batch_size,
+        seq_len=args.seq_len,
+        precision=resolve_precision(args.precision).name,
+        optimizer=resolve_optimizer(args.optimizer),
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora_rank,
+    )
+
+
+def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
+    from layerscope.estimate.hardware import get_gpu
+
+    name = args.gpu or default
+    return None if name is None else get_gpu(name)
+
+
+def _estimator(args: argparse.Namespace, progress: Progress) -> Any:
+    """The model built, and the plan checked against it, before the slow estimates start."""
+    from layerscope.render.documents import Estimator
+
+    est = Estimator(_load(args), progress)
+    plan = _plan(args)
+    if plan is not None:  # a plan beyond the layer count fails here, as a usage error
+        if plan.resolve(est.scan).trainable_params == 0:
+            raise UsageError(f"plan {plan} freezes every parameter: there is nothing to train")
+    return est, plan
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[..., str]) -> None:
+    from layerscope.render.console import use_color
+
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(text(doc, color=use_color(sys.stdout)))
+
+
+def _gate(args: argparse.Namespace, fits: bool) -> int:
+    """Exit code 1 for a run that does not fit, when ``--fail-if-not-fits`` asks for it."""
+    if args.fail_if_not_fits and not fits:
+        print(f"layerscope {args.command}: the run does not fit (--fail-if-not-fits)",
+              file=sys.stderr)
+        return FAILURE
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from layerscope.render.console import estimate_text
+    from layerscope.render.documents import estimate_document
+
+    if args.fail_if_not_fits and not args.gpu:
+        raise UsageError("--fail-if-not-fits needs --gpu (the GPU to check against)")
+    s, gpu, progress = _settings(args), _gpu(args), Progress()
+    est, plan = _estimator(args, progress)
+    doc = estimate_document(args.model, est, plan, s, gpu)
+    progress.done()
+    _emit(args, doc, estimate_text)
+    return _gate(args, doc["verdict"] is None or doc["verdict"]["fits"])
+
+
+def cmd_time(args: argparse.Namespace) -> int:
+    from layerscope.render.console import time_text
+    from layerscope.render.documents import DEFAULT_TIME_GPU, time_document
+
+    s, gpu, progress = _settings(args), _gpu(args, DEFAULT_TIME_GPU), Progress()
+    est, plan = _estimator(args, progress)
+    doc = time_document(args.model, est, plan, s, gpu, args.samples, args.epochs, args.num_gpus,
+                        args.price_per_hour)
+    progress.done()
+    _emit(args, doc, time_text)
+    return _gate(args, doc["verdict"]["fits"])
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from layerscope.render.console import fit_text
+    from layerscope.render.documents import fit_document
+
+    s, gpu, progress = _settings(args, batch_size=1), _gpu(args), Progress()
+    est, plan = _estimator(args, progress)
+    doc = fit_document(args.model, est, plan, s, gpu)
+    progress.done()
+    _emit(args, doc, fit_text)
+    return _gate(args, doc["max_batch_size"] > 0)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from layerscope.render.documents import report_document
+    from layerscope.render.report import report_html
+
+    folder = os.path.dirname(os.path.abspath(args.html))
+    if not os.path.isdir(folder):  # fail before minutes of work, not after
+        raise OSError(f"cannot write {args.html}: folder {folder} does not exist")
+    s, gpu, progress = _settings(args), _gpu(args), Progress()
+    est, plan = _estimator(args, progress)
+    doc = report_document(args.model, est, plan, s, gpu, args.samples or DEFAULT_SAMPLES,
+                          args.epochs or DEFAULT_EPOCHS, args.num_gpus, args.price_per_hour)
+    progress.done()
+    with open(args.html, "w", encoding="utf-8") as f:
+        f.write(report_html(doc))
+    print(f"wrote {args.html}")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -94,10 +252,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="layerscope",
         description="Pre-flight checks for fine-tuning: will it fit, what will it cost, "
         "which layers to freeze.",
+        epilog="Exit codes: 0 done; 2 usage error (bad argument or value); 1 failure while "
+        "working, or a run that does not fit with --fail-if-not-fits.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -119,7 +279,50 @@ def build_parser() -> argparse.ArgumentParser:
     def add_plan(p: argparse.ArgumentParser) -> None:
         p.add_argument("--plan", metavar="PLAN",
                        help="none, all, lp-lora[:RATIO], first:N, last:N, except-last:N, "
-                       "embeddings, regex:PATTERN or a plan .json file; + combines")
+                       "embeddings, regex:PATTERN or a plan .json file; + combines "
+                       "(default: none, full fine-tuning)")
+
+    def add_step(p: argparse.ArgumentParser, batch: str | None = "optional") -> None:
+        if batch is not None:
+            p.add_argument("--batch-size", type=_positive_int, metavar="B",
+                           required=batch == "required", default=1,
+                           help="sequences per step" + (" per GPU" if batch == "required"
+                                                        else " (default 1)"))
+        p.add_argument("--seq-len", type=_positive_int, default=2048, metavar="S",
+                       help="tokens per sequence (default 2048)")
+        p.add_argument("--precision", default="bf16-mixed", metavar="P",
+                       help="32-true, bf16-true, 16-true, bf16-mixed, 16-mixed or an alias "
+                       "such as fp32, bf16 (default bf16-mixed)")
+        p.add_argument("--optimizer", default="adamw", metavar="O",
+                       help="adamw, adamw-fused, adam, sgd, sgd-momentum, adamw-8bit, "
+                       "adafactor (default adamw)")
+        p.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each block's forward during backward")
+        p.add_argument("--lora-rank", type=_positive_int, metavar="R",
+                       help="LoRA adapters of rank R on every Linear of the blocks, base frozen")
+
+    def add_gpu(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+        p.add_argument("--gpu", metavar="GPU", required=required,
+                       help=help + " (a name from the catalogue: h100, a100-80gb, l4, ...)")
+
+    def add_run(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--samples", type=_positive_int, required=required, metavar="N",
+                       help="training samples (sequences) per epoch"
+                       + ("" if required else f" (default {DEFAULT_SAMPLES:,})"))
+        p.add_argument("--epochs", type=_positive_int, required=required, metavar="E",
+                       help="passes over the samples" + ("" if required else
+                                                         f" (default {DEFAULT_EPOCHS})"))
+        p.add_argument("--num-gpus", type=_positive_int, default=1, metavar="K",
+                       help="data-parallel GPUs, each taking --batch-size per step (default 1)")
+        p.add_argument("--price-per-hour", type=_price, metavar="USD",
+                       help="price of one GPU-hour (default: the catalogue's, where known)")
+
+    def add_output(p: argparse.ArgumentParser, gate: bool = True) -> None:
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON document (bytes, seconds) instead of text")
+        if gate:
+            p.add_argument("--fail-if-not-fits", action="store_true",
+                           help="exit with code 1 when the run does not fit on the GPU")
 
     p = add("presets", cmd_presets, "list the built-in model presets")
     p.add_argument("--json", action="store_true", help="print a JSON list")
@@ -133,7 +336,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     add_plan(p)
     p.add_argument("--all", action="store_true", help="one line per block")
+
+    p = add("estimate", cmd_estimate,
+            "peak GPU memory of a training step, against full fine-tuning and a GPU")
+    add_model(p)
+    add_plan(p)
+    add_step(p)
+    add_gpu(p, "the GPU to check against; without it, no verdict")
+    add_output(p)
+
+    p = add("time", cmd_time, "time and cost of a training run")
+    add_model(p)
+    add_plan(p)
+    add_step(p, batch="required")
+    add_gpu(p, "the GPU (default h100-sxm)")
+    add_run(p, required=True)
+    add_output(p)
+
+    p = add("fit", cmd_fit, "the largest batch size that fits on a GPU")
+    add_model(p)
+    add_plan(p)
+    add_step(p, batch=None)
+    add_gpu(p, "the GPU to fit", required=True)
+    add_output(p)
+
+    p = add("report", cmd_report, "a self-contained HTML report: structure, memory, time, cost")
+    add_model(p)
+    add_plan(p)
+    add_step(p)
+    add_gpu(p, "the GPU to check against and to time on (default for time: h100-sxm)")
+    add_run(p, required=False)
+    p.add_argument("--html", required=True, metavar="FILE", help="where to write the report")
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,20 +379,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("LAYERSCOPE_DEBUG") == "1"
+    if not debug:  # transformers' config chatter is not the user's business; read at import
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return args.func(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = args.func(args)
+        from layerscope.errors import LayerscopeWarning
+
+        shown = [w for w in caught if debug or issubclass(w.category, LayerscopeWarning)]
+        for message in dict.fromkeys(str(w.message) for w in shown):
+            print(f"layerscope {args.command}: warning: {message}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(f"layerscope {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `layerscope presets | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (UsageError, LayerscopeError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"layerscope {args.command}: error: {exc}", file=sys.stderr)
+        print(f"layerscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return USAGE
     except Exception as exc:  # a failure while working: one line, traceback with --debug
         if debug:
             traceback.print_exc()
-        print(f"layerscope {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"layerscope {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}",
+              file=sys.stderr)
         return FAILURE
 
 

@@ -1,0 +1,209 @@
+"""Terminal text for the ``estimate``, ``time`` and ``fit`` documents (see ``render.documents``).
+
+Functions return text; only the command line prints it. Colour is a pair of ANSI codes around
+the verdict, used only when :func:`use_color` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import IO, Any
+
+from tabulate import tabulate
+
+from layerscope.units import format_bytes, format_count, format_duration
+
+GREEN, RED, BOLD, RESET = "\033[32m", "\033[31m", "\033[1m", "\033[0m"
+
+COMPONENTS = (
+    ("weights", "weights_bytes"),
+    ("gradients", "gradient_bytes"),
+    ("optimizer states", "optimizer_state_bytes"),
+    ("optimizer temporaries", "optimizer_temporary_bytes"),
+    ("activations", "activation_bytes"),
+    ("logits and loss", "logits_bytes"),
+)
+"""Memory components in the order they are shown: label, key in an estimate dict."""
+
+
+def use_color(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """ANSI colour when ``stream`` is a terminal or ``FORCE_COLOR`` is set, never when
+    ``NO_COLOR`` is set to anything non-empty (https://no-color.org), nor for ``TERM=dumb``."""
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb":
+        return False
+    return bool(environ.get("FORCE_COLOR")) or (hasattr(stream, "isatty") and stream.isatty())
+
+
+def _paint(text: str, code: str, color: bool) -> str:
+    return f"{BOLD}{code}{text}{RESET}" if color else text
+
+
+def gib(n: float) -> str:
+    return format_bytes(n, 2)
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 10 else format_duration(s)
+
+
+def plan_label(doc: Mapping[str, Any]) -> str:
+    plan = doc["plan"]
+    if plan["lora_rank"] is not None:
+        return f"LoRA rank {plan['lora_rank']}"
+    return plan["text"]
+
+
+def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
+    """Model, step settings and plan: three lines (plus the plan's notes)."""
+    m, s, plan = doc["model"], doc["settings"], doc["plan"]
+    layers = f", {m['num_layers']} layers" if m["num_layers"] is not None else ""
+    ckpt = "gradient checkpointing" if s["gradient_checkpointing"] else "no gradient checkpointing"
+    tokens = f"{s['seq_len']} tokens" + (" per GPU" if per_gpu else "")
+    batch = f"batch {s['batch_size']} x {tokens}" if doc["command"] != "fit" else f"sequences of {tokens}"
+    total = m["total_params"]
+    if plan["lora_rank"] is not None:
+        what = (f"LoRA rank {plan['lora_rank']} on every Linear of the blocks "
+                f"(the {format_count(total)} base parameters frozen)")
+    elif plan["frozen_params"] == 0:
+        what = f"{plan['text']} (full fine-tuning: all {format_count(total)} parameters train)"
+    else:
+        what = (f"{plan['text']} (freezes {format_count(plan['frozen_params'])} of "
+                f"{format_count(total)} parameters)")
+    lines = [
+        f"{m['name']}: {m['class']}, {format_count(total)} parameters{layers}",
+        f"Step: {batch}, {s['precision']}, {s['optimizer']}, {ckpt}",
+        f"Plan: {what}",
+    ]
+    lines += [f"note: {w}" for w in plan["warnings"]]
+    return "\n".join(lines)
+
+
+def rule_text(doc: Mapping[str, Any]) -> str:
+    a = doc["assumptions"]
+    return (f"Needed = peak x {1 + a['allocator_headroom']:.2f} (allocator headroom) + "
+            f"{a['cuda_context_bytes'] >> 20} MiB (CUDA context), against the GPU's total memory.")
+
+
+def comparison_table(doc: Mapping[str, Any]) -> str:
+    """The plan's memory next to full fine-tuning's, same settings."""
+    e, f = doc["estimate"], doc["full_finetune"]
+    rows = [(label, gib(e[key]), gib(f[key])) for label, key in COMPONENTS]
+    total = e["total_params"]
+
+    def trainable(d: Mapping[str, Any]) -> str:
+        return f"{format_count(d['trainable_params'])} ({100 * d['trainable_params'] / total:.1f}%)"
+
+    rows += [
+        ("peak", gib(e["peak_bytes"]), gib(f["peak_bytes"])),
+        ("peak during", e["peak_phase"], f["peak_phase"]),
+        ("GPU memory needed", gib(e["required_bytes"]), gib(f["required_bytes"])),
+        ("trainable parameters", trainable(e), trainable(f)),
+    ]
+    return tabulate(rows, headers=("", plan_label(doc), "full fine-tuning"),
+                    colalign=("left", "right", "right"), disable_numparse=True)
+
+
+def verdict_text(doc: Mapping[str, Any], color: bool = False) -> str:
+    """One line: fits or not on the GPU, by how much; or where it fits without a GPU."""
+    v = doc["verdict"]
+    if v is None:
+        where = ", ".join(f"{g['gpu']} ({gib(g['memory_bytes'])})" for g in doc["fits_on"])
+        return f"No --gpu given. Fits as is on: {where or 'none of the catalogue GPUs'}."
+    on = f"On {v['gpu']} ({gib(v['available_bytes'])}): "
+    if v["fits"]:
+        more = ""
+        if v.get("max_batch_size"):
+            more = f"; largest batch that fits: {v['max_batch_size']}"
+        return (on + _paint("FITS", GREEN, color) + f". Needs {gib(v['required_bytes'])}, "
+                f"{gib(v['margin_bytes'])} to spare{more}.")
+    return (on + _paint("DOES NOT FIT", RED, color) + f". Needs {gib(v['required_bytes'])}, "
+            f"{gib(-v['margin_bytes'])} too much.")
+
+
+def suggestions_text(doc: Mapping[str, Any]) -> str:
+    rows = []
+    for a in doc["suggestions"]:
+        ratio = a["time_per_token_ratio"]
+        rows.append((a["change"], gib(a["peak_bytes"]), gib(a["required_bytes"]),
+                     "yes" if a["fits"] else "no", "" if ratio is None else f"{ratio:.2f}x"))
+    table = tabulate(rows, headers=("change", "peak", "needed", "fits", "time/token"),
+                     colalign=("left", "right", "right", "left", "right"), disable_numparse=True)
+    fit = any(a["fits"] for a in doc["suggestions"])
+    title = ("What would make it fit (each estimated; those that fit first, then by how little "
+             "they change the training):" if fit else "Nothing tried makes it fit on this GPU:")
+    return (f"{title}\n{table}\nchange: the flags to add or replace. time/token: the step time "
+            "per token, against the run as asked.")
+
+
+def estimate_text(doc: Mapping[str, Any], color: bool = False) -> str:
+    """``layerscope estimate``: header, side-by-side table, verdict and alternatives."""
+    parts = [header_text(doc), comparison_table(doc),
+             "Each component is at its own highest; they overlap in time, so they do not add "
+             "up to the peak."]
+    verdict = verdict_text(doc, color)
+    if doc["verdict"] is not None:
+        verdict += "\n" + rule_text(doc)
+    parts.append(verdict)
+    if doc["suggestions"]:
+        parts.append(suggestions_text(doc))
+    if doc["verdict"] is not None and not doc["verdict"]["fits"]:
+        bigger = ", ".join(f"{g['gpu']} ({gib(g['memory_bytes'])})" for g in doc["fits_on"])
+        parts.append(f"Fits as is on: {bigger or 'none of the catalogue GPUs'}.")
+    return "\n\n".join(parts)
+
+
+def _gpu_line(doc: Mapping[str, Any]) -> str:
+    g, t = doc["gpu"], doc["training"]
+    price = g["price_per_hour"]
+    cost = f"${price:.2f} per GPU-hour" if price is not None else "no price known (--price-per-hour)"
+    return f"GPU: {t['num_gpus']} x {g['name']}, {g['full_name']}, {cost}"
+
+
+def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
+    """``layerscope time``: steps, step time, wall time, GPU-hours, cost, memory per GPU."""
+    t, step, v = doc["training"], doc["training"]["step"], doc["verdict"]
+    phases = [("forward", step["forward_seconds"]), ("backward", step["backward_seconds"]),
+              ("recompute", step["recompute_seconds"]), ("optimizer", step["optimizer_seconds"])]
+    split = ", ".join(f"{name} {_seconds(s)}" for name, s in phases if s)
+    fits = _paint("fits", GREEN, color) if v["fits"] else _paint("does not fit", RED, color)
+    rows = [
+        ("samples x epochs", f"{t['samples']:,} x {t['epochs']}"),
+        ("steps", f"{t['total_steps']:,} ({t['steps_per_epoch']:,} per epoch)"),
+        ("step time", f"{_seconds(step['seconds'])} ({split})"),
+        ("throughput", f"{t['tokens_per_second']:,.0f} tokens/s"),
+        ("wall time", format_duration(t["total_seconds"])),
+        ("GPU-hours", f"{t['gpu_hours']:,.2f}"),
+        ("cost", "unknown" if t["cost"] is None else f"${t['cost']:,.2f}"),
+        ("memory per GPU", f"{fits}: needs {gib(v['required_bytes'])} of "
+                           f"{gib(v['available_bytes'])}"),
+    ]
+    note = ("Step time: a roofline estimate from the kernels' FLOPs and bytes against the GPU's "
+            "datasheet peaks;\ncommunication between GPUs is not modelled.")
+    return "\n\n".join([header_text(doc, per_gpu=True), _gpu_line(doc),
+                        tabulate(rows, tablefmt="plain", disable_numparse=True), note])
+
+
+def fit_text(doc: Mapping[str, Any], color: bool = False) -> str:
+    """``layerscope fit``: the largest batch, the step at it and just above it."""
+    g, best = doc["gpu"], doc["max_batch_size"]
+    lines = [header_text(doc), ""]
+    on = f"{g['name']} ({gib(g['memory_bytes'])})"
+    if best:
+        lines.append(f"Largest batch that fits on {on}: " + _paint(str(best), GREEN, color))
+    else:
+        lines.append(f"On {on}: " + _paint("DOES NOT FIT", RED, color) + " even at batch 1.")
+    for batch, e in ((best, doc["at_max"]), (best + 1, doc["above_max"])):
+        if e is None:
+            continue
+        margin = g["memory_bytes"] - e["required_bytes"]
+        room = f"{gib(margin)} to spare" if margin >= 0 else f"{gib(-margin)} too much"
+        speed = ""
+        if batch == best and doc["step"] is not None:
+            speed = f"; {doc['step']['tokens_per_second']:,.0f} tokens/s"
+        lines.append(f"  batch {batch}: peak {gib(e['peak_bytes'])} during {e['peak_phase']}, "
+                     f"needs {gib(e['required_bytes'])}, {room}{speed}")
+    lines.append(rule_text(doc))
+    if doc["suggestions"]:
+        lines += ["", suggestions_text(doc)]
+    return "\n".join(lines)
