@@ -226,6 +226,9 @@ def estimate_training_time(
     precision: str = "bf16-mixed",
     num_gpus: int = 1,
     price_per_hour: float | None = None,
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    lora: Any = None,
 ) -> dict[str, Any]:
     """Steps, wall time, GPU-hours and cost of a run.
 
@@ -233,8 +236,10 @@ def estimate_training_time(
     each of the ``num_gpus`` GPUs takes ``batch_size`` samples per step (gradient all-reduce
     time is not modelled). Without ``gpu`` a step takes ``ms_per_step``; with one, the step
     time comes from :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is
-    then ignored). ``gpu_hours = total_hours * num_gpus``; ``cost = gpu_hours * price``, the
-    price being ``price_per_hour`` or the catalogue's (None when neither is known).
+    then ignored), with ``seq_len``, ``plan``, ``precision``, ``optimizer``,
+    ``gradient_checkpointing`` and ``lora`` describing the step. ``gpu_hours = total_hours *
+    num_gpus``; ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the
+    catalogue's (None when neither is known).
 
     Raises:
         ValueError: a count or time out of range (``EstimateError`` for the GPU settings).
@@ -252,13 +257,18 @@ def estimate_training_time(
     price = check_price(price_per_hour)
     step = None
     if gpu is not None:
-        step = estimate_step_time(model, plan, batch_size=batch_size, seq_len=seq_len,
-                                  precision=precision, gpu=gpu)
+        step = estimate_step_time(
+            model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision, gpu=gpu,
+            optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
+        )
         ms_per_step = step.seconds * 1000.0
         if price is None:
             price = get_gpu(gpu).price_per_hour
-    elif plan is not None:
-        raise EstimateError("estimate_training_time: plan needs gpu (a step time to estimate)")
+    elif plan is not None or lora is not None or gradient_checkpointing or optimizer != "adamw":
+        raise EstimateError(
+            "estimate_training_time: plan, lora, gradient_checkpointing and optimizer describe "
+            "the step, which is estimated only when gpu is given"
+        )
     steps_per_epoch = steps_per_epoch_for(num_samples, batch_size, num_gpus)
     total_steps = steps_per_epoch * num_epochs
     seconds = total_steps * ms_per_step / 1000.0

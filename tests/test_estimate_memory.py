@@ -287,3 +287,12 @@ def test_long_sequence_warns(gpt2):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LayerscopeWarning)
         estimate_memory(gpt2, batch_size=1, seq_len=512)
+
+
+def test_nothing_trainable_is_an_error_not_a_crash(llama):
+    from layerscope import FreezePlan
+
+    model = llama
+    with pytest.raises(EstimateError, match="nothing is trainable.*inference=True"):
+        estimate_memory(model, FreezePlan.all(), batch_size=1, seq_len=16)
+    assert estimate_memory(model, FreezePlan.all(), batch_size=1, seq_len=16, inference=True).peak_bytes > 0

@@ -228,3 +228,17 @@ def test_eager_attention_computes_every_score():
     # QK^T and PV as batched GEMMs on the full S x S scores: twice the causal kernel's FLOPs
     assert t.forward.flops == 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2 * LLAMA_ATTN
     assert any("eager" in n for n in t.assumptions.notes)
+
+
+def test_training_time_passes_every_step_setting_through():
+    model = build("llama", "meta")
+    base = dict(seq_len=S, gpu="h100", precision="bf16-true")
+    plain = estimate_training_time(model, 100, 4, 1, **base)
+    ckpt = estimate_training_time(model, 100, 4, 1, gradient_checkpointing=True, **base)
+    fused = estimate_training_time(model, 100, 4, 1, optimizer="adamw-fused", **base)
+    lora = estimate_training_time(model, 100, 4, 1, lora=8, **base)
+    assert ckpt["ms_per_step"] > plain["ms_per_step"]  # the forward runs again in backward
+    assert fused["step_time"].optimizer.seconds < plain["step_time"].optimizer.seconds
+    assert lora["step_time"].trainable_params < plain["step_time"].trainable_params
+    with pytest.raises(EstimateError, match="estimated only when gpu is given"):
+        estimate_training_time(model, 100, 4, 1, optimizer="sgd")

@@ -265,6 +265,13 @@ def estimate_memory_for(
     for name, p in named:
         tensors[id(p)] = p
         is_trainable[id(p)] = is_trainable.get(id(p), False) or name in trainable
+    if not inference and lora is None and not any(
+        t and tensors[i].is_floating_point() for i, t in is_trainable.items()
+    ):
+        raise EstimateError(
+            "nothing is trainable (every parameter is frozen and lora is None): a training "
+            "step has no backward; use inference=True for a forward-only estimate"
+        )
 
     blocks_name, blocks = _block_stack(model)
     lora_targets = _lora_targets(model, lora) if lora is not None else frozenset()
