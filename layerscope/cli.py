@@ -104,7 +104,7 @@ def _price(text: str) -> float:
 def _settings(args: argparse.Namespace, batch_size: int | None = None) -> Any:
     """The step settings, validated before any model is built (names resolved to canonical)."""
     from layerscope.estimate.settings import resolve_optimizer, resolve_precision
-    from layerscope.render.documents import Settings
+    from layerscope.preflight import Settings
 
     if args.lora_rank is not None and args.plan is not None:
         raise UsageError(
@@ -130,7 +130,7 @@ def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
 
 def _estimator(args: argparse.Namespace, progress: Progress) -> Any:
     """The model built, and the plan checked against it, before the slow estimates start."""
-    from layerscope.render.documents import Estimator
+    from layerscope.preflight import Estimator
 
     est = Estimator(_load(args), progress)
     plan = _plan(args)
@@ -160,7 +160,7 @@ def _gate(args: argparse.Namespace, fits: bool) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from layerscope.render.console import estimate_text
-    from layerscope.render.documents import estimate_document
+    from layerscope.preflight import estimate_document
 
     if args.fail_if_not_fits and not args.gpu:
         raise UsageError("--fail-if-not-fits needs --gpu (the GPU to check against)")
@@ -174,7 +174,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_time(args: argparse.Namespace) -> int:
     from layerscope.render.console import time_text
-    from layerscope.render.documents import DEFAULT_TIME_GPU, time_document
+    from layerscope.preflight import DEFAULT_TIME_GPU, time_document
 
     s, gpu, progress = _settings(args), _gpu(args, DEFAULT_TIME_GPU), Progress()
     est, plan = _estimator(args, progress)
@@ -187,7 +187,7 @@ def cmd_time(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from layerscope.render.console import fit_text
-    from layerscope.render.documents import fit_document
+    from layerscope.preflight import fit_document
 
     s, gpu, progress = _settings(args, batch_size=1), _gpu(args), Progress()
     est, plan = _estimator(args, progress)
@@ -198,7 +198,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from layerscope.render.documents import report_document
+    from layerscope.preflight import report_document
     from layerscope.render.report import report_html
 
     folder = os.path.dirname(os.path.abspath(args.html))

@@ -1,4 +1,4 @@
-"""Terminal text for the ``estimate``, ``time`` and ``fit`` documents (see ``render.documents``).
+"""Terminal text for the ``estimate``, ``time`` and ``fit`` documents (see ``layerscope.preflight``).
 
 Functions return text; only the command line prints it. Colour is a pair of ANSI codes around
 the verdict, used only when :func:`use_color` says so.

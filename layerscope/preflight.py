@@ -1,6 +1,8 @@
-"""The JSON-ready documents the command line prints (``--json``) and the HTML report draws.
+"""The pre-flight behind each command: it runs the estimates a command needs (and searches
+the alternatives for a run that does not fit) and returns the JSON-ready document the command
+line prints (``--json``) and the HTML report draws.
 
-Each ``*_document`` function runs the estimates a command needs and returns plain data:
+Each ``*_document`` function returns plain data:
 ints in bytes, floats in seconds, strings, lists and dicts, nothing else. Text and HTML are
 rendered from these documents (``render.console``, ``render.report``), never from live
 objects, so ``--json`` and what a person reads always agree.
