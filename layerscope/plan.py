@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,14 @@ def _tensors(s: ModelScan, names: Iterable[str]) -> set[int]:
 
 
 @dataclass(frozen=True)
-class Rule:
+class Rule(ABC):
     """One selection of parameters to freeze. Subclasses say which."""
 
     kind: ClassVar[str] = ""
 
+    @abstractmethod
     def select(self, s: ModelScan) -> tuple[set[str], list[str]]:
         """Names this rule freezes on ``s`` and the warnings it has."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items()}

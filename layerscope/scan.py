@@ -282,19 +282,25 @@ def _child_types(m: nn.Module) -> str:
     return "/".join(names) if names else "empty"
 
 
+def _hf_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()`` where the model has it;
+    None for plain modules and for models whose getter is not implemented."""
+    get = getattr(model, getter, None)
+    if not callable(get):
+        return None
+    try:
+        found = get()
+    except (NotImplementedError, AttributeError):  # HF base classes without the module
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
 def _embedding_names(
     model: nn.Module, params: list[ParamInfo], stack_prefixes: tuple[str, ...]
 ) -> set[str]:
     """Parameters of the input embeddings outside the blocks (token, position, token-type)."""
-    wanted: set[int] = set()
-    get_input = getattr(model, "get_input_embeddings", None)
-    if callable(get_input):
-        try:
-            emb = get_input()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Module):
-            wanted.add(id(emb))
+    emb = _hf_module(model, "get_input_embeddings")
+    wanted = {id(emb)} if emb is not None else set()
     prefixes = []
     for path, m in model.named_modules():
         if path and (isinstance(m, nn.Embedding) or id(m) in wanted):
@@ -314,16 +320,11 @@ def _head_names(
     """The head side: what is registered after the main stack (final norm, output head),
     plus the output embeddings wherever they are registered."""
     head: set[str] = set()
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        try:
-            out = get_output()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module):
-            for path, m in model.named_modules(remove_duplicate=False):
-                if m is out and path:
-                    head.update(p.name for p in params if p.name.startswith(path + "."))
+    out = _hf_module(model, "get_output_embeddings")
+    if out is not None:
+        for path, m in model.named_modules(remove_duplicate=False):
+            if m is out and path:
+                head.update(p.name for p in params if p.name.startswith(path + "."))
     if primary is not None:
         prefix = stacks[primary].path + "."
         last = max(i for i, p in enumerate(params) if p.name.startswith(prefix))
