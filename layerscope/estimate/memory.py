@@ -454,11 +454,9 @@ def _block_kinds(
 
 def _lora_targets(model: nn.Module, lora: Any) -> frozenset[str]:
     """Names of the modules a peft ``LoraConfig`` would adapt in ``model``."""
-    try:
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import check_target_module_exists
-    except ImportError as exc:  # pragma: no cover - peft is an optional dependency
-        raise EstimateError("lora= needs peft installed (pip install peft)") from exc
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     if not isinstance(lora, LoraConfig):
         raise EstimateError(f"lora must be a peft LoraConfig, got {type(lora).__name__}")
     supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)

@@ -144,14 +144,12 @@ def lora_config(model: nn.Module, lora: Any) -> Any:
     no dropout (the calibration set's adapters).
 
     Raises:
-        EstimateError: not a LoraConfig, a positive int or None; or peft missing.
+        EstimateError: not a LoraConfig, a positive int or None.
     """
     if lora is None:
         return None
-    try:
-        from peft import LoraConfig
-    except ImportError as exc:  # pragma: no cover - peft is an optional dependency
-        raise EstimateError("lora needs peft installed (pip install 'layerscope[peft]')") from exc
+    from peft import LoraConfig
+
     if isinstance(lora, LoraConfig):
         return lora
     if isinstance(lora, bool) or not isinstance(lora, int) or lora < 1:
