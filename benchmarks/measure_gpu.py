@@ -29,7 +29,7 @@ import torch
 
 import layerscope as ls
 from layerscope.catalog.resolve import resolve_config
-from layerscope.estimate.settings import lora_config, resolve_optimizer, resolve_precision
+from layerscope.setup import Lora, resolve_optimizer, resolve_precision
 
 GIB = 2**30
 
@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(model, args.lora))
+        model = get_peft_model(model, Lora.of(args.lora, model).peft_config())
     elif args.plan:
         ls.apply_plan(model, ls.FreezePlan.parse(args.plan))
     if args.gradient_checkpointing:

@@ -18,7 +18,7 @@ import torch
 from tabulate import tabulate
 
 from layerscope.estimate.hardware import get_gpu
-from layerscope.estimate.settings import resolve_precision
+from layerscope.setup import resolve_precision
 from layerscope.estimate.time import estimate_step_time
 from layerscope.plan import Embeddings, FreezePlan, Last, Names, Regex, ExceptLast, First
 

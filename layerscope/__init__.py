@@ -43,8 +43,9 @@ from layerscope.layer_utils import (
     setup_lp_lora_style,
     unfreeze_model,
 )
-from layerscope.plan import FreezePlan, Resolution
+from layerscope.plan import FreezePlan, GradualSchedule, Resolution
 from layerscope.scan import BlockStack, ModelScan, ParamInfo, scan
+from layerscope.setup import TrainingSetup
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "EstimateError",
     "FreezePlan",
     "GPU",
+    "GradualSchedule",
     "GradualUnfreezer",
     "LayerscopeError",
     "LayerscopeWarning",
@@ -67,6 +69,7 @@ __all__ = [
     "ScheduleEstimate",
     "StepTime",
     "StructureError",
+    "TrainingSetup",
     "__version__",
     "apply_plan",
     "empty_model",

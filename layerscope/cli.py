@@ -100,43 +100,45 @@ def _price(text: str) -> float:
     return value
 
 
-def _settings(args: argparse.Namespace, batch_size: int | None = None) -> Any:
-    """The step settings, validated before any model is built (names resolved to canonical)."""
-    from layerscope.estimate.settings import resolve_optimizer, resolve_precision
-    from layerscope.preflight import Settings
+def _check_names(args: argparse.Namespace) -> None:
+    """Setting names checked before any model is built (a typo fails in milliseconds)."""
+    from layerscope.setup import ATTENTION_IMPLEMENTATIONS, resolve_optimizer, resolve_precision
 
-    if args.lora_rank is not None and args.plan is not None:
+    resolve_precision(args.precision)
+    resolve_optimizer(args.optimizer)
+    if args.attn is not None and args.attn not in ATTENTION_IMPLEMENTATIONS:
         raise UsageError(
-            f"--lora-rank {args.lora_rank} trains adapters on a frozen base model; it cannot be "
-            f"combined with --plan {args.plan} (drop one of them)"
+            f"unknown --attn {args.attn!r}; allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
-    return Settings(
-        batch_size=args.batch_size if batch_size is None else batch_size,
-        seq_len=args.seq_len,
-        precision=resolve_precision(args.precision).name,
-        optimizer=resolve_optimizer(args.optimizer),
-        gradient_checkpointing=args.gradient_checkpointing,
-        lora_rank=args.lora_rank,
-    )
 
 
 def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
     from layerscope.estimate.hardware import get_gpu
 
     name = args.gpu or default
-    return None if name is None else get_gpu(name)
+    if name is None:
+        return None
+    gpu = get_gpu(name)
+    price = getattr(args, "price_per_hour", None)
+    return gpu if price is None else gpu.with_price(price)
 
 
-def _estimator(args: argparse.Namespace, progress: Progress) -> Any:
-    """The model built, and the plan checked against it, before the slow estimates start."""
-    from layerscope.preflight import Estimator
+def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None = None) -> Any:
+    """The pre-flight context and the training setup: the model built, the plan checked against
+    it (a plan beyond the layer count, or one that trains nothing, is a usage error)."""
+    from layerscope.preflight import Context
+    from layerscope.setup import TrainingSetup
 
-    est = Estimator(_load(args), progress)
-    plan = _plan(args)
-    if plan is not None:  # a plan beyond the layer count fails here, as a usage error
-        if plan.resolve(est.scan).trainable_params == 0:
-            raise UsageError(f"plan {plan} freezes every parameter: there is nothing to train")
-    return est, plan
+    _check_names(args)
+    model, plan = _load(args), _plan(args)
+    setup = TrainingSetup(
+        model, plan,
+        batch_size=args.batch_size if batch_size is None else batch_size,
+        seq_len=args.seq_len, precision=args.precision, optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing, lora=args.lora_rank,
+        attn_implementation=args.attn,
+    )
+    return Context(args.model, progress), setup
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[..., str]) -> None:
@@ -158,42 +160,44 @@ def _gate(args: argparse.Namespace, fits: bool) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from layerscope.render.console import estimate_text
     from layerscope.preflight import estimate_document
+    from layerscope.render.console import estimate_text
 
     if args.fail_if_not_fits and not args.gpu:
         raise UsageError("--fail-if-not-fits needs --gpu (the GPU to check against)")
-    s, gpu, progress = _settings(args), _gpu(args), Progress()
-    est, plan = _estimator(args, progress)
-    doc = estimate_document(args.model, est, plan, s, gpu)
+    progress = Progress()
+    gpu = _gpu(args)
+    ctx, setup = _setup(args, progress)
+    doc = estimate_document(ctx, setup, gpu)
     progress.done()
-    _emit(args, doc, estimate_text)
-    return _gate(args, doc["verdict"] is None or doc["verdict"]["fits"])
+    _emit(args, doc.to_dict(), estimate_text)
+    return _gate(args, doc.verdict is None or doc.verdict.fits)
 
 
 def cmd_time(args: argparse.Namespace) -> int:
-    from layerscope.render.console import time_text
     from layerscope.preflight import DEFAULT_TIME_GPU, time_document
+    from layerscope.render.console import time_text
 
-    s, gpu, progress = _settings(args), _gpu(args, DEFAULT_TIME_GPU), Progress()
-    est, plan = _estimator(args, progress)
-    doc = time_document(args.model, est, plan, s, gpu, args.samples, args.epochs, args.num_gpus,
-                        args.price_per_hour)
+    progress = Progress()
+    gpu = _gpu(args, DEFAULT_TIME_GPU)
+    ctx, setup = _setup(args, progress)
+    doc = time_document(ctx, setup, gpu, args.samples, args.epochs, args.num_gpus)
     progress.done()
-    _emit(args, doc, time_text)
-    return _gate(args, doc["verdict"]["fits"])
+    _emit(args, doc.to_dict(), time_text)
+    return _gate(args, doc.estimate.fits(gpu.memory_bytes))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from layerscope.render.console import fit_text
     from layerscope.preflight import fit_document
+    from layerscope.render.console import fit_text
 
-    s, gpu, progress = _settings(args, batch_size=1), _gpu(args), Progress()
-    est, plan = _estimator(args, progress)
-    doc = fit_document(args.model, est, plan, s, gpu)
+    progress = Progress()
+    gpu = _gpu(args)
+    ctx, setup = _setup(args, progress, batch_size=1)
+    doc = fit_document(ctx, setup, gpu)
     progress.done()
-    _emit(args, doc, fit_text)
-    return _gate(args, doc["max_batch_size"] > 0)
+    _emit(args, doc.to_dict(), fit_text)
+    return _gate(args, doc.max_batch_size > 0)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -203,13 +207,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     folder = os.path.dirname(os.path.abspath(args.html))
     if not os.path.isdir(folder):  # fail before minutes of work, not after
         raise OSError(f"cannot write {args.html}: folder {folder} does not exist")
-    s, gpu, progress = _settings(args), _gpu(args), Progress()
-    est, plan = _estimator(args, progress)
-    doc = report_document(args.model, est, plan, s, gpu, args.samples or DEFAULT_SAMPLES,
-                          args.epochs or DEFAULT_EPOCHS, args.num_gpus, args.price_per_hour)
+    progress = Progress()
+    gpu = _gpu(args)
+    ctx, setup = _setup(args, progress)
+    doc = report_document(ctx, setup, gpu, args.samples or DEFAULT_SAMPLES,
+                          args.epochs or DEFAULT_EPOCHS, args.num_gpus)
     progress.done()
     with open(args.html, "w", encoding="utf-8") as f:
-        f.write(report_html(doc))
+        f.write(report_html(doc.to_dict()))
     print(f"wrote {args.html}")
     return 0
 
@@ -298,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute each block's forward during backward")
         p.add_argument("--lora-rank", type=_positive_int, metavar="R",
-                       help="LoRA adapters of rank R on every Linear of the blocks, base frozen")
+                       help="LoRA adapters of rank R on every Linear of the blocks, base frozen "
+                       "(with --plan: the base parameters the plan leaves trainable train too)")
+        p.add_argument("--attn", metavar="IMPL",
+                       help="attention implementation: sdpa, eager, flash_attention_2 or "
+                       "flex_attention (default: what transformers picks for the model)")
 
     def add_gpu(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
         p.add_argument("--gpu", metavar="GPU", required=required,

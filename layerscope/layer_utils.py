@@ -13,12 +13,12 @@ from torch import nn
 
 from layerscope.apply import apply_plan, emit, set_requires_grad
 from layerscope.errors import EstimateError, PlanError
-from layerscope.estimate.hardware import GPU, check_price, get_gpu
-from layerscope.estimate.time import estimate_step_time
-from layerscope.estimate.time import steps_per_epoch as steps_per_epoch_for
-from layerscope.plan import Embeddings, ExceptLast, FreezePlan, Rule
+from layerscope.estimate.hardware import GPU, get_gpu
+from layerscope.estimate.run import run_cost
+from layerscope.plan import FreezePlan, GradualSchedule
 from layerscope.render.text import layer_status_text, model_summary_text
 from layerscope.scan import check_module, scan
+from layerscope.setup import SETTINGS, make_setup
 from layerscope.units import GIB, dtype_bytes, format_duration
 
 
@@ -140,30 +140,44 @@ def print_model_summary(model: nn.Module, max_depth: int = 3) -> None:
 def get_memory_savings_estimate(
     model: nn.Module,
     *,
-    batch_size: int = 1,
-    seq_len: int = 2048,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     precision: str | None = None,
-    optimizer: str = "adamw",
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    lora: Any = None,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
 ) -> dict[str, Any]:
     """Memory the current freezing saves against full fine-tuning.
 
     ``gradient_saved_*`` and ``optimizer_saved_*`` come from the frozen parameters' own dtypes
-    (no gradient, no AdamW ``exp_avg``/``exp_avg_sq``). For models the memory estimator
-    supports (Hugging Face causal LMs), the peak of a training step is estimated too, with
-    and without the freezing (:func:`layerscope.estimate.memory.estimate_memory_savings`), which
-    adds the activation memory freezing the first blocks saves: ``peak_saved_*``,
-    ``activation_saved_*``, ``baseline_peak_bytes``, ``planned_peak_bytes``. For other models
-    those are None and ``estimate_note`` says why. ``*_gb`` values are GiB (2**30 bytes).
+    (no gradient, and no state of ``optimizer``: two AdamW moments, one SGD momentum, ...),
+    each tensor rounded to the CUDA caching allocator's 512-byte blocks. For
+    models the memory estimator supports (Hugging Face causal LMs), the peak of a training step
+    is estimated too, with and without the freezing
+    (:func:`layerscope.estimate.memory.estimate_memory_savings`), which adds the activation
+    memory freezing the first blocks saves: ``peak_saved_*``, ``activation_saved_*``,
+    ``baseline_peak_bytes``, ``planned_peak_bytes``. For other models those are None and
+    ``estimate_note`` says why. ``*_gb`` values are GiB (2**30 bytes).
 
     Args:
-        batch_size, seq_len, optimizer: the step estimated (see ``estimate_memory``).
+        batch_size, seq_len, optimizer, ...: the step estimated, as for ``estimate_memory``
+            (``None``: its default).
         precision: the step's precision; None means the "-true" precision of the model's
             parameter dtype (fp32 -> "32-true", bf16 -> "bf16-true", fp16 -> "16-true").
     """
+    from layerscope.estimate.memory import estimate_memory_savings
+    from layerscope.estimate.optimizers import OPTIMIZERS
+    from layerscope.estimate.trace import rounded
+    from layerscope.setup import resolve_optimizer
+
     s = scan(check_module(model, "get_memory_savings_estimate"))
     frozen = [g[0] for g in s.tensors if not g[0].requires_grad]
-    grad = int(sum(p.numel * dtype_bytes(p.dtype) for p in frozen))
-    optim = 2 * grad
+    grad = sum(rounded(int(p.numel * dtype_bytes(p.dtype))) for p in frozen)
+    opt_name = resolve_optimizer("adamw" if optimizer is None else optimizer)
+    sizes = [(p.numel, int(dtype_bytes(p.dtype)), p.shape) for p in frozen]
+    optim = OPTIMIZERS[opt_name](sizes).state
     out: dict[str, Any] = {
         "gradient_saved_gb": grad / GIB,
         "optimizer_saved_gb": optim / GIB,
@@ -174,9 +188,6 @@ def get_memory_savings_estimate(
         "frozen_params": s.frozen_params,
         "trainable_params": s.trainable_params,
     }
-    from layerscope.errors import EstimateError
-    from layerscope.estimate.memory import estimate_memory_savings
-
     if precision is None:
         dtypes = {g[0].dtype for g in s.tensors if g[0].dtype.is_floating_point}
         precision = {"torch.bfloat16": "bf16-true", "torch.float16": "16-true"}.get(
@@ -185,7 +196,8 @@ def get_memory_savings_estimate(
     try:
         saved = estimate_memory_savings(
             model, None, batch_size=batch_size, seq_len=seq_len, precision=precision,
-            optimizer=optimizer,
+            optimizer=opt_name, gradient_checkpointing=gradient_checkpointing, lora=lora,
+            attn_implementation=attn_implementation, inference=inference,
         )
     except EstimateError as exc:  # e.g. no vocabulary, or the forward fails at this seq_len
         keys = ("peak_saved_bytes", "peak_saved_gb", "activation_saved_bytes",
@@ -201,16 +213,11 @@ def get_memory_savings_estimate(
         "activation_saved_gb": activations / GIB,
         "baseline_peak_bytes": saved.baseline.peak_bytes,
         "planned_peak_bytes": saved.planned.peak_bytes,
-        "estimate_settings": {"batch_size": batch_size, "seq_len": seq_len,
-                              "precision": saved.planned.precision, "optimizer": optimizer},
+        "estimate_settings": {"batch_size": saved.planned.batch_size,
+                              "seq_len": saved.planned.seq_len,
+                              "precision": saved.planned.precision, "optimizer": opt_name},
     })
     return out
-
-
-def _check_count(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def estimate_training_time(
@@ -220,15 +227,17 @@ def estimate_training_time(
     num_epochs: int,
     ms_per_step: float = 500.0,
     *,
-    seq_len: int = 2048,
     gpu: str | GPU | None = None,
     plan: FreezePlan | None = None,
-    precision: str = "bf16-mixed",
     num_gpus: int = 1,
     price_per_hour: float | None = None,
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
+    seq_len: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
     lora: Any = None,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
 ) -> dict[str, Any]:
     """Steps, wall time, GPU-hours and cost of a run.
 
@@ -236,55 +245,55 @@ def estimate_training_time(
     each of the ``num_gpus`` GPUs takes ``batch_size`` samples per step (gradient all-reduce
     time is not modelled). Without ``gpu`` a step takes ``ms_per_step``; with one, the step
     time comes from :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is
-    then ignored), with ``seq_len``, ``plan``, ``precision``, ``optimizer``,
-    ``gradient_checkpointing`` and ``lora`` describing the step. ``gpu_hours = total_hours *
-    num_gpus``; ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the
-    catalogue's (None when neither is known).
+    then ignored), with ``plan`` and the step settings (``seq_len``, ``precision``, ...:
+    as for ``estimate_memory``) describing the step. ``gpu_hours = total_hours * num_gpus``;
+    ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the catalogue's (None
+    when neither is known).
 
     Raises:
-        ValueError: a count or time out of range (``EstimateError`` for the GPU settings).
+        EstimateError (a ValueError): a count or time out of range, or settings given without a
+            ``gpu`` (they describe a step that is only estimated on a GPU).
     """
     check_module(model, "estimate_training_time")
-    _check_count(num_samples, "num_samples", 0)
-    _check_count(batch_size, "batch_size", 1)
-    _check_count(num_epochs, "num_epochs", 0)
-    if isinstance(ms_per_step, bool) or not isinstance(ms_per_step, (int, float)) or not (
-        ms_per_step >= 0 and math.isfinite(ms_per_step)
-    ):
-        raise ValueError(f"ms_per_step must be a finite number >= 0, got {ms_per_step!r}")
-    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
-        raise EstimateError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
-    price = check_price(price_per_hour)
+    settings = dict(seq_len=seq_len, precision=precision, optimizer=optimizer,
+                    gradient_checkpointing=gradient_checkpointing, lora=lora,
+                    attn_implementation=attn_implementation, inference=inference)
     step = None
+    price = price_per_hour
     if gpu is not None:
-        step = estimate_step_time(
-            model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision, gpu=gpu,
-            optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
-        )
+        from layerscope.estimate.time import step_time_of
+
+        device = get_gpu(gpu)
+        setup = make_setup(model, plan, batch_size=batch_size, **settings)
+        step = step_time_of(setup, device)
         ms_per_step = step.seconds * 1000.0
         if price is None:
-            price = get_gpu(gpu).price_per_hour
-    elif plan is not None or lora is not None or gradient_checkpointing or optimizer != "adamw":
-        raise EstimateError(
-            "estimate_training_time: plan, lora, gradient_checkpointing and optimizer describe "
-            "the step, which is estimated only when gpu is given"
-        )
-    steps_per_epoch = steps_per_epoch_for(num_samples, batch_size, num_gpus)
-    total_steps = steps_per_epoch * num_epochs
-    seconds = total_steps * ms_per_step / 1000.0
-    gpu_hours = seconds / 3600.0 * num_gpus
+            price = device.price_per_hour
+    else:
+        given = [k for k, v in settings.items() if v is not None] + (["plan"] if plan else [])
+        if given:
+            raise EstimateError(
+                f"estimate_training_time: {', '.join(given)} describe the step, which is "
+                "estimated only when gpu is given"
+            )
+    if isinstance(ms_per_step, bool) or not isinstance(ms_per_step, (int, float)) or not (
+        math.isfinite(ms_per_step) and ms_per_step >= 0
+    ):
+        raise EstimateError(f"ms_per_step must be a finite number >= 0, got {ms_per_step!r}")
+    run = run_cost(ms_per_step / 1000.0, num_samples, batch_size, num_epochs, num_gpus=num_gpus,
+                   price_per_hour=price)
     return {
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.total_steps,
         "ms_per_step": float(ms_per_step),
-        "total_seconds": seconds,
-        "total_hours": seconds / 3600.0,
-        "formatted": format_duration(seconds),
+        "total_seconds": run.total_seconds,
+        "total_hours": run.total_seconds / 3600.0,
+        "formatted": format_duration(run.total_seconds),
         "num_gpus": num_gpus,
         "gpu": None if gpu is None else get_gpu(gpu).name,
-        "gpu_hours": gpu_hours,
-        "price_per_hour": price,
-        "cost": None if price is None else gpu_hours * price,
+        "gpu_hours": run.gpu_hours,
+        "price_per_hour": run.price_per_hour,
+        "cost": run.cost,
         "step_time": step,
     }
 
@@ -292,11 +301,12 @@ def estimate_training_time(
 class GradualUnfreezer:
     """Unfreeze blocks from the top, epoch by epoch (ULMFiT-style gradual unfreezing).
 
-    Epoch 0 trains only the head side; at epoch ``e`` the top ``L * e // (total_epochs - 1)``
-    blocks train, so all blocks train by the last epoch and none refreezes. The embeddings stay
-    frozen unless ``freeze_embeddings=False`` or ``epoch >= unfreeze_embeddings_at``; a head tied
-    to them trains with the head side (with a warning). Everything else (e.g. a vision tower)
-    stays frozen until the last epoch.
+    The schedule is a :class:`~layerscope.plan.GradualSchedule`: epoch 0 trains only the head
+    side; at epoch ``e`` the top ``L * e // (total_epochs - 1)`` blocks train, so all blocks
+    train by the last epoch and none refreezes. The embeddings stay frozen unless
+    ``freeze_embeddings=False`` or ``epoch >= unfreeze_embeddings_at``; a head tied to them
+    trains with the head side (with a warning). Everything else (e.g. a vision tower) stays
+    frozen until the last epoch.
 
     ``step(e)`` sets the flags for epoch ``e`` from scratch, so resuming at any epoch gives the
     same flags. With an optimizer built before unfreezing, give it *all* parameters (frozen ones
@@ -314,50 +324,36 @@ class GradualUnfreezer:
         verbose: bool = True,
     ) -> None:
         check_module(model, "GradualUnfreezer")
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 2:
-            raise ValueError(
-                f"GradualUnfreezer: total_epochs must be an int >= 2 (epoch 0 trains the head "
-                f"only, the last epoch everything), got {total_epochs!r}"
-            )
-        if unfreeze_embeddings_at is not None and (
-            isinstance(unfreeze_embeddings_at, bool)
-            or not isinstance(unfreeze_embeddings_at, int)
-            or unfreeze_embeddings_at < 0
-        ):
-            raise ValueError(
-                f"GradualUnfreezer: unfreeze_embeddings_at must be None or an int >= 0, "
-                f"got {unfreeze_embeddings_at!r}"
-            )
         self.model = model
-        self.total_epochs = total_epochs
-        self.unfreeze_embeddings_at = unfreeze_embeddings_at
-        self.freeze_embeddings = bool(freeze_embeddings)
+        self.schedule = GradualSchedule(
+            scan(model).num_layers, total_epochs, unfreeze_embeddings_at, freeze_embeddings
+        )
         self.verbose = bool(verbose)
-        self.num_layers = scan(model).num_layers
         self.epoch: int | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        return self.schedule.total_epochs
+
+    @property
+    def num_layers(self) -> int:
+        return self.schedule.num_layers
+
+    @property
+    def unfreeze_embeddings_at(self) -> int | None:
+        return self.schedule.unfreeze_embeddings_at
+
+    @property
+    def freeze_embeddings(self) -> bool:
+        return self.schedule.freeze_embeddings
 
     def trainable_blocks(self, epoch: int) -> int:
         """How many of the top blocks train at ``epoch``."""
-        self._check_epoch(epoch)
-        last = self.total_epochs - 1
-        return self.num_layers if epoch >= last else self.num_layers * epoch // last
-
-    def _check_epoch(self, epoch: object) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"GradualUnfreezer: epoch must be an int >= 0, got {epoch!r}")
+        return self.schedule.trainable_blocks(epoch)
 
     def plan(self, epoch: int) -> FreezePlan:
         """The freeze plan of ``epoch``."""
-        k = self.trainable_blocks(epoch)
-        embeddings_frozen = self.freeze_embeddings and (
-            self.unfreeze_embeddings_at is None or epoch < self.unfreeze_embeddings_at
-        )
-        if k < self.num_layers:
-            rule: Rule = ExceptLast(k, keep_embeddings=not embeddings_frozen)
-            return FreezePlan((rule,), self.num_layers)
-        if embeddings_frozen:
-            return FreezePlan((Embeddings(keep_tied_head=True),), self.num_layers)
-        return FreezePlan((), self.num_layers)
+        return self.schedule.plan(epoch)
 
     def step(self, epoch: int) -> int:
         """Set the flags for ``epoch``; returns the trainable parameter elements."""
@@ -381,22 +377,23 @@ class GradualUnfreezer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the schedule and re-apply the saved epoch's flags."""
-        if not isinstance(state, dict) or state.get("num_layers") != self.num_layers:
-            raise ValueError(
-                f"GradualUnfreezer.load_state_dict: state is for "
-                f"{state.get('num_layers') if isinstance(state, dict) else state!r} layers, "
-                f"this model has {self.num_layers}"
+        """Restore the schedule and re-apply the saved epoch's flags (validated first)."""
+        keys = {"total_epochs", "unfreeze_embeddings_at", "freeze_embeddings", "num_layers", "epoch"}
+        if isinstance(state, dict) and state.get("num_layers") != self.num_layers:
+            raise PlanError(
+                f"GradualUnfreezer.load_state_dict: state is for {state.get('num_layers')!r} "
+                f"layers, this model has {self.num_layers}"
             )
-        restored = GradualUnfreezer(
-            self.model, state["total_epochs"], state["unfreeze_embeddings_at"],
-            state["freeze_embeddings"], verbose=False,
-        )
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise PlanError(
+                f"GradualUnfreezer.load_state_dict: expected a dict with {sorted(keys)}, got "
+                f"{state!r}"[:300]
+            )
+        schedule = GradualSchedule(self.num_layers, state["total_epochs"],
+                                   state["unfreeze_embeddings_at"], state["freeze_embeddings"])
         if state["epoch"] is not None:
-            restored._check_epoch(state["epoch"])
-        self.total_epochs = restored.total_epochs
-        self.unfreeze_embeddings_at = restored.unfreeze_embeddings_at
-        self.freeze_embeddings = restored.freeze_embeddings
+            schedule.check_epoch(state["epoch"])
+        self.schedule = schedule
         if state["epoch"] is not None:
             verbose, self.verbose = self.verbose, False
             self.step(state["epoch"])

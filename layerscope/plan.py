@@ -520,3 +520,66 @@ def _parse_one(part: str) -> FreezePlan:
         except OSError as exc:
             raise PlanError(f"cannot read plan file {part!r}: {exc.strerror}") from exc
     raise PlanError(f"unknown plan {part!r}; {_GRAMMAR}")
+
+
+@dataclass(frozen=True)
+class GradualSchedule:
+    """Gradual unfreezing (ULMFiT style), epoch by epoch, as freeze plans.
+
+    Epoch 0 trains only the head side; at epoch ``e`` the top ``L * e // (total_epochs - 1)``
+    blocks train, so all blocks train by the last epoch and none refreezes. The embeddings stay
+    frozen unless ``freeze_embeddings`` is False or ``epoch >= unfreeze_embeddings_at``; a head
+    tied to them trains with the head side. Everything else (e.g. a vision tower) stays frozen
+    until the last epoch.
+
+    Raises:
+        PlanError: ``num_layers < 1``, ``total_epochs < 2``, or a bad ``unfreeze_embeddings_at``.
+    """
+
+    num_layers: int
+    total_epochs: int
+    unfreeze_embeddings_at: int | None = None
+    freeze_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise PlanError(f"gradual unfreezing needs a block stack; num_layers={self.num_layers!r}")
+        if (isinstance(self.total_epochs, bool) or not isinstance(self.total_epochs, int)
+                or self.total_epochs < 2):
+            raise PlanError(
+                f"GradualUnfreezer: total_epochs must be an int >= 2 (epoch 0 trains the head "
+                f"only, the last epoch everything), got {self.total_epochs!r}"
+            )
+        at = self.unfreeze_embeddings_at
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int) or at < 0):
+            raise PlanError(
+                f"GradualUnfreezer: unfreeze_embeddings_at must be None or an int >= 0, got {at!r}"
+            )
+        if not isinstance(self.freeze_embeddings, bool):
+            raise PlanError(
+                f"GradualUnfreezer: freeze_embeddings must be a bool, got {self.freeze_embeddings!r}"
+            )
+
+    def check_epoch(self, epoch: object) -> int:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise PlanError(f"GradualUnfreezer: epoch must be an int >= 0, got {epoch!r}")
+        return epoch
+
+    def trainable_blocks(self, epoch: int) -> int:
+        """How many of the top blocks train at ``epoch``."""
+        self.check_epoch(epoch)
+        last = self.total_epochs - 1
+        return self.num_layers if epoch >= last else self.num_layers * epoch // last
+
+    def plan(self, epoch: int) -> FreezePlan:
+        """The freeze plan of ``epoch``."""
+        k = self.trainable_blocks(epoch)
+        embeddings_frozen = self.freeze_embeddings and (
+            self.unfreeze_embeddings_at is None or epoch < self.unfreeze_embeddings_at
+        )
+        if k < self.num_layers:
+            rule: Rule = ExceptLast(k, keep_embeddings=not embeddings_frozen)
+            return FreezePlan((rule,), self.num_layers)
+        if embeddings_frozen:
+            return FreezePlan((Embeddings(keep_tied_head=True),), self.num_layers)
+        return FreezePlan((), self.num_layers)

@@ -1,11 +1,12 @@
 """The pre-flight behind each command: it runs the estimates a command needs (and searches
-the alternatives for a run that does not fit) and returns the JSON-ready document the command
-line prints (``--json``) and the HTML report draws.
+the alternatives for a run that does not fit) and returns a typed, frozen document.
 
-Each ``*_document`` function returns plain data:
-ints in bytes, floats in seconds, strings, lists and dicts, nothing else. Text and HTML are
-rendered from these documents (``render.console``, ``render.report``), never from live
-objects, so ``--json`` and what a person reads always agree.
+Every document has ``to_dict()``: plain data (ints in bytes, floats in seconds, strings, lists
+and dicts), which the command line prints (``--json``) and from which the terminal text and the
+HTML report are rendered (``render.console``, ``render.report``), so ``--json`` and what a
+person reads always agree. Every estimate comes from one :class:`~layerscope.setup.
+TrainingSetup` and the shared caches, so the alternatives and the report re-use the traces of
+the run as asked.
 
 The schema is versioned by :data:`SCHEMA_VERSION`; keys are only ever added within a version.
 """
@@ -15,22 +16,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
+from layerscope.errors import StructureError
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.memory import (
     ALLOCATOR_HEADROOM,
     CUDA_CONTEXT_BYTES,
     MemoryEstimate,
-    estimate_memory,
     max_batch_size,
+    memory_of,
 )
-from layerscope.errors import EstimateError, StructureError
+from layerscope.estimate.run import RunCost, run_cost
+from layerscope.estimate.time import StepTime, step_time_of
 from layerscope.plan import FreezePlan
-from layerscope.scan import ModelScan, scan
+from layerscope.setup import TrainingSetup
 
 SCHEMA_VERSION = 1
 DEFAULT_TIME_GPU = "h100-sxm"
@@ -41,6 +42,8 @@ SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
 """Batch sizes of the report's memory-against-batch chart."""
 MAX_BATCH_LIMIT = 4096
 """Largest batch size ``fit`` and ``estimate`` search up to."""
+ALTERNATIVE_LORA_RANK = 16
+"""The LoRA rank the alternatives try."""
 
 Progress = Callable[[str], None]
 
@@ -49,99 +52,58 @@ def _quiet(_: str) -> None:
     pass
 
 
+# -- pieces of a document ----------------------------------------------------------------------
 @dataclass(frozen=True)
-class Settings:
-    """What one training step looks like, besides the model and the freeze plan.
+class ModelInfo:
+    """The model as the documents name it."""
 
-    ``lora_rank`` adds LoRA adapters (rank ``r`` on every Linear of the blocks) to a frozen
-    base model, as peft does.
-    """
+    name: str
+    class_name: str
+    total_params: int
+    num_layers: int | None
 
-    batch_size: int = 1
-    seq_len: int = 2048
-    precision: str = "bf16-mixed"
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    lora_rank: int | None = None
-
-    def estimator_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments shared by ``estimate_memory`` and ``estimate_step_time``."""
-        return {
-            "batch_size": self.batch_size, "seq_len": self.seq_len, "precision": self.precision,
-            "optimizer": self.optimizer, "gradient_checkpointing": self.gradient_checkpointing,
-            "lora": self.lora_rank,
-        }
+    @classmethod
+    def of(cls, name: str, setup: TrainingSetup) -> ModelInfo:
+        s = setup.scan
+        try:
+            layers: int | None = s.num_layers
+        except StructureError:
+            layers = None
+        return cls(name, type(setup.model).__name__, s.total_params, layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "class": self.class_name, "total_params": self.total_params,
+                "num_layers": self.num_layers}
 
 
-class Estimator:
-    """Runs (and remembers) the memory and step-time estimates of one model.
+@dataclass(frozen=True)
+class PlanInfo:
+    """The plan as text and JSON, with what it freezes on this model (LoRA: the whole base,
+    but for what the plan leaves trainable)."""
 
-    Args:
-        model: the model skeleton.
-        progress: called with a short message before each memory estimate (the slow part).
-    """
+    text: str
+    json: dict[str, Any] | None
+    lora_rank: int | None
+    lora_targets: int
+    frozen_params: int
+    warnings: tuple[str, ...]
 
-    def __init__(self, model: nn.Module, progress: Progress = _quiet) -> None:
-        self.model = model
-        self.scan: ModelScan = scan(model)
-        self.progress = progress
-        self._memory: dict[tuple[Any, Settings], MemoryEstimate] = {}
-        self.count = 0
+    @classmethod
+    def of(cls, setup: TrainingSetup) -> PlanInfo:
+        s = setup.scan
+        frozen = s.total_params - s.numel(setup.trainable)
+        plan = setup.plan or FreezePlan.none()
+        warnings = plan.resolve(s).warnings if setup.plan is not None else ()
+        if setup.lora is not None:
+            text = f"lora:{setup.lora.rank}" + (f"+{plan}" if setup.plan is not None else "")
+            return cls(text, None if setup.plan is None else plan.to_dict(), setup.lora.rank,
+                       len(setup.lora.targets), frozen, tuple(warnings))
+        return cls(str(plan), plan.to_dict(), None, 0, frozen, tuple(warnings))
 
-    def memory(self, plan: FreezePlan | None, s: Settings) -> MemoryEstimate:
-        key = (plan, s)
-        if key not in self._memory:
-            self.count += 1
-            self.progress(f"estimate {self.count}: {describe_change(plan, s)}")
-            self._memory[key] = estimate_memory(self.model, plan, **s.estimator_kwargs())
-        return self._memory[key]
-
-    def step(self, plan: FreezePlan | None, s: Settings, gpu: GPU) -> Any:
-        """The ``StepTime`` on ``gpu``, or None when there is nothing to train."""
-        from layerscope.estimate.time import estimate_step_time
-
-        if s.lora_rank is None and plan is not None and plan.resolve(self.scan).trainable_params == 0:
-            return None
-        return estimate_step_time(self.model, plan, gpu=gpu, **s.estimator_kwargs())
-
-    def max_batch(self, plan: FreezePlan | None, s: Settings, gpu: GPU, limit: int) -> int:
-        self.progress(f"searching the largest batch for {describe_change(plan, s)}")
-        kwargs = s.estimator_kwargs()
-        del kwargs["batch_size"]
-        return max_batch_size(self.model, gpu.memory_bytes, plan, limit=limit, **kwargs)
-
-
-def describe_change(plan: FreezePlan | None, s: Settings) -> str:
-    """A short label of a run: ``"plan lp-lora:0.5, batch 4, adamw"``."""
-    parts = [f"LoRA rank {s.lora_rank}" if s.lora_rank else f"plan {plan or 'none'}",
-             f"batch {s.batch_size}", s.optimizer]
-    if s.gradient_checkpointing:
-        parts.append("checkpointing")
-    return ", ".join(parts)
-
-
-# -- pieces of a document ----------------------------------------------------------------------
-def model_dict(name: str, model: nn.Module, s: ModelScan) -> dict[str, Any]:
-    try:
-        layers: int | None = s.num_layers
-    except StructureError:
-        layers = None
-    return {"name": name, "class": type(model).__name__, "total_params": s.total_params,
-            "num_layers": layers}
-
-
-def plan_dict(plan: FreezePlan | None, s: ModelScan, settings: Settings) -> dict[str, Any]:
-    """The plan as text and JSON, with what it freezes on this model (LoRA: the whole base)."""
-    if settings.lora_rank is not None:
-        return {"text": f"lora:{settings.lora_rank}", "json": None, "lora_rank": settings.lora_rank,
-                "frozen_params": s.total_params, "warnings": []}
-    plan = plan or FreezePlan.none()
-    r = plan.resolve(s)
-    return {"text": str(plan), "json": plan.to_dict(), "lora_rank": None,
-            "frozen_params": r.frozen_params, "warnings": list(r.warnings)}
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "json": self.json, "lora_rank": self.lora_rank,
+                "lora_targets": self.lora_targets, "frozen_params": self.frozen_params,
+                "warnings": list(self.warnings)}
 
 
 def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
@@ -167,9 +129,9 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
     }
 
 
-def gpu_dict(gpu: GPU, price_per_hour: float | None = None) -> dict[str, Any]:
+def gpu_dict(gpu: GPU) -> dict[str, Any]:
     return {"name": gpu.name, "full_name": gpu.full_name, "memory_bytes": gpu.memory_bytes,
-            "price_per_hour": gpu.price_per_hour if price_per_hour is None else price_per_hour}
+            "price_per_hour": gpu.price_per_hour}
 
 
 def assumptions_dict() -> dict[str, Any]:
@@ -181,7 +143,7 @@ def assumptions_dict() -> dict[str, Any]:
     }
 
 
-def step_dict(step: Any) -> dict[str, Any] | None:
+def step_dict(step: StepTime | None) -> dict[str, Any] | None:
     """A ``StepTime`` in seconds (None stays None)."""
     if step is None:
         return None
@@ -193,10 +155,26 @@ def step_dict(step: Any) -> dict[str, Any] | None:
     }
 
 
-def verdict_dict(e: MemoryEstimate, gpu: GPU) -> dict[str, Any]:
-    need = e.required_bytes()
-    return {"gpu": gpu.name, "fits": e.fits(gpu.memory_bytes), "required_bytes": need,
-            "available_bytes": gpu.memory_bytes, "margin_bytes": gpu.memory_bytes - need}
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the step fits on a GPU, by the rule in :func:`assumptions_dict`."""
+
+    gpu: str
+    fits: bool
+    required_bytes: int
+    available_bytes: int
+    max_batch_size: int | None = None
+
+    @classmethod
+    def of(cls, e: MemoryEstimate, gpu: GPU, max_batch: int | None = None) -> Verdict:
+        return cls(gpu.name, e.fits(gpu.memory_bytes), e.required_bytes(), gpu.memory_bytes,
+                   max_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "fits": self.fits, "required_bytes": self.required_bytes,
+                "available_bytes": self.available_bytes,
+                "margin_bytes": self.available_bytes - self.required_bytes,
+                "max_batch_size": self.max_batch_size}
 
 
 def fits_on(e: MemoryEstimate) -> list[dict[str, Any]]:
@@ -206,105 +184,156 @@ def fits_on(e: MemoryEstimate) -> list[dict[str, Any]]:
             if e.fits(g.memory_bytes)]
 
 
-def _header(command: str, name: str, est: Estimator, plan: FreezePlan | None,
-            s: Settings) -> dict[str, Any]:
-    from layerscope import __version__
+@dataclass(frozen=True)
+class Header:
+    """What every document starts with: versions, command, model, settings and plan."""
 
-    return {
-        "layerscope_version": __version__,
-        "schema_version": SCHEMA_VERSION,
-        "command": command,
-        "model": model_dict(name, est.model, est.scan),
-        "settings": s.to_dict(),
-        "plan": plan_dict(plan, est.scan, s),
-    }
+    command: str
+    model: ModelInfo
+    setup: TrainingSetup
+
+    def to_dict(self) -> dict[str, Any]:
+        from layerscope import __version__
+
+        return {"layerscope_version": __version__, "schema_version": SCHEMA_VERSION,
+                "command": self.command, "model": self.model.to_dict(),
+                "settings": self.setup.to_dict(), "plan": PlanInfo.of(self.setup).to_dict()}
+
+
+class Context:
+    """The model's name for the documents and a progress callback (told before each estimate
+    that may need a new trace)."""
+
+    def __init__(self, name: str, progress: Progress = _quiet) -> None:
+        self.name = name
+        self.progress = progress
+        self.count = 0
+
+    def memory(self, setup: TrainingSetup) -> MemoryEstimate:
+        self.count += 1
+        self.progress(f"estimate {self.count}: {setup.describe()}")
+        return memory_of(setup)
+
+    def max_batch(self, setup: TrainingSetup, gpu: GPU, limit: int) -> int:
+        self.progress(f"searching the largest batch for {setup.describe()}")
+        return max_batch_size(setup, gpu.memory_bytes, limit=limit)
+
+    def header(self, command: str, setup: TrainingSetup) -> Header:
+        return Header(command, ModelInfo.of(self.name, setup), setup)
+
+
+def full_finetune(setup: TrainingSetup) -> TrainingSetup:
+    """The same step training every parameter, without LoRA."""
+    return setup.replace(plan=FreezePlan.none(), lora=None)
 
 
 # -- alternatives for a run that does not fit -----------------------------------------------
 @dataclass(frozen=True)
 class Change:
-    """One alternative run: the command-line flags that make it, and the settings.
+    """One alternative run: the command-line flags that make it, and its setup.
 
     ``kind`` names the change (``checkpointing``, ``batch``, ``optimizer``, ``freeze``,
     ``lora``, joined by ``+`` when combined)."""
 
     label: str
     kind: str
-    plan: FreezePlan | None
-    settings: Settings
+    setup: TrainingSetup
 
 
-def _deeper_plans(est: Estimator, plan: FreezePlan) -> list[FreezePlan]:
-    """LP-LoRA and ``except-last:N`` plans that train fewer parameters than ``plan``."""
+@dataclass(frozen=True)
+class Alternative:
+    """An alternative, estimated: its peak, what it needs, whether it fits and its speed."""
+
+    change: str
+    kind: str
+    setup: TrainingSetup
+    estimate: MemoryEstimate
+    fits: bool
+    margin_bytes: int
+    step_seconds: float | None
+    time_per_token_ratio: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "change": self.change, "kind": self.kind, "plan": PlanInfo.of(self.setup).text,
+            "settings": self.setup.to_dict(), "peak_bytes": self.estimate.peak_bytes,
+            "required_bytes": self.estimate.required_bytes(), "fits": self.fits,
+            "margin_bytes": self.margin_bytes, "step_seconds": self.step_seconds,
+            "time_per_token_ratio": self.time_per_token_ratio,
+        }
+
+
+CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora")
+"""The single changes the alternatives try (combined with checkpointing when none fits)."""
+
+
+def _deeper_plans(setup: TrainingSetup) -> list[FreezePlan]:
+    """LP-LoRA and ``except-last:N`` plans that train fewer parameters than ``setup``."""
+    s = setup.scan
     try:
-        layers = est.scan.num_layers
+        layers = s.num_layers
     except StructureError:
         return []
-    now = plan.resolve(est.scan).trainable_params
+    now = s.numel(setup.trainable)
     candidates = [FreezePlan.lp_lora()] + [
         FreezePlan.except_last(n) for n in sorted({max(1, layers // 4), max(1, layers // 8)},
                                                   reverse=True)
     ]
-    return [p for p in candidates if p != plan and p.resolve(est.scan).trainable_params < now]
+    plan = setup.plan or FreezePlan.none()
+    return [p for p in candidates if p != plan and p.resolve(s).trainable_params < now]
 
 
-def _single_changes(est: Estimator, plan: FreezePlan | None, s: Settings) -> list[Change]:
+def _single_changes(setup: TrainingSetup) -> list[Change]:
     """One-step changes, least disruptive to the training first (the batch is searched later).
 
     Order: checkpointing recomputes (same maths, more time); 8-bit AdamW approximates the
     optimizer states; a deeper freeze trains fewer weights; LoRA trains adapters instead.
     """
     out = []
-    if not s.gradient_checkpointing:
-        out.append(Change("--gradient-checkpointing", "checkpointing", plan,
-                          dataclasses.replace(s, gradient_checkpointing=True)))
-    if s.optimizer not in ("adamw-8bit", "sgd"):
-        out.append(Change("--optimizer adamw-8bit", "optimizer", plan,
-                          dataclasses.replace(s, optimizer="adamw-8bit")))
-    if s.lora_rank is None:
-        for deeper in _deeper_plans(est, plan or FreezePlan.none()):
-            out.append(Change(f"--plan {deeper}", "freeze", deeper, s))
-        instead = "" if plan is None or plan == FreezePlan.none() else " (instead of --plan)"
-        out.append(Change(f"--lora-rank 16{instead}", "lora", None,
-                          dataclasses.replace(s, lora_rank=16)))
+    if not setup.gradient_checkpointing:
+        out.append(Change("--gradient-checkpointing", "checkpointing",
+                          setup.replace(gradient_checkpointing=True)))
+    if setup.optimizer not in ("adamw-8bit", "sgd"):
+        out.append(Change("--optimizer adamw-8bit", "optimizer",
+                          setup.replace(optimizer="adamw-8bit")))
+    if setup.lora is None:
+        for deeper in _deeper_plans(setup):
+            out.append(Change(f"--plan {deeper}", "freeze", setup.replace(plan=deeper)))
+        planned = setup.plan is not None and setup.plan != FreezePlan.none()
+        instead = " (instead of --plan)" if planned else ""
+        out.append(Change(f"--lora-rank {ALTERNATIVE_LORA_RANK}{instead}", "lora",
+                          setup.replace(plan=None, lora=ALTERNATIVE_LORA_RANK)))
     return out
 
 
-def _alternative(est: Estimator, change: Change, gpu: GPU, base_step: Any,
-                 note: str = "") -> dict[str, Any]:
-    e = est.memory(change.plan, change.settings)
-    step = est.step(change.plan, change.settings, gpu)
+def _alternative(ctx: Context, change: Change, gpu: GPU, base_step: StepTime | None,
+                 note: str = "") -> Alternative:
+    e = ctx.memory(change.setup)
+    step = step_time_of(change.setup, gpu)
     slowdown = None
     if step is not None and base_step is not None:
         slowdown = base_step.tokens_per_second / step.tokens_per_second
-    return {
-        "change": change.label + note, "kind": change.kind,
-        "plan": str(change.plan or FreezePlan.none()) if change.settings.lora_rank is None
-        else f"lora:{change.settings.lora_rank}",
-        "settings": change.settings.to_dict(),
-        "peak_bytes": e.peak_bytes, "required_bytes": e.required_bytes(),
-        "fits": e.fits(gpu.memory_bytes), "margin_bytes": gpu.memory_bytes - e.required_bytes(),
-        "step_seconds": None if step is None else step.seconds,
-        "time_per_token_ratio": slowdown,
-    }
+    return Alternative(change.label + note, change.kind, change.setup, e,
+                       e.fits(gpu.memory_bytes), gpu.memory_bytes - e.required_bytes(),
+                       None if step is None else step.seconds, slowdown)
 
 
-def _smaller_batch(est: Estimator, change: Change, gpu: GPU, base_step: Any,
-                   batch: int) -> dict[str, Any] | None:
+def _smaller_batch(ctx: Context, change: Change, gpu: GPU, base_step: StepTime | None,
+                   batch: int) -> Alternative | None:
     """``change`` at the largest batch below ``batch`` that fits (gradient accumulation keeps
     the effective batch); None when ``batch`` is 1."""
     if batch <= 1:
         return None
-    best = est.max_batch(change.plan, change.settings, gpu, limit=batch - 1)
+    best = ctx.max_batch(change.setup, gpu, limit=batch - 1)
     b = max(best, 1)
     label = f"{change.label} --batch-size {b}".strip()
     kind = f"{change.kind}+batch" if change.kind else "batch"
-    smaller = Change(label, kind, change.plan, dataclasses.replace(change.settings, batch_size=b))
+    smaller = Change(label, kind, change.setup.replace(batch_size=b))
     note = f" (x {math.ceil(batch / b)} accumulation)" if best else " (still too big)"
-    return _alternative(est, smaller, gpu, base_step, note)
+    return _alternative(ctx, smaller, gpu, base_step, note)
 
 
-def suggestions(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU) -> list[dict]:
+def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternative]:
     """Alternatives for a run that does not fit on ``gpu``, each estimated, not guessed.
 
     Single changes first (checkpointing, a smaller batch with gradient accumulation, 8-bit
@@ -312,114 +341,171 @@ def suggestions(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU) 
     checkpointing combined with each other change; if still none fits, checkpointing, the
     last change and 8-bit AdamW at once. Those that fit are listed first, order kept.
     """
-    base_step = est.step(plan, s, gpu)
-    singles = _single_changes(est, plan, s)
-    found = [_alternative(est, c, gpu, base_step) for c in singles]
-    batch = _smaller_batch(est, Change("", "", plan, s), gpu, base_step, s.batch_size)
+    base_step = step_time_of(setup, gpu)
+    singles = _single_changes(setup)
+    found = [_alternative(ctx, c, gpu, base_step) for c in singles]
+    batch = _smaller_batch(ctx, Change("", "", setup), gpu, base_step, setup.batch_size)
     if batch:  # right after checkpointing: the same training, in more steps
-        found.insert(0 if s.gradient_checkpointing else 1, batch)
-    if not any(a["fits"] for a in found) and not s.gradient_checkpointing:
+        found.insert(0 if setup.gradient_checkpointing else 1, batch)
+    if not any(a.fits for a in found) and not setup.gradient_checkpointing:
         ckpt, others = singles[0], singles[1:]
-        combos = [Change(f"{ckpt.label} {c.label}", f"checkpointing+{c.kind}", c.plan,
-                         dataclasses.replace(c.settings, gradient_checkpointing=True))
-                  for c in others]
-        found += [_alternative(est, c, gpu, base_step) for c in combos]
-        batch = _smaller_batch(est, ckpt, gpu, base_step, s.batch_size)
+        combos = [Change(f"{ckpt.label} {c.label}", f"checkpointing+{c.kind}",
+                         c.setup.replace(gradient_checkpointing=True)) for c in others]
+        found += [_alternative(ctx, c, gpu, base_step) for c in combos]
+        batch = _smaller_batch(ctx, ckpt, gpu, base_step, setup.batch_size)
         found += [batch] if batch else []
         last = combos[-1] if combos else None  # LoRA (or the deepest freeze) + checkpointing
-        if not any(a["fits"] for a in found) and last and last.settings.optimizer != "adamw-8bit":
+        if not any(a.fits for a in found) and last and last.setup.optimizer != "adamw-8bit":
             everything = Change(f"{last.label} --optimizer adamw-8bit", f"{last.kind}+optimizer",
-                                last.plan, dataclasses.replace(last.settings,
-                                                               optimizer="adamw-8bit"))
-            found.append(_alternative(est, everything, gpu, base_step))
-            batch = _smaller_batch(est, everything, gpu, base_step, s.batch_size)
+                                last.setup.replace(optimizer="adamw-8bit"))
+            found.append(_alternative(ctx, everything, gpu, base_step))
+            batch = _smaller_batch(ctx, everything, gpu, base_step, setup.batch_size)
             found += [batch] if batch else []
-    return sorted(found, key=lambda a: not a["fits"])
+    return sorted(found, key=lambda a: not a.fits)
 
 
 # -- documents ---------------------------------------------------------------------------------
-def estimate_document(name: str, est: Estimator, plan: FreezePlan | None, s: Settings,
-                      gpu: GPU | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EstimateDocument:
     """``layerscope estimate``: the plan next to full fine-tuning, the verdict, what to change."""
-    doc = _header("estimate", name, est, plan, s)
-    e = est.memory(plan, s)
-    full = est.memory(FreezePlan.none(), dataclasses.replace(s, lora_rank=None))
-    doc.update(estimate=estimate_dict(e), full_finetune=estimate_dict(full),
-               gpu=None if gpu is None else gpu_dict(gpu), assumptions=assumptions_dict(),
-               verdict=None, suggestions=[], fits_on=fits_on(e))
+
+    header: Header
+    estimate: MemoryEstimate
+    full_finetune: MemoryEstimate
+    gpu: GPU | None
+    verdict: Verdict | None
+    suggestions: tuple[Alternative, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "estimate": estimate_dict(self.estimate),
+            "full_finetune": estimate_dict(self.full_finetune),
+            "gpu": None if self.gpu is None else gpu_dict(self.gpu),
+            "assumptions": assumptions_dict(),
+            "verdict": None if self.verdict is None else self.verdict.to_dict(),
+            "suggestions": [a.to_dict() for a in self.suggestions],
+            "fits_on": fits_on(self.estimate),
+        }
+
+
+def estimate_document(ctx: Context, setup: TrainingSetup, gpu: GPU | None) -> EstimateDocument:
+    e = ctx.memory(setup)
+    full = ctx.memory(full_finetune(setup))
+    verdict, found = None, ()
     if gpu is not None:
-        verdict = verdict_dict(e, gpu)
-        if verdict["fits"]:
-            verdict["max_batch_size"] = est.max_batch(plan, s, gpu, MAX_BATCH_LIMIT)
+        if e.fits(gpu.memory_bytes):
+            verdict = Verdict.of(e, gpu, ctx.max_batch(setup, gpu, MAX_BATCH_LIMIT))
         else:
-            verdict["max_batch_size"] = 0 if s.batch_size == 1 else None
-            doc["suggestions"] = suggestions(est, plan, s, gpu)
-        doc["verdict"] = verdict
-    return doc
+            verdict = Verdict.of(e, gpu, 0 if setup.batch_size == 1 else None)
+            found = tuple(suggestions(ctx, setup, gpu))
+    return EstimateDocument(ctx.header("estimate", setup), e, full, gpu, verdict, found)
 
 
-def training_dict(est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU,
-                  samples: int, epochs: int, num_gpus: int,
-                  price_per_hour: float | None) -> dict[str, Any] | None:
-    """Steps, time, GPU-hours and cost of ``epochs`` over ``samples`` (None: nothing trains)."""
-    from layerscope.layer_utils import estimate_training_time
+@dataclass(frozen=True)
+class Training:
+    """A run's step and cost on ``num_gpus`` data-parallel GPUs."""
 
-    step = est.step(plan, s, gpu)
-    if step is None:
-        return None
-    price = gpu.price_per_hour if price_per_hour is None else price_per_hour
-    # The step time carries every setting; estimate_training_time does the run's arithmetic.
-    run = estimate_training_time(est.model, samples, s.batch_size, epochs,
-                                 ms_per_step=step.seconds * 1000.0, seq_len=s.seq_len,
-                                 num_gpus=num_gpus, price_per_hour=price)
-    return {
-        "samples": samples, "epochs": epochs, "num_gpus": num_gpus, "gpu": gpu.name,
-        "steps_per_epoch": run["steps_per_epoch"], "total_steps": run["total_steps"],
-        "total_seconds": run["total_seconds"], "gpu_hours": run["gpu_hours"],
-        "price_per_hour": price, "cost": run["cost"],
-        "tokens_per_second": step.tokens_per_second * num_gpus, "step": step_dict(step),
-    }
+    step: StepTime
+    cost: RunCost
+    gpu: str
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.cost
+        return {
+            "samples": c.num_samples, "epochs": c.epochs, "num_gpus": c.num_gpus, "gpu": self.gpu,
+            "steps_per_epoch": c.steps_per_epoch, "total_steps": c.total_steps,
+            "total_seconds": c.total_seconds, "gpu_hours": c.gpu_hours,
+            "price_per_hour": c.price_per_hour, "cost": c.cost,
+            "tokens_per_second": self.step.tokens_per_second * c.num_gpus,
+            "step": step_dict(self.step),
+        }
 
 
-def time_document(name: str, est: Estimator, plan: FreezePlan | None, s: Settings, gpu: GPU,
-                  samples: int, epochs: int, num_gpus: int,
-                  price_per_hour: float | None) -> dict[str, Any]:
+def training(setup: TrainingSetup, gpu: GPU, samples: int, epochs: int,
+             num_gpus: int) -> Training:
+    """Steps, time, GPU-hours and cost of ``epochs`` over ``samples`` (price: ``gpu``'s)."""
+    step = step_time_of(setup, gpu)
+    cost = run_cost(step.seconds, samples, setup.batch_size, epochs, num_gpus=num_gpus,
+                    price_per_hour=gpu.price_per_hour)
+    return Training(step, cost, gpu.name)
+
+
+@dataclass(frozen=True)
+class TimeDocument:
     """``layerscope time``: how long and how much, and whether each GPU's batch fits."""
-    doc = _header("time", name, est, plan, s)
-    training = training_dict(est, plan, s, gpu, samples, epochs, num_gpus, price_per_hour)
-    if training is None:
-        raise EstimateError(f"plan {plan} freezes every parameter: there is nothing to train")
-    e = est.memory(plan, s)
-    doc.update(gpu=gpu_dict(gpu, price_per_hour), training=training,
-               estimate=estimate_dict(e), assumptions=assumptions_dict(),
-               verdict=verdict_dict(e, gpu))
-    return doc
+
+    header: Header
+    gpu: GPU
+    training: Training
+    estimate: MemoryEstimate
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "gpu": gpu_dict(self.gpu),
+            "training": self.training.to_dict(),
+            "estimate": estimate_dict(self.estimate),
+            "assumptions": assumptions_dict(),
+            "verdict": Verdict.of(self.estimate, self.gpu).to_dict(),
+        }
 
 
-def fit_document(name: str, est: Estimator, plan: FreezePlan | None, s: Settings,
-                 gpu: GPU) -> dict[str, Any]:
+def time_document(ctx: Context, setup: TrainingSetup, gpu: GPU, samples: int, epochs: int,
+                  num_gpus: int) -> TimeDocument:
+    run = training(setup, gpu, samples, epochs, num_gpus)
+    return TimeDocument(ctx.header("time", setup), gpu, run, ctx.memory(setup))
+
+
+@dataclass(frozen=True)
+class FitDocument:
     """``layerscope fit``: the largest batch that fits, the step at it and one above it."""
-    doc = _header("fit", name, est, plan, s)
-    best = est.max_batch(plan, s, gpu, MAX_BATCH_LIMIT)
-    doc.update(gpu=gpu_dict(gpu), assumptions=assumptions_dict(), max_batch_size=best,
-               at_max=None, above_max=None, step=None, suggestions=[])
+
+    header: Header
+    gpu: GPU
+    max_batch_size: int
+    at_max: MemoryEstimate | None
+    above_max: MemoryEstimate | None
+    step: StepTime | None
+    suggestions: tuple[Alternative, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "gpu": gpu_dict(self.gpu),
+            "assumptions": assumptions_dict(),
+            "max_batch_size": self.max_batch_size,
+            "at_max": None if self.at_max is None else estimate_dict(self.at_max),
+            "above_max": None if self.above_max is None else estimate_dict(self.above_max),
+            "step": step_dict(self.step),
+            "suggestions": [a.to_dict() for a in self.suggestions],
+        }
+
+
+def fit_document(ctx: Context, setup: TrainingSetup, gpu: GPU) -> FitDocument:
+    best = ctx.max_batch(setup, gpu, MAX_BATCH_LIMIT)
+    at = above = step = None
+    found: tuple[Alternative, ...] = ()
     if best:
-        at = dataclasses.replace(s, batch_size=best)
-        doc["at_max"] = estimate_dict(est.memory(plan, at))
-        doc["step"] = step_dict(est.step(plan, at, gpu))
+        at_setup = setup.replace(batch_size=best)
+        at, step = ctx.memory(at_setup), step_time_of(at_setup, gpu)
     if best < MAX_BATCH_LIMIT:
-        doc["above_max"] = estimate_dict(est.memory(plan, dataclasses.replace(s, batch_size=best + 1)))
+        above = ctx.memory(setup.replace(batch_size=best + 1))
     if not best:
-        doc["suggestions"] = suggestions(est, plan, dataclasses.replace(s, batch_size=1), gpu)
-    return doc
+        found = tuple(suggestions(ctx, setup.replace(batch_size=1), gpu))
+    return FitDocument(ctx.header("fit", setup), gpu, best, at, above, step, found)
 
 
-def structure(est: Estimator, plan: FreezePlan | None, s: Settings) -> list[dict[str, Any]]:
+def structure(setup: TrainingSetup) -> list[dict[str, Any]]:
     """The model's parts in order (embeddings, each block, head, rest): parameters (each
-    tensor counted once, where it first appears) and status under the plan."""
-    sc = est.scan
-    frozen = (frozenset(p.name for p in sc.params) if s.lora_rank is not None
-              else (plan or FreezePlan.none()).resolve(sc).frozen)
+    tensor counted once, where it first appears) and status under the setup (``lora`` for a
+    block carrying adapters on a frozen base)."""
+    sc = setup.scan
+    trainable = setup.trainable
+    lora_blocks: set[str] = set()
+    if setup.lora is not None:
+        lora_blocks = {p for p in sc.layers.blocks for t in setup.lora.targets
+                       if t.startswith(p + ".")} if sc.primary is not None else set()
     groups: list[tuple[str, str, Iterable[str]]] = [
         ("embeddings", "embedding", sc.names_with_role("embedding"))]
     try:
@@ -435,9 +521,9 @@ def structure(est: Estimator, plan: FreezePlan | None, s: Settings) -> list[dict
         names = list(names)
         if not names:
             continue
-        flags = {n in frozen for n in names}
+        flags = {n not in trainable for n in names}
         status = "frozen" if flags == {True} else "trainable" if flags == {False} else "partial"
-        if s.lora_rank is not None and kind == "block":
+        if label in lora_blocks and status == "frozen":
             status = "lora"
         tensors = {sc.by_name[n].tensor: sc.by_name[n].numel for n in names}
         params = sum(v for t, v in tensors.items() if t not in seen)
@@ -448,32 +534,56 @@ def structure(est: Estimator, plan: FreezePlan | None, s: Settings) -> list[dict
     return parts
 
 
-def report_document(name: str, est: Estimator, plan: FreezePlan | None, s: Settings,
-                    gpu: GPU | None, samples: int, epochs: int, num_gpus: int,
-                    price_per_hour: float | None) -> dict[str, Any]:
-    """Everything the HTML report shows: the estimate document, the structure, memory
-    against batch size for the plan and for full fine-tuning, and time and cost of both."""
-    doc = estimate_document(name, est, plan, s, gpu)
-    doc["command"] = "report"
-    doc["structure"] = structure(est, plan, s)
-    full_s = dataclasses.replace(s, lora_rank=None)
-    batches = sorted(set(SWEEP_BATCHES) | {s.batch_size})
-    doc["batch_sweep"] = {
-        "batch_sizes": batches,
-        "plan_required_bytes": [est.memory(plan, dataclasses.replace(s, batch_size=b))
-                                .required_bytes() for b in batches],
-        "full_finetune_required_bytes": [
-            est.memory(FreezePlan.none(), dataclasses.replace(full_s, batch_size=b))
-            .required_bytes() for b in batches],
-    }
+@dataclass(frozen=True)
+class ReportDocument:
+    """Everything the HTML report shows: the estimate document, the structure, memory against
+    batch size for the setup and for full fine-tuning, and time and cost of both."""
+
+    estimate: EstimateDocument
+    structure: tuple[dict[str, Any], ...]
+    batch_sizes: tuple[int, ...]
+    plan_required: tuple[int, ...]
+    full_required: tuple[int, ...]
+    training_plan: Training | None
+    training_full: Training
+    capacity_lines: tuple[GPU, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.estimate.to_dict()
+        doc["command"] = "report"
+        doc["structure"] = list(self.structure)
+        doc["batch_sweep"] = {"batch_sizes": list(self.batch_sizes),
+                              "plan_required_bytes": list(self.plan_required),
+                              "full_finetune_required_bytes": list(self.full_required)}
+        doc["training"] = {
+            "plan": None if self.training_plan is None else self.training_plan.to_dict(),
+            "full_finetune": self.training_full.to_dict(),
+        }
+        doc["capacity_lines"] = [{"gpu": g.name, "memory_bytes": g.memory_bytes}
+                                 for g in self.capacity_lines]
+        return doc
+
+
+def report_document(ctx: Context, setup: TrainingSetup, gpu: GPU | None, samples: int,
+                    epochs: int, num_gpus: int) -> ReportDocument:
+    est = estimate_document(ctx, setup, gpu)
+    full = full_finetune(setup)
+    batches = tuple(sorted(set(SWEEP_BATCHES) | {setup.batch_size}))
     time_gpu = gpu or get_gpu(DEFAULT_TIME_GPU)
-    doc["training"] = {
-        "plan": training_dict(est, plan, s, time_gpu, samples, epochs, num_gpus, price_per_hour),
-        "full_finetune": training_dict(est, FreezePlan.none(), full_s, time_gpu, samples, epochs,
-                                       num_gpus, price_per_hour),
-    }
     lines = [get_gpu(n) for n in REPORT_GPUS]
     if gpu is not None and gpu not in lines:
         lines.append(gpu)
-    doc["capacity_lines"] = [{"gpu": g.name, "memory_bytes": g.memory_bytes} for g in lines]
-    return doc
+    return ReportDocument(
+        estimate=dataclasses.replace(est, header=ctx.header("report", setup)),
+        structure=tuple(structure(setup)),
+        batch_sizes=batches,
+        plan_required=tuple(ctx.memory(setup.replace(batch_size=b)).required_bytes()
+                            for b in batches),
+        full_required=tuple(ctx.memory(full.replace(batch_size=b)).required_bytes()
+                            for b in batches),
+        training_plan=None if setup.inference else training(setup, time_gpu, samples, epochs,
+                                                             num_gpus),
+        training_full=training(full.replace(inference=False), time_gpu, samples, epochs,
+                               num_gpus),
+        capacity_lines=tuple(lines),
+    )

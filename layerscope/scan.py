@@ -7,9 +7,12 @@ the model's parts: the block stack(s), the input embeddings, the head side and t
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,13 +186,45 @@ def check_module(model: object, func: str) -> nn.Module:
     return model
 
 
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], ModelScan]] = (
+    weakref.WeakKeyDictionary()
+)
+_CACHE_LOCK = threading.Lock()
+
+
+def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """What a scan records that can change on the same module object: its parameters (objects,
+    shapes, dtypes, flags) and its module tree."""
+    params = tuple(
+        (name, id(p), p.requires_grad, p.dtype, tuple(p.shape))
+        for name, p in model.named_parameters(remove_duplicate=False)
+    )
+    modules = tuple((name, id(m)) for name, m in model.named_modules(remove_duplicate=False))
+    return params, modules
+
+
 def scan(model: nn.Module) -> ModelScan:
     """Describe ``model`` (real or meta) without running it.
+
+    The result is cached per module object until its parameters, flags or modules change, so
+    every estimate of one model shares one scan.
 
     Raises:
         ModelTypeError: ``model`` is not an ``nn.Module``.
     """
     check_module(model, "scan")
+    key = _fingerprint(model)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = _scan(model)
+    with _CACHE_LOCK:
+        _CACHE[model] = (key, result)
+    return result
+
+
+def _scan(model: nn.Module) -> ModelScan:
     ids: dict[int, int] = {}
     params = []
     for name, p in model.named_parameters(remove_duplicate=False):

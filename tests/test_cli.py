@@ -33,13 +33,14 @@ ESTIMATE = {
     "trainable_params": int, "total_params": int, "forward_flops": int, "backward_flops": int,
 }
 SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": str,
-            "gradient_checkpointing": bool, "lora_rank": OPTIONAL_INT}
+            "gradient_checkpointing": bool, "lora_rank": OPTIONAL_INT,
+            "attn_implementation": str, "inference": bool}
 HEADER = {
     "layerscope_version": str, "schema_version": int, "command": str,
     "model": {"name": str, "class": str, "total_params": int, "num_layers": OPTIONAL_INT},
     "settings": SETTINGS,
     "plan": {"text": str, "json": (dict, type(None)), "lora_rank": OPTIONAL_INT,
-             "frozen_params": int, "warnings": [str]},
+             "lora_targets": int, "frozen_params": int, "warnings": [str]},
 }
 GPU = {"name": str, "full_name": str, "memory_bytes": int, "price_per_hour": OPTIONAL_NUMBER}
 ASSUMPTIONS = {"allocator_headroom": float, "cuda_context_bytes": int, "rule": str}
@@ -148,7 +149,8 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
                             "total_params": doc["model"]["total_params"], "num_layers": 16}
     assert doc["settings"] == {"batch_size": 4, "seq_len": 2048, "precision": "bf16-mixed",
                                "optimizer": "adamw", "gradient_checkpointing": False,
-                               "lora_rank": None}
+                               "lora_rank": None, "attn_implementation": "sdpa",
+                               "inference": False}
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]
@@ -265,7 +267,7 @@ def test_argparse_error_is_one_line_subprocess():
         (("estimate", "gpt2", "--seq-len", "-5"), ["--seq-len", "-5 must be >= 1"]),
         (("estimate", "gpt2", "--batch-size", "two"), ["--batch-size", "'two' is not a whole"]),
         (("estimate", "gpt2", "--lora-rank", "0"), ["--lora-rank", "0 must be >= 1"]),
-        (("estimate", "gpt2", "--lora-rank", "8", "--plan", "first:2"), ["cannot be combined"]),
+        (("estimate", "gpt2", "--attn", "flash"), ["unknown --attn 'flash'", "flash_attention_2"]),
         (("estimate", "gpt2", "--fail-if-not-fits"), ["needs --gpu"]),
         (("fit", "gpt2"), ["--gpu"]),
         (("time", "gpt2", "--batch-size", "2", "--epochs", "1"), ["--samples"]),
@@ -345,6 +347,29 @@ def test_lora_rank_trains_adapters_only(capsys):
     per_block = 8 * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768))
     assert doc["estimate"]["trainable_params"] == 12 * per_block
     assert doc["full_finetune"]["trainable_params"] == 124_439_808
+
+
+def test_lora_rank_with_a_plan_trains_what_the_plan_leaves_trainable_too(capsys):
+    assert main("estimate", "gpt2", "--seq-len", "512", "--lora-rank", "8", "--plan",
+                "except-last:2", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["plan"]["text"] == "lora:8+except-last:2"
+    per_block = 8 * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768))
+    # the last two GPT-2 blocks (7,087,872 each) and the final norm (2 x 768) train in full;
+    # the head is tied to the embedding, which except-last keeps trainable
+    trained = 2 * 7_087_872 + 2 * 768 + 50257 * 768
+    assert doc["estimate"]["trainable_params"] == 12 * per_block + trained
+    assert doc["plan"]["frozen_params"] == 124_439_808 - trained
+
+
+def test_attention_implementation_flag(capsys):
+    assert main("estimate", "gpt2", "--seq-len", "1024", "--attn", "eager", "--json") == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main("estimate", "gpt2", "--seq-len", "1024", "--json") == 0
+    default = json.loads(capsys.readouterr().out)
+    assert eager["settings"]["attn_implementation"] == "eager"
+    assert default["settings"]["attn_implementation"] == "sdpa"
+    assert eager["estimate"]["peak_bytes"] > default["estimate"]["peak_bytes"]
 
 
 def test_color_only_when_asked_and_never_under_no_color(capsys, monkeypatch):

@@ -61,13 +61,15 @@ import dataclasses, json
 from layerscope import empty_model
 from layerscope.estimate.hardware import get_gpu
 from layerscope.plan import FreezePlan
-from layerscope.preflight import Estimator, Settings, suggestions
+from layerscope.preflight import Context, suggestions
+from layerscope.setup import TrainingSetup
 model = empty_model({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                      "num_hidden_layers": 8, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "vocab_size": 128})
 tiny = dataclasses.replace(get_gpu("l4"), memory_bytes=2**20)  # nothing fits
-found = suggestions(Estimator(model), FreezePlan.none(), Settings(batch_size=4, seq_len=64), tiny)
-print(json.dumps(sorted({a["kind"] for a in found})))
+setup = TrainingSetup(model, FreezePlan.none(), batch_size=4, seq_len=64)
+found = suggestions(Context("tiny"), setup, tiny)
+print(json.dumps(sorted({a.kind for a in found})))
 """
 
 

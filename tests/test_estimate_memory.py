@@ -12,7 +12,6 @@ from layerscope.errors import EstimateError, LayerscopeWarning, ModelTypeError
 from layerscope.estimate.memory import (
     MemoryEstimate,
     estimate_memory,
-    estimate_memory_for,
     estimate_memory_savings,
     gpu_bytes,
     max_batch_size,
@@ -65,6 +64,15 @@ def _llama_tensors() -> list[int]:
 
 def _names(model, pred=lambda n: True) -> frozenset[str]:
     return frozenset(n for n, _ in model.named_parameters(remove_duplicate=False) if pred(n))
+
+
+def estimate_memory_for(model, trainable, **settings):
+    """``estimate_memory`` with exactly ``trainable`` training (a names plan freezes the rest)."""
+    from layerscope import FreezePlan
+
+    frozen = _names(model) - trainable
+    return estimate_memory(model, FreezePlan.names(frozen) if frozen else FreezePlan.none(),
+                           **settings)
 
 
 def test_static_bytes_by_hand(llama):
@@ -171,14 +179,11 @@ def test_lora_adds_fp32_adapters_and_freezes_base(llama):
     assert est.total_params == sum(_llama_tensors()) + L * per_block
 
 
-def test_duck_typed_plan(llama):
-    class Plan:
-        def resolve(self, model):
-            class Resolution:
-                frozen_names = frozenset(n for n, _ in model.named_parameters() if "layers.0." in n)
-            return Resolution()
+def test_a_names_plan(llama):
+    from layerscope import FreezePlan
 
-    est = estimate_memory(llama, Plan(), batch_size=1, seq_len=16)
+    names = [n for n, _ in llama.named_parameters() if "layers.0." in n]
+    est = estimate_memory(llama, FreezePlan.names(names), batch_size=1, seq_len=16)
     frozen = sum(_llama_tensors()[1:10])
     assert est.trainable_params == sum(_llama_tensors()) - frozen
 
@@ -265,14 +270,16 @@ def test_bad_settings(gpt2, kwargs, match):
 def test_bad_inputs(gpt2):
     from peft import LoraConfig
 
+    from layerscope import FreezePlan, PlanError
+
     with pytest.raises(EstimateError, match="nothing_here"):
         estimate_memory(gpt2, seq_len=16, lora=LoraConfig(r=4, target_modules=["nothing_here"]))
     with pytest.raises(EstimateError, match="FreezePlan"):
         estimate_memory(gpt2, plan=object(), seq_len=16)
     with pytest.raises(ModelTypeError):
         estimate_memory(42)
-    with pytest.raises(EstimateError, match="not in the model"):
-        estimate_memory_for(gpt2, frozenset({"no.such.weight"}), seq_len=16)
+    with pytest.raises(PlanError, match="not in this model"):
+        estimate_memory(gpt2, FreezePlan.names(["no.such.weight"]), seq_len=16)
     with pytest.raises(EstimateError, match="unknown GPU"):
         gpu_bytes("Voodoo 2")
     with pytest.raises(EstimateError, match="> 0"):

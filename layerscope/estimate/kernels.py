@@ -212,3 +212,28 @@ def cuda_sdpa(
     return torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa
     )[0]
+
+
+def flash_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface for ``flash_attention_2`` and ``flex_attention``, as
+    the GPU kernels allocate: no score matrix and no mask; key and value heads stay grouped
+    (flash-attn takes grouped-query heads natively, no ``repeat_kv``); the kernel saves query,
+    key, value, output and the fp32 log-sum-exp, as the flash kernel of SDPA does, whose memory
+    the fake kernel reproduces (output in the query's layout). Sliding windows and soft-capping
+    are done inside the kernel and allocate nothing. Returns ``(output, None)`` with the output
+    as ``(batch, seq, heads, head_dim)``, as transformers' flash and flex functions return it.
+    """
+    causal = bool(getattr(module, "is_causal", True)) and query.shape[2] > 1
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, value, dropout, causal, False, scale=scaling
+    )[0]
+    return out.transpose(1, 2), None

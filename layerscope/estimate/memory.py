@@ -17,27 +17,31 @@ optimizer state always), with the model in training mode.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import math
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from layerscope.build import as_model
-from layerscope.errors import EstimateError, LayerscopeWarning, ModelTypeError
+from layerscope.compat import use_attention
+from layerscope.errors import EstimateError
+from layerscope.estimate.cache import model_cache
+from layerscope.estimate.hardware import GPU
 from layerscope.estimate.optimizers import OPTIMIZERS
-from layerscope.estimate.settings import lora_config, resolve_optimizer, resolve_precision
 from layerscope.estimate.trace import (
+    Replay,
     Segment,
+    fake_parameters,
     reduced_copy,
     replay,
     rounded,
     run_step,
-    fake_parameters,
 )
+from layerscope.plan import FreezePlan
+from layerscope.scan import ModelScan
+from layerscope.setup import Lora, TrainingSetup, make_setup
 from layerscope.units import dtype_bytes, format_bytes
 
 CUDA_CONTEXT_BYTES = 512 * 2**20
@@ -69,8 +73,8 @@ class MemoryEstimate:
             their fp32 copy, log-softmax, and in backward their gradients).
         forward_peak_bytes, backward_peak_bytes, optimizer_peak_bytes: the peak of each phase.
         trainable_params, total_params: parameter counts, each shared tensor counted once.
-        batch_size, seq_len, precision, optimizer, gradient_checkpointing, inference, lora_rank:
-            the settings estimated.
+        batch_size, seq_len, precision, optimizer, gradient_checkpointing, inference, lora_rank,
+            attn_implementation: the settings estimated.
         forward_flops, backward_flops: FLOPs of one step (``torch.utils.flop_counter``'s
             formulas, on the traced operators), for time estimates.
     """
@@ -96,6 +100,7 @@ class MemoryEstimate:
     gradient_checkpointing: bool
     inference: bool
     lora_rank: int | None
+    attn_implementation: str
     forward_flops: int
     backward_flops: int
 
@@ -147,153 +152,158 @@ def gpu_bytes(gpu: Any) -> int:
     return get_gpu(gpu).memory_bytes
 
 
-def _check_settings(batch_size: Any, seq_len: Any) -> None:
-    for label, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise EstimateError(f"{label} must be a positive integer, got {value!r}")
-
-
 def estimate_memory(
     model: Any,
-    plan: Any = None,
+    plan: FreezePlan | None = None,
     *,
-    batch_size: int = 1,
-    seq_len: int = 2048,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
     lora: Any = None,
-    inference: bool = False,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
 ) -> MemoryEstimate:
     """Predict the peak GPU memory of one training step (or an inference forward).
 
     Args:
-        model: an ``nn.Module`` (meta or real; a Hugging Face causal LM taking
-            ``input_ids``/``labels``), or anything ``layerscope.build.empty_model`` accepts.
-        plan: a freeze plan (anything with ``resolve(model).frozen_names``); ``None`` uses the
-            model's current ``requires_grad`` flags.
-        batch_size: sequences per step (> 0).
-        seq_len: tokens per sequence (> 0); beyond ``max_position_embeddings`` warns.
-        precision: ``"32-true"``, ``"bf16-true"``, ``"16-true"``, ``"bf16-mixed"``,
-            ``"16-mixed"`` (aliases ``"fp32"``, ``"bf16"``, ``"fp16"``; see
-            :mod:`~layerscope.estimate.settings`).
-        optimizer: one of :data:`~layerscope.estimate.settings.OPTIMIZERS`.
-        gradient_checkpointing: transformers' ``gradient_checkpointing_enable()``
-            (non-reentrant).
-        lora: a peft ``LoraConfig``, or a rank (adapters on every Linear of the blocks, see
-            :func:`~layerscope.estimate.settings.lora_config`): adapters added (fp32, as peft
-            upcasts them), base frozen; with a ``plan``, the plan's trainable base parameters
-            stay trainable too.
-        inference: forward only under ``no_grad`` in eval mode, logits dropped.
+        model: an ``nn.Module`` (meta or real; never modified), a model source
+            (``empty_model`` accepts it), or a :class:`~layerscope.setup.TrainingSetup`.
+        plan: a :class:`~layerscope.plan.FreezePlan`; ``None`` uses the model's current
+            ``requires_grad`` flags (or, given a setup, the setup's plan).
+        batch_size, seq_len, precision, optimizer, gradient_checkpointing, lora,
+            attn_implementation, inference: the step, as :class:`~layerscope.setup.
+            TrainingSetup` defines them (defaults: batch 1, 2048 tokens, ``"bf16-mixed"``,
+            ``"adamw"``, no checkpointing, no LoRA, what transformers picks for attention,
+            training). ``None`` means not given: with a setup, the setup's value.
 
     Returns:
-        A :class:`MemoryEstimate`. The caller's model is not modified.
+        A :class:`MemoryEstimate`. One trace is shared by every estimate of the same model and
+        step (only the optimizer may differ).
     """
-    precision = resolve_precision(precision).name
-    optimizer = resolve_optimizer(optimizer)
-    _check_settings(batch_size, seq_len)
-    model = as_model(model)
-    names = _param_names(model)
-    if plan is None:
-        trainable = frozenset(n for n, p in names if p.requires_grad)
-    else:
-        resolve = getattr(plan, "resolve", None)
-        if resolve is None:
-            raise EstimateError(f"plan must be a FreezePlan (with .resolve(model)), got {type(plan).__name__}")
-        frozen = frozenset(resolve(model).frozen_names)
-        trainable = frozenset(n for n, _ in names if n not in frozen)
-    if lora is not None and plan is None:
-        trainable = frozenset()  # peft freezes the base model
-    if not isinstance(gradient_checkpointing, bool) or not isinstance(inference, bool):
-        raise EstimateError(
-            f"gradient_checkpointing and inference must be bools, got "
-            f"{gradient_checkpointing!r} and {inference!r}"
-        )
-    return estimate_memory_for(
-        model, trainable, batch_size=batch_size, seq_len=seq_len, precision=precision,
+    return memory_of(make_setup(
+        model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision,
         optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
-        inference=inference,
+        attn_implementation=attn_implementation, inference=inference,
+    ))
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What a setup's memory is made of besides the optimizer (shared across optimizers)."""
+
+    replay: Replay
+    weights: int
+    trainable_tensors: tuple[tuple[int, int, tuple[int, ...]], ...]
+    total_params: int
+    per_block: tuple[int, ...]
+    embed: int
+    logits: int
+    forward_flops: int
+    backward_flops: int
+
+
+def memory_of(setup: TrainingSetup) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of ``setup`` (cached per model and setup)."""
+    cache = model_cache(setup.model, "memory")
+    if setup in cache:
+        return cache[setup]  # type: ignore[no-any-return]
+    step = _step_of(setup)
+    train = step.trainable_tensors
+    if setup.inference:
+        opt_state, opt_temp, gradients = 0, 0, 0
+    else:
+        opt = OPTIMIZERS[setup.optimizer](train)
+        opt_state, opt_temp = opt.state, opt.temporary
+        gradients = sum(rounded(n * b) for n, b, _ in train)
+    rep = step.replay
+    persistent = step.weights + opt_state
+    optimizer_peak = 0 if setup.inference else persistent + rep.end + opt_temp
+    backward_peak = 0 if setup.inference else persistent + rep.backward_peak
+    peak, phase = max(
+        (persistent + rep.forward_peak, "forward"),
+        (backward_peak, "backward"),
+        (optimizer_peak, "optimizer"),
     )
+    result = MemoryEstimate(
+        peak_bytes=peak,
+        peak_phase=phase,
+        weights_bytes=step.weights,
+        gradient_bytes=gradients,
+        optimizer_state_bytes=opt_state,
+        optimizer_temporary_bytes=opt_temp,
+        activation_bytes=step.embed + sum(step.per_block),
+        activation_bytes_per_block=step.per_block,
+        logits_bytes=step.logits,
+        forward_peak_bytes=persistent + rep.forward_peak,
+        backward_peak_bytes=backward_peak,
+        optimizer_peak_bytes=optimizer_peak,
+        trainable_params=0 if setup.inference else sum(n for n, _, _ in train),
+        total_params=step.total_params,
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        precision=setup.precision,
+        optimizer=setup.optimizer,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        inference=setup.inference,
+        lora_rank=setup.lora_rank,
+        attn_implementation=setup.attn_implementation,
+        forward_flops=step.forward_flops,
+        backward_flops=0 if setup.inference else step.backward_flops,
+    )
+    cache[setup] = result
+    return result
 
 
-def _param_names(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(model.named_parameters(remove_duplicate=False))
+def _step_of(setup: TrainingSetup) -> _Step:
+    """Trace ``setup``'s step (cached: every optimizer shares it)."""
+    key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
+           setup.precision, setup.gradient_checkpointing, setup.attn_implementation,
+           setup.inference)
+    cache = model_cache(setup.model, "step")
+    if key not in cache:
+        cache[key] = _trace_step(setup)
+    return cache[key]  # type: ignore[no-any-return]
 
 
-def estimate_memory_for(
-    model: nn.Module,
-    trainable: Iterable[str],
-    *,
-    batch_size: int = 1,
-    seq_len: int = 2048,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
-    lora: Any = None,
-    inference: bool = False,
-) -> MemoryEstimate:
-    """:func:`estimate_memory` for an explicit set of trainable parameter names.
-
-    A tensor shared under several names (a tied head) is trainable if any of its names is.
-    """
-    prec = resolve_precision(precision)
-    optimizer = resolve_optimizer(optimizer)
-    _check_settings(batch_size, seq_len)
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    lora = lora_config(model, lora)
-    trainable = frozenset(trainable)
-    named = _param_names(model)
-    unknown = trainable - {n for n, _ in named}
-    if unknown:
-        raise EstimateError(f"trainable names not in the model: {sorted(unknown)[:5]}")
-    param_dtype, autocast_dtype = prec.param_dtype, prec.autocast_dtype
+def _trace_step(setup: TrainingSetup) -> _Step:
+    model, lora, prec = setup.model, setup.lora, setup.precision_info
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
         raise EstimateError("the model has no config.vocab_size; a Hugging Face causal LM is needed")
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(max_pos, int) and seq_len > max_pos:
-        warnings.warn(
-            f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}",
-            LayerscopeWarning, stacklevel=2,
-        )
-
+    named = list(model.named_parameters(remove_duplicate=False))
     # Tensors by identity; a shared tensor is trainable if any of its names is.
     tensors: dict[int, nn.Parameter] = {}
     is_trainable: dict[int, bool] = {}
     for name, p in named:
         tensors[id(p)] = p
-        is_trainable[id(p)] = is_trainable.get(id(p), False) or name in trainable
-    if not inference and lora is None and not any(
-        t and tensors[i].is_floating_point() for i, t in is_trainable.items()
-    ):
-        raise EstimateError(
-            "nothing is trainable (every parameter is frozen and lora is None): a training "
-            "step has no backward; use inference=True for a forward-only estimate"
-        )
+        is_trainable[id(p)] = is_trainable.get(id(p), False) or name in setup.trainable
 
-    blocks_name, blocks = _block_stack(model)
-    lora_targets = _lora_targets(model, lora) if lora is not None else frozenset()
+    blocks_name, blocks = _block_stack(setup.scan, model)
+    lora_targets = lora.targets if lora is not None else frozenset()
     kinds, reps = _block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config)
 
     reduced, kept, memo = reduced_copy(model, blocks, reps)
     trainable_copy = {id(memo[i]) for i, t in is_trainable.items() if t and i in memo}
     lora_ids: set[int] = set()
     if lora is not None:
-        lora_ids = _inject_lora(reduced, lora, memo, lora_targets, blocks_name, reps)
-    if gradient_checkpointing and not inference:
+        lora_ids = _inject_lora(reduced, lora, lora_targets, blocks_name, reps)
+    if setup.gradient_checkpointing and not setup.inference:
         enable = getattr(reduced, "gradient_checkpointing_enable", None)
         if enable is None or not getattr(reduced, "supports_gradient_checkpointing", False):
             raise EstimateError(f"{type(model).__name__} does not support gradient checkpointing")
         with warnings.catch_warnings():  # transformers 5 renames it; same behaviour
             warnings.simplefilter("ignore", FutureWarning)
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reduced.train(not inference)
+    use_attention(reduced, setup.attn_implementation)
+    reduced.train(not setup.inference)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
+    param_dtype = prec.param_dtype
 
     def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
         if not p.is_floating_point():
@@ -308,23 +318,19 @@ def estimate_memory_for(
     kind_of_position = [kinds[r] for r in reps]
     lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, lora_ids)
     fake_parameters(reduced, mode, dtype_of, trainable_of)
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)  # a failing op is reported below, once, not logged
     try:
         trace = run_step(
-            reduced, kept, kinds=kind_of_position, batch_size=batch_size, seq_len=seq_len,
-            vocab_size=vocab, autocast_dtype=autocast_dtype, inference=inference, mode=mode,
+            reduced, kept, kinds=kind_of_position, batch_size=setup.batch_size,
+            seq_len=setup.seq_len, vocab_size=vocab, autocast_dtype=prec.autocast_dtype,
+            inference=setup.inference, mode=mode,
         )
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own forward
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EstimateError(
             f"{type(model).__name__}: its forward failed when traced with batch_size="
-            f"{batch_size}, seq_len={seq_len} ({first})"
+            f"{setup.batch_size}, seq_len={setup.seq_len} ({first})"
         ) from exc
-    finally:
-        fake_log.setLevel(level)
-    rep = replay(trace, block_kinds, inference)
+    rep = replay(trace, block_kinds, setup.inference)
 
     # static memory of the full model
     pbytes = int(dtype_bytes(param_dtype))
@@ -333,69 +339,29 @@ def estimate_memory_for(
         for p in tensors.values()
     )
     weights += sum(rounded(b.numel() * b.element_size()) for b in model.buffers())
+    weights += sum(rounded(n * b) for n, b, _ in lora_tensors)
     train_list = [
         (p.numel(), pbytes, tuple(p.shape)) for i, p in tensors.items() if is_trainable[i]
-    ]
-    lora_numel = sum(n for n, _, _ in lora_tensors)
-    weights += sum(rounded(n * b) for n, b, _ in lora_tensors)
-    train_list += lora_tensors
-    gradients = sum(rounded(n * b) for n, b, _ in train_list)
-    total_params = sum(p.numel() for p in tensors.values()) + lora_numel
-    trainable_params = sum(n for n, _, _ in train_list)
-
-    if inference:
-        opt_state, opt_temp = 0, 0
-        gradients = 0
-    else:
-        opt = OPTIMIZERS[optimizer](train_list)
-        opt_state, opt_temp = opt.state, opt.temporary
-    persistent = weights + opt_state
-    optimizer_peak = 0 if inference else persistent + rep.end + opt_temp
-    peak, phase = max(
-        (persistent + rep.forward_peak, "forward"),
-        (0 if inference else persistent + rep.backward_peak, "backward"),
-        (optimizer_peak, "optimizer"),
-    )
+    ] + lora_tensors
     seg = trace.segments
-    per_block = tuple(seg.get((k, "fwd"), Segment()).net for k in block_kinds)
-    embed = seg.get(("embed", "fwd"), Segment()).net
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
-    logits = max(head_fwd.high, head_fwd.net + head_bwd.high)
-    flops_f = sum(seg.get((p, "fwd"), Segment()).flops for p in ["embed", "head", *block_kinds])
-    flops_b = sum(seg.get((p, "bwd"), Segment()).flops for p in ["embed", "head", *block_kinds])
-    return MemoryEstimate(
-        peak_bytes=peak,
-        peak_phase=phase,
-        weights_bytes=weights,
-        gradient_bytes=gradients,
-        optimizer_state_bytes=opt_state,
-        optimizer_temporary_bytes=opt_temp,
-        activation_bytes=embed + sum(per_block),
-        activation_bytes_per_block=per_block,
-        logits_bytes=logits,
-        forward_peak_bytes=persistent + rep.forward_peak,
-        backward_peak_bytes=0 if inference else persistent + rep.backward_peak,
-        optimizer_peak_bytes=optimizer_peak,
-        trainable_params=0 if inference else trainable_params,
-        total_params=total_params,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        precision=prec.name,
-        optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing,
-        inference=inference,
-        lora_rank=getattr(lora, "r", None) if lora is not None else None,
-        forward_flops=flops_f,
-        backward_flops=0 if inference else flops_b,
+    parts = ["embed", "head", *block_kinds]
+    return _Step(
+        replay=rep,
+        weights=weights,
+        trainable_tensors=tuple(train_list),
+        total_params=sum(p.numel() for p in tensors.values()) + sum(n for n, _, _ in lora_tensors),
+        per_block=tuple(seg.get((k, "fwd"), Segment()).net for k in block_kinds),
+        embed=seg.get(("embed", "fwd"), Segment()).net,
+        logits=max(head_fwd.high, head_fwd.net + head_bwd.high),
+        forward_flops=sum(seg.get((p, "fwd"), Segment()).flops for p in parts),
+        backward_flops=sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
     )
 
 
-def _block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The main block stack as found by :func:`layerscope.scan.scan` (empty when none)."""
-    from layerscope.scan import scan
-
-    s = scan(model)
+def _block_stack(s: ModelScan, model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The main block stack as found by the scan (empty when none)."""
     if s.primary is None:
         return "", nn.ModuleList()
     stack = model.get_submodule(s.layers.path)
@@ -432,7 +398,7 @@ def _block_kinds(
     layer_types = getattr(config, "layer_types", None)
     if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(blocks):
         layer_types = [None] * len(blocks)
-    index: dict[tuple, int] = {}
+    index: dict[tuple[Any, ...], int] = {}
     kinds: list[int] = []
     reps: list[int] = []
     for i, block in enumerate(blocks):
@@ -452,31 +418,8 @@ def _block_kinds(
     return kinds, reps
 
 
-def _lora_targets(model: nn.Module, lora: Any) -> frozenset[str]:
-    """Names of the modules a peft ``LoraConfig`` would adapt in ``model``."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    if not isinstance(lora, LoraConfig):
-        raise EstimateError(f"lora must be a peft LoraConfig, got {type(lora).__name__}")
-    supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
-    names = set()
-    for name, module in model.named_modules():
-        is_conv1d = type(module).__name__ == "Conv1D"  # transformers' GPT-2 projection
-        if name and (isinstance(module, supported) or is_conv1d):
-            if check_target_module_exists(lora, name):
-                names.add(name)
-    if not names:
-        raise EstimateError(
-            f"LoRA target_modules={lora.target_modules!r} match no Linear/Embedding/Conv module of "
-            f"{type(model).__name__}"
-        )
-    return frozenset(names)
-
-
 def _inject_lora(
-    reduced: nn.Module, lora: Any, memo: dict[int, Any], targets: frozenset[str],
-    blocks_name: str, reps: list[int],
+    reduced: nn.Module, lora: Lora, targets: frozenset[str], blocks_name: str, reps: list[int],
 ) -> set[int]:
     """Add the adapters to the reduced copy; returns the ids of the adapter parameters."""
     from peft import inject_adapter_in_model
@@ -492,8 +435,8 @@ def _inject_lora(
         else:
             mapped.append(name)
     config = dataclasses.replace(
-        lora, target_modules=sorted(mapped), layers_to_transform=None, layers_pattern=None,
-        exclude_modules=None,
+        lora.peft_config(), target_modules=sorted(mapped), layers_to_transform=None,
+        layers_pattern=None, exclude_modules=None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -509,7 +452,7 @@ def _lora_tensors(
     if not lora_ids:
         return []
     in_kept = {id(p) for b in kept for p in b.parameters()}
-    per_kind: dict[int, list] = {}
+    per_kind: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
     for position, block in enumerate(kept):
         per_kind[kind_of_position[position]] = [
             (p.numel(), 4, tuple(p.shape)) for p in block.parameters() if id(p) in lora_ids
@@ -537,64 +480,115 @@ class MemorySavings:
     saved_fraction: float
 
 
-def estimate_memory_savings(model: Any, plan: Any = None, **settings: Any) -> MemorySavings:
-    """Peak memory saved by ``plan`` (``None``: the model's flags) against full fine-tuning.
-
-    ``settings`` are :func:`estimate_memory`'s keyword arguments.
-    """
-    model = as_model(model)
-    everything = frozenset(n for n, _ in _param_names(model))
-    baseline = estimate_memory_for(model, everything, **settings)
-    planned = estimate_memory(model, plan, **settings)
-    saved = baseline.peak_bytes - planned.peak_bytes
-    return MemorySavings(baseline, planned, saved, saved / baseline.peak_bytes)
+def estimate_memory_savings(
+    model: Any,
+    plan: FreezePlan | None = None,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    lora: Any = None,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
+) -> MemorySavings:
+    """Peak memory saved by ``plan`` (``None``: the model's flags) against full fine-tuning of
+    the same step (every parameter trainable, no LoRA). Arguments as :func:`estimate_memory`."""
+    planned = make_setup(
+        model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision,
+        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
+        attn_implementation=attn_implementation, inference=inference,
+    )
+    baseline = memory_of(planned.replace(plan=FreezePlan.none(), lora=None))
+    estimate = memory_of(planned)
+    saved = baseline.peak_bytes - estimate.peak_bytes
+    return MemorySavings(baseline, estimate, saved, saved / baseline.peak_bytes)
 
 
 def max_batch_size(
     model: Any,
-    gpu: int | str,
-    plan: Any = None,
+    gpu: int | str | GPU,
+    plan: FreezePlan | None = None,
     *,
     limit: int = 65536,
     context_bytes: int = CUDA_CONTEXT_BYTES,
     headroom: float = ALLOCATOR_HEADROOM,
-    **settings: Any,
+    seq_len: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    lora: Any = None,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
 ) -> int:
     """The largest batch size whose step fits on ``gpu`` (0 if none does), up to ``limit``.
 
-    Memory grows with the batch by a near-constant step (activations are linear in it); the
-    search starts from that linear guess and confirms it with full estimates.
-    ``settings`` are :func:`estimate_memory`'s keyword arguments other than ``batch_size``.
+    Arguments as :func:`estimate_memory`; ``model`` may be a setup, whose batch size is then
+    the first one tried. The peak of each phase (forward, backward, optimizer step) grows
+    linearly with the batch, so the answer is predicted from two estimated batches and
+    confirmed with full estimates of it and the batch above (stepping on where the prediction
+    was off): about three estimates, not a bisection from the limit.
     """
-    if "batch_size" in settings:
-        raise EstimateError("max_batch_size searches batch_size; do not pass it")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise EstimateError(f"limit must be a positive integer, got {limit!r}")
     budget = gpu_bytes(gpu)
-    model = as_model(model)
+    base = make_setup(
+        model, plan, seq_len=seq_len, precision=precision, optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing, lora=lora,
+        attn_implementation=attn_implementation, inference=inference,
+    )
+
+    def estimate(b: int) -> MemoryEstimate:
+        return memory_of(base.replace(batch_size=b))
 
     def fits(b: int) -> bool:
-        est = estimate_memory(model, plan, batch_size=b, **settings)
-        return est.fits(budget, context_bytes=context_bytes, headroom=headroom)
+        return estimate(b).fits(budget, context_bytes=context_bytes, headroom=headroom)
 
-    if not fits(1):
-        return 0
-    one = estimate_memory(model, plan, batch_size=1, **settings).required_bytes(
-        context_bytes=context_bytes, headroom=headroom)
-    two = estimate_memory(model, plan, batch_size=2, **settings).required_bytes(
-        context_bytes=context_bytes, headroom=headroom)
-    step = max(two - one, 1)
-    guess = max(1, min(limit, 1 + (budget - one) // step))
-    good, bad = 1, limit + 1
-    if fits(guess):
-        good = guess
-        probe = guess + 1
-        while probe <= limit and fits(probe):
-            good, probe = probe, min(limit + 1, probe + max(1, probe - guess) * 2)
-        bad = min(probe, limit + 1)
-    else:
-        bad = guess
+    first = min(base.batch_size, limit)
+    second = first + 1 if first < limit else first - 1
+    if second < 1:  # limit == 1
+        return 1 if fits(1) else 0
+    allowed = (budget - context_bytes) / (1 + headroom)
+    guess = _linear_max_batch(estimate(first), estimate(second), first, second, allowed)
+    good, bad = 0, limit + 1
+    probe = max(1, min(limit, guess))
+    step = 1
+    if fits(probe):  # walk up from a prediction that fits, doubling the step
+        good = probe
+        while good < limit:
+            probe = min(limit, good + step)
+            if not fits(probe):
+                bad = probe
+                break
+            good, step = probe, step * 2
+    else:  # walk down from one that does not
+        bad = probe
+        while bad > 1:
+            probe = max(1, bad - step)
+            if fits(probe):
+                good = probe
+                break
+            bad, step = probe, step * 2
+        else:
+            return 0
     while bad - good > 1:  # fits(good), not fits(bad)
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
     return good
+
+
+def _linear_max_batch(a: MemoryEstimate, b: MemoryEstimate, batch_a: int, batch_b: int,
+                      allowed: float) -> int:
+    """The largest batch whose every phase peak, extrapolated linearly from the estimates at
+    ``batch_a`` and ``batch_b``, stays within ``allowed`` bytes (0 when none would)."""
+    best = 2**62
+    for pa, pb in ((a.forward_peak_bytes, b.forward_peak_bytes),
+                   (a.backward_peak_bytes, b.backward_peak_bytes),
+                   (a.optimizer_peak_bytes, b.optimizer_peak_bytes)):
+        slope = (pb - pa) / (batch_b - batch_a)
+        if slope <= 0:
+            best = best if pa <= allowed else 0
+            continue
+        best = min(best, batch_a + math.floor((allowed - pa) / slope))
+    return max(0, best)

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from layerscope.estimate.hardware import GPU
-from layerscope.estimate.settings import Precision
+from layerscope.setup import Precision
 
 # -- named assumptions ------------------------------------------------------------------------
 GEMM_EFFICIENCY = {"fp32": 0.80, "tf32": 0.70, "bf16": 0.70, "fp16": 0.70, "fp8": 0.70}

@@ -1,7 +1,7 @@
 """A gradual-unfreezing schedule, epoch by epoch: the plan, its memory and its time.
 
-Each epoch of a :class:`~layerscope.GradualUnfreezer` trains another set of blocks, so both its
-peak memory and its step time change; the schedule fits a GPU only if its worst epoch does.
+Each epoch of a :class:`~layerscope.plan.GradualSchedule` trains another set of blocks, so both
+its peak memory and its step time change; the schedule fits a GPU only if its worst epoch does.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerscope.errors import EstimateError
-from layerscope.estimate.hardware import GPU, check_price, get_gpu
-from layerscope.estimate.memory import MemoryEstimate, estimate_memory
-from layerscope.estimate.settings import resolve_optimizer, resolve_precision
-from layerscope.estimate.time import StepTime, estimate_step_time, steps_per_epoch
-from layerscope.plan import FreezePlan
+from layerscope.estimate.hardware import GPU, get_gpu
+from layerscope.estimate.memory import MemoryEstimate, memory_of
+from layerscope.estimate.run import run_cost
+from layerscope.estimate.time import StepTime, step_time_of
+from layerscope.plan import FreezePlan, GradualSchedule
+from layerscope.setup import make_setup
 
 
 @dataclass(frozen=True)
@@ -49,57 +50,63 @@ class ScheduleEstimate:
         return max(self.epochs, key=lambda e: e.seconds)
 
 
-def _count(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EstimateError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def estimate_unfreezing_schedule(
     unfreezer: Any,
     num_samples: int,
     batch_size: int,
     *,
-    seq_len: int = 2048,
+    seq_len: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    lora: Any = None,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
     gpu: str | GPU = "h100-sxm",
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
     num_gpus: int = 1,
     price_per_hour: float | None = None,
 ) -> ScheduleEstimate:
     """Per-epoch plan, peak memory, step time and epoch time of a gradual-unfreezing schedule.
 
-    Epoch ``e`` runs ``unfreezer.plan(e)`` for ``ceil(num_samples / (batch_size * num_gpus))``
-    steps. The model is not modified (the plans are resolved, not applied).
+    Args:
+        unfreezer: a :class:`~layerscope.GradualUnfreezer` (its ``model`` and ``schedule``).
+        num_samples, batch_size: each epoch runs ``ceil(num_samples / (batch_size * num_gpus))``
+            steps.
+        seq_len, ...: the step, as for :func:`~layerscope.estimate.memory.estimate_memory`.
+        gpu, num_gpus, price_per_hour: where it runs and what a GPU-hour costs (default the
+            catalogue's price).
+
+    The model is not modified (the plans are resolved, not applied).
 
     Raises:
         EstimateError: not a GradualUnfreezer, or invalid settings.
     """
-    from layerscope.layer_utils import GradualUnfreezer
-
-    if not isinstance(unfreezer, GradualUnfreezer):
+    schedule = getattr(unfreezer, "schedule", None)
+    if not isinstance(schedule, GradualSchedule):
         raise EstimateError(f"expected a GradualUnfreezer, got {type(unfreezer).__name__}")
-    _count(num_samples, "num_samples", 0)
-    _count(num_gpus, "num_gpus", 1)
     device = get_gpu(gpu)
-    price = check_price(price_per_hour) if price_per_hour is not None else device.price_per_hour
-    settings = dict(
-        batch_size=batch_size, seq_len=seq_len, precision=resolve_precision(precision).name,
-        optimizer=resolve_optimizer(optimizer), gradient_checkpointing=gradient_checkpointing,
+    base = make_setup(
+        unfreezer.model, schedule.plan(schedule.total_epochs - 1), batch_size=batch_size,
+        seq_len=seq_len, precision=precision, optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing, lora=lora,
+        attn_implementation=attn_implementation, inference=inference,
     )
-    steps = steps_per_epoch(num_samples, _count(batch_size, "batch_size", 1), num_gpus)
-    epochs = []
-    for epoch in range(unfreezer.total_epochs):
-        plan = unfreezer.plan(epoch)
-        memory = estimate_memory(unfreezer.model, plan, **settings)
-        step = estimate_step_time(unfreezer.model, plan, gpu=device, **settings)
-        epochs.append(EpochEstimate(epoch, plan, step.trainable_params, memory, step, steps,
-                                    steps * step.seconds))
+    price = device.price_per_hour if price_per_hour is None else price_per_hour
+    epochs, costs = [], []
+    for epoch in range(schedule.total_epochs):
+        setup = base.replace(plan=schedule.plan(epoch))
+        memory = memory_of(setup)
+        step = step_time_of(setup, device)
+        cost = run_cost(step.seconds, num_samples, base.batch_size, 1, num_gpus=num_gpus,
+                        price_per_hour=price)
+        costs.append(cost)
+        epochs.append(EpochEstimate(epoch, setup.plan or FreezePlan.none(),
+                                    step.trainable_params, memory, step, cost.total_steps,
+                                    cost.total_seconds))
     worst = max(epochs, key=lambda e: (e.memory.peak_bytes, -e.epoch))
-    seconds = sum(e.seconds for e in epochs)
-    gpu_hours = seconds / 3600 * num_gpus
+    gpu_hours = sum(c.gpu_hours for c in costs)
     return ScheduleEstimate(
-        tuple(epochs), worst.memory.peak_bytes, worst.epoch, seconds, num_gpus, gpu_hours, price,
-        None if price is None else gpu_hours * price,
+        tuple(epochs), worst.memory.peak_bytes, worst.epoch, sum(c.total_seconds for c in costs),
+        num_gpus, gpu_hours, costs[0].price_per_hour,
+        None if costs[0].price_per_hour is None else gpu_hours * costs[0].price_per_hour,
     )

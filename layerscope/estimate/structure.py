@@ -3,7 +3,7 @@
 activations, dropout, attention shape, embeddings and output head.
 
 Read from the scan and, when the model has one, its ``config`` (attention heads, MoE top-k,
-rotary, sliding windows, soft-capping, attention implementation). Nothing here runs the model.
+rotary, sliding windows, soft-capping). Nothing here runs the model.
 """
 
 from __future__ import annotations
@@ -130,7 +130,6 @@ class ModelShape:
     rotary: bool
     sliding: tuple[int | None, ...]
     logit_softcap: bool
-    eager_attention: bool  # scores materialised (attn_implementation="eager")
     attn_softcap: bool
     vocab: int
     has_loss: bool
@@ -185,7 +184,6 @@ def analyse(model: nn.Module, training: bool) -> ModelShape:
         heads=heads if has_attention else 0, kv_heads=kv_heads, head_dim=head_dim,
         rotary=bool(rope) and has_attention, sliding=sliding,
         logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
-        eager_attention=getattr(config, "_attn_implementation", None) == "eager",
         attn_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         vocab=vocab, has_loss=vocab > 0, embeddings=tuple(embeddings),
     )

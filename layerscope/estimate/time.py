@@ -22,18 +22,13 @@ from typing import Any
 
 from torch import nn
 
-from layerscope.build import as_model
 from layerscope.errors import EstimateError
+from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU, get_gpu
-from layerscope.estimate.settings import (
-    Precision,
-    lora_rank,
-    resolve_optimizer,
-    resolve_precision,
-)
-from layerscope.plan import FreezePlan
 from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
+from layerscope.plan import FreezePlan
 from layerscope.scan import ModelScan
+from layerscope.setup import Lora, Precision, TrainingSetup, make_setup
 
 from layerscope.estimate.roofline import (
     FOREACH_ELEMENTS_PER_LAUNCH,
@@ -108,95 +103,67 @@ class StepTime:
         return self.forward.seconds + self.backward.seconds + self.recompute.seconds
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EstimateError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def estimate_step_time(
-    model: nn.Module | Any,
+    model: Any,
     plan: FreezePlan | None = None,
     *,
-    batch_size: int = 1,
-    seq_len: int = 2048,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    gradient_checkpointing: bool | None = None,
     lora: Any = None,
-    inference: bool = False,
+    attn_implementation: str | None = None,
+    inference: bool | None = None,
     gpu: str | GPU = "h100-sxm",
 ) -> StepTime:
     """Time of one step on one GPU: forward, backward, recomputation and optimizer.
 
     Args:
-        model: an ``nn.Module`` (a meta skeleton is enough) or what ``layerscope.build.
-            empty_model`` accepts (a preset name, config path, dict or config).
-        plan: the freeze plan; None uses the model's ``requires_grad`` flags. The model is
-            never modified.
-        batch_size: sequences per step on this GPU.
-        seq_len: tokens per sequence.
-        precision: ``"bf16-mixed"`` (fp32 weights, bf16 autocast), ``"bf16-true"`` or
-            ``"32-true"`` (fp32 matmuls on CUDA cores: PyTorch's default leaves TF32 off).
-        optimizer: ``"adamw"`` (PyTorch's default foreach), ``"adamw-fused"``, ``"adam"``,
-            ``"sgd"`` or ``"sgd-momentum"``.
-        gradient_checkpointing: every block's forward is recomputed during backward.
-        lora: a peft ``LoraConfig`` or a rank (adapters on every Linear of the blocks, see
-            :func:`~layerscope.estimate.settings.lora_config`); the base model is frozen, as
-            PEFT does. Time counts an adapter on every Linear of the blocks whatever the
-            config's ``target_modules``; only its rank is read.
-        inference: forward only under ``torch.no_grad()`` (no loss, no dropout).
+        model: an ``nn.Module`` (a meta skeleton is enough; never modified), a model source
+            (a preset name, config path, dict or config) or a
+            :class:`~layerscope.setup.TrainingSetup`.
+        plan, batch_size, seq_len, precision, optimizer, gradient_checkpointing, lora,
+            attn_implementation, inference: the step, as for
+            :func:`~layerscope.estimate.memory.estimate_memory` (``None``: not given). fp32
+            matmuls run on CUDA cores (PyTorch's default leaves TF32 off); LoRA adapters are
+            timed on the modules they target.
         gpu: a catalogue name (see :func:`layerscope.estimate.hardware.gpus`) or a ``GPU``.
 
     Raises:
         EstimateError: invalid settings, or nothing to train (all frozen, no LoRA) outside
             inference.
     """
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    seq_len = _check_positive_int(seq_len, "seq_len")
-    prec = resolve_precision(precision)
-    opt = resolve_optimizer(optimizer)
-    device = get_gpu(gpu)
-    lora = lora_rank(lora)
-    if lora is not None:
-        if plan is not None:
-            raise EstimateError("lora: PEFT freezes the whole base model; pass plan=None")
-    if plan is not None and not isinstance(plan, FreezePlan):
-        raise EstimateError(f"plan must be a FreezePlan or None, got {type(plan).__name__}")
-    for flag, value in (("gradient_checkpointing", gradient_checkpointing),
-                        ("inference", inference)):
-        if not isinstance(value, bool):
-            raise EstimateError(f"{flag} must be a bool, got {value!r}")
+    setup = make_setup(
+        model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision,
+        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
+        attn_implementation=attn_implementation, inference=inference,
+    )
+    return step_time_of(setup, get_gpu(gpu))
+
+
+def step_time_of(setup: TrainingSetup, gpu: GPU) -> StepTime:
+    """The :class:`StepTime` of ``setup`` on ``gpu`` (cached per model, setup and GPU)."""
+    prec = setup.precision_info
     try:
-        device.peak(prec.matmul)
+        gpu.peak(prec.matmul)
     except EstimateError as exc:
-        raise EstimateError(f"precision {prec.name!r} on {device.name}: {exc}") from None
-    net = as_model(model)
-    m = analyse(net, training=not inference)
-    trainable = _trainable_names(m.scan, plan, lora, inference)
-    return _estimate(m, trainable, device, prec, opt, batch_size, seq_len,
-                     gradient_checkpointing, lora, inference)
-
-
-def _trainable_names(s: ModelScan, plan: FreezePlan | None, lora: int | None,
-                     inference: bool) -> set[str]:
-    if lora is not None:
-        trainable: set[str] = set()
-    elif plan is not None:
-        trainable = set(plan.resolve(s).trainable)
-    else:
-        trainable = {p.name for p in s.params if p.requires_grad}
-    trainable = {n for n in trainable if s.by_name[n].dtype.is_floating_point}
-    if not inference and not trainable and lora is None:
-        raise EstimateError(
-            "nothing is trainable (every parameter is frozen and lora is None); "
-            "use inference=True for a forward-only estimate"
+        raise EstimateError(f"precision {prec.name!r} on {gpu.name}: {exc}") from None
+    cache = model_cache(setup.model, "time")
+    key = (setup, gpu)
+    if key not in cache:
+        shape = analyse(setup.model, training=not setup.inference)
+        cache[key] = _estimate(
+            shape, set(setup.trainable), gpu, prec, setup.optimizer, setup.batch_size,
+            setup.seq_len, setup.gradient_checkpointing, setup.lora,
+            setup.attn_implementation == "eager", setup.inference,
         )
-    return trainable
+    return cache[key]  # type: ignore[no-any-return]
 
 
 def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt: str, batch: int,
-              seq: int, ckpt: bool, lora: int | None, inference: bool) -> StepTime:
+              seq: int, ckpt: bool, adapters: Lora | None, eager: bool,
+              inference: bool) -> StepTime:
     s = m.scan
     tokens = batch * seq
     ab, sb, wb = prec.act_bytes, prec.stream_bytes, prec.weight_bytes
@@ -204,6 +171,12 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
     hidden = max((w for w, _ in block.norms), default=0) or max(
         (g.n_in for g in block.gemms), default=0)
     layers = len(m.prefixes)
+    lora = adapters.rank if adapters is not None else 0
+
+    def adapted(b: int, g: Gemm) -> bool:
+        """Whether block ``b``'s weight ``g`` carries a LoRA adapter (an expert stack never)."""
+        module = g.param.rpartition(".")[0]
+        return adapters is not None and g.count == 1 and f"{m.prefixes[b]}.{module}" in adapters.targets
 
     # PEFT upcasts bf16/fp16 adapters to fp32 (get_peft_model(autocast_adapter_dtype=True));
     # under autocast their matmuls still run in bf16.
@@ -238,12 +211,12 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         factor = BACKWARD_ELEMENTWISE_RATIO if backward else 1.0
         w.stream(nbytes * factor, kernels * factor)
 
-    def block_forward(w: Work) -> None:
+    def block_forward(w: Work, b: int) -> None:
         routed = Work(gpu, prec, HOST_LOOP_S_PER_KERNEL)
         for g in block.gemms:
             target = routed if g.share < 1 else w
             target.gemm(tokens * g.share, g.n_out, g.n_in, g.count)
-            if lora is not None and g.count == 1:
+            if adapted(b, g):
                 lora_forward(target, g)
             if prec.autocast:  # cast of the fp32 weight to bf16, every forward
                 target.stream(g.count * g.n_in * g.n_out * (4 + 2), g.count)
@@ -252,7 +225,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
             routed.stream(tokens * hidden * 4 * ab, block.experts * EXPERT_LOOP_KERNELS)
             # transformers' eager loop syncs twice per expert (nonzero, where)
             w.serial(2 * block.experts, routed)
-        if m.heads and m.eager_attention:
+        if m.heads and eager:
             eager_attention(w, backward=False)
         elif m.heads:
             keys = [min(seq / 2, win) if win else seq / 2 for win in m.sliding] or [seq / 2]
@@ -281,18 +254,19 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         w.stream(tokens * m.vocab * (ab + 12), LOSS_FORWARD_KERNELS)
 
     fwd = Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
-    for _ in range(layers):
-        block_forward(fwd)
+    for b in range(layers):
+        block_forward(fwd, b)
     outside_forward(fwd)
     if not inference and m.has_loss:
         loss_forward(fwd)
     forward = fwd.phase()
-    notes = _notes(prec, opt, m)
+    notes = _notes(prec, opt, m, eager)
     assumptions = _assumptions(gpu, prec, notes)
-    trainable_params = _trainable_numel(s, trainable, block, m.prefixes, lora)
+    numel, tensors = _trainable_tensors(s, trainable, block, m.prefixes, adapted, lora)
     if inference:
         zero = Phase()
         return StepTime(forward.seconds, forward, zero, zero, zero, tokens, 0, None, assumptions)
+    trainable_params = numel
 
     # -- backward: as deep as the earliest trainable parameter ------------------------------
     emb_trainable = any(name in trainable for name, _, _ in m.embeddings) or any(
@@ -300,8 +274,9 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
     primary_blocks = {sb_[1] for sb_ in map(s.block_of, trainable)
                       if sb_ is not None and sb_[0] == s.primary}
     block_train = [b in primary_blocks for b in range(layers)]
-    if lora is not None:
-        block_train = [True] * layers
+    if adapters is not None:
+        block_train = [t or any(adapted(b, g) for g in block.gemms)
+                       for b, t in enumerate(block_train)]
     earliest: int | None
     if emb_trainable:
         earliest = 0
@@ -331,7 +306,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
             continue
         prefix = m.prefixes[b]
         if ckpt:
-            block_forward(rec)
+            block_forward(rec, b)
         for g in block.gemms:
             t = tokens * g.share
             bwd.gemm(t, g.n_in, g.n_out, g.count)  # input gradient
@@ -347,7 +322,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
                     bwd.stream(full * (g.count + 3 * (g.count - 1)), 2 * g.count)
             if g.bias and f"{prefix}.{g.bias}" in trainable:
                 bwd.stream(t * g.n_out * ab, 1)
-            if lora is not None and g.count == 1:
+            if adapted(b, g):
                 bwd.gemm(t, lora, g.n_out, dtype_bytes=lb)  # dX through B
                 bwd.gemm(t, g.n_in, lora, dtype_bytes=lb)  # dX through A
                 bwd.gemm(lora, g.n_out, t, dtype_bytes=lb)  # dB
@@ -359,7 +334,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
         if block.experts:
             # the loop's gathers and scatters each have a single-kernel backward
             bwd.stream(tokens * hidden * 8 * ab, block.experts * EXPERT_LOOP_KERNELS)
-        if m.heads and m.eager_attention:
+        if m.heads and eager:
             eager_attention(bwd, backward=True)
         elif m.heads:
             keys = min(seq / 2, m.sliding[b]) if m.sliding and m.sliding[b] else seq / 2
@@ -378,7 +353,6 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
     recompute = rec.phase() if ckpt else Phase()
 
     # -- optimizer: memory-bound passes over the trainable tensors ---------------------------
-    numel, tensors = _trainable_tensors(s, trainable, block, m.prefixes, lora)
     passes, kernels_per_launch = OPTIMIZER_PASSES[opt]
     launches = kernels_per_launch * max(1, math.ceil(numel / FOREACH_ELEMENTS_PER_LAUNCH))
     ow = Work(gpu, prec, 0.0)
@@ -416,22 +390,20 @@ def _elementwise(w: Work, part: Part, tokens: int, hidden: int, ab: int, sb: int
 
 
 def _trainable_tensors(s: ModelScan, trainable: set[str], block: Part,
-                       prefixes: tuple[str, ...], lora: int | None) -> tuple[int, int]:
-    """Elements and tensors the optimizer updates (a shared tensor once)."""
-    if lora is not None:
-        adapted = [g for g in block.gemms if g.count == 1]
-        numel = len(prefixes) * sum(lora * (g.n_in + g.n_out) for g in adapted)
-        return numel, 2 * len(prefixes) * len(adapted)
+                       prefixes: tuple[str, ...], adapted: Any, rank: int) -> tuple[int, int]:
+    """Elements and tensors the optimizer updates (a shared tensor once; LoRA: A and B of every
+    adapted weight of the blocks)."""
     seen = {s.by_name[n].tensor: s.by_name[n].numel for n in trainable}
-    return sum(seen.values()), len(seen)
+    numel, tensors = sum(seen.values()), len(seen)
+    for b in range(len(prefixes)):
+        for g in block.gemms:
+            if adapted(b, g):
+                numel += rank * (g.n_in + g.n_out)
+                tensors += 2
+    return numel, tensors
 
 
-def _trainable_numel(s: ModelScan, trainable: set[str], block: Part,
-                     prefixes: tuple[str, ...], lora: int | None) -> int:
-    return _trainable_tensors(s, trainable, block, prefixes, lora)[0]
-
-
-def _notes(prec: Precision, opt: str, m: ModelShape) -> tuple[str, ...]:
+def _notes(prec: Precision, opt: str, m: ModelShape, eager: bool) -> tuple[str, ...]:
     notes = []
     if prec.name == "32-true":
         notes.append("fp32 matmuls on CUDA cores (torch.backends.cuda.matmul.allow_tf32 off, "
@@ -439,7 +411,7 @@ def _notes(prec: Precision, opt: str, m: ModelShape) -> tuple[str, ...]:
     if prec.autocast:
         notes.append("bf16 autocast: every weight cast to bf16 each forward, weight gradients "
                      "cast back to fp32; residual stream and norms in fp32")
-    if m.heads and m.eager_attention:
+    if m.heads and eager:
         notes.append("eager attention: S x S scores materialised, no causal skipping")
     elif m.heads:
         notes.append("causal SDPA kernel (flash / memory-efficient): half the S x S scores")
@@ -464,12 +436,3 @@ def _assumptions(gpu: GPU, prec: Precision, notes: tuple[str, ...]) -> TimeAssum
         host_optimizer_s_per_tensor=HOST_OPTIMIZER_S_PER_TENSOR,
         notes=notes,
     )
-
-
-# -- gradual unfreezing ------------------------------------------------------------------------
-
-
-def steps_per_epoch(num_samples: int, batch_size: int, num_gpus: int = 1) -> int:
-    """``ceil(num_samples / (batch_size * num_gpus))``: data parallel, every GPU takes
-    ``batch_size`` samples per step."""
-    return math.ceil(num_samples / (batch_size * num_gpus))

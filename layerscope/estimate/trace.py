@@ -26,9 +26,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
+from layerscope.compat import (
+    TorchDispatchMode,
+    clear_hooks,
+    flop_registry,
+    quiet_fake_tensor_log,
+    run_backward,
+    tree_leaves,
+    unpacked_sequences,
+)
 from layerscope.estimate.kernels import CudaKernels
 
 ALLOCATOR_ROUNDING = 512
@@ -80,6 +86,14 @@ class StepTrace:
 
 _GLOBAL_PARTS = ("embed", "head")
 
+_HOST_OUTPUTS: dict[Any, frozenset[int]] = {
+    torch.ops.aten._scaled_dot_product_efficient_attention.default: frozenset({2, 3}),
+}
+"""Outputs that a CUDA GPU keeps in host memory: the memory-efficient kernel's RNG seed and
+offset, 0-dim int64 tensors made without a device (``at::empty({}, at::dtype(at::kLong))`` in
+``attention.cu``) unless it runs under CUDA graph capture. (The flash kernel's RNG state is
+made on the GPU, ``.device(at::kCUDA)``, and is counted.)"""
+
 
 class _Tracker(TorchDispatchMode):
     """Counts live storages (allocator-rounded) and attributes changes to the current segment."""
@@ -129,14 +143,12 @@ class _Tracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         seg = self.current
         flop_fn = _FLOP_REGISTRY.get(func._overloadpacket)
-        if flop_fn is not None:
-            try:  # the registry's formulas take tensors and read their shapes
-                flops = int(flop_fn(*args, **(kwargs or {}), out_val=out))
-            except Exception:  # a formula that does not accept this overload's signature
-                flops = 0
+        if flop_fn is not None:  # the registry's formulas take tensors and read their shapes
+            flops = int(flop_fn(*args, **(kwargs or {}), out_val=out))
             self._flops[seg] = self._flops.get(seg, 0) + flops
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
+        host = _HOST_OUTPUTS.get(func)
+        for i, t in enumerate(tree_leaves(out)):
+            if not isinstance(t, torch.Tensor) or (host is not None and i in host):
                 continue
             storage = t.untyped_storage()
             if storage in self._info:
@@ -172,12 +184,7 @@ def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: An
     return 2 * a.numel() * b.shape[-1]
 
 
-try:
-    from torch.utils.flop_counter import flop_registry
-
-    _FLOP_REGISTRY: dict[Any, Any] = dict(flop_registry)
-except ImportError:  # pragma: no cover - older torch
-    _FLOP_REGISTRY = {}
+_FLOP_REGISTRY: dict[Any, Any] = flop_registry()
 if hasattr(torch.ops.aten, "_grouped_mm"):
     _FLOP_REGISTRY.setdefault(torch.ops.aten._grouped_mm, _grouped_mm_flops)
 
@@ -208,6 +215,7 @@ def reduced_copy(
     kept = nn.ModuleList([copy.deepcopy(blocks[i], memo) for i in representatives])
     memo[id(blocks)] = kept
     reduced = copy.deepcopy(model, memo)
+    clear_hooks(reduced)  # the user's (and accelerate's) hooks must not see fake tensors
     config = getattr(reduced, "config", None)
     if config is not None:
         n = len(blocks)
@@ -317,7 +325,7 @@ def run_step(
             handles.append(m.register_forward_pre_hook(on_other_pre))
 
     try:
-        with _unpacked_sequences(), mode, kernels, tracker:
+        with unpacked_sequences(), quiet_fake_tensor_log(), mode, kernels, tracker:
             x = torch.randint(0, vocab_size, (batch_size, seq_len))
             if inference:
                 with torch.no_grad():
@@ -333,7 +341,7 @@ def run_step(
                 del out
                 state["phase"] = "bwd"
                 tracker.switch(("head", "bwd"))
-                _backward(loss)
+                run_backward(loss)
                 tracker.switch(("head", "end"))
                 del loss
             del x
@@ -343,26 +351,6 @@ def run_step(
     return StepTrace(segments=tracker.segments())
 
 
-def _unpacked_sequences() -> Any:
-    """Tell transformers the batch holds one sequence per row, as it would find on real data.
-
-    Without a KV cache, transformers checks ``position_ids`` for several sequences packed in
-    one row by reading their values; on fake tensors it cannot, assumes packing and builds a
-    dense mask, which sends attention to another kernel than a GPU runs. Our inputs are never
-    packed (positions ``0..seq_len-1``), so the check's answer, ``None``, is given directly.
-    """
-    import contextlib
-    from unittest import mock
-
-    try:
-        import transformers.masking_utils as masking
-    except ImportError:  # pragma: no cover - not a transformers model
-        return contextlib.nullcontext()
-    if not hasattr(masking, "find_packed_sequence_indices"):
-        return contextlib.nullcontext()
-    return mock.patch.object(masking, "find_packed_sequence_indices", lambda position_ids: None)
-
-
 def _accepts(model: nn.Module, name: str) -> bool:
     import inspect
 
@@ -370,21 +358,6 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return False
-
-
-def _backward(loss: torch.Tensor) -> None:
-    """``loss.backward()`` with the torch-function modes still active.
-
-    ``Tensor.backward`` dispatches to the active ``TorchFunctionMode``, which is popped while it
-    handles the call, so a recomputation under gradient checkpointing would run without the CUDA
-    emulation. The autograd engine is therefore called directly, as ``torch.autograd.backward``
-    does after its own checks.
-    """
-    from torch.autograd.variable import Variable
-
-    Variable._execution_engine.run_backward(
-        (loss,), (torch.ones_like(loss),), False, False, (), True, True
-    )
 
 
 @dataclass(frozen=True)

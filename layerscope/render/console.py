@@ -59,12 +59,16 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
     m, s, plan = doc["model"], doc["settings"], doc["plan"]
     layers = f", {m['num_layers']} layers" if m["num_layers"] is not None else ""
     ckpt = "gradient checkpointing" if s["gradient_checkpointing"] else "no gradient checkpointing"
+    attention = s.get("attn_implementation")
     tokens = f"{s['seq_len']} tokens" + (" per GPU" if per_gpu else "")
     batch = f"batch {s['batch_size']} x {tokens}" if doc["command"] != "fit" else f"sequences of {tokens}"
     total = m["total_params"]
     if plan["lora_rank"] is not None:
-        what = (f"LoRA rank {plan['lora_rank']} on every Linear of the blocks "
-                f"(the {format_count(total)} base parameters frozen)")
+        base = (f"the {format_count(total)} base parameters frozen" if plan["json"] is None
+                else f"{plan['text'].partition('+')[2]} freezes "
+                f"{format_count(plan['frozen_params'])} of the base")
+        what = (f"LoRA rank {plan['lora_rank']} on {plan.get('lora_targets', 0)} modules "
+                f"({base})")
     elif plan["frozen_params"] == 0:
         what = f"{plan['text']} (full fine-tuning: all {format_count(total)} parameters train)"
     else:
@@ -72,7 +76,8 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
                 f"{format_count(total)} parameters)")
     lines = [
         f"{m['name']}: {m['class']}, {format_count(total)} parameters{layers}",
-        f"Step: {batch}, {s['precision']}, {s['optimizer']}, {ckpt}",
+        f"Step: {batch}, {s['precision']}, {s['optimizer']}, {ckpt}"
+        + (f", {attention} attention" if attention else ""),
         f"Plan: {what}",
     ]
     lines += [f"note: {w}" for w in plan["warnings"]]

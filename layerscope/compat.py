@@ -1,0 +1,232 @@
+"""Every private or version-sensitive hook into torch and transformers, in one place.
+
+Each hook names the versions it was checked against (torch 2.4-2.13, transformers 4.46-5.24)
+and what happens when it is missing. Nothing here changes what another thread sees: where a
+transformers function must answer differently during an estimate, a wrapper installed once
+answers differently only inside an estimate *of the calling thread* (a context variable) and
+calls the original everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerscope.errors import EstimateError
+
+# torch.utils._python_dispatch.TorchDispatchMode: the base of every dispatch mode (private
+# module, stable since torch 1.13; the trace's storage counter subclasses it).
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402  (private, stable since torch 1.12)
+
+__all__ = [
+    "TorchDispatchMode",
+    "fake_tensor_mode",
+    "flop_registry",
+    "from_config",
+    "clear_hooks",
+    "quiet_fake_tensor_log",
+    "register_attention",
+    "run_backward",
+    "tree_leaves",
+    "unpacked_sequences",
+    "use_attention",
+]
+
+
+def fake_tensor_mode() -> Any:
+    """A new ``torch._subclasses.fake_tensor.FakeTensorMode`` (torch >= 2.0)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+def flop_registry() -> dict[Any, Callable[..., Any]]:
+    """``torch.utils.flop_counter.flop_registry`` (op overload packet -> FLOP formula), copied.
+
+    Checked on torch 2.4-2.13. Without it (an older or changed torch) FLOPs cannot be counted:
+    that is an error, never a silent zero.
+    """
+    try:
+        from torch.utils.flop_counter import flop_registry as registry
+    except ImportError as exc:  # pragma: no cover - torch < 2.1
+        raise EstimateError(
+            f"torch {torch.__version__} has no torch.utils.flop_counter.flop_registry; "
+            "layerscope needs torch >= 2.4"
+        ) from exc
+    return dict(registry)
+
+
+def run_backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` with the torch-function modes still active.
+
+    ``Tensor.backward`` dispatches to the active ``TorchFunctionMode``, which is popped while it
+    handles the call, so a recomputation under gradient checkpointing would run without the
+    CUDA emulation. The autograd engine is therefore called directly, as
+    ``torch.autograd.backward`` does after its own checks (``Variable._execution_engine.
+    run_backward``, private; same signature torch 2.0-2.13).
+    """
+    from torch.autograd.variable import Variable
+
+    Variable._execution_engine.run_backward(
+        (loss,), (torch.ones_like(loss),), False, False, (), True, True
+    )
+
+
+def from_config(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """``cls._from_config(config, dtype=...)``: what ``AutoModel*.from_config`` calls. Private in
+    transformers, stable 4.30-5.24; the dtype keyword is ``torch_dtype`` before 5.0. It applies
+    the dtype to the config and its sub-configs and builds under that default dtype."""
+    import transformers
+
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return cls._from_config(config, **{dtype_kw: dtype})  # type: ignore[no-any-return]
+
+
+# -- transformers' packed-sequence detection ----------------------------------------------------
+_UNPACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("layerscope_unpacked", default=False)
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install_packed_wrapper() -> bool:
+    """Wrap ``transformers.masking_utils.find_packed_sequence_indices`` once (5.x; absent in
+    4.x, where there is nothing to do). Returns whether the wrapper is in place."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        return False
+    with _INSTALL_LOCK:
+        original = getattr(masking, "find_packed_sequence_indices", None)
+        if original is None:
+            return False
+        if getattr(original, "__layerscope_original__", None) is not None:
+            return True
+
+        @functools.wraps(original)
+        def find_packed_sequence_indices(position_ids: torch.Tensor) -> Any:
+            if _UNPACKED.get():
+                return None
+            return original(position_ids)
+
+        find_packed_sequence_indices.__layerscope_original__ = original  # type: ignore[attr-defined]
+        masking.find_packed_sequence_indices = find_packed_sequence_indices
+        return True
+
+
+@contextlib.contextmanager
+def unpacked_sequences() -> Iterator[None]:
+    """Inside this block, in this thread, transformers is told the batch holds one sequence per
+    row, as it would find on real data.
+
+    Without a KV cache, transformers checks ``position_ids`` for several sequences packed in one
+    row by reading their values; on fake tensors it cannot, assumes packing and builds a dense
+    mask, which sends attention to another kernel than a GPU runs. Our inputs are never packed
+    (positions ``0..seq_len-1``), so the check's answer, ``None``, is given directly. Other
+    threads (and this one outside the block) get the original function's answer.
+    """
+    _install_packed_wrapper()
+    token = _UNPACKED.set(True)
+    try:
+        yield
+    finally:
+        _UNPACKED.reset(token)
+
+
+# -- attention implementations ---------------------------------------------------------------
+FLASH_KEYS = {
+    "flash_attention_2": "layerscope_flash_attention_2",
+    "flex_attention": "layerscope_flex_attention",
+}
+"""The names under which the flash-kernel emulation is registered with transformers'
+``AttentionInterface`` (new names: transformers' own entries are never replaced). "flash" in
+the first keeps transformers' ``is_flash_attention_requested`` answering as for flash-attn."""
+
+
+def register_attention() -> None:
+    """Register the flash-kernel emulation under :data:`FLASH_KEYS` (idempotent). Checked on
+    transformers 5.0-5.24 (``AttentionInterface.register``); names without a mask function get no
+    mask, as flash-attn and flex attention build none."""
+    from transformers import AttentionInterface
+
+    from layerscope.estimate.kernels import flash_attention_forward
+
+    with _INSTALL_LOCK:
+        for key in FLASH_KEYS.values():
+            if key not in AttentionInterface._global_mapping:
+                AttentionInterface.register(key, flash_attention_forward)
+
+
+def use_attention(model: nn.Module, implementation: str) -> None:
+    """Make a traced *copy* run ``implementation`` (``config._attn_implementation``, which
+    transformers 5 reads at every forward and propagates to sub-configs).
+
+    ``sdpa`` and ``eager`` run transformers' own code (the SDPA kernel is then chosen as a GPU
+    would, :mod:`layerscope.estimate.kernels`); ``flash_attention_2`` and ``flex_attention`` run
+    the flash-kernel emulation registered by :func:`register_attention`.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return
+    name = FLASH_KEYS.get(implementation, implementation)
+    if name != implementation:
+        try:
+            register_attention()
+        except ImportError as exc:  # transformers 4.x has no AttentionInterface
+            raise EstimateError(
+                f"attn_implementation={implementation!r} needs transformers >= 5 to estimate"
+            ) from exc
+    config._attn_implementation = name
+
+
+# -- hooks and logs ------------------------------------------------------------------------------
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def clear_hooks(model: nn.Module) -> None:
+    """Drop every module hook of a (copied) model: a user's hooks and accelerate's device hooks
+    must not run on fake tensors. ``nn.Module``'s private hook dicts, stable since torch 2.0."""
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks is not None:
+                hooks.clear()
+
+
+_TRACING_THREADS: set[int] = set()
+
+
+class _TracingThreadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in _TRACING_THREADS
+
+
+_FAKE_LOG_FILTER = _TracingThreadFilter()
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence ``torch._subclasses.fake_tensor``'s log of a failing op for this thread only (the
+    failure is reported once, as an :class:`~layerscope.errors.EstimateError`)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    with _INSTALL_LOCK:
+        if _FAKE_LOG_FILTER not in logger.filters:
+            logger.addFilter(_FAKE_LOG_FILTER)
+        ident = threading.get_ident()
+        _TRACING_THREADS.add(ident)
+    try:
+        yield
+    finally:
+        with _INSTALL_LOCK:
+            _TRACING_THREADS.discard(ident)

@@ -1,0 +1,440 @@
+"""``TrainingSetup``: the one frozen, validated description of a training run.
+
+Every estimate (memory, step time, training time, the largest batch, the savings of a plan, the
+command line's alternatives and report) consumes a :class:`TrainingSetup`, so one setting has one
+meaning everywhere. The public estimators keep their keyword arguments; they build the setup.
+The settings' vocabularies are defined here once: precisions (Lightning's names), optimizers,
+attention implementations and LoRA (as peft adds it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerscope.build import as_model
+from layerscope.errors import EstimateError, LayerscopeWarning
+from layerscope.plan import FreezePlan
+from layerscope.scan import ModelScan, scan
+
+
+# -- precisions ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """How a precision setting stores and computes.
+
+    Attributes:
+        name: Lightning's name, e.g. ``"bf16-mixed"``.
+        param_dtype: dtype of weights, gradients and optimizer states.
+        autocast_dtype: the CUDA autocast dtype, or None without autocast.
+        matmul: the GPU catalogue's dtype key for matmuls and attention.
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    matmul: str
+
+    @property
+    def autocast(self) -> bool:
+        """Weights are cast to the autocast dtype before each matmul."""
+        return self.autocast_dtype is not None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per weight, gradient and optimizer-state element."""
+        return self.param_dtype.itemsize
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per element of matmul outputs."""
+        return (self.autocast_dtype or self.param_dtype).itemsize
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes per element of the residual stream and norms (the weights' dtype: under
+        autocast, embeddings and residual adds stay fp32)."""
+        return self.param_dtype.itemsize
+
+
+PRECISIONS: dict[str, Precision] = {
+    "32-true": Precision("32-true", torch.float32, None, "fp32"),
+    "bf16-true": Precision("bf16-true", torch.bfloat16, None, "bf16"),
+    "16-true": Precision("16-true", torch.float16, None, "fp16"),
+    "bf16-mixed": Precision("bf16-mixed", torch.float32, torch.bfloat16, "bf16"),
+    "16-mixed": Precision("16-mixed", torch.float32, torch.float16, "fp16"),
+}
+PRECISION_ALIASES = {
+    "32": "32-true", "fp32": "32-true", "float32": "32-true",
+    "bf16": "bf16-true", "bfloat16": "bf16-true", "16": "16-true", "fp16": "16-true",
+    "float16": "16-true", "amp_bf16": "bf16-mixed", "amp-bf16": "bf16-mixed",
+    "bf16-amp": "bf16-mixed", "amp_fp16": "16-mixed", "amp-fp16": "16-mixed",
+}
+
+OPTIMIZERS = ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor")
+"""``adamw``/``adam``: torch.optim, foreach (the CUDA default); ``adamw-fused``:
+``AdamW(fused=True)``; ``sgd``/``sgd-momentum``: torch.optim.SGD without/with momentum;
+``adamw-8bit``: bitsandbytes ``AdamW8bit``; ``adafactor``: ``torch.optim.Adafactor``."""
+OPTIMIZER_ALIASES = {
+    "adamw_fused": "adamw-fused", "fused_adamw": "adamw-fused", "fused-adamw": "adamw-fused",
+    "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum", "adamw_8bit": "adamw-8bit",
+    "adamw8bit": "adamw-8bit",
+}
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+"""transformers' names: ``sdpa`` (``F.scaled_dot_product_attention``: flash or memory-efficient
+kernel on a GPU, or the math fallback), ``eager`` (scores materialised), ``flash_attention_2``
+(the flash-attn package), ``flex_attention`` (``torch.nn.attention.flex_attention``)."""
+
+
+def resolve_precision(precision: object) -> Precision:
+    """A precision name or alias -> :class:`Precision`.
+
+    Raises:
+        EstimateError: an unknown name; the message lists the allowed ones.
+    """
+    if isinstance(precision, Precision):
+        return precision
+    if not isinstance(precision, str):
+        raise EstimateError(f"precision must be a str, got {precision!r}")
+    key = PRECISION_ALIASES.get(precision.lower(), precision.lower())
+    if key not in PRECISIONS:
+        allowed = [*PRECISIONS, *sorted(PRECISION_ALIASES)]
+        raise EstimateError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
+    return PRECISIONS[key]
+
+
+def resolve_optimizer(optimizer: object) -> str:
+    """An optimizer name or alias -> its canonical name in :data:`OPTIMIZERS`.
+
+    Raises:
+        EstimateError: an unknown name; the message lists the allowed ones.
+    """
+    if not isinstance(optimizer, str):
+        raise EstimateError(f"optimizer must be a str, got {optimizer!r}")
+    key = OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer.lower())
+    if key not in OPTIMIZERS:
+        allowed = [*OPTIMIZERS, *sorted(OPTIMIZER_ALIASES)]
+        raise EstimateError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(allowed)}")
+    return key
+
+
+def default_attention(model: nn.Module) -> str:
+    """What transformers picks for ``model`` on a CUDA GPU when none is asked for: the
+    implementation its config records after building (``sdpa`` where the class supports it,
+    else ``eager``); ``sdpa`` for a module without a config."""
+    config = getattr(model, "config", None)
+    chosen = getattr(config, "_attn_implementation", None)
+    return chosen if chosen in ATTENTION_IMPLEMENTATIONS else "sdpa" if config is None else "eager"
+
+
+def resolve_attention(name: object, model: nn.Module) -> str:
+    """``None`` -> :func:`default_attention`; else one of :data:`ATTENTION_IMPLEMENTATIONS`.
+
+    The implementation asked for is estimated even where the installed transformers refuses it
+    for this model (Gemma-2 with ``sdpa`` in transformers >= 5.23): users run other versions.
+
+    Raises:
+        EstimateError: an unknown name.
+    """
+    if name is None:
+        return default_attention(model)
+    if not isinstance(name, str) or name not in ATTENTION_IMPLEMENTATIONS:
+        raise EstimateError(
+            f"unknown attn_implementation {name!r}; allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    return name
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Leaf names (``q_proj``, ``c_attn``, ...) of the Linear layers inside the block stack."""
+    prefix = scan(model).layers.path + "."
+    names = {
+        name.rpartition(".")[2]
+        for name, m in model.named_modules()
+        if name.startswith(prefix) and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+    }
+    return sorted(names)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA adapters as peft adds them, resolved against one model.
+
+    Attributes:
+        rank: ``r``.
+        targets: the full names of the modules that get an adapter (peft's matching of
+            ``target_modules``, ``exclude_modules``, ``layers_to_transform``; ``None`` targets
+            resolved from peft's per-architecture defaults, ``"all-linear"`` as peft expands it).
+        modules_to_save: full names of the modules peft trains as full copies.
+        config: the peft ``LoraConfig`` as JSON (every field, for tracing and equality).
+    """
+
+    rank: int
+    targets: frozenset[str]
+    modules_to_save: frozenset[str]
+    config: str = field(repr=False)
+
+    @classmethod
+    def of(cls, value: object, model: nn.Module) -> Lora | None:
+        """``None``, a rank, a peft ``LoraConfig`` or a :class:`Lora` -> a :class:`Lora` for
+        ``model``. A rank adds adapters to every Linear of the blocks with ``lora_alpha = 2 *
+        rank`` and no dropout.
+
+        Raises:
+            EstimateError: anything else, a rank below 1, or targets that match no module.
+        """
+        if value is None:
+            return None
+        if isinstance(value, Lora):
+            modules = {name for name, _ in model.named_modules()}
+            if value.targets <= modules:
+                return value
+            value = value.peft_config()  # made for another model: match its config again
+        from peft import LoraConfig
+
+        if isinstance(value, LoraConfig):
+            config = value
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            targets = block_linear_names(model)
+            if not targets:
+                raise EstimateError(
+                    f"lora={value}: {type(model).__name__} has no Linear layer in its blocks"
+                )
+            config = LoraConfig(r=value, lora_alpha=2 * value, lora_dropout=0.0,
+                                target_modules=targets)
+        else:
+            raise EstimateError(f"lora must be a peft LoraConfig or a rank >= 1, got {value!r}")
+        if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
+            raise EstimateError(f"LoraConfig.r must be an int >= 1, got {config.r!r}")
+        data = config.to_dict()
+        for key, item in data.items():
+            if isinstance(item, set):
+                data[key] = sorted(item)
+        return cls(
+            rank=config.r,
+            targets=_lora_targets(model, config),
+            modules_to_save=_modules_to_save(model, config),
+            config=json.dumps(data, sort_keys=True, default=str),
+        )
+
+    def peft_config(self) -> Any:
+        """The peft ``LoraConfig`` this was made from."""
+        from peft import LoraConfig
+
+        data = json.loads(self.config)
+        known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        return LoraConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def _lora_targets(model: nn.Module, config: Any) -> frozenset[str]:
+    """The modules peft would adapt in ``model``, by peft's own matching rules."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if default is None:
+            raise EstimateError(
+                f"LoraConfig.target_modules is None and peft has no default targets for "
+                f"model_type {model_type!r}; name the target modules"
+            )
+        config = dataclasses.replace(config, target_modules=default)
+    supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+    out_emb = getattr(model, "get_output_embeddings", lambda: None)()
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    names = set()
+    for name, module in model.named_modules():
+        is_conv1d = type(module).__name__ == "Conv1D"  # transformers' GPT-2 projection
+        if not name or not (isinstance(module, supported) or is_conv1d):
+            continue
+        if all_linear:
+            hit = (isinstance(module, nn.Linear) or is_conv1d) and module is not out_emb
+        else:
+            hit = bool(check_target_module_exists(config, name))
+        if hit:
+            names.add(name)
+    if not names:
+        raise EstimateError(
+            f"LoRA target_modules={config.target_modules!r} match no Linear/Embedding/Conv module "
+            f"of {type(model).__name__}"
+        )
+    return frozenset(names)
+
+
+def _modules_to_save(model: nn.Module, config: Any) -> frozenset[str]:
+    wanted = config.modules_to_save or []
+    return frozenset(
+        name for name, _ in model.named_modules()
+        if name and any(name == w or name.endswith("." + w) for w in wanted)
+    )
+
+
+# -- the setup -------------------------------------------------------------------------------
+SETTINGS = ("batch_size", "seq_len", "precision", "optimizer", "gradient_checkpointing", "lora",
+            "attn_implementation", "inference")
+"""The keyword arguments every estimator and command takes besides the model and the plan."""
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EstimateError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise EstimateError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """Everything one step's memory and time depend on besides the GPU. Immutable, validated
+    on construction (a :class:`~layerscope.errors.EstimateError` names the bad value and what is
+    allowed), hashable: equal setups share one trace.
+
+    Args:
+        model: an ``nn.Module`` (meta skeleton or real model; never modified) or a model source
+            (a preset name, ``config.json`` path, dict or ``PretrainedConfig``).
+        plan: what to freeze; ``None`` takes the model's ``requires_grad`` flags as they are
+            when the setup is made.
+        batch_size: sequences per step (per GPU).
+        seq_len: tokens per sequence.
+        precision: ``"32-true"``, ``"bf16-true"``, ``"16-true"``, ``"bf16-mixed"``,
+            ``"16-mixed"`` or an alias (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"amp_bf16"``...).
+        optimizer: one of :data:`OPTIMIZERS` (or an alias).
+        gradient_checkpointing: transformers' ``gradient_checkpointing_enable()``
+            (non-reentrant): every block's forward is recomputed in backward.
+        lora: a rank (adapters on every Linear of the blocks), a peft ``LoraConfig`` (its
+            ``target_modules``, ``modules_to_save``...), or None. With LoRA the base model is
+            frozen, as peft freezes it; with a ``plan`` as well, the base parameters the plan
+            leaves trainable train too.
+        attn_implementation: one of :data:`ATTENTION_IMPLEMENTATIONS`; None is what
+            transformers picks for this model (:func:`default_attention`).
+        inference: a forward only, under ``no_grad`` in eval mode (no loss, no optimizer).
+
+    Attributes:
+        trainable: the base parameter names that train (every alias of a tied tensor).
+    """
+
+    model: nn.Module
+    plan: FreezePlan | None = None
+    batch_size: int = 1
+    seq_len: int = 2048
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    lora: Lora | None = None
+    attn_implementation: str | None = None
+    inference: bool = False
+    trainable: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        model = as_model(self.model)
+        if self.plan is not None and not isinstance(self.plan, FreezePlan):
+            raise EstimateError(
+                f"plan must be a FreezePlan or None, got {type(self.plan).__name__}"
+            )
+        _positive_int(self.batch_size, "batch_size")
+        _positive_int(self.seq_len, "seq_len")
+        _bool(self.gradient_checkpointing, "gradient_checkpointing")
+        _bool(self.inference, "inference")
+        values = {
+            "model": model,
+            "precision": resolve_precision(self.precision).name,
+            "optimizer": resolve_optimizer(self.optimizer),
+            "attn_implementation": resolve_attention(self.attn_implementation, model),
+            "lora": Lora.of(self.lora, model),
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        config = getattr(model, "config", None)
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(max_pos, int) and self.seq_len > max_pos:
+            warnings.warn(
+                f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={max_pos}",
+                LayerscopeWarning, stacklevel=3,
+            )
+        s = self.scan
+        if self.plan is not None:
+            trainable = self.plan.resolve(s).trainable
+        elif self.lora is not None:
+            trainable = frozenset()  # peft freezes the base model
+        else:
+            trainable = frozenset(p.name for p in s.params if p.requires_grad)
+        floating = frozenset(n for n in trainable if s.by_name[n].dtype.is_floating_point)
+        object.__setattr__(self, "trainable", floating)
+        if not self.inference and not floating and self.lora is None:
+            what = f"plan {self.plan} freezes" if self.plan is not None else "the model's flags freeze"
+            raise EstimateError(
+                f"nothing is trainable ({what} every parameter and lora is None): a training "
+                "step has no backward; use inference=True for a forward-only estimate"
+            )
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def scan(self) -> ModelScan:
+        """The model's scan (cached per model and its flags)."""
+        return scan(self.model)
+
+    @property
+    def precision_info(self) -> Precision:
+        return PRECISIONS[self.precision]
+
+    @property
+    def lora_rank(self) -> int | None:
+        return None if self.lora is None else self.lora.rank
+
+    def replace(self, **changes: Any) -> TrainingSetup:
+        """A copy with ``changes`` (any of the constructor's keyword arguments), validated."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self) if f.init}
+        if unknown:
+            raise EstimateError(
+                f"unknown setting(s) {sorted(unknown)}; allowed: model, plan, {', '.join(SETTINGS)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (the model and plan are described elsewhere)."""
+        return {
+            "batch_size": self.batch_size, "seq_len": self.seq_len, "precision": self.precision,
+            "optimizer": self.optimizer, "gradient_checkpointing": self.gradient_checkpointing,
+            "lora_rank": self.lora_rank, "attn_implementation": self.attn_implementation,
+            "inference": self.inference,
+        }
+
+    def describe(self) -> str:
+        """A short label: ``"plan lp-lora:0.5, batch 4, adamw"``."""
+        parts = [f"LoRA rank {self.lora.rank}" if self.lora else f"plan {self.plan or 'none'}",
+                 f"batch {self.batch_size}", self.optimizer]
+        if self.gradient_checkpointing:
+            parts.append("checkpointing")
+        return ", ".join(parts)
+
+
+def make_setup(model: Any, plan: Any = None, **settings: Any) -> TrainingSetup:
+    """What every public estimator does with its arguments: ``model`` may be a model, a model
+    source or a :class:`TrainingSetup`; a setting given as ``None`` is not given (the setup's,
+    or the default). With a setup, ``plan`` and any setting given replace the setup's.
+
+    Raises:
+        EstimateError: an unknown setting name or an invalid value.
+    """
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise EstimateError(f"unknown setting(s) {sorted(unknown)}; allowed: {', '.join(SETTINGS)}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    if isinstance(model, TrainingSetup):
+        if plan is not None:
+            given["plan"] = plan
+        return model.replace(**given) if given else model
+    return TrainingSetup(model, plan, **given)
