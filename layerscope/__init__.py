@@ -12,6 +12,7 @@ from layerscope.errors import (
     PlanError,
     StructureError,
 )
+from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.memory import (
     MemoryEstimate,
     MemorySavings,
@@ -19,7 +20,6 @@ from layerscope.estimate.memory import (
     estimate_memory_savings,
     max_batch_size,
 )
-from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.schedule import ScheduleEstimate, estimate_unfreezing_schedule
 from layerscope.estimate.time import StepTime, estimate_step_time
 from layerscope.layer_utils import (
@@ -50,11 +50,11 @@ from layerscope.setup import TrainingSetup
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPU",
     "BlockStack",
     "ConfigError",
     "EstimateError",
     "FreezePlan",
-    "GPU",
     "GradualSchedule",
     "GradualUnfreezer",
     "LayerscopeError",

@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"layerscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return USAGE
-    except Exception as exc:  # a failure while working: one line, traceback with --debug
+    except Exception as exc:  # noqa: BLE001 - any failure while working: one line, --debug traces
         if debug:
             traceback.print_exc()
         print(f"layerscope {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}",

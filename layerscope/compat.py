@@ -20,19 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerscope.errors import EstimateError
-
 # torch.utils._python_dispatch.TorchDispatchMode: the base of every dispatch mode (private
 # module, stable since torch 1.13; the trace's storage counter subclasses it).
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402  (private, stable since torch 1.12)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from layerscope.errors import EstimateError
 
 __all__ = [
     "TorchDispatchMode",
+    "clear_hooks",
     "fake_tensor_mode",
     "flop_registry",
     "from_config",
-    "clear_hooks",
     "quiet_fake_tensor_log",
     "register_attention",
     "run_backward",

@@ -18,7 +18,7 @@ from layerscope.estimate.run import run_cost
 from layerscope.plan import FreezePlan, GradualSchedule
 from layerscope.render.text import layer_status_text, model_summary_text
 from layerscope.scan import check_module, scan
-from layerscope.setup import SETTINGS, make_setup
+from layerscope.setup import make_setup
 from layerscope.units import GIB, dtype_bytes, format_duration
 
 

@@ -232,7 +232,8 @@ class Regex(Rule):
         return chosen, [f"regex: pattern {p!r} matches no parameter" for p in unmatched]
 
     def __str__(self) -> str:
-        return "+".join(f"regex:{p}" for p in self.patterns)
+        key = "regex" if self.case_sensitive else "iregex"
+        return "+".join(f"{key}:{p}" for p in self.patterns)
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ class Names(Rule):
         return set(self.names), []
 
     def __str__(self) -> str:
-        return f"names:{len(self.names)}"
+        return "names:" + ",".join(self.names)
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ class LpLora(Rule):
         return chosen | emb, warnings
 
     def __str__(self) -> str:
-        return f"lp-lora:{self.ratio:g}" + ("" if self.freeze_embed else ":keep-embeddings")
+        return f"lp-lora:{self.ratio!r}" + ("" if self.freeze_embed else ":keep-embeddings")
 
 
 RULES: dict[str, type[Rule]] = {
@@ -466,25 +467,35 @@ class FreezePlan:
 
     @classmethod
     def parse(cls, text: str) -> FreezePlan:
-        """Parse the command-line grammar.
+        """Parse the command-line grammar (``str(plan)`` writes it, so it round-trips).
 
-        ``none``, ``all``, ``lp-lora[:RATIO]``, ``first:N``, ``last:N``, ``except-last:N``,
-        ``embeddings``, ``regex:PATTERN`` or a path to a plan JSON file; ``+`` combines
-        (``first:16+embeddings``). A ``+`` inside a regex is kept unless a keyword follows it.
+        ``none``, ``all``, ``lp-lora[:RATIO][:keep-embeddings]``, ``first:N``, ``last:N``,
+        ``except-last:N[:keep-embeddings]``, ``embeddings[:keep-tied-head]``,
+        ``regex:PATTERN`` (``iregex:`` ignores case), ``names:NAME,NAME,...`` or a path to a
+        plan JSON file; ``+`` combines (``first:16+embeddings``). A ``+`` inside a regex is kept
+        unless a keyword follows it; patterns in a row with the same case rule are one rule.
         """
         if not isinstance(text, str) or not text.strip():
             raise PlanError(f"empty plan {text!r}; {_GRAMMAR}")
-        plan = cls()
+        rules: list[Rule] = []
         for part in _SPLIT.split(text.strip()):
-            plan = plan | _parse_one(part.strip())
-        return plan
+            for rule in _parse_one(part.strip()).rules:
+                last = rules[-1] if rules else None
+                if (isinstance(rule, Regex) and isinstance(last, Regex)
+                        and last.case_sensitive == rule.case_sensitive):
+                    rules[-1] = Regex(last.patterns + rule.patterns, rule.case_sensitive)
+                else:
+                    rules.append(rule)
+        return cls(tuple(rules))
 
 
 _GRAMMAR = (
     "allowed: none, all, lp-lora[:RATIO], first:N, last:N, except-last:N, embeddings, "
-    "regex:PATTERN or a plan .json file, combined with +"
+    "regex:PATTERN, iregex:PATTERN, names:NAME,... or a plan .json file, combined with +"
 )
-_SPLIT = re.compile(r"\+(?=(?:none|all|lp-lora|first:|last:|except-last:|embeddings|regex:))")
+_SPLIT = re.compile(
+    r"\+(?=(?:none|all|lp-lora|first:|last:|except-last:|embeddings|regex:|iregex:|names:))"
+)
 
 
 def _parse_int(value: str, part: str) -> int:
@@ -499,21 +510,29 @@ def _parse_one(part: str) -> FreezePlan:
         return FreezePlan()
     if key == "all" and not arg:
         return FreezePlan.all()
-    if key == "embeddings" and not arg:
-        return FreezePlan.embeddings()
+    if key == "embeddings" and arg in ("", "keep-tied-head"):
+        return FreezePlan.embeddings(keep_tied_head=bool(arg))
     if key == "lp-lora":
+        value, _, flag = arg.partition(":")
+        if flag not in ("", "keep-embeddings"):
+            raise PlanError(f"plan {part!r}: {flag!r} is not keep-embeddings; {_GRAMMAR}")
         try:
-            ratio = float(arg) if arg else 0.5
+            ratio = float(value) if value else 0.5
         except ValueError:
-            raise PlanError(f"plan {part!r}: {arg!r} is not a ratio in [0, 1]") from None
-        return FreezePlan.lp_lora(ratio)
-    if key in ("first", "last", "except-last"):
+            raise PlanError(f"plan {part!r}: {value!r} is not a ratio in [0, 1]") from None
+        return FreezePlan.lp_lora(ratio, freeze_embed=not flag)
+    if key in ("first", "last"):
         n = _parse_int(arg, part)
-        return {"first": FreezePlan.first, "last": FreezePlan.last}.get(
-            key, FreezePlan.except_last
-        )(n)
-    if key == "regex" and arg:
-        return FreezePlan.regex(arg)
+        return FreezePlan.first(n) if key == "first" else FreezePlan.last(n)
+    if key == "except-last":
+        value, _, flag = arg.partition(":")
+        if flag not in ("", "keep-embeddings"):
+            raise PlanError(f"plan {part!r}: {flag!r} is not keep-embeddings; {_GRAMMAR}")
+        return FreezePlan((ExceptLast(_parse_int(value, part), keep_embeddings=bool(flag)),))
+    if key in ("regex", "iregex") and arg:
+        return FreezePlan.regex(arg, case_sensitive=key == "regex")
+    if key == "names" and arg:
+        return FreezePlan.names(arg.split(","))
     if part.endswith(".json"):
         try:
             return FreezePlan.from_json(Path(part).read_text())

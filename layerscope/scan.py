@@ -130,12 +130,15 @@ class ModelScan:
             StructureError: no block stack was found; the message lists what was looked at.
         """
         if self.primary is None:
-            seen = ", ".join(self.candidates) if self.candidates else "no submodules"
-            raise StructureError(
-                f"{self.model_type}: no block stack found (a ModuleList or Sequential of "
-                f"same-type blocks holding parameters); candidates found: {seen}"
-            )
+            raise self._no_stack()
         return self.stacks[self.primary]
+
+    def _no_stack(self) -> StructureError:
+        seen = ", ".join(self.candidates) if self.candidates else "no submodules"
+        return StructureError(
+            f"{self.model_type}: no block stack found (a ModuleList or Sequential of "
+            f"same-type blocks holding parameters); candidates found: {seen}"
+        )
 
     @property
     def num_layers(self) -> int:
@@ -162,7 +165,7 @@ class ModelScan:
         """Parameter names of block ``index`` of the main stack (or of ``stack``)."""
         s = self.primary if stack is None else stack
         if s is None:
-            self.layers  # raises the explanatory StructureError
+            raise self._no_stack()
         return tuple(n for n, sb in self._block_index.items() if sb == (s, index))
 
     def role(self, name: str) -> str:
@@ -338,9 +341,9 @@ def _embedding_names(
     wanted = {id(emb)} if emb is not None else set()
     prefixes = []
     for path, m in model.named_modules():
-        if path and (isinstance(m, nn.Embedding) or id(m) in wanted):
-            if not (path + ".").startswith(stack_prefixes):
-                prefixes.append(path + ".")
+        embedding = isinstance(m, nn.Embedding) or id(m) in wanted
+        if path and embedding and not (path + ".").startswith(stack_prefixes):
+            prefixes.append(path + ".")
     return {p.name for p in params if p.name.startswith(tuple(prefixes))} if prefixes else set()
 
 

@@ -148,3 +148,19 @@ def test_plain_module_plans():
         "norm.weight", "norm.bias", "head.weight", "head.bias",
     }
     assert str(FreezePlan.parse("first:1+embeddings")) == "first:1+embeddings"
+
+
+def test_str_round_trips_through_parse():
+    from layerscope.plan import ExceptLast
+
+    plans = [
+        FreezePlan.none(), FreezePlan.all(), FreezePlan.first(3), FreezePlan.last(2),
+        FreezePlan.except_last(1), FreezePlan((ExceptLast(2, keep_embeddings=True),)),
+        FreezePlan.embeddings(), FreezePlan.embeddings(keep_tied_head=True),
+        FreezePlan.lp_lora(), FreezePlan.lp_lora(1 / 3, freeze_embed=False),
+        FreezePlan.regex(["attn", r"mlp\.c_fc+"]), FreezePlan.regex("ATTN", case_sensitive=False),
+        FreezePlan.names(["transformer.h.0.ln_1.weight", "lm_head.weight"]),
+        FreezePlan.first(2) | FreezePlan.embeddings() | FreezePlan.regex("norm"),
+    ]
+    for plan in plans:
+        assert FreezePlan.parse(str(plan)) == plan, str(plan)

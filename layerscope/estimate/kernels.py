@@ -77,9 +77,7 @@ class CudaKernels(TorchFunctionMode):
         if self.autocast_dtype is not None:
             if name in _LOWER_PRECISION:
                 args, kwargs = self._cast_all(args, kwargs, self.autocast_dtype)
-            elif name in _FP32:
-                args, kwargs = self._cast_all(args, kwargs, torch.float32, low_only=True)
-            elif name in _FP32_SET_OPT_DTYPE and kwargs.get("dtype") is None:
+            elif name in _FP32 or (name in _FP32_SET_OPT_DTYPE and kwargs.get("dtype") is None):
                 args, kwargs = self._cast_all(args, kwargs, torch.float32, low_only=True)
         if name == "scaled_dot_product_attention":
             return cuda_sdpa(*args, **kwargs)
@@ -121,7 +119,8 @@ def _fused_dropout(func: Any, args: tuple, kwargs: dict) -> Any:
     bound = dict(zip(names, args))
     bound.update(kwargs)
     x, p = bound.get("input"), bound.get("p", 0.5)
-    if isinstance(x, torch.Tensor) and bound.get("training", True) and 0 < p < 1 and not bound.get("inplace", False):
+    fused = bound.get("training", True) and not bound.get("inplace", False)
+    if isinstance(x, torch.Tensor) and fused and 0 < p < 1:
         return torch.native_dropout(x, p, True)[0]
     return func(*args, **kwargs)
 
@@ -151,7 +150,6 @@ class _GroupedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        b, a = ctx.saved_tensors
         a_shape, b_shape = ctx.shapes
         grad_a = grad.new_empty(a_shape) if ctx.needs_input_grad[0] else None
         grad_b = grad.new_empty(b_shape) if ctx.needs_input_grad[1] else None

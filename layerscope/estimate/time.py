@@ -20,29 +20,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from layerscope.errors import EstimateError
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU, get_gpu
-from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
-from layerscope.plan import FreezePlan
-from layerscope.scan import ModelScan
-from layerscope.setup import Lora, Precision, TrainingSetup, make_setup
-
 from layerscope.estimate.roofline import (
-    FOREACH_ELEMENTS_PER_LAUNCH,
     ATTENTION_BACKWARD_RATIO,
     ATTENTION_EFFICIENCY,
     BACKWARD_ELEMENTWISE_RATIO,
     BANDWIDTH_EFFICIENCY,
+    EXPERT_LOOP_KERNELS,
+    FOREACH_ELEMENTS_PER_LAUNCH,
     GEMM_EFFICIENCY,
     HOST_BACKWARD_S_PER_KERNEL,
     HOST_FORWARD_S_PER_KERNEL,
     HOST_LOOP_S_PER_KERNEL,
     HOST_OPTIMIZER_S_PER_TENSOR,
     KERNEL_LATENCY_S,
-    EXPERT_LOOP_KERNELS,
     LOSS_BACKWARD_KERNELS,
     LOSS_FORWARD_KERNELS,
     OPTIMIZER_PASSES,
@@ -52,6 +45,11 @@ from layerscope.estimate.roofline import (
     Phase,
     Work,
 )
+from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
+from layerscope.plan import FreezePlan
+from layerscope.scan import ModelScan
+from layerscope.setup import Lora, Precision, TrainingSetup, make_setup
+
 
 # -- results ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -239,7 +237,7 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
                 w.stream(tokens * (q + kv) * ROTARY_PASSES * ab, ROTARY_KERNELS)
 
     def outside_forward(w: Work) -> None:
-        for name, rows, width in m.embeddings:
+        for _, _, width in m.embeddings:
             w.stream(tokens * width * (wb + sb), 1)
         w.stream(tokens * hidden * 3 * sb, max(len(m.embeddings) - 1, 0))
         for g in rest.gemms:

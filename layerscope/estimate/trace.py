@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from layerscope.compat import (
     TorchDispatchMode,
     clear_hooks,
@@ -211,7 +212,8 @@ def reduced_copy(
     # Tensors are copied as meta placeholders: a real model's weights are never duplicated.
     for t in [*model.parameters(), *model.buffers()]:
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        is_param = isinstance(t, nn.Parameter)
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if is_param else meta
     kept = nn.ModuleList([copy.deepcopy(blocks[i], memo) for i in representatives])
     memo[id(blocks)] = kept
     reduced = copy.deepcopy(model, memo)
@@ -313,9 +315,9 @@ def run_step(
             state["after_blocks"] = True
 
     def on_other_pre(module: nn.Module, args: tuple) -> None:
-        if state["phase"] == "fwd" and state["after_blocks"] and tracker.current[1] == "fwd":
-            if tracker.current[0] != "head":
-                tracker.switch(("head", "fwd"))
+        part, phase = tracker.current
+        if state["phase"] == "fwd" and state["after_blocks"] and phase == "fwd" and part != "head":
+            tracker.switch(("head", "fwd"))
 
     for block in blocks:
         handles.append(block.register_forward_pre_hook(on_block_pre, with_kwargs=True))
@@ -402,14 +404,3 @@ def replay(trace: StepTrace, block_kinds: Sequence[int], inference: bool) -> Rep
         if i == n_forward - 1:
             after_forward = live
     return Replay(forward_peak=peaks[0], backward_peak=peaks[1], after_forward=after_forward, end=live)
-
-
-def flops_by_segment(trace: StepTrace, block_kinds: Iterable[int]) -> dict[str, int]:
-    """Forward and backward FLOPs of the full model (for a time estimator)."""
-    seg = trace.segments
-    kinds = list(block_kinds)
-    totals = {"forward": 0, "backward": 0}
-    for phase, name in (("fwd", "forward"), ("bwd", "backward")):
-        parts = ["embed", "head"] + kinds
-        totals[name] = sum(seg.get((p, phase), Segment()).flops for p in parts)
-    return totals
