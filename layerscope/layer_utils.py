@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
+from typing_extensions import Unpack
 
 from layerscope.apply import apply_plan, emit, set_requires_grad
 from layerscope.errors import EstimateError, PlanError
@@ -18,7 +19,7 @@ from layerscope.estimate.run import run_cost
 from layerscope.plan import FreezePlan, GradualSchedule
 from layerscope.render.text import layer_status_text, model_summary_text
 from layerscope.scan import check_module, scan
-from layerscope.setup import make_setup
+from layerscope.setup import Settings, make_setup
 from layerscope.units import GIB, dtype_bytes, format_duration
 
 
@@ -139,15 +140,7 @@ def print_model_summary(model: nn.Module, max_depth: int = 3) -> None:
 
 def get_memory_savings_estimate(
     model: nn.Module,
-    *,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
+    **settings: Unpack[Settings],
 ) -> dict[str, Any]:
     """Memory the current freezing saves against full fine-tuning.
 
@@ -162,10 +155,10 @@ def get_memory_savings_estimate(
     ``estimate_note`` says why. ``*_gb`` values are GiB (2**30 bytes).
 
     Args:
-        batch_size, seq_len, optimizer, ...: the step estimated, as for ``estimate_memory``
-            (``None``: its default).
-        precision: the step's precision; None means the "-true" precision of the model's
-            parameter dtype (fp32 -> "32-true", bf16 -> "bf16-true", fp16 -> "16-true").
+        **settings: the step estimated, as for ``estimate_memory`` (the keyword arguments of
+            :class:`~layerscope.setup.TrainingSetup`), except that without a ``precision`` it
+            is the "-true" precision of the model's parameter dtype (fp32 -> "32-true", bf16 ->
+            "bf16-true", fp16 -> "16-true").
     """
     from layerscope.estimate.memory import estimate_memory_savings
     from layerscope.estimate.optimizers import OPTIMIZERS
@@ -175,7 +168,7 @@ def get_memory_savings_estimate(
     s = scan(check_module(model, "get_memory_savings_estimate"))
     frozen = [g[0] for g in s.tensors if not g[0].requires_grad]
     grad = sum(rounded(int(p.numel * dtype_bytes(p.dtype))) for p in frozen)
-    opt_name = resolve_optimizer("adamw" if optimizer is None else optimizer)
+    opt_name = resolve_optimizer(settings.get("optimizer") or "adamw")
     sizes = [(p.numel, int(dtype_bytes(p.dtype)), p.shape) for p in frozen]
     optim = OPTIMIZERS[opt_name](sizes).state
     out: dict[str, Any] = {
@@ -188,17 +181,14 @@ def get_memory_savings_estimate(
         "frozen_params": s.frozen_params,
         "trainable_params": s.trainable_params,
     }
-    if precision is None:
+    if settings.get("precision") is None:
         dtypes = {g[0].dtype for g in s.tensors if g[0].dtype.is_floating_point}
-        precision = {"torch.bfloat16": "bf16-true", "torch.float16": "16-true"}.get(
+        settings["precision"] = {"torch.bfloat16": "bf16-true", "torch.float16": "16-true"}.get(
             str(dtypes.pop()) if len(dtypes) == 1 else "", "32-true"
         )
+    settings["optimizer"] = opt_name
     try:
-        saved = estimate_memory_savings(
-            model, None, batch_size=batch_size, seq_len=seq_len, precision=precision,
-            optimizer=opt_name, gradient_checkpointing=gradient_checkpointing, lora=lora,
-            attn_implementation=attn_implementation, inference=inference,
-        )
+        saved = estimate_memory_savings(model, None, **settings)
     except EstimateError as exc:  # e.g. no vocabulary, or the forward fails at this seq_len
         keys = ("peak_saved_bytes", "peak_saved_gb", "activation_saved_bytes",
                 "activation_saved_gb", "baseline_peak_bytes", "planned_peak_bytes")
@@ -231,13 +221,7 @@ def estimate_training_time(
     plan: FreezePlan | None = None,
     num_gpus: int = 1,
     price_per_hour: float | None = None,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
+    **settings: Unpack[Settings],
 ) -> dict[str, Any]:
     """Steps, wall time, GPU-hours and cost of a run.
 
@@ -245,8 +229,8 @@ def estimate_training_time(
     each of the ``num_gpus`` GPUs takes ``batch_size`` samples per step (gradient all-reduce
     time is not modelled). Without ``gpu`` a step takes ``ms_per_step``; with one, the step
     time comes from :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is
-    then ignored), with ``plan`` and the step settings (``seq_len``, ``precision``, ...:
-    as for ``estimate_memory``) describing the step. ``gpu_hours = total_hours * num_gpus``;
+    then ignored), with ``plan`` and ``**settings`` (``seq_len``, ``precision``, ...: as for
+    ``estimate_memory``) describing the step. ``gpu_hours = total_hours * num_gpus``;
     ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the catalogue's (None
     when neither is known).
 
@@ -255,9 +239,6 @@ def estimate_training_time(
             ``gpu`` (they describe a step that is only estimated on a GPU).
     """
     check_module(model, "estimate_training_time")
-    settings = dict(seq_len=seq_len, precision=precision, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, lora=lora,
-                    attn_implementation=attn_implementation, inference=inference)
     step = None
     price = price_per_hour
     if gpu is not None:

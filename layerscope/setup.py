@@ -13,10 +13,11 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from layerscope.build import as_model
 from layerscope.errors import EstimateError, LayerscopeWarning
@@ -279,9 +280,22 @@ def _modules_to_save(model: nn.Module, config: Any) -> frozenset[str]:
 
 
 # -- the setup -------------------------------------------------------------------------------
-SETTINGS = ("batch_size", "seq_len", "precision", "optimizer", "gradient_checkpointing", "lora",
-            "attn_implementation", "inference")
-"""The keyword arguments every estimator and command takes besides the model and the plan."""
+class Settings(TypedDict, total=False):
+    """The keyword arguments every estimator takes besides the model and the plan: those of
+    :class:`TrainingSetup` (which documents them); ``None`` means not given."""
+
+    batch_size: int | None
+    seq_len: int | None
+    precision: str | None
+    optimizer: str | None
+    gradient_checkpointing: bool | None
+    lora: Any
+    attn_implementation: str | None
+    inference: bool | None
+
+
+SETTINGS = tuple(Settings.__annotations__)
+"""The names of :class:`Settings`, in order."""
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -421,7 +435,7 @@ class TrainingSetup:
         return ", ".join(parts)
 
 
-def make_setup(model: Any, plan: Any = None, **settings: Any) -> TrainingSetup:
+def make_setup(model: Any, plan: Any = None, **settings: Unpack[Settings]) -> TrainingSetup:
     """What every public estimator does with its arguments: ``model`` may be a model, a model
     source or a :class:`TrainingSetup`; a setting given as ``None`` is not given (the setup's,
     or the default). With a setup, ``plan`` and any setting given replace the setup's.

@@ -155,29 +155,21 @@ def test_make_setup_takes_a_setup_and_replaces_what_is_given():
     assert estimate_memory(s) == estimate_memory(model, batch_size=2, seq_len=32)
 
 
-def _keywords(func, drop=()) -> set[str]:
-    return {name for name, p in inspect.signature(func).parameters.items()
-            if p.kind == p.KEYWORD_ONLY and name not in drop}
-
-
 def test_every_estimator_takes_the_same_settings():
-    """One set of setting names (with None meaning "not given") in every estimator."""
-    settings = set(SETTINGS)
-    assert _keywords(estimate_memory) == settings
-    assert _keywords(estimate_memory_savings) == settings
-    assert _keywords(estimate_step_time, drop={"gpu"}) == settings
-    assert _keywords(max_batch_size, drop={"limit", "context_bytes", "headroom"}) == settings - {"batch_size"}
-    run = {"gpu", "plan", "num_gpus", "price_per_hour"}
-    assert _keywords(estimate_training_time, drop=run) == settings - {"batch_size"}
-    assert _keywords(get_memory_savings_estimate) == settings
-    assert _keywords(estimate_unfreezing_schedule, drop={"gpu", "num_gpus", "price_per_hour"}) \
-        == settings - {"batch_size"}
+    """One set of setting names, documented once (TrainingSetup), in every estimator: each takes
+    them as ``**settings: Unpack[Settings]`` and passes them to the setup."""
     fields = {f.name for f in dataclasses.fields(TrainingSetup) if f.init} - {"model", "plan"}
-    assert fields == settings
+    assert set(SETTINGS) == fields
     for func in (estimate_memory, estimate_memory_savings, estimate_step_time, max_batch_size,
                  estimate_training_time, get_memory_savings_estimate, estimate_unfreezing_schedule):
-        for name in _keywords(func) & settings:
-            assert inspect.signature(func).parameters[name].default is None, (func, name)
+        params = inspect.signature(func).parameters
+        assert params["settings"].kind == inspect.Parameter.VAR_KEYWORD, func
+        assert params["settings"].annotation == "Unpack[Settings]", func
+        assert not set(params) & (fields - {"batch_size"}), func  # nothing named twice
+    model = build("llama", "meta")
+    for func in (estimate_memory, estimate_step_time, estimate_memory_savings):
+        with pytest.raises(EstimateError, match=r"unknown setting\(s\) \['bach_size'\]"):
+            func(model, bach_size=2)
 
 
 def test_every_command_takes_the_same_settings():

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from layerscope.compat import use_attention
 from layerscope.errors import EstimateError
@@ -41,7 +42,7 @@ from layerscope.estimate.trace import (
 )
 from layerscope.plan import FreezePlan
 from layerscope.scan import ModelScan
-from layerscope.setup import Lora, TrainingSetup, make_setup
+from layerscope.setup import Lora, Settings, TrainingSetup, make_setup
 from layerscope.units import dtype_bytes, format_bytes
 
 CUDA_CONTEXT_BYTES = 512 * 2**20
@@ -155,15 +156,7 @@ def gpu_bytes(gpu: Any) -> int:
 def estimate_memory(
     model: Any,
     plan: FreezePlan | None = None,
-    *,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
+    **settings: Unpack[Settings],
 ) -> MemoryEstimate:
     """Predict the peak GPU memory of one training step (or an inference forward).
 
@@ -172,21 +165,16 @@ def estimate_memory(
             (``empty_model`` accepts it), or a :class:`~layerscope.setup.TrainingSetup`.
         plan: a :class:`~layerscope.plan.FreezePlan`; ``None`` uses the model's current
             ``requires_grad`` flags (or, given a setup, the setup's plan).
-        batch_size, seq_len, precision, optimizer, gradient_checkpointing, lora,
-            attn_implementation, inference: the step, as :class:`~layerscope.setup.
-            TrainingSetup` defines them (defaults: batch 1, 2048 tokens, ``"bf16-mixed"``,
-            ``"adamw"``, no checkpointing, no LoRA, what transformers picks for attention,
-            training). ``None`` means not given: with a setup, the setup's value.
+        **settings: the step (``batch_size``, ``seq_len``, ``precision``, ``optimizer``,
+            ``gradient_checkpointing``, ``lora``, ``attn_implementation``, ``inference``...):
+            the keyword arguments of :class:`~layerscope.setup.TrainingSetup`, which documents
+            them and their defaults. ``None`` means not given: with a setup, the setup's value.
 
     Returns:
         A :class:`MemoryEstimate`. One trace is shared by every estimate of the same model and
         step (only the optimizer may differ).
     """
-    return memory_of(make_setup(
-        model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision,
-        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
-        attn_implementation=attn_implementation, inference=inference,
-    ))
+    return memory_of(make_setup(model, plan, **settings))
 
 
 @dataclass(frozen=True)
@@ -483,23 +471,11 @@ class MemorySavings:
 def estimate_memory_savings(
     model: Any,
     plan: FreezePlan | None = None,
-    *,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
+    **settings: Unpack[Settings],
 ) -> MemorySavings:
     """Peak memory saved by ``plan`` (``None``: the model's flags) against full fine-tuning of
     the same step (every parameter trainable, no LoRA). Arguments as :func:`estimate_memory`."""
-    planned = make_setup(
-        model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision,
-        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
-        attn_implementation=attn_implementation, inference=inference,
-    )
+    planned = make_setup(model, plan, **settings)
     baseline = memory_of(planned.replace(plan=FreezePlan.none(), lora=None))
     estimate = memory_of(planned)
     saved = baseline.peak_bytes - estimate.peak_bytes
@@ -514,17 +490,11 @@ def max_batch_size(
     limit: int = 65536,
     context_bytes: int = CUDA_CONTEXT_BYTES,
     headroom: float = ALLOCATOR_HEADROOM,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
+    **settings: Unpack[Settings],
 ) -> int:
     """The largest batch size whose step fits on ``gpu`` (0 if none does), up to ``limit``.
 
-    Arguments as :func:`estimate_memory`; ``model`` may be a setup, whose batch size is then
+    Arguments as :func:`estimate_memory`; the batch size of the setup (or ``batch_size``) is
     the first one tried. The peak of each phase (forward, backward, optimizer step) grows
     linearly with the batch, so the answer is predicted from two estimated batches and
     confirmed with full estimates of it and the batch above (stepping on where the prediction
@@ -533,11 +503,7 @@ def max_batch_size(
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise EstimateError(f"limit must be a positive integer, got {limit!r}")
     budget = gpu_bytes(gpu)
-    base = make_setup(
-        model, plan, seq_len=seq_len, precision=precision, optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing, lora=lora,
-        attn_implementation=attn_implementation, inference=inference,
-    )
+    base = make_setup(model, plan, **settings)
 
     def estimate(b: int) -> MemoryEstimate:
         return memory_of(base.replace(batch_size=b))

@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from typing_extensions import Unpack
+
 from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import GPU, get_gpu
 from layerscope.estimate.memory import MemoryEstimate, memory_of
 from layerscope.estimate.run import run_cost
 from layerscope.estimate.time import StepTime, step_time_of
 from layerscope.plan import FreezePlan, GradualSchedule
-from layerscope.setup import make_setup
+from layerscope.setup import Settings, make_setup
 
 
 @dataclass(frozen=True)
@@ -55,16 +57,10 @@ def estimate_unfreezing_schedule(
     num_samples: int,
     batch_size: int,
     *,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
     gpu: str | GPU = "h100-sxm",
     num_gpus: int = 1,
     price_per_hour: float | None = None,
+    **settings: Unpack[Settings],
 ) -> ScheduleEstimate:
     """Per-epoch plan, peak memory, step time and epoch time of a gradual-unfreezing schedule.
 
@@ -72,7 +68,7 @@ def estimate_unfreezing_schedule(
         unfreezer: a :class:`~layerscope.GradualUnfreezer` (its ``model`` and ``schedule``).
         num_samples, batch_size: each epoch runs ``ceil(num_samples / (batch_size * num_gpus))``
             steps.
-        seq_len, ...: the step, as for :func:`~layerscope.estimate.memory.estimate_memory`.
+        **settings: the step, as for :func:`~layerscope.estimate.memory.estimate_memory`.
         gpu, num_gpus, price_per_hour: where it runs and what a GPU-hour costs (default the
             catalogue's price).
 
@@ -85,12 +81,8 @@ def estimate_unfreezing_schedule(
     if not isinstance(schedule, GradualSchedule):
         raise EstimateError(f"expected a GradualUnfreezer, got {type(unfreezer).__name__}")
     device = get_gpu(gpu)
-    base = make_setup(
-        unfreezer.model, schedule.plan(schedule.total_epochs - 1), batch_size=batch_size,
-        seq_len=seq_len, precision=precision, optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing, lora=lora,
-        attn_implementation=attn_implementation, inference=inference,
-    )
+    base = make_setup(unfreezer.model, schedule.plan(schedule.total_epochs - 1),
+                      batch_size=batch_size, **settings)
     price = device.price_per_hour if price_per_hour is None else price_per_hour
     epochs, costs = [], []
     for epoch in range(schedule.total_epochs):

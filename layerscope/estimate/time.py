@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from typing_extensions import Unpack
+
 from layerscope.errors import EstimateError
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU, get_gpu
@@ -48,7 +50,7 @@ from layerscope.estimate.roofline import (
 from layerscope.estimate.structure import Gemm, ModelShape, Part, analyse
 from layerscope.plan import FreezePlan
 from layerscope.scan import ModelScan
-from layerscope.setup import Lora, Precision, TrainingSetup, make_setup
+from layerscope.setup import Lora, Precision, Settings, TrainingSetup, make_setup
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -105,15 +107,8 @@ def estimate_step_time(
     model: Any,
     plan: FreezePlan | None = None,
     *,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    gradient_checkpointing: bool | None = None,
-    lora: Any = None,
-    attn_implementation: str | None = None,
-    inference: bool | None = None,
     gpu: str | GPU = "h100-sxm",
+    **settings: Unpack[Settings],
 ) -> StepTime:
     """Time of one step on one GPU: forward, backward, recomputation and optimizer.
 
@@ -121,22 +116,17 @@ def estimate_step_time(
         model: an ``nn.Module`` (a meta skeleton is enough; never modified), a model source
             (a preset name, config path, dict or config) or a
             :class:`~layerscope.setup.TrainingSetup`.
-        plan, batch_size, seq_len, precision, optimizer, gradient_checkpointing, lora,
-            attn_implementation, inference: the step, as for
-            :func:`~layerscope.estimate.memory.estimate_memory` (``None``: not given). fp32
-            matmuls run on CUDA cores (PyTorch's default leaves TF32 off); LoRA adapters are
-            timed on the modules they target.
+        plan, **settings: the step, as for :func:`~layerscope.estimate.memory.estimate_memory`
+            (the keyword arguments of :class:`~layerscope.setup.TrainingSetup`). fp32 matmuls
+            run on CUDA cores (PyTorch's default leaves TF32 off); LoRA adapters are timed on
+            the modules they target.
         gpu: a catalogue name (see :func:`layerscope.estimate.hardware.gpus`) or a ``GPU``.
 
     Raises:
         EstimateError: invalid settings, or nothing to train (all frozen, no LoRA) outside
             inference.
     """
-    setup = make_setup(
-        model, plan, batch_size=batch_size, seq_len=seq_len, precision=precision,
-        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, lora=lora,
-        attn_implementation=attn_implementation, inference=inference,
-    )
+    setup = make_setup(model, plan, **settings)
     return step_time_of(setup, get_gpu(gpu))
 
 
