@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            code = args.func(args)
+            code: int = args.func(args)
         from layerscope.errors import LayerscopeWarning
 
         shown = [w for w in caught if debug or issubclass(w.category, LayerscopeWarning)]

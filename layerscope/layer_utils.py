@@ -19,7 +19,7 @@ from layerscope.estimate.run import run_cost
 from layerscope.plan import FreezePlan, GradualSchedule
 from layerscope.render.text import layer_status_text, model_summary_text
 from layerscope.scan import check_module, scan
-from layerscope.setup import Settings, make_setup
+from layerscope.setup import Settings, StepSettings, make_setup
 from layerscope.units import GIB, dtype_bytes, format_duration
 
 
@@ -221,7 +221,7 @@ def estimate_training_time(
     plan: FreezePlan | None = None,
     num_gpus: int = 1,
     price_per_hour: float | None = None,
-    **settings: Unpack[Settings],
+    **settings: Unpack[StepSettings],
 ) -> dict[str, Any]:
     """Steps, wall time, GPU-hours and cost of a run.
 

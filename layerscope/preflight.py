@@ -392,7 +392,8 @@ class EstimateDocument:
 def estimate_document(ctx: Context, setup: TrainingSetup, gpu: GPU | None) -> EstimateDocument:
     e = ctx.memory(setup)
     full = ctx.memory(full_finetune(setup))
-    verdict, found = None, ()
+    verdict: Verdict | None = None
+    found: tuple[Alternative, ...] = ()
     if gpu is not None:
         if e.fits(gpu.memory_bytes):
             verdict = Verdict.of(e, gpu, ctx.max_batch(setup, gpu, MAX_BATCH_LIMIT))

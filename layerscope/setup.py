@@ -13,7 +13,7 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
@@ -215,7 +215,7 @@ class Lora:
             raise EstimateError(f"lora must be a peft LoraConfig or a rank >= 1, got {value!r}")
         if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
             raise EstimateError(f"LoraConfig.r must be an int >= 1, got {config.r!r}")
-        data = config.to_dict()
+        data: dict[str, Any] = config.to_dict()  # type: ignore[no-untyped-call]
         for key, item in data.items():
             if isinstance(item, set):
                 data[key] = sorted(item)
@@ -241,7 +241,7 @@ def _lora_targets(model: nn.Module, config: Any) -> frozenset[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     if config.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
         default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
         if default is None:
             raise EstimateError(
@@ -280,11 +280,9 @@ def _modules_to_save(model: nn.Module, config: Any) -> frozenset[str]:
 
 
 # -- the setup -------------------------------------------------------------------------------
-class Settings(TypedDict, total=False):
-    """The keyword arguments every estimator takes besides the model and the plan: those of
-    :class:`TrainingSetup` (which documents them); ``None`` means not given."""
+class StepSettings(TypedDict, total=False):
+    """:class:`Settings` but the batch size, for functions that take it positionally."""
 
-    batch_size: int | None
     seq_len: int | None
     precision: str | None
     optimizer: str | None
@@ -294,8 +292,15 @@ class Settings(TypedDict, total=False):
     inference: bool | None
 
 
-SETTINGS = tuple(Settings.__annotations__)
-"""The names of :class:`Settings`, in order."""
+class Settings(StepSettings, total=False):
+    """The keyword arguments every estimator takes besides the model and the plan: those of
+    :class:`TrainingSetup` (which documents them); ``None`` means not given."""
+
+    batch_size: int | None
+
+
+SETTINGS = ("batch_size", *StepSettings.__annotations__)
+"""The names of :class:`Settings`."""
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -451,4 +456,4 @@ def make_setup(model: Any, plan: Any = None, **settings: Unpack[Settings]) -> Tr
         if plan is not None:
             given["plan"] = plan
         return model.replace(**given) if given else model
-    return TrainingSetup(model, plan, **given)
+    return TrainingSetup(model, plan, **cast(Any, given))

@@ -17,7 +17,7 @@ from layerscope.estimate.memory import MemoryEstimate, memory_of
 from layerscope.estimate.run import run_cost
 from layerscope.estimate.time import StepTime, step_time_of
 from layerscope.plan import FreezePlan, GradualSchedule
-from layerscope.setup import Settings, make_setup
+from layerscope.setup import StepSettings, make_setup
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def estimate_unfreezing_schedule(
     gpu: str | GPU = "h100-sxm",
     num_gpus: int = 1,
     price_per_hour: float | None = None,
-    **settings: Unpack[Settings],
+    **settings: Unpack[StepSettings],
 ) -> ScheduleEstimate:
     """Per-epoch plan, peak memory, step time and epoch time of a gradual-unfreezing schedule.
 

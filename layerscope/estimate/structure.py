@@ -172,7 +172,8 @@ def analyse(model: nn.Module, training: bool) -> ModelShape:
         window if window and i < len(layer_types) and "sliding" in str(layer_types[i]) else None
         for i in range(len(prefixes))
     )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     vocab = head.weight.shape[0] if isinstance(head, nn.Linear) else 0
     embeddings = []
     for m in s.modules:

@@ -51,7 +51,7 @@ def plan_label(doc: Mapping[str, Any]) -> str:
     plan = doc["plan"]
     if plan["lora_rank"] is not None:
         return f"LoRA rank {plan['lora_rank']}"
-    return plan["text"]
+    return str(plan["text"])
 
 
 def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
@@ -105,8 +105,8 @@ def comparison_table(doc: Mapping[str, Any]) -> str:
         ("GPU memory needed", gib(e["required_bytes"]), gib(f["required_bytes"])),
         ("trainable parameters", trainable(e), trainable(f)),
     ]
-    return tabulate(rows, headers=("", plan_label(doc), "full fine-tuning"),
-                    colalign=("left", "right", "right"), disable_numparse=True)
+    return str(tabulate(rows, headers=("", plan_label(doc), "full fine-tuning"),
+                        colalign=("left", "right", "right"), disable_numparse=True))
 
 
 def verdict_text(doc: Mapping[str, Any], color: bool = False) -> str:

@@ -87,9 +87,9 @@ def _structure_section(doc: Mapping[str, Any]) -> str:
     parts = doc["structure"]
     strip = svg.block_strip([(p["name"], p["params"], p["status"]) for p in parts])
     rows = []
-    for (kind, status, params), run in groupby(parts, key=lambda p: (p["kind"], p["status"],
-                                                                      p["params"])):
-        run = list(run)
+    for (kind, status, params), group in groupby(parts, key=lambda p: (p["kind"], p["status"],
+                                                                        p["params"])):
+        run = list(group)
         name = run[0]["name"] if len(run) == 1 else f"{run[0]['name']} … {run[-1]['name']}"
         count = (format_count(params) if len(run) == 1
                  else f"{len(run)} × {format_count(params)} = {format_count(params * len(run))}")

@@ -132,7 +132,7 @@ def _nice_step(top: float, ticks: int = 5) -> float:
     """A round tick step (1, 2 or 5 times a power of ten GiB) giving about ``ticks`` ticks."""
     raw = max(top / GIB / ticks, 1e-3)
     power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw) * GIB
+    return float(next(m * power for m in (1, 2, 5, 10) if m * power >= raw) * GIB)
 
 
 def line_chart(
@@ -207,8 +207,8 @@ def line_chart(
         out.append("</g>")
         labels.append((py(min(ys[-1], top)), name, c))
     spread = _spread([y for y, _, _ in labels], 14)
-    for (_, text, c), y in zip(labels, spread):
-        out.append(_text(left + plot_w + 8, y + 4, text, extra=f'fill="{c}"'))
+    for (_, text, c), label_y in zip(labels, spread):
+        out.append(_text(left + plot_w + 8, label_y + 4, text, extra=f'fill="{c}"'))
     out.append("</svg>")
     return "".join(out)
 

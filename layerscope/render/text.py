@@ -59,9 +59,9 @@ def layer_status_text(s: ModelScan, show_all: bool = False) -> str:
         ("Embeddings:", status_of(s, s.names_with_role("embedding")), ""),
         ("LM Head:", status_of(s, head), " (tied to the embeddings)" if tied else ""),
     ]
-    other = s.names_with_role("other")
-    if other:
-        rows.append(("Other:", status_of(s, other), f" ({format_count(s.numel(set(other)))} params)"))
+    rest = s.names_with_role("other")
+    if rest:
+        rows.append(("Other:", status_of(s, rest), f" ({format_count(s.numel(set(rest)))} params)"))
     lines += [f"{label:<13}{status}{note}" for label, status, note in rows]
     lines.append(rule)
     return "\n".join(lines)
