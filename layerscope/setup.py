@@ -406,6 +406,11 @@ class TrainingSetup:
         return scan(self.model)
 
     @property
+    def attention(self) -> str:
+        """The attention implementation (resolved on construction, never None)."""
+        return self.attn_implementation or default_attention(self.model)
+
+    @property
     def precision_info(self) -> Precision:
         return PRECISIONS[self.precision]
 

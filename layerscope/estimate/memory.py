@@ -236,7 +236,7 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
         gradient_checkpointing=setup.gradient_checkpointing,
         inference=setup.inference,
         lora_rank=setup.lora_rank,
-        attn_implementation=setup.attn_implementation,
+        attn_implementation=setup.attention,
         forward_flops=step.forward_flops,
         backward_flops=0 if setup.inference else step.backward_flops,
     )
@@ -285,7 +285,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         with warnings.catch_warnings():  # transformers 5 renames it; same behaviour
             warnings.simplefilter("ignore", FutureWarning)
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    use_attention(reduced, setup.attn_implementation)
+    use_attention(reduced, setup.attention)
     reduced.train(not setup.inference)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
