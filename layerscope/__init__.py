@@ -50,11 +50,11 @@ from layerscope.setup import TrainingSetup
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPU",
     "BlockStack",
     "ConfigError",
     "EstimateError",
     "FreezePlan",
+    "GPU",
     "GradualSchedule",
     "GradualUnfreezer",
     "LayerscopeError",
