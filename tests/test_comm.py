@@ -304,3 +304,22 @@ def test_bad_units_and_mismatched_topology() -> None:
         topology("h100", 16, fabric="token-ring")
     with pytest.raises(EstimateError, match="gpus_per_node"):
         topology("h100", 16, gpus_per_node=0)
+
+
+def test_parameter_units_of_a_tiny_llama() -> None:
+    from layerscope.estimate.comm import parameter_units
+    from layerscope.scan import scan
+    from conftest import LLAMA, build
+
+    s = scan(build("llama", "meta"))
+    d, ff, layers, vocab = 64, 128, 4, 100  # tests/conftest.py LLAMA
+    assert (LLAMA["hidden_size"], LLAMA["intermediate_size"]) == (d, ff)
+    kv = 2 * (d // 4)  # two of four heads for k and v
+    block = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o, k, v, MLP, two norms
+    trainable = set(s.block_names(1)) | {"model.norm.weight"}
+    params, grads, root, root_grads = parameter_units(s, trainable, adapters_per_block=10)
+    assert params == [block + 10] * layers
+    assert grads == [10, block + 10, 10, 10]
+    assert root == 2 * vocab * d + d and root_grads == d  # embedding, untied head, final norm
+    with pytest.raises(EstimateError, match="not in the model"):
+        parameter_units(s, {"nope"})

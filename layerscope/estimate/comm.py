@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import GPU, Fabric, get_fabric, get_gpu
+from layerscope.scan import ModelScan
 
 STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp", "zero1", "zero2", "zero3")
 """Data-parallel strategies: DDP, FSDP full shard / SHARD_GRAD_OP / hybrid (shard within a node,
@@ -356,6 +357,37 @@ def rank_work(forward_seconds: float, backward_seconds: float, optimizer_device_
                    for i, (p, t) in enumerate(zip(params, trainable)))
     return RankWork(Unit("root", root_params, root_trainable, 0.0, 0.0), blocks,
                     optimizer_device_seconds, optimizer_host_seconds)
+
+
+def parameter_units(scan: ModelScan, trainable: Collection[str],
+                    adapters_per_block: int = 0) -> tuple[list[int], list[int], int, int]:
+    """Parameter counts of the blocks of the main stack and of the rest (the FSDP root):
+    ``(block_params, block_trainable, root_params, root_trainable)``, each tensor once.
+
+    Args:
+        scan: the model's scan.
+        trainable: names of the trainable parameters.
+        adapters_per_block: LoRA adapter elements added to each block (trainable).
+
+    Raises:
+        EstimateError: a name that is not a parameter of the model.
+    """
+    unknown = set(trainable) - set(scan.by_name)
+    if unknown:
+        raise EstimateError(f"trainable names not in the model: {sorted(unknown)[:5]}")
+    if isinstance(adapters_per_block, bool) or not isinstance(adapters_per_block, int) or (
+            adapters_per_block < 0):
+        raise EstimateError(f"adapters_per_block must be an int >= 0, got {adapters_per_block!r}")
+    wanted = set(trainable)
+    params, grads = [], []
+    inside: set[str] = set()
+    for i in range(scan.num_layers):
+        names = set(scan.block_names(i))
+        inside |= names
+        params.append(scan.numel(names) + adapters_per_block)
+        grads.append(scan.numel(names & wanted) + adapters_per_block)
+    outside = {p.name for p in scan.params} - inside
+    return params, grads, scan.numel(outside), scan.numel(outside & wanted)
 
 
 # -- settings and results ---------------------------------------------------------------------
