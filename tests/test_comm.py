@@ -307,9 +307,10 @@ def test_bad_units_and_mismatched_topology() -> None:
 
 
 def test_parameter_units_of_a_tiny_llama() -> None:
+    from conftest import LLAMA, build
+
     from layerscope.estimate.comm import parameter_units
     from layerscope.scan import scan
-    from conftest import LLAMA, build
 
     s = scan(build("llama", "meta"))
     d, ff, layers, vocab = 64, 128, 4, 100  # tests/conftest.py LLAMA
