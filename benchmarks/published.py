@@ -535,6 +535,30 @@ def estimate(run: Run) -> tuple[float, Any]:
     return nbytes / {"GiB": GIB, "GB": GB, "MiB": MIB}[run.unit], est
 
 
+APPROXIMABLE = {"reserved_bytes", "attn_implementation", "lora_dtype", "base_dtype",
+                "gradient_accumulation"}
+"""Pending features that ``--approximate`` may ignore to show where a point stands today."""
+
+
+def nearest_today(run: Run) -> tuple[Run, list[str]]:
+    """The run with its unsupported :data:`APPROXIMABLE` settings dropped: allocated for
+    reserved (+ the CUDA context for nvidia-smi), sdpa for another attention, fp32 adapters,
+    the base dtype as the whole model's precision, one micro-batch."""
+    ignored = [f for f in run.features() if f in APPROXIMABLE and not supported(f)]
+    near = run
+    if "reserved_bytes" in ignored:
+        near = dataclasses.replace(near, statistic="allocated")
+    if "attn_implementation" in ignored:
+        near = dataclasses.replace(near, attn="sdpa")
+    if "lora_dtype" in ignored:
+        near = dataclasses.replace(near, lora_dtype=None)
+    if "base_dtype" in ignored:
+        near = dataclasses.replace(near, base_dtype=None, precision=f"{run.base_dtype}-true")
+    if "gradient_accumulation" in ignored:
+        near = dataclasses.replace(near, accumulation=1)
+    return near, ignored
+
+
 # -- the step-time table --------------------------------------------------------------------------
 def time_run(p: dict[str, Any]) -> tuple[float, str] | str:
     """(estimated tokens/s per GPU, note) for a throughput point, or why it is not expressible."""
@@ -618,6 +642,9 @@ def main() -> int:
                         "contains this text")
     parser.add_argument("--points", type=Path, default=PUBLISHED, help="points.jsonl to read")
     parser.add_argument("--verbose", action="store_true", help="print assumptions per point")
+    parser.add_argument("--approximate", action="store_true", help="also estimate pending "
+                        "single-GPU points with their missing settings ignored (a diagnostic "
+                        "table, never counted in the results)")
     args = parser.parse_args()
     points = [json.loads(line) for line in args.points.read_text().splitlines() if line]
     tally = Tally()
@@ -634,7 +661,7 @@ def main() -> int:
             setting = _setting(verdict.run) if verdict.run else p["model"][:40]
             rows.append([i, p["group"], setting, published, "", "",
                          f"{verdict.status}: {'; '.join(verdict.reasons)}"])
-            if verdict.run and verdict.reasons == ("reserved_bytes",):
+            if verdict.run and set(verdict.reasons) <= APPROXIMABLE:
                 bounds.append((i, p, verdict.run))
         else:
             try:
@@ -673,23 +700,30 @@ def main() -> int:
     print(tabulate(tally.reasons.most_common(), headers=["not expressible because", "points"]))
     print()
     print(tabulate(tally.pending.most_common(), headers=["pending on", "points"]))
-    if bounds:
+    if args.approximate and bounds:
         print()
-        lower = []
+        approx, aerrs = [], []
         for i, p, run in bounds:
-            only_alloc = dataclasses.replace(run, statistic="allocated")
-            value, _est = estimate(only_alloc)
-            if run.statistic == "nvidia-smi":
-                from layerscope.estimate.memory import CUDA_CONTEXT_BYTES
+            near, ignored = nearest_today(run)
+            try:
+                value, _ = estimate(near)
+            except Exception as exc:
+                from layerscope.errors import LayerscopeError
 
-                value += CUDA_CONTEXT_BYTES * (run.num_gpus if run.summed else 1) / {
-                    "GiB": GIB, "GB": GB, "MiB": MIB}[run.unit]
-            lower.append([i, p["group"], _setting(run), f"{p['value']:g} {run.unit}",
-                          f"{value:.2f}", f"{p['value'] / value:.3f}"])
-        print("Pending only on reserved_bytes: the allocated peak (+ context for nvidia-smi) "
-              "as a lower bound (not counted above)")
-        print(tabulate(lower, headers=["#", "group", "setting", "published", "allocated peak",
-                                       "published / allocated"]))
+                if not isinstance(exc, LayerscopeError):
+                    raise
+                continue
+            err = 100 * (value - p["value"]) / p["value"]
+            aerrs.append(err)
+            approx.append([i, p["group"], _setting(run), f"{p['value']:g} {run.unit}",
+                           f"{value:.2f}", f"{err:+.1f}%", ", ".join(ignored)])
+        print("DIAGNOSTIC ONLY (--approximate): pending single-GPU points estimated with their "
+              "missing settings ignored; not a result, not counted above")
+        print(tabulate(approx, headers=["#", "group", "setting", "published", "approximation",
+                                        "error", "ignored"]))
+        if aerrs:
+            print(tabulate([["approximation", *_summary(aerrs)]], headers=[
+                "", "points", "median |error|", "worst |error|", "within 10%", "within 25%"]))
     print()
     trows, terrs = [], []
     for i, p in times:
