@@ -410,7 +410,7 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
             reasons.append(f"LoRA targets not stated ({targets_text})")
         else:
             alpha = re.search(r"alpha (\d+)", targets_text)
-            dropout = re.search(r"dropout ([\d.]+)", targets_text + " " + p["notes"])
+            dropout = re.search(r"dropout (\d+(?:\.\d+)?)", targets_text + " " + p["notes"])
             saved = ("embed_tokens", "lm_head") if "modules_to_save wte,lm_head" in (
                 targets_text) else ()
             lora = Lora(int(p["lora_rank"]), int(alpha.group(1)) if alpha else 2 * p["lora_rank"],
