@@ -110,6 +110,7 @@ def test_cpu_optimizer_shares_the_node_cores() -> None:
     assert cpu_optimizer_seconds(1e9, 8, "deepspeed-cpu-adam") == pytest.approx(8 * 0.22)
     assert cpu_optimizer_seconds(1e9, 1, "torch-adamw") == pytest.approx(
         1e9 / TORCH_CPU_ADAMW_PARAMS_PER_S)
+    assert cpu_optimizer_seconds(1e9, 1, "torch-adamw-fused") == pytest.approx(0.22)
     with pytest.raises(EstimateError, match="unknown CPU optimizer"):
         cpu_optimizer_seconds(1, 1, "lion")
 

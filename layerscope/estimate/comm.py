@@ -85,8 +85,18 @@ CPU_ADAM_PARAMS_PER_S = 1e9 / 0.22
 Platinum 8168). The node's cores are shared by its ranks."""
 
 TORCH_CPU_ADAMW_PARAMS_PER_S = CPU_ADAM_PARAMS_PER_S / 6.0
-"""``torch.optim.AdamW`` on the CPU (what FSDP's CPU offload runs): DeepSpeed's documentation
-says ``DeepSpeedCPUAdam`` is 5x-7x faster than torch's Adam(W) on the CPU; 6x is taken."""
+"""``torch.optim.AdamW`` on the CPU with its default (per-tensor) implementation, what FSDP's
+CPU offload runs unless ``fused=True``: DeepSpeed's documentation says ``DeepSpeedCPUAdam`` is
+5x-7x faster than torch's Adam(W) on the CPU; 6x is taken."""
+
+TORCH_CPU_FUSED_ADAMW_PARAMS_PER_S = CPU_ADAM_PARAMS_PER_S
+"""``torch.optim.AdamW(fused=True)`` on the CPU (PyTorch >= 2.4 has a vectorised fused CPU
+kernel): assumed as fast as DeepSpeed's CPU Adam, which it resembles; no measurement here."""
+
+CPU_OPTIMIZERS = {"deepspeed-cpu-adam": CPU_ADAM_PARAMS_PER_S,
+                  "torch-adamw": TORCH_CPU_ADAMW_PARAMS_PER_S,
+                  "torch-adamw-fused": TORCH_CPU_FUSED_ADAMW_PARAMS_PER_S}
+"""CPU optimizers for offload, with the parameters one node steps per second."""
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """``DistributedDataParallel(bucket_cap_mb=25)``, the default."""
@@ -258,14 +268,12 @@ def cpu_optimizer_seconds(elements_per_rank: float, ranks_per_node: int, optimiz
     """One Adam(W) step on the CPU over this rank's ``elements_per_rank`` parameters.
 
     The node's cores serve all its ranks at once, so the node steps ``ranks_per_node`` times as
-    many elements at its throughput (:data:`CPU_ADAM_PARAMS_PER_S` for DeepSpeed's CPU Adam,
-    :data:`TORCH_CPU_ADAMW_PARAMS_PER_S` for ``torch.optim.AdamW``).
+    many elements at its throughput (:data:`CPU_OPTIMIZERS`).
     """
-    rates = {"deepspeed-cpu-adam": CPU_ADAM_PARAMS_PER_S,
-             "torch-adamw": TORCH_CPU_ADAMW_PARAMS_PER_S}
-    if optimizer not in rates:
-        raise EstimateError(f"unknown CPU optimizer {optimizer!r}; known: {', '.join(rates)}")
-    return elements_per_rank * ranks_per_node / rates[optimizer]
+    if optimizer not in CPU_OPTIMIZERS:
+        raise EstimateError(f"unknown CPU optimizer {optimizer!r}; known: "
+                            f"{', '.join(CPU_OPTIMIZERS)}")
+    return elements_per_rank * ranks_per_node / CPU_OPTIMIZERS[optimizer]
 
 
 # -- what one rank computes and holds ---------------------------------------------------------
@@ -412,8 +420,8 @@ class CommSettings:
         prefetch: FSDP forward/backward prefetch; ZeRO-3 ``stage3_prefetch_bucket_size > 0``.
         overlap_comm: ZeRO's ``overlap_comm``; None takes DeepSpeed's default (True for stage
             3 only). DDP and FSDP always overlap.
-        cpu_optimizer: ``"deepspeed-cpu-adam"`` or ``"torch-adamw"`` for offload; None takes
-            DeepSpeed's CPU Adam for ZeRO and torch's AdamW for FSDP.
+        cpu_optimizer: a key of :data:`CPU_OPTIMIZERS` for offload; None takes DeepSpeed's CPU
+            Adam for ZeRO and torch's (unfused) AdamW for FSDP.
     """
 
     strategy: str
@@ -458,9 +466,9 @@ class CommSettings:
                 raise EstimateError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.overlap_comm is not None and not isinstance(self.overlap_comm, bool):
             raise EstimateError(f"overlap_comm must be a bool or None, got {self.overlap_comm!r}")
-        if self.cpu_optimizer not in (None, "deepspeed-cpu-adam", "torch-adamw"):
+        if self.cpu_optimizer is not None and self.cpu_optimizer not in CPU_OPTIMIZERS:
             raise EstimateError(f"unknown cpu_optimizer {self.cpu_optimizer!r}; known: "
-                                "deepspeed-cpu-adam, torch-adamw")
+                                f"{', '.join(CPU_OPTIMIZERS)}")
 
     @property
     def shard_ranks(self) -> int:
