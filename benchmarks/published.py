@@ -66,9 +66,21 @@ GIB, GB, MIB = 2**30, 10**9, 2**20
 
 # -- what layerscope supports (detected, one line each) ---------------------------------------
 def _estimate_keywords() -> set[str]:
+    """The settings ``estimate_memory`` accepts: its named parameters and, for ``**settings``
+    typed with a TypedDict (``Unpack[Settings]``), that TypedDict's keys."""
+    import typing
+
     from layerscope import estimate_memory
 
-    return set(inspect.signature(estimate_memory).parameters)
+    names = set()
+    hints = typing.get_type_hints(estimate_memory, include_extras=True)
+    for name, param in inspect.signature(estimate_memory).parameters.items():
+        if param.kind is not inspect.Parameter.VAR_KEYWORD:
+            names.add(name)
+            continue
+        for arg in typing.get_args(hints.get(name)):  # Unpack[Settings] -> Settings
+            names |= set(typing.get_type_hints(arg))
+    return names
 
 
 def _memory_fields() -> set[str]:

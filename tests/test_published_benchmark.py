@@ -95,3 +95,10 @@ def test_sharded_and_quantized_runs_wait_for_their_feature() -> None:
 def test_truncated_lengths_take_the_truncation() -> None:
     run = published.translate(record(seq_len="<=512 (max_seq_length 512, pad to longest x16)"))
     assert isinstance(run, published.Run) and run.seq_len == 512
+
+
+def test_features_are_detected_from_the_installed_layerscope() -> None:
+    keywords = published._estimate_keywords()
+    assert {"batch_size", "seq_len", "precision", "lora", "attn_implementation"} <= keywords
+    assert published.supported("attn_implementation")
+    assert published.supported("optimizer:adamw") and not published.supported("optimizer:lion")
