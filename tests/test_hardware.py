@@ -56,3 +56,44 @@ def test_missing_dtype_and_price_override():
         with pytest.raises(EstimateError, match="price_per_hour"):
             g.with_price(bad)  # type: ignore[arg-type]
     assert isinstance(g, GPU) and hash(g) == hash(get_gpu("a10g"))
+
+
+def test_interconnect_datasheet_figures():
+    from layerscope.estimate.hardware import get_fabric
+
+    h100 = get_gpu("h100-sxm")
+    assert h100.nvlink_bandwidth == 900e9 / 2  # NVLink4: 900 GB/s bidirectional
+    assert h100.pcie_generation == 5 and h100.pcie_bandwidth == 128e9 / 2
+    assert h100.intra_node_bandwidth == h100.nvlink_bandwidth
+    a100 = get_gpu("a100-80gb")
+    assert a100.nvlink_bandwidth == 600e9 / 2 and a100.pcie_bandwidth == 64e9 / 2
+    card = get_gpu("rtx-4090")  # no NVLink: GPUs of a node talk over PCIe
+    assert card.nvlink_bandwidth is None and card.intra_node_bandwidth == 64e9 / 2
+    ndr = get_fabric(h100.fabric or "")
+    assert ndr.name == "infiniband-ndr" and ndr.nic_bandwidth == 400e9 / 8  # 400 Gb/s
+    assert ndr.node_bandwidth(8) == 8 * 50e9  # one adapter per GPU
+    eth = get_fabric(card.fabric or "")
+    assert eth.node_bandwidth(8) == eth.node_bandwidth(2) == 100e9 / 8  # one adapter per node
+
+
+def test_every_gpu_has_an_interconnect_and_a_known_fabric():
+    from layerscope.estimate.hardware import fabrics
+
+    for name in gpus():
+        g = get_gpu(name)
+        assert g.pcie_generation in (4, 5) and g.pcie_bandwidth
+        assert g.fabric in fabrics()
+
+
+def test_unknown_fabric_and_bad_node_size():
+    from layerscope.estimate.hardware import Fabric, get_fabric
+
+    with pytest.raises(EstimateError, match=r"unknown fabric 'myrinet'.*known: ethernet-100g"):
+        get_fabric("myrinet")
+    with pytest.raises(EstimateError, match="str"):
+        get_fabric(400)  # type: ignore[arg-type]
+    custom = Fabric("lab", nic_bandwidth=10e9, nics_per_node=2)
+    assert get_fabric(custom) is custom and custom.node_bandwidth(8) == 20e9
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(EstimateError, match="gpus_per_node"):
+            custom.node_bandwidth(bad)  # type: ignore[arg-type]

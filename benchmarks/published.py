@@ -1,0 +1,772 @@
+"""Estimates against published, measured GPU memory of real fine-tuning runs.
+
+Run: ``PYTHONPATH=. python benchmarks/published.py [--filter TEXT] [--points FILE] [--verbose]``
+
+Reads ``../shared/published/points.jsonl`` (191 points transcribed from the projects that
+measured them; its README explains every field) and, for each point:
+
+1. translates it into layerscope settings (:func:`translate`): model preset, batch, sequence,
+   precision, optimizer, checkpointing, LoRA, quantization, strategy, GPUs, GPU, and the
+   statistic and unit the point states;
+2. decides whether the run can be expressed at all. A point is **not expressible** when the
+   run depends on something layerscope does not model by design or the record does not say
+   (tensor/pipeline/context parallelism, torch.compile, float8/NVFP4 matmuls, chunked or fused
+   cross-entropy, Liger/Unsloth kernels, an optimizer fused into backward, activation
+   offloading, selective checkpointing, GPTQ, unknown lengths or batch, a bound or capacity
+   rather than a peak); it is **pending** when it needs a setting layerscope will have but does
+   not have yet (:data:`FEATURES`: distributed strategies, offload, 4-bit bases, reserved
+   bytes, gradient accumulation, ...). The features are detected from the installed
+   layerscope, so a point becomes comparable as soon as its feature lands; a feature whose
+   keyword differs from the one guessed here is a one-line change in :data:`FEATURES`;
+3. for a comparable point, estimates and prints the estimate in the point's own statistic and
+   unit (allocated = ``peak_bytes``; reserved = ``reserved_bytes``; ``nvidia-smi`` = reserved +
+   the CUDA context; a total over GPUs = per-GPU x GPUs; GiB, GB or MiB as published), its
+   error, and the median and worst |error| per group and overall.
+
+A second table does the same for the published throughputs that layerscope can express, with
+the step time of :mod:`layerscope.estimate.time` plus the communication of
+:mod:`layerscope.estimate.comm`.
+
+Choices where a record leaves room (each printed with the point it affects):
+- a statistic that is not stated is taken as reserved (``torch.cuda.max_memory_reserved``,
+  what most tools print); "GB" without a stated base is GiB (most scripts divide by 1024**3);
+- a sequence length given as ``<=L`` with truncation at ``L`` is ``L``: a run's peak is the
+  peak of its longest batch, and Alpaca (the dataset of those runs) has samples beyond 512
+  tokens, so some batch is padded to ``L``;
+- an Instruct/Chat checkpoint is its base preset (same config); Qwen-1 is its Qwen2
+  equivalent (see the preset's note); torchtune's native Llama and LoRA modules are estimated
+  as transformers' Llama with peft adapters.
+
+No constant here is fitted to a point; the script only reads what the record says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import statistics
+import sys
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "published" / "points.jsonl"
+if not PUBLISHED.exists():
+    PUBLISHED = Path("/work/shared/published/points.jsonl")
+
+GIB, GB, MIB = 2**30, 10**9, 2**20
+
+
+# -- what layerscope supports (detected, one line each) ---------------------------------------
+def _estimate_keywords() -> set[str]:
+    """The settings ``estimate_memory`` accepts: its named parameters and, for ``**settings``
+    typed with a TypedDict (``Unpack[Settings]``), that TypedDict's keys."""
+    import typing
+
+    from layerscope import estimate_memory
+
+    names = set()
+    hints = typing.get_type_hints(estimate_memory, include_extras=True)
+    for name, param in inspect.signature(estimate_memory).parameters.items():
+        if param.kind is not inspect.Parameter.VAR_KEYWORD:
+            names.add(name)
+            continue
+        for arg in typing.get_args(hints.get(name)):  # Unpack[Settings] -> Settings
+            names |= set(typing.get_type_hints(arg))
+    return names
+
+
+def _memory_fields() -> set[str]:
+    from layerscope.estimate.memory import MemoryEstimate
+
+    return {f.name for f in dataclasses.fields(MemoryEstimate)}
+
+
+def _optimizers() -> set[str]:
+    from layerscope.setup import OPTIMIZERS
+
+    return set(OPTIMIZERS)
+
+
+FEATURES: dict[str, Any] = {
+    # feature -> predicate on the installed layerscope; the keyword names follow issues 11-13
+    "distributed": lambda: {"distributed", "num_gpus"} <= _estimate_keywords(),
+    "offload": lambda: "offload" in _estimate_keywords(),
+    "quantization": lambda: "quantization" in _estimate_keywords(),
+    "base_dtype": lambda: "base_dtype" in _estimate_keywords(),
+    "lora_dtype": lambda: "lora_dtype" in _estimate_keywords(),
+    "attn_implementation": lambda: "attn_implementation" in _estimate_keywords(),
+    "gradient_accumulation": lambda: "gradient_accumulation_steps" in _estimate_keywords(),
+    "reserved_bytes": lambda: "reserved_bytes" in _memory_fields(),
+    # setup.Lora resolves modules_to_save, but the memory estimate does not count the trained
+    # copies yet (main at 4d0b50d): True here once it does
+    "lora.modules_to_save": lambda: False,
+}
+"""A feature is supported when its predicate holds. Optimizers are features too
+(``optimizer:<name>``, supported when layerscope lists the name)."""
+
+
+def supported(feature: str) -> bool:
+    if feature.startswith("optimizer:"):
+        return feature.split(":", 1)[1] in _optimizers()
+    return bool(FEATURES[feature]())
+
+
+# -- a point in layerscope's terms ------------------------------------------------------------
+@dataclass(frozen=True)
+class Lora:
+    rank: int
+    alpha: int
+    dropout: float
+    targets: tuple[str, ...]
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Run:
+    """One published run as layerscope settings, and how its figure was measured."""
+
+    preset: str
+    architecture: str | None
+    batch_size: int
+    seq_len: int
+    precision: str
+    optimizer: str
+    gradient_checkpointing: bool
+    lora: Lora | None
+    quantization: str | None
+    base_dtype: str | None
+    lora_dtype: str | None
+    distributed: str | None
+    num_gpus: int
+    gpus_per_node: int
+    offload: str | None
+    accumulation: int
+    attn: str | None  # None: what transformers picks for the model
+    gpu: str | None
+    statistic: str  # "allocated" | "reserved" | "nvidia-smi"
+    unit: str  # "GiB" | "GB" | "MiB"
+    summed: bool  # a total over the GPUs
+    assumptions: tuple[str, ...] = ()
+
+    def features(self) -> list[str]:
+        out = []
+        if self.distributed:
+            out.append("distributed")
+        if self.offload:
+            out.append("offload")
+        if self.quantization:
+            out.append("quantization")
+        if self.base_dtype:
+            out.append("base_dtype")
+        if self.lora_dtype:
+            out.append("lora_dtype")
+        if self.lora and self.lora.modules_to_save:
+            out.append("lora.modules_to_save")
+        if self.attn is not None:
+            out.append("attn_implementation")
+        if self.accumulation > 1:
+            out.append("gradient_accumulation")
+        if self.statistic != "allocated":
+            out.append("reserved_bytes")
+        out.append(f"optimizer:{self.optimizer}")
+        return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a point cannot be compared (yet)."""
+
+    status: str  # "not expressible" | "pending"
+    reasons: tuple[str, ...]
+    run: Run | None = None
+
+
+# -- translation --------------------------------------------------------------------------------
+MODELS = [  # (pattern on the record's model field, preset)
+    (r"Llama-3\.1-405B|3\.1 405B", "llama-3.1-405b"),
+    (r"Llama-3\.1-70B", "llama-3.1-70b"),
+    (r"Llama-3\.1-8B", "llama-3.1-8b"),
+    (r"Llama-3\.2-3B", "llama-3.2-3b"),
+    (r"Meta-Llama-3-8B|Llama 3 8B", "llama-3-8b"),
+    (r"Llama 3 70B", "llama-3-70b"),
+    (r"Llama-2-70b", "llama-2-70b"),
+    (r"Llama-2-7b|LLaMA2-7B", "llama-2-7b"),
+    (r"Qwen3-8B", "qwen3-8b"),
+    (r"Qwen2-7B", "qwen2-7b"),
+    (r"Qwen-1_8B", "qwen-1.8b"),
+    (r"Qwen-7B", "qwen-7b"),
+    (r"Qwen-14B", "qwen-14b"),
+    (r"Qwen-72B", "qwen-72b"),
+    (r"gemma-7b", "gemma-7b"),
+    (r"bert-large-uncased", "bert-large-uncased"),
+    (r"T0_3B", "t0-3b"),
+    (r"mt0-xxl", "mt0-xxl"),
+    (r"bloomz-7b1", "bloomz-7b1"),
+    (r"CodeLlama 34B", "codellama-34b"),
+    (r"Mistral 7B", "mistral-7b-v0.1"),
+]
+
+GPUS = [  # (pattern on the record's gpu field, catalogue name); no match: not in the catalogue
+    ((r"A100-SXM4-80G|A100 80GB|A100 \(80GB|A100 \(memory size not stated; 60 GiB|"
+     r"A100 \(size not stated\)"), "a100-80gb"),
+    (r"A100 40GB|40GB GPUs", "a100-40gb"),
+    (r"RTX 4090", "rtx-4090"),
+    (r"^H100 80GB", "h100-sxm"),
+    (r"H200 141GB", "h200"),
+]
+
+LORA_TARGETS = {  # the record's target text -> transformers module names
+    "q_proj,v_proj": ("q_proj", "v_proj"),
+    "q_proj,k_proj,v_proj": ("q_proj", "k_proj", "v_proj"),
+    "q_proj,v_proj,output_proj + MLP": ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                        "down_proj"),
+    "q_proj,v_proj,k_proj,output_proj + MLP": ("q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"),
+    "all layers: q,k,v,output_proj + MLP + final output projection": (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"),
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    # Qwen-1's c_attn, c_proj (attention and MLP), w1, w2 on the Qwen2 equivalent
+    "c_attn,c_proj,w1,w2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"),
+    "query_key_value": ("query_key_value",),
+    "q,v (PEFT default for T5/mT5)": ("q", "v"),
+    "all linear: q,k,v,o,gate,up,down": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                         "up_proj", "down_proj"),
+    "Q,K,V,O,gate,up,down": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                             "down_proj"),
+}
+
+
+def _text(p: dict[str, Any], *keys: str) -> str:
+    return " ".join(str(p.get(k) or "") for k in keys)
+
+
+def _compiled(p: dict[str, Any]) -> bool:
+    notes = p["notes"]
+    return ("compile" in str(p["precision"]) or "torch compile enabled" in notes
+            or notes.startswith("torch.compile=True")
+            or (p["group"] == "torchtune_llama2_table" and "**" in p["quote"]))
+
+
+def _accumulation(p: dict[str, Any]) -> int | None:
+    """Gradient accumulation steps the record states (None: not stated)."""
+    m = re.search(r"(?i)grad(?:ient)?[ _]acc\w*(?:\s*(?:of|=|:))?\s*(\d+)",
+                  _text(p, "notes", "quote"))
+    return int(m.group(1)) if m else None
+
+
+def _statistic(metric: str) -> tuple[str, str, bool, list[str]]:
+    """(statistic, unit, summed over GPUs, assumptions) from the record's metric."""
+    notes: list[str] = []
+    if "nvidia_smi" in metric or "nvidia-smi" in metric:
+        stat = "nvidia-smi"
+    elif "allocated" in metric or "active" in metric or "max_memory_allocated" in metric:
+        stat = "allocated"  # active: allocated blocks (the caching allocator's "active")
+    elif "reserved" in metric and "likely" not in metric:
+        stat = "reserved"
+    else:
+        stat = "reserved"
+        notes.append("statistic not stated: taken as reserved")
+    if "1e9" in metric:
+        unit = "GB"
+    elif "MiB-based" in metric or "GiB" in metric:
+        unit = "GiB"
+    elif "MiB" in metric or "_MB" in metric:
+        unit = "MiB"
+    else:
+        unit = "GiB"
+        if "GB" in metric:
+            notes.append("'GB' without a stated base: taken as GiB")
+    return stat, unit, "summed_over_GPUs" in metric, notes
+
+
+def _precision(text: str, lora: bool) -> tuple[str | None, str | None, str | None, list[str]]:
+    """(precision, base_dtype, lora_dtype, notes); precision None when not stated."""
+    t = text.lower()
+    if t.startswith(("bf16 (pure", "bf16; quant_storage")) or t == "bf16 (pure)":
+        return "bf16-true", None, "bf16" if lora else None, [
+            "bf16 parameters, gradients and optimizer state (torchtune dtype=bf16)"]
+    if t.startswith("fp32"):
+        return "32-true", None, None, []
+    if t.startswith("fp16 mixed"):
+        return "16-mixed", None, None, []
+    if t == "bf16" and lora:  # HF Trainer --bf16 over a bf16 base with peft's fp32 adapters
+        return "bf16-mixed", "bf16", None, [("base loaded in bf16, peft adapters fp32, "
+                                            "Trainer bf16 autocast")]
+    if t.startswith(("bf16 mixed", "bf16 (mixed")):
+        return "bf16-mixed", None, None, []
+    if t.startswith("bf16 (trainingarguments"):
+        return "bf16-mixed", "bf16", None, []
+    return None, None, None, []
+
+
+def _optimizer(text: str) -> str | None:
+    t = text.lower()
+    if not t or t == "none":
+        return None
+    if "pagedadamw8bit" in t or "8-bit adamw" in t:
+        return "paged-adamw-8bit"
+    if "pagedadamw" in t:
+        return "paged-adamw-32bit"
+    if "adam8bit" in t:
+        return "adamw-8bit"  # bitsandbytes Adam8bit keeps the state of AdamW8bit
+    if "adafactor" in t:
+        return "adafactor"
+    if "adamw_hf" in t:
+        return "adamw-hf"  # transformers' own AdamW: a per-tensor loop, not torch's foreach
+    if "fused=true" in t or "fused optimizer" in t:
+        return "adamw-fused"
+    if "adamw" in t:
+        return "adamw"
+    return None
+
+
+def _strategy(p: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
+    """(strategy, offload, not-expressible reasons) from the record's parallelism."""
+    text = str(p["parallelism"])
+    if re.search(r"\bTP\b|\bPP\b|context parallel|\bCP\b", text):
+        return None, None, ["tensor/pipeline/context parallelism"]
+    if "ZeRO stage not stated" in text:
+        return None, None, ["data parallel with the ZeRO stage not stated"]
+    offload = "params" if re.search(r"(?i)offload_params true|cpu_offload=True|CPU offload of "
+                                    r"params", text) else None
+    if "ZeRO-3" in text:
+        return "zero3", offload, []
+    if "ZeRO-2" in text:
+        return "zero2", offload, []
+    if "FSDP" in text:
+        return "fsdp", offload, []
+    if text.lower().startswith("single"):
+        return None, None, []
+    return None, None, [f"parallelism not understood: {text}"]
+
+
+def _seq_len(value: Any) -> tuple[int | None, list[str]]:
+    if isinstance(value, int):
+        return value, []
+    m = re.match(r"<=(\d+)", str(value))
+    if m:
+        return int(m.group(1)), [(f"sequences truncated at {m.group(1)} tokens and padded per "
+                                 f"batch: the peak is that of a batch padded to "
+                                 f"{m.group(1)}")]
+    return None, []
+
+
+def translate(p: dict[str, Any]) -> Run | Verdict:
+    """The point as a :class:`Run`, or why it is not expressible."""
+    reasons: list[str] = []
+    assumptions: list[str] = []
+    metric = str(p["metric"])
+    if "tokens_per_sec" in metric:
+        reasons.append("a throughput, not a memory figure (see the time table)")
+    elif "OOM" in metric:
+        reasons.append("a bound (the run ran out of memory), not a peak")
+    elif "max_seq_len" in metric:
+        reasons.append("a capacity (the longest sequence that fit), not a peak")
+    strategy, offload, why = _strategy(p)
+    reasons += why
+    if _compiled(p):
+        reasons.append("torch.compile")
+    if re.search(r"(?i)float8|mxfp8|nvfp4", _text(p, "precision")):
+        reasons.append("float8 / MXFP8 / NVFP4 matmuls")
+    ce = str(p["fused_ce"] or "")
+    if re.search(r"(?i)chunked|liger|unsloth|fused", ce.replace("not chunked", "")):
+        reasons.append(f"chunked or fused cross-entropy ({ce})")
+    if re.search(r"(?i)unsloth", _text(p, "attn")):
+        reasons.append("Unsloth kernels")
+    if "optimizer_in_bwd=True" in str(p["optimizer"]) and "not use optimizer_in_bwd" not in str(
+            p["optimizer"]):
+        reasons.append("optimizer step fused into backward (optimizer_in_bwd)")
+    if p["act_offload"]:
+        reasons.append("activation offloading")
+    ckpt = p["grad_ckpt"]
+    if isinstance(ckpt, str) and ckpt.startswith("selective"):
+        reasons.append("selective activation checkpointing")
+    elif ckpt is None:
+        reasons.append("gradient checkpointing not stated")
+    if "GPTQ" in str(p["quant"]):
+        reasons.append("GPTQ int4 base (auto-gptq): layerscope models bitsandbytes and NF4 "
+                       "bases only")
+    seq, notes = _seq_len(p["seq_len"])
+    assumptions += notes
+    if p["packing"] is False and "much shorter than" in p["notes"]:
+        reasons.append("unpacked samples shorter than the stated length (padded to the longest "
+                       "of each batch): lengths unknown")
+    elif p["packing"] is False and isinstance(p["seq_len"], int):
+        assumptions.append(f"unpacked data: the peak taken at the stated {p['seq_len']} tokens")
+    if seq is None:
+        reasons.append("sequence length not stated" if p["seq_len"] is None else
+                       f"unknown sequence lengths ({p['seq_len']})")
+    if p["batch_per_gpu"] is None:
+        reasons.append("batch size not stated")
+    optimizer = _optimizer(str(p["optimizer"] or ""))
+    if optimizer is None:
+        reasons.append("optimizer not stated")
+    preset = next((name for pattern, name in MODELS if re.search(pattern, p["model"])), None)
+    if preset is None:
+        reasons.append(f"no preset for {p['model']}")
+    if "no config for this run" in p["notes"]:
+        reasons.append("setup undocumented")
+    lora = None
+    if p["lora_rank"]:
+        targets_text = str(p["lora_targets"] or "")
+        key = next((k for k in sorted(LORA_TARGETS, key=len, reverse=True)
+                    if targets_text.startswith(k)), None)
+        if key is None:
+            reasons.append(f"LoRA targets not stated ({targets_text})")
+        else:
+            alpha = re.search(r"alpha (\d+)", targets_text)
+            dropout = re.search(r"dropout (\d+(?:\.\d+)?)", targets_text + " " + p["notes"])
+            saved = ("embed_tokens", "lm_head") if "modules_to_save wte,lm_head" in (
+                targets_text) else ()
+            lora = Lora(int(p["lora_rank"]), int(alpha.group(1)) if alpha else 2 * p["lora_rank"],
+                        float(dropout.group(1)) if dropout else 0.0, LORA_TARGETS[key], saved)
+            if p["group"] == "qwen1_readme_profiling":
+                lora = dataclasses.replace(lora, dropout=0.05)  # finetune.py's lora_dropout
+                assumptions.append("Qwen-1's fused c_attn adapter as q, k, v adapters")
+    precision, base_dtype, lora_dtype, notes = _precision(str(p["precision"] or ""), bool(lora))
+    assumptions += notes
+    if precision is None and not reasons:
+        reasons.append(f"precision not understood: {p['precision']}")
+    if reasons:
+        return Verdict("not expressible", tuple(dict.fromkeys(reasons)))
+    quant = None
+    if re.search(r"(?i)nf4|4-bit", str(p["quant"])):
+        quant = "nf4"
+    accumulation = _accumulation(p)
+    if accumulation is None:
+        accumulation = 1
+        if "without gradient accumulation" not in p["notes"]:
+            assumptions.append("gradient accumulation not stated: 1")
+    attn_text = str(p["attn"] or "").lower()
+    attn: str | None = ("flash_attention_2" if "flash_attention_2" in attn_text else
+                        "eager" if attn_text.startswith("eager") else
+                        "sdpa" if "sdpa" in attn_text else None)
+    if preset == "bloomz-7b1":
+        attn = None  # BLOOM has one attention (its own, eager); nothing to choose
+        assumptions.append("BLOOM's own attention (the only one transformers has)")
+    stat, unit, summed, notes = _statistic(metric)
+    assumptions += notes
+    architecture = None
+    if "sequence classification" in p["model"]:
+        architecture = "BertForSequenceClassification"
+    if preset and p["model"].split(" ")[0].rstrip(")").endswith(("Instruct", "-it", "Chat")):
+        assumptions.append("Instruct/Chat checkpoint estimated with its base preset")
+    if p["group"].startswith("torchtune"):
+        assumptions.append("torchtune's Llama and LoRA modules as transformers' with peft")
+    gpu = next((name for pattern, name in GPUS if re.search(pattern, str(p["gpu"] or ""))), None)
+    assert preset is not None and optimizer is not None and precision is not None
+    assert seq is not None
+    return Run(preset, architecture, int(p["batch_per_gpu"]), seq, precision, optimizer,
+               bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]), 8,
+               offload, accumulation, attn, gpu, stat, unit, summed, tuple(assumptions))
+
+
+def judge(p: dict[str, Any]) -> Run | Verdict:
+    """A comparable :class:`Run`, or a :class:`Verdict` saying why not (yet)."""
+    run = translate(p)
+    if isinstance(run, Verdict):
+        return run
+    missing = [f for f in run.features() if not supported(f)]
+    if missing:
+        return Verdict("pending", tuple(missing), run)
+    return run
+
+
+# -- estimation ----------------------------------------------------------------------------------
+_MODELS: dict[tuple[str, str | None], Any] = {}
+
+
+def skeleton(preset: str, architecture: str | None) -> Any:
+    from layerscope.build import empty_model
+    from layerscope.catalog import get_preset
+
+    key = (preset, architecture)
+    if key not in _MODELS:
+        source: Any = preset
+        if architecture:
+            source = get_preset(preset).config()
+            source["architectures"] = [architecture]
+            source["num_labels"] = 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _MODELS[key] = empty_model(source)
+    return _MODELS[key]
+
+
+def settings(run: Run) -> dict[str, Any]:
+    """Keyword arguments of ``estimate_memory`` for the run (the pending ones only once their
+    feature is supported: each is one line here)."""
+    kw: dict[str, Any] = {"batch_size": run.batch_size, "seq_len": run.seq_len,
+                              "precision": run.precision, "optimizer": run.optimizer,
+                              "gradient_checkpointing": run.gradient_checkpointing}
+    if run.lora:
+        from peft import LoraConfig
+
+        kw["lora"] = LoraConfig(r=run.lora.rank, lora_alpha=run.lora.alpha,
+                                lora_dropout=run.lora.dropout,
+                                target_modules=list(run.lora.targets),
+                                modules_to_save=list(run.lora.modules_to_save) or None)
+    if run.distributed:
+        kw.update(distributed=run.distributed, num_gpus=run.num_gpus,
+                  gpus_per_node=run.gpus_per_node)
+    if run.offload:
+        kw["offload"] = run.offload
+    if run.quantization:
+        kw["quantization"] = run.quantization
+    if run.base_dtype:
+        kw["base_dtype"] = run.base_dtype
+    if run.lora_dtype:
+        kw["lora_dtype"] = run.lora_dtype
+    if run.attn is not None:
+        kw["attn_implementation"] = run.attn
+    if run.accumulation > 1:
+        kw["gradient_accumulation_steps"] = run.accumulation
+    return kw
+
+
+def estimate(run: Run) -> tuple[float, Any]:
+    """The estimate in the point's statistic and unit, and the ``MemoryEstimate``."""
+    from layerscope import estimate_memory
+    from layerscope.estimate.memory import CUDA_CONTEXT_BYTES
+
+    model = skeleton(run.preset, run.architecture)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = estimate_memory(model, **settings(run))
+    nbytes = est.peak_bytes if run.statistic == "allocated" else est.reserved_bytes
+    if run.statistic == "nvidia-smi":
+        nbytes += CUDA_CONTEXT_BYTES
+    if run.summed:
+        nbytes *= run.num_gpus
+    return nbytes / {"GiB": GIB, "GB": GB, "MiB": MIB}[run.unit], est
+
+
+APPROXIMABLE = {"reserved_bytes", "attn_implementation", "lora_dtype", "base_dtype",
+                "gradient_accumulation"}
+"""Pending features that ``--approximate`` may ignore to show where a point stands today."""
+
+
+def nearest_today(run: Run) -> tuple[Run, list[str]]:
+    """The run with its unsupported :data:`APPROXIMABLE` settings dropped: allocated for
+    reserved (+ the CUDA context for nvidia-smi), the model's default attention, fp32 adapters,
+    the base dtype as the whole model's precision, one micro-batch."""
+    ignored = [f for f in run.features() if f in APPROXIMABLE and not supported(f)]
+    near = run
+    if "reserved_bytes" in ignored:
+        near = dataclasses.replace(near, statistic="allocated")
+    if "attn_implementation" in ignored:
+        near = dataclasses.replace(near, attn=None)
+    if "lora_dtype" in ignored:
+        near = dataclasses.replace(near, lora_dtype=None)
+    if "base_dtype" in ignored:
+        near = dataclasses.replace(near, base_dtype=None, precision=f"{run.base_dtype}-true")
+    if "gradient_accumulation" in ignored:
+        near = dataclasses.replace(near, accumulation=1)
+    return near, ignored
+
+
+# -- the step-time table --------------------------------------------------------------------------
+def time_run(p: dict[str, Any]) -> tuple[float, str] | str:
+    """(estimated tokens/s per GPU, note) for a throughput point, or why it is not expressible."""
+    metric = str(p["metric"])
+    if "tokens_per_sec_per_gpu" not in metric:
+        return "no published throughput"
+    stripped = dict(p, metric="peak_memory_GiB")  # judge the setting, not the figure
+    run = translate(stripped)
+    if isinstance(run, Verdict):
+        return "; ".join(run.reasons)
+    if run.gpu is None:
+        return f"GPU not in the catalogue ({p['gpu']})"
+    from layerscope.build import as_model
+    from layerscope.estimate.comm import (
+        CommSettings,
+        communication_time,
+        parameter_units,
+        rank_work,
+        topology,
+    )
+    from layerscope.estimate.time import estimate_step_time
+    from layerscope.scan import scan
+
+    model = skeleton(run.preset, run.architecture)
+    precision = "bf16-true" if run.precision == "bf16-mixed" and run.distributed else run.precision
+    step = estimate_step_time(model, batch_size=run.batch_size, seq_len=run.seq_len,
+                              precision=precision, optimizer=run.optimizer,
+                              gradient_checkpointing=run.gradient_checkpointing,
+                              **({"attn_implementation": run.attn} if run.attn else {}),
+                              gpu=run.gpu)
+    seconds, note = step.seconds, "one GPU"
+    if run.distributed:
+        s = scan(as_model(model))
+        trainable = {q.name for q in s.params}  # pre-training: everything trains
+        params, grads, root, root_grads = parameter_units(s, trainable)
+        work = rank_work(step.forward.seconds, step.backward.seconds + step.recompute.seconds,
+                         2 * step.optimizer.device_seconds, step.optimizer.host_seconds,
+                         params, grads, root, root_grads)
+        # FSDP2 mixed precision (torchtitan): bf16 gathers, fp32 gradient reduction and state
+        comm = communication_time(work, CommSettings(run.distributed, run.num_gpus,
+                                                     param_bytes=2, grad_bytes=4),
+                                  topology(run.gpu, run.num_gpus))
+        seconds = comm.seconds
+        note = (f"{run.distributed} x{run.num_gpus}: compute {comm.compute_seconds:.2f} s, "
+                f"exposed comm {comm.exposed_seconds:.3f} s, optimizer "
+                f"{comm.optimizer_seconds:.3f} s")
+    return run.batch_size * run.seq_len / seconds, note
+
+
+# -- report ---------------------------------------------------------------------------------------
+@dataclass
+class Tally:
+    errors: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    status: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    pending: Counter[str] = field(default_factory=Counter)
+
+
+def _summary(errors: list[float]) -> list[str]:
+    a = [abs(e) for e in errors]
+    return [str(len(a)), f"{statistics.median(a):.1f}%", f"{max(a):.1f}%",
+            f"{sum(x <= 10 for x in a)}/{len(a)}", f"{sum(x <= 25 for x in a)}/{len(a)}"]
+
+
+def _setting(run: Run) -> str:
+    parts = [run.preset, f"b{run.batch_size}x{run.seq_len}", run.precision, run.optimizer]
+    if run.gradient_checkpointing:
+        parts.append("ckpt")
+    if run.lora:
+        parts.append(f"lora{run.lora.rank}")
+    if run.quantization:
+        parts.append(run.quantization)
+    if run.distributed:
+        parts.append(f"{run.distributed}x{run.num_gpus}")
+    if run.offload:
+        parts.append(f"offload {run.offload}")
+    return " ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filter", default="", help="only points whose group or model "
+                        "contains this text")
+    parser.add_argument("--points", type=Path, default=PUBLISHED, help="points.jsonl to read")
+    parser.add_argument("--verbose", action="store_true", help="print assumptions per point")
+    parser.add_argument("--approximate", action="store_true", help="also estimate pending "
+                        "single-GPU points with their missing settings ignored (a diagnostic "
+                        "table, never counted in the results)")
+    args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the traced steps' notices are not results
+    points = [json.loads(line) for line in args.points.read_text().splitlines() if line]
+    tally = Tally()
+    rows, bounds, times = [], [], []
+    for i, p in enumerate(points):
+        if args.filter and args.filter not in p["group"] and args.filter not in p["model"]:
+            continue
+        verdict = judge(p)
+        published = f"{p['value']:g}"
+        if isinstance(verdict, Verdict):
+            tally.status[verdict.status] += 1
+            for r in verdict.reasons:
+                (tally.reasons if verdict.status == "not expressible" else tally.pending)[r] += 1
+            setting = _setting(verdict.run) if verdict.run else p["model"][:40]
+            rows.append([i, p["group"], setting, published, "", "",
+                         f"{verdict.status}: {'; '.join(verdict.reasons)}"])
+            if verdict.run and set(verdict.reasons) <= APPROXIMABLE:
+                bounds.append((i, p, verdict.run))
+        else:
+            try:
+                value, _ = estimate(verdict)
+            except Exception as exc:
+                from layerscope.errors import LayerscopeError
+
+                if not isinstance(exc, LayerscopeError):
+                    raise
+                tally.status["pending"] += 1
+                reason = f"layerscope: {str(exc).splitlines()[0][:90]}"
+                tally.pending[reason] += 1
+                rows.append([i, p["group"], _setting(verdict), published, "", "",
+                             f"pending: {reason}"])
+                continue
+            err = 100 * (value - p["value"]) / p["value"]
+            tally.status["compared"] += 1
+            tally.errors[p["group"]].append(err)
+            rows.append([i, p["group"], _setting(verdict),
+                         f"{published} {verdict.unit} {verdict.statistic}"
+                         + (" (sum)" if verdict.summed else ""), f"{value:.2f}", f"{err:+.1f}%",
+                         "; ".join(verdict.assumptions) if args.verbose else ""])
+        times.append((i, p))
+    print(tabulate(rows, headers=["#", "group", "setting", "published", "estimate", "error",
+                                  "status / assumptions"]))
+    print()
+    all_errors = [e for errs in tally.errors.values() for e in errs]
+    summary = [[g, *_summary(e)] for g, e in sorted(tally.errors.items())]
+    if all_errors:
+        summary.append(["overall", *_summary(all_errors)])
+    print(tabulate(summary, headers=["group", "points", "median |error|", "worst |error|",
+                                     "within 10%", "within 25%"]))
+    print()
+    print("points:", ", ".join(f"{n} {s}" for s, n in tally.status.most_common()))
+    print()
+    print(tabulate(tally.reasons.most_common(), headers=["not expressible because", "points"]))
+    print()
+    print(tabulate(tally.pending.most_common(), headers=["pending on", "points"]))
+    if args.approximate and bounds:
+        print()
+        approx, aerrs = [], []
+        for i, p, run in bounds:
+            near, ignored = nearest_today(run)
+            try:
+                value, _ = estimate(near)
+            except Exception as exc:
+                from layerscope.errors import LayerscopeError
+
+                if not isinstance(exc, LayerscopeError):
+                    raise
+                continue
+            err = 100 * (value - p["value"]) / p["value"]
+            aerrs.append(err)
+            approx.append([i, p["group"], _setting(run), f"{p['value']:g} {run.unit}",
+                           f"{value:.2f}", f"{err:+.1f}%", ", ".join(ignored)])
+        print("DIAGNOSTIC ONLY (--approximate): pending single-GPU points estimated with their "
+              "missing settings ignored; not a result, not counted above")
+        print(tabulate(approx, headers=["#", "group", "setting", "published", "approximation",
+                                        "error", "ignored"]))
+        if aerrs:
+            print(tabulate([["approximation", *_summary(aerrs)]], headers=[
+                "", "points", "median |error|", "worst |error|", "within 10%", "within 25%"]))
+    print()
+    trows, terrs = [], []
+    for i, p in times:
+        if "tokens_per_sec" not in str(p.get("metric")) and "tokens_per_sec_per_gpu" not in str(
+                p.get("paired_metric")):
+            continue
+        q = p if "tokens_per_sec_per_gpu" in str(p["metric"]) else dict(
+            p, metric=p["paired_metric"], value=p["paired_value"])
+        result = time_run(q)
+        if isinstance(result, str):
+            trows.append([i, p["group"], q["value"], "", "", f"not expressible: {result}"])
+            continue
+        tps, note = result
+        err = 100 * (tps - q["value"]) / q["value"]
+        terrs.append(err)
+        trows.append([i, p["group"], q["value"], f"{tps:.0f}", f"{err:+.1f}%", note])
+    print("Throughput (tokens/s per GPU): estimate_step_time + comm.communication_time")
+    print(tabulate(trows, headers=["#", "group", "published", "estimate", "error", "note"]))
+    if terrs:
+        print(tabulate([["time", *_summary(terrs)]], headers=[
+            "", "points", "median |error|", "worst |error|", "within 10%", "within 25%"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Communication time under DDP, FSDP, HSDP and ZeRO: NCCL's cost model and the step's schedule,
+checked against arithmetic written out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from layerscope.errors import EstimateError
+from layerscope.estimate.comm import (
+    BUS_EFFICIENCY,
+    CPU_ADAM_PARAMS_PER_S,
+    HOST_COPY_EFFICIENCY,
+    RING_BASE_LATENCY_S,
+    RING_STEP_LATENCY_S,
+    TORCH_CPU_ADAMW_PARAMS_PER_S,
+    TREE_ALGBW_RATIO,
+    TREE_STEP_LATENCY_S,
+    CommSettings,
+    RankWork,
+    Topology,
+    Unit,
+    collective,
+    communication_time,
+    cpu_optimizer_seconds,
+    rank_work,
+    topology,
+)
+from layerscope.estimate.hardware import Fabric
+
+US = 1e-6
+NVL, NET = RING_STEP_LATENCY_S["nvlink"], RING_STEP_LATENCY_S["net"]
+
+
+def node(num_gpus: int = 4, per_node: int = 8) -> Topology:
+    """Round numbers: 100 GB/s NVLink, one 10 GB/s adapter per GPU, 10 GB/s PCIe."""
+    return Topology(num_gpus, per_node, 100e9, "nvlink", Fabric("test", 10e9), 10e9)
+
+
+# -- NCCL's cost of one collective ------------------------------------------------------------
+def test_ring_all_gather_within_a_node_of_h100s() -> None:
+    topo = topology("h100", 8)
+    c = collective("all-gather", 2**30, topo, 8)
+    busbw = 450e9 * BUS_EFFICIENCY  # NVLink4: 900 GB/s both ways
+    assert c.bus_bandwidth == pytest.approx(busbw)
+    expected = RING_BASE_LATENCY_S + 7 * NVL + 7 / 8 * 2**30 / busbw  # 7 ring steps
+    assert (c.algorithm, c.nodes) == ("ring", 1)
+    assert c.seconds == pytest.approx(expected)
+    rs = collective("reduce-scatter", 2**30, topo, 8)
+    assert rs.seconds == pytest.approx(c.seconds)  # same volume as all-gather
+
+
+def test_all_reduce_across_two_nodes_of_a100s_is_bounded_by_the_network() -> None:
+    topo = topology("a100-80gb", 16)  # DGX A100: eight 200 Gb/s HDR adapters per node
+    s = 4 * 2**30
+    c = collective("all-reduce", s, topo, 16)
+    busbw = min(300e9, 8 * 25e9) * BUS_EFFICIENCY
+    ring = RING_BASE_LATENCY_S + (30 - 2) * NVL + 2 * NET + 2 * 15 / 16 * s / busbw
+    tree = 2 * (7 * TREE_STEP_LATENCY_S["nvlink"] + 1 * TREE_STEP_LATENCY_S["net"]) + s / (
+        TREE_ALGBW_RATIO * busbw)
+    assert ring < tree and c.algorithm == "ring"
+    assert c.seconds == pytest.approx(ring)
+    assert c.nodes == 2 and c.bus_bandwidth == pytest.approx(busbw)
+
+
+def test_tree_wins_small_all_reduce_over_many_nodes() -> None:
+    topo = topology("h100", 512)  # 64 nodes
+    c = collective("all-reduce", 4096, topo, 512)
+    tree = 2 * (7 * TREE_STEP_LATENCY_S["nvlink"] + 6 * TREE_STEP_LATENCY_S["net"]) + 4096 / (
+        TREE_ALGBW_RATIO * c.bus_bandwidth)
+    assert c.algorithm == "tree" and c.seconds == pytest.approx(tree)
+    ring_latency = RING_BASE_LATENCY_S + (1022 - 126) * NVL + 126 * NET
+    assert ring_latency > tree
+
+
+def test_one_gpu_per_node_gets_its_share_of_the_node_network() -> None:
+    topo = topology("h100", 32)  # four nodes; HSDP's replica groups: one GPU per node
+    c = collective("all-reduce", 2**30, topo, 4, ranks_per_node=1)
+    assert c.bus_bandwidth == pytest.approx(400e9 / 8 * BUS_EFFICIENCY)  # one NDR adapter
+    eth = topology("l40s", 16)  # one 100 Gb/s adapter for the whole node
+    assert collective("all-gather", 2**20, eth, 16).bus_bandwidth == pytest.approx(
+        12.5e9 * BUS_EFFICIENCY)
+    assert collective("all-reduce", 2**20, eth, 2, ranks_per_node=1).bus_bandwidth == (
+        pytest.approx(12.5e9 / 8 * BUS_EFFICIENCY))
+
+
+def test_uneven_last_node_bounds_the_ring() -> None:
+    topo = node(12, 8)  # 8 + 4 GPUs: the 4-GPU node has half the adapters
+    c = collective("all-gather", 10**9, topo, 12)
+    assert c.bus_bandwidth == pytest.approx(min(100e9, 8 * 10e9 * 4 / 8) * BUS_EFFICIENCY)
+
+
+def test_a_single_rank_or_nothing_to_send_costs_nothing() -> None:
+    assert collective("all-reduce", 10**9, node(1, 8), 1).seconds == 0.0
+    assert collective("all-gather", 0, node(), 4).seconds == 0.0
+
+
+def test_bad_collectives() -> None:
+    with pytest.raises(EstimateError, match="unknown collective 'broadcast'"):
+        collective("broadcast", 1, node(), 4)
+    with pytest.raises(EstimateError, match="nbytes"):
+        collective("all-gather", -1, node(), 4)
+    with pytest.raises(EstimateError, match="ranks must be an int >= 1"):
+        collective("all-gather", 1, node(), 0)
+
+
+def test_cpu_optimizer_shares_the_node_cores() -> None:
+    assert cpu_optimizer_seconds(1e9, 1, "deepspeed-cpu-adam") == pytest.approx(0.22)
+    assert cpu_optimizer_seconds(1e9, 8, "deepspeed-cpu-adam") == pytest.approx(8 * 0.22)
+    assert cpu_optimizer_seconds(1e9, 1, "torch-adamw") == pytest.approx(
+        1e9 / TORCH_CPU_ADAMW_PARAMS_PER_S)
+    assert cpu_optimizer_seconds(1e9, 1, "torch-adamw-fused") == pytest.approx(0.22)
+    with pytest.raises(EstimateError, match="unknown CPU optimizer"):
+        cpu_optimizer_seconds(1, 1, "lion")
+
+
+# -- one step's schedule ----------------------------------------------------------------------
+P = 100_000_000  # parameters of each block
+ROOT = 50_000_000
+FWD, BWD = 0.010, 0.020  # seconds of one block's compute
+
+
+def two_blocks(trainable: int = P, root_trainable: int = ROOT, opt: float = 0.004) -> RankWork:
+    return rank_work(2 * FWD, 2 * BWD, opt, 0.001, [P, P], [trainable, trainable], ROOT,
+                     root_trainable)
+
+
+def test_fsdp_exposes_the_first_gathers_and_the_last_reductions() -> None:
+    topo = node()
+    work = two_blocks()
+    r = communication_time(work, CommSettings("fsdp", 4), topo)
+
+    def t(kind: str, elements: int) -> float:
+        return collective(kind, elements * 2, topo, 4).seconds  # bf16
+
+    # forward: root and block 0 gathered before anything runs; block 1's gather hides behind
+    # block 0. backward: block 1's gather is waited for (nothing to hide it), block 0's hides
+    # behind block 1; the last two reduce-scatters (block 0, root) are waited for.
+    assert t("all-gather", P) < FWD and t("reduce-scatter", P) < BWD
+    exposed = (t("all-gather", ROOT) + t("all-gather", P) + t("all-gather", P)
+               + t("reduce-scatter", P) + t("reduce-scatter", ROOT))
+    assert r.exposed_seconds == pytest.approx(exposed)
+    assert r.compute_seconds == pytest.approx(2 * FWD + 2 * BWD)
+    assert r.optimizer_seconds == pytest.approx(0.004 / 4 + 0.001)  # a quarter of the state
+    assert r.seconds == pytest.approx(r.compute_seconds + exposed + r.optimizer_seconds)
+    assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2 + 2 * P * 2  # forward + backward
+    assert r.bytes_of("reduce-scatter") == (ROOT + 2 * P) * 2
+    assert sum(x.exposed for x in r.transfers) == pytest.approx(exposed)
+
+
+def test_grad_op_keeps_parameters_from_forward_to_backward() -> None:
+    topo = node()
+    r = communication_time(two_blocks(), CommSettings("fsdp-grad-op", 4), topo)
+    assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2  # forward only
+    ag = collective("all-gather", P * 2, topo, 4).seconds
+    rs = collective("reduce-scatter", P * 2, topo, 4).seconds
+    root_ag = collective("all-gather", ROOT * 2, topo, 4).seconds
+    root_rs = collective("reduce-scatter", ROOT * 2, topo, 4).seconds
+    assert r.exposed_seconds == pytest.approx(root_ag + ag + rs + root_rs)
+
+
+def test_gathers_without_prefetch_are_all_exposed() -> None:
+    topo = node()
+    r = communication_time(two_blocks(), CommSettings("zero3", 4, prefetch=False), topo)
+    ag = collective("all-gather", P * 2, topo, 4).seconds
+    root_ag = collective("all-gather", ROOT * 2, topo, 4).seconds
+    rs = collective("reduce-scatter", P * 2, topo, 4).seconds
+    root_rs = collective("reduce-scatter", ROOT * 2, topo, 4).seconds
+    # every block's gather, forward and backward, is issued when it is needed
+    assert r.exposed_seconds == pytest.approx(root_ag + 4 * ag + rs + root_rs)
+
+
+def test_lora_gathers_every_parameter_but_reduces_only_adapters() -> None:
+    topo = node()
+    adapters = 1_000_000
+    r = communication_time(two_blocks(adapters, 0), CommSettings("fsdp", 4), topo)
+    assert r.bytes_of("reduce-scatter") == 2 * adapters * 2
+    assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2 + 2 * P * 2
+    ddp = communication_time(two_blocks(adapters, 0), CommSettings("ddp", 4), topo)
+    assert ddp.bytes_of("all-reduce") == 2 * adapters * 2 and ddp.bytes_of("all-gather") == 0
+
+
+def test_ddp_hides_all_but_the_last_bucket() -> None:
+    topo = node()
+    settings = CommSettings("ddp", 4, grad_bytes=4, bucket_bytes=4 * P)  # a bucket per block
+    r = communication_time(two_blocks(root_trainable=0), settings, topo)
+    ar = collective("all-reduce", 4 * P, topo, 4).seconds
+    assert ar == pytest.approx(RING_BASE_LATENCY_S + 6 * NVL + 2 * 3 / 4 * 4 * P / (
+        100e9 * BUS_EFFICIENCY))
+    assert ar < BWD  # block 1's all-reduce hides behind block 0's backward
+    assert r.exposed_seconds == pytest.approx(ar)
+    assert r.optimizer_seconds == pytest.approx(0.004 + 0.001)  # DDP: every rank steps it all
+    assert [t.unit for t in r.transfers] == ["bucket 0", "bucket 1"]
+
+
+def test_ddp_buckets_of_25_mib() -> None:
+    topo = node()
+    r = communication_time(two_blocks(root_trainable=0), CommSettings("ddp", 4), topo)
+    grads = 2 * P * 2
+    assert len(r.transfers) == math.ceil(grads / (25 * 2**20))
+    assert r.bytes_of("all-reduce") == grads
+
+
+def test_zero2_without_overlap_waits_for_each_reduction_and_the_final_gather() -> None:
+    topo = node()
+    settings = CommSettings("zero2", 4, reduce_bucket_elements=P)  # a bucket per block
+    r = communication_time(two_blocks(root_trainable=0), settings, topo)
+    rs = collective("reduce-scatter", P * 2, topo, 4).seconds
+    ag = collective("all-gather", 2 * P * 2, topo, 4).seconds  # updated parameters, one bucket
+    assert r.exposed_seconds == pytest.approx(2 * rs + ag)
+    overlapped = communication_time(two_blocks(root_trainable=0), CommSettings(
+        "zero2", 4, reduce_bucket_elements=P, overlap_comm=True), topo)
+    assert overlapped.exposed_seconds == pytest.approx(rs + ag)
+
+
+def test_zero_offload_copies_gradients_out_and_parameters_back() -> None:
+    topo = node()
+    settings = CommSettings("zero2", 4, offload="optimizer", reduce_bucket_elements=P,
+                            overlap_comm=True)
+    r = communication_time(two_blocks(root_trainable=0), settings, topo)
+    shard = 2 * P // 4  # this rank's trainable elements
+    cpu = shard * 4 / CPU_ADAM_PARAMS_PER_S  # four ranks share the node's CPU
+    assert r.optimizer_seconds == pytest.approx(cpu)
+    rs = collective("reduce-scatter", P * 2, topo, 4).seconds
+    d2h = P * 2 / 4 / (10e9 * HOST_COPY_EFFICIENCY)
+    h2d = shard * 2 / (10e9 * HOST_COPY_EFFICIENCY)
+    ag = collective("all-gather", 2 * P * 2, topo, 4).seconds
+    assert rs + d2h < BWD
+    assert r.exposed_seconds == pytest.approx(rs + d2h + h2d + ag)
+    assert r.bytes_of("device-to-host") == 2 * P * 2 // 4
+
+
+def test_fsdp_parameter_offload_copies_every_shard_before_its_gather() -> None:
+    topo = node()
+    r = communication_time(two_blocks(), CommSettings("fsdp", 4, offload="params"), topo)
+    copies = [t for t in r.transfers if t.op == "host-to-device"]
+    assert len(copies) == 3 + 2  # root and two blocks in forward, two blocks in backward
+    assert copies[0].nbytes == ROOT // 4 * 4  # fp32 shard of the root
+    trainable = ROOT + 2 * P
+    assert r.optimizer_seconds == pytest.approx(trainable / 4 * 4 / TORCH_CPU_ADAMW_PARAMS_PER_S)
+    assert r.bytes_of("device-to-host") == (ROOT + 2 * P) * 2 // 4
+
+
+def test_hsdp_reduces_within_the_node_then_across_nodes() -> None:
+    topo = node(8, 4)
+    r = communication_time(two_blocks(), CommSettings("hsdp", 8, gpus_per_node=4), topo)
+    replica = [t for t in r.transfers if t.op == "all-reduce"]
+    assert [t.nbytes for t in replica] == [P * 2 // 4, P * 2 // 4, ROOT * 2 // 4]
+    ar = collective("all-reduce", P * 2 // 4, topo, 2, ranks_per_node=1)
+    assert replica[0].seconds == pytest.approx(ar.seconds)
+    assert ar.bus_bandwidth == pytest.approx(4 * 10e9 / 4 * BUS_EFFICIENCY)
+    assert r.optimizer_seconds == pytest.approx(0.004 / 4 + 0.001)  # sharded over the node
+    ag = [t for t in r.transfers if t.op == "all-gather"]
+    assert ag[0].seconds == pytest.approx(collective("all-gather", ROOT * 2, topo, 4).seconds)
+
+
+def test_one_gpu_is_compute_and_optimizer_only() -> None:
+    r = communication_time(two_blocks(), CommSettings("zero3", 1), node(1, 8))
+    assert r.exposed_seconds == pytest.approx(0.0)
+    assert r.seconds == pytest.approx(2 * FWD + 2 * BWD + 0.004 + 0.001)
+
+
+def test_slow_network_is_exposed_beyond_compute() -> None:
+    slow = Topology(16, 8, 100e9, "nvlink", Fabric("slow", 0.1e9, 1), 10e9)
+    work = two_blocks()
+    r = communication_time(work, CommSettings("fsdp", 16), slow)
+    ag = collective("all-gather", P * 2, slow, 16).seconds
+    assert ag > 10 * FWD  # 0.1 GB/s for the whole node
+    assert r.exposed_seconds > 4 * ag  # forward and backward wait on most gathers
+
+
+# -- bad settings -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"strategy": "fsdp3", "num_gpus": 8}, "unknown strategy 'fsdp3'; known: ddp, fsdp"),
+    ({"strategy": "fsdp", "num_gpus": 0}, "num_gpus must be an int >= 1, got 0"),
+    ({"strategy": "hsdp", "num_gpus": 12}, "num_gpus=12 must be a multiple of gpus_per_node=8"),
+    ({"strategy": "fsdp", "num_gpus": 8, "offload": "disk"}, "unknown offload 'disk'"),
+    ({"strategy": "fsdp", "num_gpus": 8, "offload": "optimizer"}, "ZeRO-Offload"),
+    ({"strategy": "ddp", "num_gpus": 8, "offload": "params"}, "needs sharded parameters"),
+    ({"strategy": "zero2", "num_gpus": 8, "offload": "params"}, "not zero2"),
+    ({"strategy": "ddp", "num_gpus": 8, "grad_bytes": 0}, "grad_bytes must be an int >= 1"),
+    ({"strategy": "zero3", "num_gpus": 8, "overlap_comm": 1}, "overlap_comm must be a bool"),
+    ({"strategy": "zero3", "num_gpus": 8, "cpu_optimizer": "sgd"}, "unknown cpu_optimizer"),
+])  # fmt: skip
+def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(EstimateError, match=message):
+        CommSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_zero3_on_one_gpu_is_allowed() -> None:
+    assert CommSettings("zero3", 1).shard_ranks == 1
+
+
+def test_bad_units_and_mismatched_topology() -> None:
+    with pytest.raises(EstimateError, match="trainable=5 exceeds params=4"):
+        Unit("block 0", 4, 5, 0.0, 0.0)
+    with pytest.raises(EstimateError, match="forward_seconds"):
+        Unit("block 0", 4, 4, -1.0, 0.0)
+    with pytest.raises(EstimateError, match="one length"):
+        rank_work(1.0, 1.0, 0.0, 0.0, [1, 2], [1], 0, 0)
+    with pytest.raises(EstimateError, match="topology has 4 GPUs"):
+        communication_time(two_blocks(), CommSettings("fsdp", 8), node())
+    with pytest.raises(EstimateError, match="unknown fabric"):
+        topology("h100", 16, fabric="token-ring")
+    with pytest.raises(EstimateError, match="gpus_per_node"):
+        topology("h100", 16, gpus_per_node=0)
+
+
+def test_parameter_units_of_a_tiny_llama() -> None:
+    from conftest import LLAMA, build
+
+    from layerscope.estimate.comm import parameter_units
+    from layerscope.scan import scan
+
+    s = scan(build("llama", "meta"))
+    d, ff, layers, vocab = 64, 128, 4, 100  # tests/conftest.py LLAMA
+    assert (LLAMA["hidden_size"], LLAMA["intermediate_size"]) == (d, ff)
+    kv = 2 * (d // 4)  # two of four heads for k and v
+    block = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o, k, v, MLP, two norms
+    trainable = set(s.block_names(1)) | {"model.norm.weight"}
+    params, grads, root, root_grads = parameter_units(s, trainable, adapters_per_block=10)
+    assert params == [block + 10] * layers
+    assert grads == [10, block + 10, 10, 10]
+    assert root == 2 * vocab * d + d and root_grads == d  # embedding, untied head, final norm
+    with pytest.raises(EstimateError, match="not in the model"):
+        parameter_units(s, {"nope"})
