@@ -732,7 +732,7 @@ def communication_time(work: RankWork, settings: CommSettings, topo: Topology) -
                                    host_copy_seconds(nbytes, topo), sched.now))
     if strategy in ("zero1", "zero2") and trainable:  # every rank gets the updated parameters
         elements = s.allgather_bucket_elements
-        for b, (start, size) in enumerate(_chunks(trainable, elements)):
+        for b, (_, size) in enumerate(_chunks(trainable, elements)):
             nbytes = size * s.param_bytes
             sched.wait(sched.issue("net", "all-gather", f"bucket {b}", "step", nbytes,
                                    cost("all-gather", nbytes, n), sched.now))
