@@ -18,7 +18,8 @@ T = B * S  # tokens per step
 # Matmul weights per block: q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate/up/down 3 * 64*128.
 LLAMA_BLOCK = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128  # 36864
 LLAMA_HEAD = 64 * 100
-LLAMA_ATTN = 4 * B * S * (S / 2) * 64  # QK^T and PV, causal: half the scores
+# QK^T and PV, causal: query i meets i + 1 keys, (S + 1) / 2 on average
+LLAMA_ATTN = 4 * B * S * ((S + 1) / 2) * 64
 
 
 class OneLinear(nn.Module):
@@ -89,8 +90,29 @@ def test_gradient_checkpointing_recomputes_the_forward_of_the_blocks():
     assert ckpt.recompute.flops == 2 * T * 4 * LLAMA_BLOCK + 4 * LLAMA_ATTN
     assert ckpt.backward.flops == plain.backward.flops
     assert ckpt.seconds > plain.seconds
-    frozen = step(model, FreezePlan.first(2) | FreezePlan.embeddings(), gradient_checkpointing=True)
-    assert frozen.recompute.flops == 2 * T * 2 * LLAMA_BLOCK + 2 * LLAMA_ATTN  # blocks 2, 3 only
+    frozen_plan = FreezePlan.first(2) | FreezePlan.embeddings()
+    frozen = step(model, frozen_plan, gradient_checkpointing=True)
+    # gradient_checkpointing_enable() makes the embedding output require a gradient
+    # (enable_input_require_grads): the frozen blocks 0, 1 are recomputed and give input
+    # gradients too; only blocks 2, 3 and the head have weight gradients
+    assert frozen.recompute.flops == 2 * T * 4 * LLAMA_BLOCK + 4 * LLAMA_ATTN
+    dx = 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2.5 * LLAMA_ATTN
+    assert frozen.backward.flops == dx + 2 * T * (2 * LLAMA_BLOCK + LLAMA_HEAD)
+    assert frozen.earliest_trainable_block == 2
+    # without checkpointing backward stops at block 2
+    assert step(model, frozen_plan).backward.flops == (
+        2 * 2 * T * (2 * LLAMA_BLOCK + LLAMA_HEAD) + 2 * 2.5 * LLAMA_ATTN)
+
+
+def test_checkpointing_a_plain_module_recomputes_only_where_gradients_flow():
+    from conftest import PlainNet  # no input_ids: nothing makes the embedding output need grad
+
+    model = PlainNet(width=8, vocab=10)
+    frozen = FreezePlan.first(2) | FreezePlan.embeddings()
+    t = step(model, frozen, gradient_checkpointing=True, seq_len=4)
+    # blocks: Linear(8, 8) each; only block 2 (the last) trains, so only it is recomputed
+    assert t.recompute.flops == 2 * B * 4 * 8 * 8
+    assert t.earliest_trainable_block == 2
 
 
 def test_inference_is_forward_only():
@@ -130,7 +152,7 @@ def test_moe_runs_only_top_k_experts():
     router = 32 * 4
     experts = 2 * (2 * 48 * 32 + 48 * 32)  # top-2 of gate_up (96 x 32) and down (32 x 48)
     head = 32 * 50
-    attn = 4 * B * S * (S / 2) * 32
+    attn = 4 * B * S * ((S + 1) / 2) * 32
     assert t.forward.flops == 2 * T * (2 * (attn_proj + router + experts) + head) + 2 * attn
 
 
@@ -228,8 +250,9 @@ def test_eager_attention_computes_every_score():
     model = build("llama", "meta")
     model.config._attn_implementation = "eager"  # as for models without SDPA (Gemma-2)
     t = step(model, inference=True)
-    # QK^T and PV as batched GEMMs on the full S x S scores: twice the causal kernel's FLOPs
-    assert t.forward.flops == 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2 * LLAMA_ATTN
+    # QK^T and PV as batched GEMMs over every (batch, head) on the full S x S scores
+    full = 2 * (2 * S * S * 16) * B * 4  # two GEMMs of 2 S S d FLOPs, 4 heads of 16
+    assert t.forward.flops == 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * full
     assert any("eager" in n for n in t.assumptions.notes)
 
 

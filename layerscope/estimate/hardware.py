@@ -46,6 +46,7 @@ class GPU:
         pcie_generation: PCIe generation of the host link (4, 5), or None when unknown.
         pcie_bandwidth: bytes/s of the x16 host link in one direction, or None when unknown.
         fabric: name of the default inter-node network (:func:`get_fabric`), or None.
+        compute_capability: CUDA compute capability (major, minor), e.g. (9, 0) for Hopper.
     """
 
     name: str
@@ -60,6 +61,7 @@ class GPU:
     pcie_generation: int | None = None
     pcie_bandwidth: float | None = None
     fabric: str | None = None
+    compute_capability: tuple[int, int] = (8, 0)
 
     @property
     def intra_node_bandwidth(self) -> float | None:
@@ -123,6 +125,11 @@ def check_price(price: object) -> float | None:
     return float(price)
 
 
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
+
+
 def _key(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name.lower())
 
@@ -156,6 +163,7 @@ def _catalogue() -> tuple[dict[str, GPU], dict[str, str]]:
             pcie_generation=entry.get("pcie_generation"),
             pcie_bandwidth=entry.get("pcie_bandwidth"),
             fabric=entry.get("fabric"),
+            compute_capability=_capability(entry.get("compute_capability", "8.0")),
         )
         table[name] = gpu
         for alias in (name, gpu.full_name, *gpu.aliases):

@@ -14,7 +14,9 @@ Every constant is physical, global and documented where it is defined; none is s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from layerscope.estimate.hardware import GPU
 from layerscope.setup import Precision
@@ -40,20 +42,43 @@ BANDWIDTH_EFFICIENCY = 0.75
 KERNEL_LATENCY_S = 4e-6
 """GPU time of an empty kernel: launch, ramp-up and tail (a few microseconds)."""
 
-HOST_FORWARD_S_PER_KERNEL = 32e-6
+HOST_FORWARD_S_PER_KERNEL = 40e-6
 """Host time per kernel of an eager Python forward: the module call, the aten op, its
 views/reshapes and autograd bookkeeping (HF blocks issue ~4 view ops per kernel)."""
 
-HOST_BACKWARD_S_PER_KERNEL = 17e-6
+HOST_BACKWARD_S_PER_KERNEL = 27e-6
 """Host time per backward kernel, issued by the C++ autograd engine (no Python)."""
 
 HOST_LOOP_S_PER_KERNEL = 8e-6
 """Host time per kernel of a bare Python loop of tensor ops (no module call, few views), as in
 transformers' eager MoE expert loop."""
 
+HOST_ATEN_S_PER_KERNEL = 5e-6
+"""Host time per kernel issued by a C++ loop inside one aten op (no Python, no autograd node):
+the dispatcher and the launch, e.g. the per-group ``mm_out`` calls of PyTorch's
+``_grouped_mm`` fallback (``aten/src/ATen/native/GroupedMMUtils.h``). An estimate: a CUDA
+launch costs a few microseconds of host time."""
+
+HOST_CHECKPOINT_S_PER_BLOCK = 60e-6
+"""Host time per block of non-reentrant gradient checkpointing besides its kernels: capturing
+the CPU and CUDA RNG states and the autocast state in forward, restoring them
+(``torch.random.fork_rng``) around the recomputation (``torch/utils/checkpoint.py``). An
+estimate from the code path (tens of Python calls), not a measurement."""
+
+HOST_CHECKPOINT_S_PER_SAVED = 12e-6
+"""Host time per tensor a checkpointed block saves for backward (about one per forward
+kernel): three Python saved-tensor hooks, the pack hook in forward, the recomputation's pack
+hook and the unpack hook in backward (``torch/utils/checkpoint.py``). An estimate, ~2 us each."""
+
 HOST_OPTIMIZER_S_PER_TENSOR = 10e-6
 """Python time per trainable tensor in ``optimizer.step()`` + ``zero_grad()`` (state lookup,
 grouping tensors by device and dtype)."""
+
+UNALIGNED_GEMM_SPEED = 0.5
+"""Speed of a GEMM with a dimension that is not a multiple of 16 bytes (GPT-2's vocabulary of
+50257) against an aligned one: cuBLAS falls back to kernels without vectorised/TMA loads.
+Karpathy measured a ~25% faster nanoGPT step after padding the vocabulary to 50304, the output
+head being ~30% of its FLOPs: about twice as fast GEMMs."""
 
 GEMM_TILE = 128
 """Output tile edge of the GEMM kernels (cuBLAS/CUTLASS on Hopper and Ampere: 128x128 and
@@ -92,9 +117,27 @@ OPTIMIZER_PASSES = {
 """Per optimizer: (element passes over a trainable tensor per step, foreach kernels per step).
 A pass reads or writes every element once."""
 
-FOREACH_ELEMENTS_PER_LAUNCH = 320 * 65536
-"""multi_tensor_apply processes at most 320 chunks of 65536 elements per launch
-(aten/src/ATen/native/cuda/MultiTensorApply.cuh)."""
+FOREACH_CHUNK, FOREACH_CHUNKS_PER_LAUNCH, FOREACH_TENSORS_PER_LAUNCH = 65536, 320, 48
+"""multi_tensor_apply splits tensors into chunks of 65536 elements and launches a kernel when
+it holds 320 chunks or, for three tensor lists, 48 tensors
+(aten/src/ATen/native/cuda/MultiTensorApply.cuh: depth_to_max_blocks, depth_to_max_tensors)."""
+
+FOREACH_ELEMENTS_PER_LAUNCH = FOREACH_CHUNK * FOREACH_CHUNKS_PER_LAUNCH
+
+FOREACH_BANDWIDTH_EFFICIENCY = {4: 0.81, 2: 0.74}
+"""Fraction of the peak DRAM bandwidth the optimizer's multi-tensor kernels reach, by bytes per
+element of the states: measured on the calibration rows' ``optimizer_seconds`` with the
+largest states (llama3.2-1b and mixtral-tiny, AdamW foreach: 21 passes over 1.24 B fp32
+elements in 39.7 ms, 2.7 TB/s; over bf16 elements 2.5 TB/s). Long streaming loops, so higher
+than :data:`BANDWIDTH_EFFICIENCY`; in bf16 the fp32 arithmetic per byte doubles."""
+
+
+def foreach_launches(numel: int, tensors: int) -> int:
+    """Kernel launches of one multi-tensor op over ``tensors`` tensors of ``numel`` elements
+    in all (each tensor's last chunk is partial: about half a chunk more per tensor)."""
+    chunks = numel / FOREACH_CHUNK + tensors / 2
+    return max(1, math.ceil(chunks / FOREACH_CHUNKS_PER_LAUNCH),
+               math.ceil(tensors / FOREACH_TENSORS_PER_LAUNCH))
 
 
 @dataclass(frozen=True)
@@ -102,12 +145,15 @@ class Phase:
     """One part of a step.
 
     Attributes:
-        seconds: estimated wall time.
+        seconds: wall time this phase adds to the step: how far it moves the moment the GPU
+            finishes (see :func:`run`), so the phases of a step add up to the step.
         flops: matmul and attention FLOPs.
         bytes: DRAM bytes read and written.
         kernels: GPU kernels launched.
         device_seconds: GPU busy time (FLOP-, bandwidth- and latency-bound kernels).
-        host_seconds: CPU time to issue the kernels.
+        host_seconds: CPU time to issue the kernels (and the syncs it waits in).
+        compute_seconds: the part of ``device_seconds`` spent in kernels bound by FLOP/s.
+        memory_seconds: the part of ``device_seconds`` spent in kernels bound by bandwidth.
     """
 
     seconds: float = 0.0
@@ -116,89 +162,195 @@ class Phase:
     kernels: int = 0
     device_seconds: float = 0.0
     host_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    memory_seconds: float = 0.0
 
+
+@dataclass(frozen=True)
+class Kernels:
+    """``count`` alike kernels issued one after another, as one entry of a :class:`Work`.
+
+    ``host`` is the CPU time to issue all of them, ``device`` their GPU time (launch
+    latency included), of which ``compute`` is FLOP-bound and ``memory`` bandwidth-bound.
+    ``sync``: the host first waits for the GPU to drain (``nonzero``, ``.item()``, ``.cpu()``).
+    """
+
+    label: str
+    count: int
+    host: float
+    device: float
+    flops: float = 0.0
+    bytes: float = 0.0
+    compute: float = 0.0
+    memory: float = 0.0
+    sync: bool = False
 
 
 # -- the workload: kernels with FLOPs and bytes -----------------------------------------------
 @dataclass
 class Work:
-    """Accumulates kernels of one phase on one GPU."""
+    """The kernels of a step in the order the host issues them.
+
+    ``label`` (the phase the next kernels belong to) and ``host_s_per_kernel`` (what it costs
+    the host to issue one of them) are set by the caller as it walks the step.
+    """
 
     gpu: GPU
     precision: Precision
     host_s_per_kernel: float
-    flops: float = 0.0
-    bytes: float = 0.0
-    kernels: int = 0
-    device: float = 0.0
-    serial_s: float = 0.0
-    serial_host: float = 0.0
-    serial_device: float = 0.0
-    serial_kernels: int = 0
+    label: str = "forward"
+    items: list[Kernels] = field(default_factory=list)
 
-    def gemm(self, m: float, n: int, k: int, count: float = 1.0, dtype_bytes: int = 0) -> None:
-        """``count`` GEMMs (m x k) @ (k x n): 2mnk FLOPs each (the multiply-add counted as 2)."""
+    def gemm(self, m: float, n: int, k: int, count: float = 1.0, dtype_bytes: int = 0,
+             matmul: str | None = None) -> None:
+        """``count`` GEMMs (m x k) @ (k x n): 2mnk FLOPs each (the multiply-add counted as 2).
+
+        ``dtype_bytes`` and ``matmul`` (a catalogue dtype key) override the precision's, for
+        matmuls that run in another dtype (fp32 adapters, fp32 expert weights under autocast).
+        """
         if m <= 0 or count <= 0:
             return
         a = dtype_bytes or self.precision.act_bytes
+        dtype = matmul or self.precision.matmul
         flops = 2.0 * m * n * k
         nbytes = a * (m * k + k * n + m * n)
-        peak = self.gpu.peak(self.precision.matmul) * GEMM_EFFICIENCY[self.precision.matmul]
-        t_compute = flops / (peak * busy_share(m, n, k, self.gpu.sm_count))
+        peak = self.gpu.peak(dtype) * GEMM_EFFICIENCY[dtype]
+        t_compute = gemm_seconds(flops, peak, m, n, k, self.gpu.sm_count, element_bytes=a,
+                                 tensor_cores=dtype != "fp32")
         t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
-        self._add(count, flops, nbytes, max(t_compute, t_memory))
+        self._add(count, flops * count, nbytes * count, count * t_compute, count * t_memory)
 
-    def attention(self, flops: float, nbytes: float, kernels: float = 1.0) -> None:
-        peak = self.gpu.peak(self.precision.matmul)
-        t = max(flops / (peak * ATTENTION_EFFICIENCY),
-                nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY))
-        self.flops += flops
-        self.bytes += nbytes
-        self.kernels += round(kernels)
-        self.device += t + kernels * KERNEL_LATENCY_S
+    def batched_gemm(self, m: float, n: int, k: float, batch: float, dtype_bytes: int = 0,
+                     matmul: str | None = None) -> None:
+        """One kernel running ``batch`` GEMMs (m x k) @ (k x n): ``torch.bmm`` over (batch,
+        head) pairs, or CUTLASS's grouped GEMM over experts (``torch._grouped_mm``), whose
+        output tiles all share the GPU's SMs in one launch."""
+        if m <= 0 or batch <= 0 or k <= 0:
+            return
+        a = dtype_bytes or self.precision.act_bytes
+        dtype = matmul or self.precision.matmul
+        flops = 2.0 * m * n * k * batch
+        nbytes = a * (m * k + k * n + m * n) * batch
+        peak = self.gpu.peak(dtype) * GEMM_EFFICIENCY[dtype]
+        t_compute = gemm_seconds(flops, peak, m, n, k, self.gpu.sm_count, batch, element_bytes=a,
+                                 tensor_cores=dtype != "fp32")
+        t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
+        self._add(1, flops, nbytes, t_compute, t_memory)
 
-    def stream(self, nbytes: float, kernels: float) -> None:
-        """Memory-bound kernels moving ``nbytes`` in total."""
+    def attention(self, flops: float, nbytes: float, kernels: float = 1.0,
+                  efficiency: float = ATTENTION_EFFICIENCY, matmul: str | None = None) -> None:
+        """Fused attention kernels doing ``flops`` at ``efficiency`` of the dense peak."""
+        peak = self.gpu.peak(matmul or self.precision.matmul)
+        self._add(kernels, flops, nbytes, flops / (peak * efficiency),
+                  nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY))
+
+    def stream(self, nbytes: float, kernels: float,
+               efficiency: float = BANDWIDTH_EFFICIENCY) -> None:
+        """Memory-bound kernels moving ``nbytes`` in total at ``efficiency`` of the peak."""
         if kernels <= 0:
             return
-        self.bytes += nbytes
-        self.kernels += round(kernels)
-        self.device += nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
-        self.device += kernels * KERNEL_LATENCY_S
+        self._add(kernels, 0.0, nbytes, 0.0, nbytes / (self.gpu.memory_bandwidth * efficiency))
 
-    def _add(self, count: float, flops: float, nbytes: float, t: float) -> None:
-        self.flops += count * flops
-        self.bytes += count * nbytes
-        self.kernels += round(count)
-        self.device += count * (t + KERNEL_LATENCY_S)
+    @contextmanager
+    def host_rate(self, seconds: float) -> Iterator[None]:
+        """Kernels added inside cost ``seconds`` of host time each (e.g. casts autocast issues
+        from C++ within one Python op)."""
+        old, self.host_s_per_kernel = self.host_s_per_kernel, seconds
+        try:
+            yield
+        finally:
+            self.host_s_per_kernel = old
 
-    def serial(self, syncs: int, work: Work) -> None:
-        """Add ``work`` that a host-device sync serialises: its host and GPU time add up."""
-        host = work.kernels * work.host_s_per_kernel + syncs * SYNC_S
-        self.flops += work.flops
-        self.bytes += work.bytes
-        self.kernels += work.kernels
-        self.serial_s += host + work.device
-        self.serial_host += host
-        self.serial_device += work.device
-        self.serial_kernels += work.kernels
+    def host(self, seconds: float) -> None:
+        """Host work that issues no kernel (Python bookkeeping)."""
+        if seconds > 0:
+            self.items.append(Kernels(self.label, 0, seconds, 0.0))
 
-    def phase(self, extra_host: float = 0.0, overlap: bool = True) -> Phase:
-        host = (self.kernels - self.serial_kernels) * self.host_s_per_kernel + extra_host
-        overlapped = self.device - self.serial_device
-        seconds = (max(host, overlapped) if overlap else host + overlapped) + self.serial_s
-        return Phase(seconds, self.flops, self.bytes, self.kernels, self.device,
-                     host + self.serial_host)
+    def sync(self) -> None:
+        """The host waits until the GPU has finished everything issued so far."""
+        self.items.append(Kernels(self.label, 0, SYNC_S, 0.0, sync=True))
+
+    def _add(self, count: float, flops: float, nbytes: float, t_compute: float,
+             t_memory: float) -> None:
+        n = max(1, round(count))
+        bound = max(t_compute, t_memory)
+        self.items.append(Kernels(
+            self.label, n, count * self.host_s_per_kernel, bound + count * KERNEL_LATENCY_S,
+            flops, nbytes, bound if t_compute >= t_memory and t_compute > 0 else 0.0,
+            bound if t_memory > t_compute else 0.0,
+        ))
 
 
-def busy_share(m: float, n: int, k: int, sms: int) -> float:
-    """Share of the SMs a GEMM keeps busy: output tiles of GEMM_TILE x GEMM_TILE, the
-    reduction split (split-K) while tiles are fewer than SMs, then the last wave's idle SMs."""
-    tiles = math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE)
+def run(items: list[Kernels]) -> tuple[float, dict[str, Phase]]:
+    """Play the host and the GPU against each other, in issue order.
+
+    Eager PyTorch issues kernels asynchronously: the host runs ahead of the GPU while its
+    kernels are short, and the GPU waits for the host when they are shorter than the time it
+    takes to issue them. For ``n`` alike kernels (host time ``h``, GPU time ``d``) issued from
+    host time ``H`` onto a GPU busy until ``G``, the last one ends at
+    ``max(G + d, H + h/n + d, H + h + d/n)`` (GPU-bound, first-launch-bound, host-bound).
+    So the order matters: a host-bound stretch followed by a GPU-heavy one costs their sum,
+    the reverse costs about their maximum. The CUDA launch queue's depth limit is ignored.
+
+    Returns:
+        The wall time until both the host and the GPU are done (the sync that ends a
+        measured step), and one :class:`Phase` per label, whose ``seconds`` add up to it.
+    """
+    host_t = gpu_t = 0.0
+    acc: dict[str, dict[str, float]] = {}
+    for k in items:
+        a = acc.setdefault(k.label, dict.fromkeys(
+            ("seconds", "flops", "bytes", "kernels", "device", "host", "compute", "memory"), 0.0))
+        before = max(host_t, gpu_t)
+        if k.sync:
+            host_t = max(host_t, gpu_t)
+        if k.count:
+            gpu_t = max(gpu_t + k.device, host_t + k.host / k.count + k.device,
+                        host_t + k.host + k.device / k.count)
+        host_t += k.host
+        a["seconds"] += max(host_t, gpu_t) - before
+        a["flops"] += k.flops
+        a["bytes"] += k.bytes
+        a["kernels"] += k.count
+        a["device"] += k.device
+        a["host"] += k.host
+        a["compute"] += k.compute
+        a["memory"] += k.memory
+    phases = {label: Phase(a["seconds"], a["flops"], a["bytes"], int(a["kernels"]), a["device"],
+                           a["host"], a["compute"], a["memory"]) for label, a in acc.items()}
+    return max(host_t, gpu_t), phases
+
+
+def waves(m: float, n: int, k: float, sms: int, batch: float = 1) -> tuple[int, int]:
+    """(tiles, waves) of a GEMM: output tiles of GEMM_TILE x GEMM_TILE (of every GEMM of a
+    batched launch), times the reduction split (split-K) while tiles are fewer than SMs; a wave
+    is one tile per SM."""
+    tiles = math.ceil(batch) * math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE)
     if tiles < sms:
-        tiles *= max(1, min(sms // tiles, k // SPLIT_K_MIN))
-    waves = math.ceil(tiles / sms)
-    return tiles / (waves * sms)
+        tiles *= max(1, min(sms // tiles, int(k) // SPLIT_K_MIN))
+    return tiles, math.ceil(tiles / sms)
+
+
+def busy_share(m: float, n: int, k: float, sms: int, batch: float = 1) -> float:
+    """Share of the SMs a GEMM keeps busy, the last wave's idle SMs counted."""
+    tiles, n_waves = waves(m, n, k, sms, batch)
+    return tiles / (n_waves * sms)
+
+
+def gemm_seconds(flops: float, peak: float, m: float, n: int, k: float, sms: int,
+                 batch: float = 1, element_bytes: int = 2, tensor_cores: bool = True) -> float:
+    """FLOP-bound time of a GEMM: its FLOPs over the busy SMs' share of ``peak``; on tensor
+    cores, slower by :data:`UNALIGNED_GEMM_SPEED` when a dimension breaks 16-byte alignment."""
+    tiles, n_waves = waves(m, n, k, sms, batch)
+    ok = not tensor_cores or all(aligned(d, element_bytes) for d in (m, n, k))
+    speed = 1.0 if ok else UNALIGNED_GEMM_SPEED
+    return flops / (peak * speed * tiles / (n_waves * sms))
+
+
+def aligned(dim: float, element_bytes: int) -> bool:
+    """A matrix dimension whose rows start on 16-byte boundaries (cuBLAS's fast kernels need
+    leading dimensions that are multiples of 16 bytes)."""
+    return float(dim).is_integer() and (int(dim) * element_bytes) % 16 == 0
 
 
 # -- per-kernel byte counts (documented once) -------------------------------------------------
