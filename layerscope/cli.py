@@ -102,13 +102,22 @@ def _price(text: str) -> float:
 
 def _check_names(args: argparse.Namespace) -> None:
     """Setting names checked before any model is built (a typo fails in milliseconds)."""
-    from layerscope.setup import ATTENTION_IMPLEMENTATIONS, resolve_optimizer, resolve_precision
+    from layerscope.setup import (
+        ATTENTION_IMPLEMENTATIONS,
+        EXPERTS_IMPLEMENTATIONS,
+        resolve_optimizer,
+        resolve_precision,
+    )
 
     resolve_precision(args.precision)
     resolve_optimizer(args.optimizer)
     if args.attn is not None and args.attn not in ATTENTION_IMPLEMENTATIONS:
         raise UsageError(
             f"unknown --attn {args.attn!r}; allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if args.experts is not None and args.experts not in EXPERTS_IMPLEMENTATIONS:
+        raise UsageError(
+            f"unknown --experts {args.experts!r}; allowed: {', '.join(EXPERTS_IMPLEMENTATIONS)}"
         )
 
 
@@ -136,7 +145,7 @@ def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None 
         batch_size=args.batch_size if batch_size is None else batch_size,
         seq_len=args.seq_len, precision=args.precision, optimizer=args.optimizer,
         gradient_checkpointing=args.gradient_checkpointing, lora=args.lora_rank,
-        attn_implementation=args.attn,
+        attn_implementation=args.attn, experts_implementation=args.experts,
     )
     return Context(args.model, progress), setup
 
@@ -308,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--attn", metavar="IMPL",
                        help="attention implementation: sdpa, eager, flash_attention_2 or "
                        "flex_attention (default: what transformers picks for the model)")
+        p.add_argument("--experts", metavar="IMPL",
+                       help="mixture-of-experts implementation: grouped_mm, batched_mm or eager "
+                       "(default: what transformers picks for the model, grouped_mm)")
 
     def add_gpu(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
         p.add_argument("--gpu", metavar="GPU", required=required,

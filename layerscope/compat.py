@@ -14,6 +14,7 @@ import contextvars
 import functools
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from layerscope.errors import EstimateError
+from layerscope.errors import EstimateError, LayerscopeWarning
 
 __all__ = [
     "TorchDispatchMode",
@@ -39,6 +40,7 @@ __all__ = [
     "tree_leaves",
     "unpacked_sequences",
     "use_attention",
+    "use_experts",
 ]
 
 
@@ -184,6 +186,31 @@ def use_attention(model: nn.Module, implementation: str) -> None:
                 f"attn_implementation={implementation!r} needs transformers >= 5 to estimate"
             ) from exc
     config._attn_implementation = name
+
+
+def use_experts(model: nn.Module, implementation: str | None) -> None:
+    """Make a traced *copy* run its mixture-of-experts layers with ``implementation``
+    (``config._experts_implementation``, read at every forward by transformers 5's
+    ``use_experts_implementation`` wrapper; checked on 5.17-5.24).
+
+    ``eager`` is traced as ``grouped_mm``: its Python loop asks the GPU which experts were hit
+    (``nonzero``), which fake tensors cannot answer; a
+    :class:`~layerscope.errors.LayerscopeWarning` says so.
+    """
+    config = getattr(model, "config", None)
+    if implementation is None or config is None or not hasattr(config, "_experts_implementation"):
+        return
+    if implementation == "eager":
+        warnings.warn(
+            "experts_implementation='eager': memory is traced with grouped_mm (the eager loop's "
+            "routing cannot run on fake tensors); its per-expert full-size weight gradients are "
+            "not counted", LayerscopeWarning, stacklevel=3)
+        implementation = "grouped_mm"
+    config._experts_implementation = implementation
+    for sub in model.modules():
+        sub_config = getattr(sub, "config", None)
+        if sub_config is not None and hasattr(sub_config, "_experts_implementation"):
+            sub_config._experts_implementation = implementation
 
 
 # -- hooks and logs ------------------------------------------------------------------------------

@@ -94,6 +94,15 @@ kernel on a GPU, or the math fallback), ``eager`` (scores materialised), ``flash
 (the flash-attn package), ``flex_attention`` (``torch.nn.attention.flex_attention``)."""
 
 
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+"""transformers 5's ``experts_implementation`` for mixture-of-experts layers on a CUDA GPU
+(``transformers/integrations/moe.py``): ``grouped_mm`` (tokens sorted by expert, one
+``torch._grouped_mm`` per projection; transformers' default), ``batched_mm`` (each token
+gathers its experts' weights, one ``bmm``), ``eager`` (a Python loop over the experts)."""
+
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def resolve_precision(precision: object) -> Precision:
     """A precision name or alias -> :class:`Precision`.
 
@@ -150,6 +159,33 @@ def resolve_attention(name: object, model: nn.Module) -> str:
         raise EstimateError(
             f"unknown attn_implementation {name!r}; allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
+    return name
+
+
+def default_experts(model: nn.Module) -> str | None:
+    """What transformers runs a mixture-of-experts ``model``'s experts with on a CUDA GPU when
+    none is asked for: the implementation its config records (``grouped_mm`` where the class
+    supports it); None for a model without routed experts."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    if not any(getattr(config, key, None) for key in _EXPERT_COUNTS):
+        return None
+    chosen = getattr(config, "_experts_implementation", None)
+    return chosen if chosen in EXPERTS_IMPLEMENTATIONS else "grouped_mm"
+
+
+def resolve_experts(name: object, model: nn.Module) -> str | None:
+    """``None`` -> :func:`default_experts`; else one of :data:`EXPERTS_IMPLEMENTATIONS`
+    (accepted for any model: a dense model has no experts to run with it).
+
+    Raises:
+        EstimateError: an unknown name.
+    """
+    if name is None:
+        return default_experts(model)
+    if not isinstance(name, str) or name not in EXPERTS_IMPLEMENTATIONS:
+        raise EstimateError(f"unknown experts_implementation {name!r}; allowed: "
+                            f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
     return name
 
 
@@ -289,6 +325,7 @@ class StepSettings(TypedDict, total=False):
     gradient_checkpointing: bool | None
     lora: Any
     attn_implementation: str | None
+    experts_implementation: str | None
     inference: bool | None
 
 
@@ -339,6 +376,8 @@ class TrainingSetup:
             leaves trainable train too.
         attn_implementation: one of :data:`ATTENTION_IMPLEMENTATIONS`; None is what
             transformers picks for this model (:func:`default_attention`).
+        experts_implementation: one of :data:`EXPERTS_IMPLEMENTATIONS` for a mixture-of-
+            experts model; None is what transformers picks (:func:`default_experts`).
         inference: a forward only, under ``no_grad`` in eval mode (no loss, no optimizer).
 
     Attributes:
@@ -355,6 +394,7 @@ class TrainingSetup:
     lora: Lora | None = None
     attn_implementation: str | None = None
     inference: bool = False
+    experts_implementation: str | None = None
     trainable: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -372,6 +412,7 @@ class TrainingSetup:
             "precision": resolve_precision(self.precision).name,
             "optimizer": resolve_optimizer(self.optimizer),
             "attn_implementation": resolve_attention(self.attn_implementation, model),
+            "experts_implementation": resolve_experts(self.experts_implementation, model),
             "lora": Lora.of(self.lora, model),
         }
         for key, value in values.items():
@@ -411,6 +452,11 @@ class TrainingSetup:
         return self.attn_implementation or default_attention(self.model)
 
     @property
+    def experts(self) -> str | None:
+        """The experts implementation (resolved on construction; None without experts)."""
+        return self.experts_implementation
+
+    @property
     def precision_info(self) -> Precision:
         return PRECISIONS[self.precision]
 
@@ -433,7 +479,7 @@ class TrainingSetup:
             "batch_size": self.batch_size, "seq_len": self.seq_len, "precision": self.precision,
             "optimizer": self.optimizer, "gradient_checkpointing": self.gradient_checkpointing,
             "lora_rank": self.lora_rank, "attn_implementation": self.attn_implementation,
-            "inference": self.inference,
+            "experts_implementation": self.experts_implementation, "inference": self.inference,
         }
 
     def describe(self) -> str:

@@ -143,7 +143,8 @@ def test_setup_is_validated_immutable_and_hashable():
     assert len(a.trainable) == len([n for n, _ in model.named_parameters()]) - 2 * 9
     assert a.to_dict() == {"batch_size": 2, "seq_len": 32, "precision": "bf16-true",
                            "optimizer": "adamw", "gradient_checkpointing": False,
-                           "lora_rank": None, "attn_implementation": "sdpa", "inference": False}
+                           "lora_rank": None, "attn_implementation": "sdpa",
+                           "experts_implementation": None, "inference": False}
 
 
 def test_make_setup_takes_a_setup_and_replaces_what_is_given():
@@ -178,7 +179,8 @@ def test_every_command_takes_the_same_settings():
     parser = build_parser()
     flags = {"batch_size": "--batch-size", "seq_len": "--seq-len", "precision": "--precision",
              "optimizer": "--optimizer", "gradient_checkpointing": "--gradient-checkpointing",
-             "lora": "--lora-rank", "attn_implementation": "--attn"}
+             "lora": "--lora-rank", "attn_implementation": "--attn",
+             "experts_implementation": "--experts"}
     sub = next(a for a in parser._actions if a.dest == "command")
     for command in ("estimate", "time", "fit", "report"):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from layerscope.compat import use_attention
+from layerscope.compat import use_attention, use_experts
 from layerscope.errors import EstimateError
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU
@@ -248,7 +248,7 @@ def _step_of(setup: TrainingSetup) -> _Step:
     """Trace ``setup``'s step (cached: every optimizer shares it)."""
     key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
            setup.precision, setup.gradient_checkpointing, setup.attn_implementation,
-           setup.inference)
+           setup.experts, setup.inference)
     cache = model_cache(setup.model, "step")
     if key not in cache:
         cache[key] = _trace_step(setup)
@@ -286,6 +286,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
             warnings.simplefilter("ignore", FutureWarning)
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_attention(reduced, setup.attention)
+    use_experts(reduced, setup.experts)
     reduced.train(not setup.inference)
 
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -3,7 +3,7 @@
 activations, dropout, attention shape, embeddings and output head.
 
 Read from the scan and, when the model has one, its ``config`` (attention heads, MoE top-k,
-rotary, sliding windows, soft-capping). Nothing here runs the model.
+rotary, sliding windows, soft-capping, attention implementation). Nothing here runs the model.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Gemm:
     count: int
     share: float
     bias: str | None
+    attention: bool = False  # inside the attention module (its projections)
 
 
 @dataclass
@@ -40,25 +41,53 @@ class Part:
 
     gemms: list[Gemm] = field(default_factory=list)
     norms: list[tuple[int, bool]] = field(default_factory=list)  # (width, one fused kernel)
-    act_kernels: list[int] = field(default_factory=list)
-    dropouts: int = 0
-    experts: int = 0  # experts run one after another in a Python loop (eager MoE)
+    act_kernels: list[int] = field(default_factory=list)  # dense MLP activations
+    routed_act_kernels: list[int] = field(default_factory=list)  # inside the routed experts
+    dropouts: int = 0  # dropout modules run on the hidden states (not attention's)
+    attn_dropout: float = 0.0  # p of a dropout module inside attention (on the scores)
+    experts: int = 0  # routed experts (E), 0 without
 
     @property
     def mlp_width(self) -> int:
-        """Width the activation runs on: the widest GEMM input (down projection)."""
-        return max((g.n_in for g in self.gemms), default=0)
+        """Width the dense MLP's activation runs on: the widest input of a dense GEMM (the
+        down projection); 0 without a dense activation."""
+        if not self.act_kernels:
+            return 0
+        return max((g.n_in for g in self.gemms if g.share == 1), default=0)
 
     @property
     def gated(self) -> bool:
         """A GLU MLP (gate * up): two GEMMs produce the MLP width, or one fused one twice it."""
-        w = self.mlp_width
-        outs = [g.n_out for g in self.gemms]
-        return bool(w) and (outs.count(w) >= 2 or 2 * w in outs)
+        return _gated(self.mlp_width, [g for g in self.gemms if g.share == 1])
 
     @property
     def mlp_share(self) -> float:
-        return min((g.share for g in self.gemms if g.n_in == self.mlp_width), default=1.0)
+        return 1.0
+
+    @property
+    def routed_width(self) -> int:
+        """Width the routed experts' activation runs on (their down projection's input)."""
+        return max((g.n_in for g in self.gemms if g.share < 1), default=0)
+
+    @property
+    def routed_gated(self) -> bool:
+        return _gated(self.routed_width, [g for g in self.gemms if g.share < 1])
+
+
+def reads_stream(part: Part, hidden: int) -> list[bool]:
+    """Per GEMM of ``part``: does it read the residual stream (a norm's output, fp32 under
+    autocast, so cast to bf16 before the matmul)? The projections into attention and into the
+    MLP (and a router) do; attention's output projection reads attention's output and the
+    down projection the activation's, both already bf16. Routed experts are not autocast."""
+    attention = [i for i, g in enumerate(part.gemms) if g.attention]
+    last_attention = attention[-1] if len(attention) > 1 else None
+    return [g.share == 1 and g.n_in == hidden and i != last_attention
+            for i, g in enumerate(part.gemms)]
+
+
+def _gated(width: int, gemms: list[Gemm]) -> bool:
+    outs = [g.n_out for g in gemms]
+    return bool(width) and (outs.count(width) >= 2 or 2 * width in outs)
 
 
 def _leaf_kind(type_name: str) -> str:
@@ -87,9 +116,14 @@ def describe(model: nn.Module, s: ModelScan, infos: Iterable[Any], cut: int,
         routed = bool(EXPERT_PATH.search(rel)) and num_experts > 0
         if not params:
             if info.is_leaf and kind == "act":
-                part.act_kernels.append(_ACTIVATION_KERNELS.get(info.type_name.lower(), 1))
+                kernels = _ACTIVATION_KERNELS.get(info.type_name.lower(), 1)
+                (part.routed_act_kernels if routed else part.act_kernels).append(kernels)
             elif info.is_leaf and kind == "dropout" and training:
-                part.dropouts += getattr(model.get_submodule(info.name), "p", 0.0) > 0
+                p = float(getattr(model.get_submodule(info.name), "p", 0.0))
+                if ATTENTION_NAMES.search(rel) and re.search(r"attn_drop|attention_drop", rel):
+                    part.attn_dropout = max(part.attn_dropout, p)  # on the scores, not hidden
+                else:
+                    part.dropouts += p > 0
             continue
         if kind == "norm":
             fused = info.type_name == "LayerNorm" or any(p.name.endswith("bias") for p in params)
@@ -105,7 +139,8 @@ def describe(model: nn.Module, s: ModelScan, infos: Iterable[Any], cut: int,
                 if info.type_name == "Conv1D":  # GPT-2 stores its linears transposed
                     n_in, n_out = p.shape
                 share = top_k / num_experts if routed else 1.0
-                part.gemms.append(Gemm(p.name[cut:], n_in, n_out, 1, share, bias))
+                part.gemms.append(Gemm(p.name[cut:], n_in, n_out, 1, share, bias,
+                                       bool(ATTENTION_NAMES.search(rel))))
                 if routed:
                     part.experts = num_experts
             elif len(p.shape) == 3:  # experts stacked in one tensor: (E, out, in)
@@ -121,7 +156,7 @@ class ModelShape:
     """What the estimate needs to know about a model, found once per block type."""
 
     scan: ModelScan
-    block: Part
+    blocks: tuple[Part, ...]  # one per block of the stack (alike blocks share one Part)
     outside: Part
     prefixes: tuple[str, ...]
     heads: int
@@ -130,10 +165,30 @@ class ModelShape:
     rotary: bool
     sliding: tuple[int | None, ...]
     logit_softcap: bool
+    attn_implementation: str  # "sdpa", "eager", "flash_attention_2", "flex_attention"
     attn_softcap: bool
     vocab: int
     has_loss: bool
     embeddings: tuple[tuple[str, int, int], ...]  # (name, rows, width)
+    experts_implementation: str | None = None  # None: no routed experts
+    attn_dropout: float = 0.0  # dropout on the attention probabilities, in training
+    input_grads: bool = False  # gradient checkpointing makes the embedding output need grad
+    causal: bool = True  # decoder self-attention (False: an encoder attends to every key)
+
+    @property
+    def block(self) -> Part:
+        """The first block's kinds of kernels (every block's, in a uniform stack)."""
+        return self.blocks[0] if self.blocks else Part()
+
+    @property
+    def experts(self) -> bool:
+        """Some block routes tokens to experts."""
+        return any(b.experts for b in self.blocks)
+
+    @property
+    def eager_attention(self) -> bool:
+        """Scores materialised as a tensor (``attn_implementation="eager"``)."""
+        return self.attn_implementation == "eager"
 
 
 def _config_int(config: Any, *names: str) -> int:
@@ -144,7 +199,14 @@ def _config_int(config: Any, *names: str) -> int:
     return 0
 
 
-def analyse(model: nn.Module, training: bool) -> ModelShape:
+def analyse(model: nn.Module, training: bool, attn_implementation: str | None = None,
+            experts_implementation: str | None = None) -> ModelShape:
+    """The model's shape for the time estimate.
+
+    ``attn_implementation`` / ``experts_implementation``: what the step runs; None reads the
+    model's config (``_attn_implementation``, ``_experts_implementation``), as transformers
+    does. Experts held as separate ``nn.Linear`` modules always run as a Python loop.
+    """
     s = scan(model)
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
@@ -156,8 +218,7 @@ def analyse(model: nn.Module, training: bool) -> ModelShape:
     primary = s.layers.path + "." if prefixes else None
     outside = [m for m in s.modules
                if (m.name or m.own_params) and not (primary and m.name.startswith(primary))]
-    block = describe(model, s, in_block, len(first) if first else 0, num_experts, top_k,
-                      training)
+    blocks = _blocks(model, s, prefixes, num_experts, top_k, training)
     rest = describe(model, s, outside, 0, num_experts, top_k, training)
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
     heads = _config_int(config, "num_attention_heads", "n_head")
@@ -168,10 +229,15 @@ def analyse(model: nn.Module, training: bool) -> ModelShape:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
     layer_types = getattr(config, "layer_types", None) or ()
     window = _config_int(config, "sliding_window")
+    # with layer_types, the layers marked sliding; without, every layer when a window is set
+    # (Mistral v0.1, Phi-3 build create_sliding_window_causal_mask for the whole stack)
     sliding = tuple(
-        window if window and i < len(layer_types) and "sliding" in str(layer_types[i]) else None
+        window if window and (not layer_types or (i < len(layer_types)
+                                                  and "sliding" in str(layer_types[i]))) else None
         for i in range(len(prefixes))
     )
+    if getattr(config, "use_sliding_window", True) is False:
+        sliding = tuple(None for _ in prefixes)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     vocab = head.weight.shape[0] if isinstance(head, nn.Linear) else 0
@@ -180,11 +246,67 @@ def analyse(model: nn.Module, training: bool) -> ModelShape:
         if m.own_params and m.type_name == "Embedding" and set(m.own_params) <= s.embedding_names:
             rows, width = s.by_name[m.own_params[0]].shape
             embeddings.append((m.own_params[0], rows, width))
+    block = blocks[0] if blocks else Part()
     return ModelShape(
-        scan=s, block=block, outside=rest, prefixes=prefixes,
+        scan=s, blocks=blocks, outside=rest, prefixes=prefixes,
         heads=heads if has_attention else 0, kv_heads=kv_heads, head_dim=head_dim,
         rotary=bool(rope) and has_attention, sliding=sliding,
         logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
+        attn_implementation=(attn_implementation
+                             or getattr(config, "_attn_implementation", None) or "sdpa"),
         attn_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
         vocab=vocab, has_loss=vocab > 0, embeddings=tuple(embeddings),
+        experts_implementation=_experts(
+            next((b for b in blocks if b.experts), block), config, experts_implementation),
+        input_grads=getattr(model, "main_input_name", None) == "input_ids",
+        attn_dropout=max(block.attn_dropout, _config_float(config, "attention_dropout")),
+        causal=_causal(model, first),
     )
+
+
+def _causal(model: nn.Module, first: str) -> bool:
+    """transformers' attention modules say whether they are causal (``is_causal``)."""
+    for name, module in model.named_modules():
+        if name.startswith(first) and hasattr(module, "is_causal"):
+            return bool(module.is_causal)
+    return True
+
+
+def _config_float(config: Any, name: str) -> float:
+    value = getattr(config, name, None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _blocks(model: nn.Module, s: ModelScan, prefixes: tuple[str, ...], num_experts: int,
+            top_k: int, training: bool) -> tuple[Part, ...]:
+    """Each block's kernels; blocks alike (same modules, types and parameter shapes: a dense
+    first layer before MoE layers is not alike) share one description."""
+    by_prefix: dict[str, list[Any]] = {p: [] for p in prefixes}
+    for m in s.modules:
+        parts = m.name.split(".")
+        for i in range(1, len(parts)):
+            owner = ".".join(parts[:i])
+            if owner in by_prefix:
+                by_prefix[owner].append(m)
+                break
+    described: dict[tuple[Any, ...], Part] = {}
+    out = []
+    for p in prefixes:
+        infos = by_prefix[p]
+        cut = len(p) + 1
+        key = tuple((m.name[cut:], m.type_name, tuple(tuple(s.by_name[n].shape)
+                                                      for n in m.own_params)) for m in infos)
+        if key not in described:
+            described[key] = describe(model, s, infos, cut, num_experts, top_k, training)
+        out.append(described[key])
+    return tuple(out)
+
+
+def _experts(block: Part, config: Any, requested: str | None) -> str | None:
+    """The experts implementation the blocks run, None without routed experts."""
+    routed = [g for g in block.gemms if g.share < 1]
+    if not routed:
+        return None
+    if any(g.count == 1 for g in routed):
+        return "eager"  # one nn.Linear per expert: transformers' Python loop
+    return requested or getattr(config, "_experts_implementation", None) or "grouped_mm"

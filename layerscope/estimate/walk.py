@@ -1,0 +1,331 @@
+"""The kernels of one forward and backward, in the order the host issues them.
+
+:class:`Walk` goes through a step as eager PyTorch runs it (embeddings, blocks, final norm,
+head, loss; then the loss, head and blocks in reverse, each checkpointed block first running
+its forward again) and adds each kernel's FLOPs and bytes to a :class:`~layerscope.estimate.
+roofline.Work`, labelled with its phase and with what it costs the host to issue it.
+
+Backward reaches down to the earliest block a gradient must flow through: the earliest
+trainable parameter, or the embedding output when gradient checkpointing makes it require a
+gradient (transformers' ``gradient_checkpointing_enable()`` calls
+``enable_input_require_grads()`` for models fed ``input_ids``, so a frozen prefix is still
+walked: input gradients and recomputation, no weight gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from layerscope.estimate import attention as attn
+from layerscope.estimate import experts
+from layerscope.estimate.roofline import (
+    BACKWARD_ELEMENTWISE_RATIO,
+    HOST_ATEN_S_PER_KERNEL,
+    HOST_BACKWARD_S_PER_KERNEL,
+    HOST_CHECKPOINT_S_PER_BLOCK,
+    HOST_CHECKPOINT_S_PER_SAVED,
+    HOST_FORWARD_S_PER_KERNEL,
+    LOSS_BACKWARD_KERNELS,
+    LOSS_FORWARD_KERNELS,
+    RMSNORM_KERNELS,
+    ROTARY_KERNELS,
+    ROTARY_PASSES,
+    Work,
+)
+from layerscope.setup import Precision
+from layerscope.estimate.structure import Gemm, ModelShape, Part, reads_stream
+from layerscope.setup import Lora
+
+
+@dataclass
+class Walk:
+    """One step's kernels, added to ``w`` in issue order.
+
+    Attributes:
+        m: the model's shape.
+        prec: the precision.
+        batch, seq: sequences per step and tokens per sequence.
+        trainable: names of the trainable base parameters (absolute).
+        adapters: the LoRA adapters (on the modules they target), or None.
+        ckpt: gradient checkpointing of every block.
+        training: a training step (dropout on, loss computed).
+        padded: the batch carries padding (an attention mask).
+    """
+
+    w: Work
+    m: ModelShape
+    prec: Precision
+    batch: int
+    seq: int
+    trainable: set[str]
+    adapters: Lora | None = None
+    ckpt: bool = False
+    training: bool = True
+    padded: bool = False
+    heads: attn.Heads = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.m
+        self.heads = attn.Heads(m.heads, m.kv_heads, m.head_dim, m.attn_softcap,
+                                m.attn_dropout if self.training else 0.0, m.causal)
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def hidden(self) -> int:
+        block = self.m.block
+        return max((w for w, _ in block.norms), default=0) or max(
+            (g.n_in for g in block.gemms), default=0)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """PEFT upcasts bf16/fp16 adapters to fp32 (``autocast_adapter_dtype=True``); under
+        autocast their matmuls still run in bf16."""
+        return self.prec.act_bytes if self.prec.autocast else 4
+
+    def block_trainable(self, b: int, g: Gemm) -> bool:
+        return f"{self.m.prefixes[b]}.{g.param}" in self.trainable
+
+    def adapted(self, b: int, g: Gemm) -> bool:
+        """Block ``b``'s weight ``g`` carries a LoRA adapter (an expert stack never does)."""
+        module = g.param.rpartition(".")[0]
+        return (self.adapters is not None and g.count == 1
+                and f"{self.m.prefixes[b]}.{module}" in self.adapters.targets)
+
+    @property
+    def rank(self) -> int:
+        return self.adapters.rank if self.adapters is not None else 0
+
+    def _phase(self, label: str) -> None:
+        self.w.label = label
+        self.w.host_s_per_kernel = (HOST_BACKWARD_S_PER_KERNEL if label == "backward"
+                                    else HOST_FORWARD_S_PER_KERNEL)
+
+    # -- which blocks backward walks ----------------------------------------------------------
+    def earliest(self) -> int | None:
+        """The earliest block whose weights train (0 if an embedding trains), or None."""
+        s, m = self.m.scan, self.m
+        if any(name in self.trainable for name, _, _ in m.embeddings) or any(
+                n in self.trainable for n in s.embedding_names):
+            return 0
+        blocks = {sb[1] for sb in map(s.block_of, self.trainable)
+                  if sb is not None and sb[0] == s.primary}
+        if self.adapters is not None:
+            blocks |= {b for b, part in enumerate(m.blocks)
+                       if any(self.adapted(b, g) for g in part.gemms)}
+        return min(blocks, default=None)
+
+    def gradient_floor(self) -> int | None:
+        """The earliest block gradients flow through (``earliest``, or 0 when checkpointing
+        makes the embedding output require a gradient); None: no block."""
+        first = self.earliest()
+        if self.ckpt and self.m.input_grads and self.m.prefixes:
+            return 0
+        return first
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self) -> None:
+        """The whole forward (and the loss, in training)."""
+        self._phase("forward")
+        self.embeddings_forward()
+        windows = set(self.m.sliding) or {None}
+        if self.m.heads:
+            attn.mask_creation(self.w, self.m.attn_implementation, self.batch, self.seq,
+                               windows, self.padded)
+        for b in range(len(self.m.prefixes)):
+            if self.ckpt and self.training:
+                self.w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
+            before = len(self.w.items)
+            self.block_forward(b)
+            if self.ckpt and self.training:  # the saved-tensor pack hooks, in Python
+                kernels = sum(k.count for k in self.w.items[before:])
+                self.w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED / 3)
+        self.outside_forward()
+        if self.training and self.m.has_loss:
+            self.w.stream(self.tokens * self.m.vocab * (self.prec.act_bytes + 12),
+                          LOSS_FORWARD_KERNELS)
+
+    def embeddings_forward(self) -> None:
+        sb, wb = self.prec.stream_bytes, self.prec.weight_bytes
+        for _, _, width in self.m.embeddings:
+            self.w.stream(self.tokens * width * (wb + sb), 1)
+        self.w.stream(self.tokens * self.hidden * 3 * sb, max(len(self.m.embeddings) - 1, 0))
+
+    def autocast_casts(self, part: Part, backward: bool, trainable: Callable[[Gemm], bool]) -> None:
+        """CUDA autocast's casts around the dense matmuls of ``part``: the fp32 weight (and
+        bias) to bf16 every forward (cached for the forward, recomputed by checkpointing), the
+        fp32 residual-stream input of the projections reading it (not cached: q, k and v
+        each cast it); backward casts those inputs' gradients and the trainable weights'
+        gradients back to fp32. Issued from C++ inside the matmul's op (forward) or as
+        autograd nodes (backward)."""
+        w, prec, tokens = self.w, self.prec, self.tokens
+        if not prec.autocast:
+            return
+        ab, wb, sb = prec.act_bytes, prec.weight_bytes, prec.stream_bytes
+        stream = reads_stream(part, self.hidden)
+        rate = w.host_s_per_kernel if backward else HOST_ATEN_S_PER_KERNEL
+        with w.host_rate(rate):
+            for g, from_stream in zip(part.gemms, stream):
+                if g.share < 1:
+                    continue  # grouped_mm / batched_mm are not autocast ops
+                if from_stream:
+                    w.stream(tokens * g.n_in * (sb + ab), 1)
+                if not backward or trainable(g):
+                    w.stream(g.count * g.n_in * g.n_out * (wb + ab), g.count + bool(g.bias))
+
+    def block_forward(self, b: int) -> None:
+        m, w, prec, block = self.m, self.w, self.prec, self.m.blocks[b]
+        tokens = self.tokens
+        self.autocast_casts(block, False, lambda g: self.block_trainable(b, g))
+        for g in block.gemms:
+            if g.share < 1:
+                continue
+            w.gemm(tokens, g.n_out, g.n_in, g.count)
+            if self.adapted(b, g):
+                self.lora_forward(g)
+        _elementwise(w, block, tokens, self.hidden, prec)
+        if block.experts:
+            experts.forward(w, block, tokens, self.hidden, prec, w.gpu,
+                            m.experts_implementation or "eager",
+                            lambda g: self.block_trainable(b, g))
+        if m.heads:
+            window = m.sliding[b] if m.sliding else None
+            attn.attention(w, m.attn_implementation, prec, self.heads, self.batch, self.seq,
+                           window, backward=False, training=self.training, padded=self.padded)
+            if m.rotary:
+                w.stream(tokens * (self.heads.q + self.heads.kv) * ROTARY_PASSES
+                         * prec.act_bytes, ROTARY_KERNELS)
+
+    def lora_forward(self, g: Gemm) -> None:
+        """x.to(adapter dtype), A, B, * scaling, + base output, .to(output dtype)."""
+        w, ab, lb, r = self.w, self.prec.act_bytes, self.adapter_bytes, self.rank
+        t = self.tokens * g.share
+        w.gemm(t, r, g.n_in, dtype_bytes=lb)
+        w.gemm(t, g.n_out, r, dtype_bytes=lb)
+        cast = lb != ab
+        w.stream(t * g.n_in * (ab + lb) * cast + t * g.n_out * (2 * lb + ab + 2 * lb)
+                 + t * g.n_out * (lb + ab) * cast, 2 + 2 * cast)
+
+    def outside_forward(self) -> None:
+        m, w, prec = self.m, self.w, self.prec
+        self.autocast_casts(m.outside, False, lambda g: g.param in self.trainable)
+        for g in m.outside.gemms:
+            w.gemm(self.tokens, g.n_out, g.n_in)
+        _elementwise(w, m.outside, self.tokens, self.hidden, prec, residual=False)
+        if m.logit_softcap:
+            w.stream(self.tokens * m.vocab * 3 * 2 * prec.act_bytes, 3)
+
+    # -- backward -----------------------------------------------------------------------------
+    def backward(self) -> int | None:
+        """Loss, head, blocks (recomputed first under checkpointing) and embeddings.
+
+        Returns:
+            The earliest block whose weights train (None: only parameters outside them).
+        """
+        m, w, prec = self.m, self.w, self.prec
+        tokens, ab, wb = self.tokens, prec.act_bytes, prec.weight_bytes
+        floor = self.gradient_floor()
+        upstream = floor is not None  # gradients flow below the head
+        self._phase("backward")
+        if m.has_loss:
+            w.stream(tokens * m.vocab * (20 + ab), LOSS_BACKWARD_KERNELS)
+            if m.logit_softcap:
+                w.stream(tokens * m.vocab * 3 * 2 * ab * BACKWARD_ELEMENTWISE_RATIO,
+                         3 * BACKWARD_ELEMENTWISE_RATIO)
+        for g in m.outside.gemms:
+            if upstream:
+                w.gemm(tokens, g.n_in, g.n_out)
+            if g.param in self.trainable:
+                w.gemm(g.n_out, g.n_in, tokens)
+        self.autocast_casts(m.outside, True, lambda g: g.param in self.trainable)
+        if upstream:
+            _elementwise(w, m.outside, tokens, self.hidden, prec, residual=False,
+                         factor=BACKWARD_ELEMENTWISE_RATIO)
+        for b in reversed(range(len(m.prefixes))):
+            if floor is None or b < floor:
+                continue
+            if self.ckpt:
+                self._phase("recompute")
+                w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
+                before = len(w.items)
+                self.block_forward(b)
+                kernels = sum(k.count for k in w.items[before:])
+                self._phase("backward")
+                w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED * 2 / 3)  # recompute pack, unpack
+            self.block_backward(b)
+        for name, rows, width in m.embeddings:
+            if name in self.trainable:  # embedding_dense_backward: zero-fill, sort, scatter-add
+                w.stream(rows * width * wb + tokens * width * (prec.stream_bytes + 8), 5)
+        return self.earliest()
+
+    def block_backward(self, b: int) -> None:
+        m, w, prec, block = self.m, self.w, self.prec, self.m.blocks[b]
+        tokens, ab = self.tokens, prec.act_bytes
+        for g in block.gemms:
+            if g.share < 1:
+                continue
+            w.gemm(tokens, g.n_in, g.n_out, g.count)  # input gradient
+            if self.block_trainable(b, g):
+                w.gemm(g.n_out, g.n_in, tokens, g.count)  # weight gradient
+            if g.bias and f"{m.prefixes[b]}.{g.bias}" in self.trainable:
+                w.stream(tokens * g.n_out * ab, 1)
+            if self.adapted(b, g):
+                self.lora_backward(g)
+        self.autocast_casts(block, True, lambda g: self.block_trainable(b, g))
+        _elementwise(w, block, tokens, self.hidden, prec, factor=BACKWARD_ELEMENTWISE_RATIO)
+        if block.experts:
+            experts.backward(w, block, tokens, self.hidden, prec, w.gpu,
+                             m.experts_implementation or "eager",
+                             lambda g: self.block_trainable(b, g))
+        if m.heads:
+            window = m.sliding[b] if m.sliding else None
+            attn.attention(w, m.attn_implementation, prec, self.heads, self.batch, self.seq,
+                           window, backward=True, training=self.training, padded=self.padded)
+            if m.rotary:
+                w.stream(tokens * (self.heads.q + self.heads.kv) * ROTARY_PASSES * ab,
+                         ROTARY_KERNELS)
+
+    def lora_backward(self, g: Gemm) -> None:
+        w, r, ab, lb = self.w, self.rank, self.prec.act_bytes, self.adapter_bytes
+        t = self.tokens * g.share
+        w.gemm(t, r, g.n_out, dtype_bytes=lb)  # dX through B
+        w.gemm(t, g.n_in, r, dtype_bytes=lb)  # dX through A
+        w.gemm(r, g.n_out, int(t), dtype_bytes=lb)  # dB
+        w.gemm(g.n_in, r, int(t), dtype_bytes=lb)  # dA
+        cast = lb != ab
+        nbytes = t * g.n_out * (4 * lb + ab) + t * (g.n_in + g.n_out) * (lb + ab) * cast
+        w.stream(nbytes * BACKWARD_ELEMENTWISE_RATIO, 3 + 2 * cast)
+
+
+def _elementwise(w: Work, part: Part, tokens: int, hidden: int, prec: Precision,
+                 residual: bool = True, factor: float = 1.0) -> None:
+    """Norms, activations, GLU multiply, dropout and (in blocks) the two residual adds.
+
+    The routed experts' activations are :mod:`layerscope.estimate.experts`'s."""
+    ab, sb = prec.act_bytes, prec.stream_bytes
+    nbytes, kernels = 0.0, 0.0
+    for width, fused in part.norms:
+        if fused:
+            nbytes += tokens * width * 2 * sb
+            kernels += 1
+        else:
+            nbytes += tokens * width * (28 + sb + 3 * ab)
+            kernels += RMSNORM_KERNELS
+    if not part.experts:
+        mlp = tokens * part.mlp_share * part.mlp_width
+        for k in part.act_kernels:
+            nbytes += mlp * 2 * ab * k
+            kernels += k
+        if part.gated:
+            nbytes += mlp * 3 * ab
+            kernels += 1
+    nbytes += part.dropouts * tokens * hidden * (2 * ab + 1)
+    kernels += part.dropouts
+    if residual:
+        nbytes += 2 * tokens * hidden * 3 * sb
+        kernels += 2
+    w.stream(nbytes * factor, kernels * factor)
