@@ -221,6 +221,7 @@ def estimate_training_time(
     plan: FreezePlan | None = None,
     num_gpus: int = 1,
     price_per_hour: float | None = None,
+    seq_lens: Sequence[int] | None = None,
     **settings: Unpack[StepSettings],
 ) -> dict[str, Any]:
     """Steps, wall time, GPU-hours and cost of a run.
@@ -234,11 +235,22 @@ def estimate_training_time(
     ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the catalogue's (None
     when neither is known).
 
+    ``seq_lens`` (one token count per example; needs ``gpu``; ``num_samples`` must be its
+    length): examples of different lengths, ``seq_len`` being the truncation (and packing)
+    length. ``"lengths"`` then holds, per batching strategy (``"padded"``: random batches
+    padded to their longest; ``"grouped"``: batches of similar length; ``"packed"``: rows of
+    ``seq_len`` tokens), a :class:`~layerscope.estimate.lengths.StrategyTime` (steps, padding
+    and truncated tokens, wall time with its band, memory of the longest batch), and the run's
+    totals are the padded strategy's (transformers' default collator).
+
     Raises:
         EstimateError (a ValueError): a count or time out of range, or settings given without a
             ``gpu`` (they describe a step that is only estimated on a GPU).
     """
     check_module(model, "estimate_training_time")
+    if seq_lens is not None:
+        return _training_time_with_lengths(model, num_samples, batch_size, num_epochs, gpu,
+                                           plan, num_gpus, price_per_hour, seq_lens, settings)
     step = None
     price = price_per_hour
     if gpu is not None:
@@ -276,6 +288,59 @@ def estimate_training_time(
         "price_per_hour": run.price_per_hour,
         "cost": run.cost,
         "step_time": step,
+    }
+
+
+def _training_time_with_lengths(model: nn.Module, num_samples: int, batch_size: int,
+                                num_epochs: int, gpu: str | GPU | None,
+                                plan: FreezePlan | None, num_gpus: int,
+                                price_per_hour: float | None, seq_lens: Sequence[int],
+                                settings: StepSettings) -> dict[str, Any]:
+    """``estimate_training_time`` over real data lengths (see its docstring)."""
+    from layerscope.estimate.lengths import check_lengths, run_times
+    from layerscope.estimate.memory import estimate_memory
+    from layerscope.estimate.time import step_timer
+
+    lengths = check_lengths(seq_lens)
+    if gpu is None:
+        raise EstimateError("estimate_training_time: seq_lens needs gpu (the step time at each "
+                            "length is estimated)")
+    if num_samples != len(lengths):
+        raise EstimateError(f"estimate_training_time: num_samples={num_samples} but seq_lens "
+                            f"has {len(lengths)} lengths (one per example)")
+    device = get_gpu(gpu)
+    setup = make_setup(model, plan, batch_size=batch_size, **settings)
+    timer = step_timer(setup, device)
+
+    def times(length: int, masked: bool) -> tuple[float, float, float]:
+        t = timer.at(batch_size, length, padded=masked)
+        return t.seconds, t.low_seconds, t.high_seconds
+
+    def memory(length: int) -> tuple[int, int]:
+        e = estimate_memory(setup.replace(seq_len=length))
+        return e.peak_bytes, e.required_bytes()
+
+    strategies = run_times(lengths, batch_size, setup.seq_len, num_epochs, times, num_gpus,
+                           memory)
+    padded = strategies["padded"]
+    price = device.price_per_hour if price_per_hour is None else price_per_hour
+    per_step = padded.seconds / (padded.batching.steps * num_epochs) if num_epochs else 0.0
+    run = run_cost(per_step, num_samples, batch_size, num_epochs, num_gpus=num_gpus,
+                   price_per_hour=price)
+    return {
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.total_steps,
+        "ms_per_step": per_step * 1000.0,
+        "total_seconds": run.total_seconds,
+        "total_hours": run.total_seconds / 3600.0,
+        "formatted": format_duration(run.total_seconds),
+        "num_gpus": num_gpus,
+        "gpu": device.name,
+        "gpu_hours": run.gpu_hours,
+        "price_per_hour": run.price_per_hour,
+        "cost": run.cost,
+        "step_time": timer.at(batch_size, setup.seq_len),
+        "lengths": strategies,
     }
 
 
