@@ -187,13 +187,29 @@ def cmd_time(args: argparse.Namespace) -> int:
     from layerscope.preflight import DEFAULT_TIME_GPU, time_document
     from layerscope.render.console import time_text
 
-    progress = Progress()
     gpu = _gpu(args, DEFAULT_TIME_GPU)
+    samples, seq_lens = _samples(args)
+    progress = Progress()
     ctx, setup = _setup(args, progress)
-    doc = time_document(ctx, setup, gpu, args.samples, args.epochs, args.num_gpus)
+    doc = time_document(ctx, setup, gpu, samples, args.epochs, args.num_gpus, seq_lens)
     progress.done()
     _emit(args, doc.to_dict(), time_text)
     return _gate(args, doc.estimate.fits(gpu.memory_bytes))
+
+
+def _samples(args: argparse.Namespace) -> tuple[int, list[int] | None]:
+    """--samples, or the number of --lengths (which must agree when both are given)."""
+    if args.lengths is None:
+        if args.samples is None:
+            raise UsageError("time needs --samples N (or --lengths FILE, one count per example)")
+        return args.samples, None
+    from layerscope.estimate.lengths import read_lengths
+
+    lengths = read_lengths(args.lengths, args.lengths_field)
+    if args.samples is not None and args.samples != len(lengths):
+        raise UsageError(f"--samples {args.samples} but --lengths {args.lengths} holds "
+                         f"{len(lengths)} counts (one per example)")
+    return len(lengths), lengths
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -326,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=help + " (a name from the catalogue: h100, a100-80gb, l4, ...)")
 
     def add_run(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument("--samples", type=_positive_int, required=required, metavar="N",
+        p.add_argument("--samples", type=_positive_int, metavar="N",
                        help="training samples (sequences) per epoch"
-                       + ("" if required else f" (default {DEFAULT_SAMPLES:,})"))
+                       + (" (or --lengths)" if required else f" (default {DEFAULT_SAMPLES:,})"))
         p.add_argument("--epochs", type=_positive_int, required=required, metavar="E",
                        help="passes over the samples" + ("" if required else
                                                          f" (default {DEFAULT_EPOCHS})"))
@@ -371,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_step(p, batch="required")
     add_gpu(p, "the GPU (default h100-sxm)")
     add_run(p, required=True)
+    p.add_argument("--lengths", metavar="FILE",
+                   help="the examples' token counts, one per line (or JSON lines, see "
+                   "--lengths-field): compares padded, length-grouped and packed batches; "
+                   "--seq-len is then the truncation and packing length")
+    p.add_argument("--lengths-field", metavar="NAME",
+                   help="the JSON-lines field holding a count or the token ids "
+                   "(default: length, num_tokens, n_tokens, tokens or input_ids)")
     add_output(p)
 
     p = add("fit", cmd_fit, "the largest batch size that fits on a GPU")

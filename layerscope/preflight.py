@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +28,10 @@ from layerscope.estimate.memory import (
     max_batch_size,
     memory_of,
 )
+from layerscope.estimate.band import BAND_COVERAGE
+from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.run import RunCost, run_cost
-from layerscope.estimate.time import StepTime, step_time_of
+from layerscope.estimate.time import StepTime, step_time_of, step_timer
 from layerscope.plan import FreezePlan
 from layerscope.setup import TrainingSetup
 
@@ -148,11 +150,25 @@ def step_dict(step: StepTime | None) -> dict[str, Any] | None:
     if step is None:
         return None
     return {
-        "seconds": step.seconds, "forward_seconds": step.forward.seconds,
+        "seconds": step.seconds, "low_seconds": step.low_seconds,
+        "high_seconds": step.high_seconds, "regime": step.regime,
+        "band_coverage": BAND_COVERAGE, "forward_seconds": step.forward.seconds,
         "backward_seconds": step.backward.seconds, "recompute_seconds": step.recompute.seconds,
         "optimizer_seconds": step.optimizer.seconds, "flops": step.flops, "tokens": step.tokens,
         "tokens_per_second": step.tokens_per_second, "gpu": step.assumptions.gpu,
     }
+
+
+def lengths_dict(runs: Mapping[str, StrategyTime]) -> dict[str, Any]:
+    """Each batching strategy of a run over real data lengths, in seconds, tokens and bytes."""
+    return {name: {
+        "steps_per_epoch": r.batching.steps, "longest_seq_len": r.batching.longest,
+        "real_tokens": r.batching.real_tokens, "padding_tokens": r.batching.padding_tokens,
+        "padding_share": r.batching.padding_share,
+        "truncated_tokens": r.batching.truncated_tokens, "total_seconds": r.seconds,
+        "low_seconds": r.low_seconds, "high_seconds": r.high_seconds,
+        "peak_bytes": r.peak_bytes, "required_bytes": r.required_bytes,
+    } for name, r in runs.items()}
 
 
 @dataclass(frozen=True)
@@ -405,31 +421,73 @@ def estimate_document(ctx: Context, setup: TrainingSetup, gpu: GPU | None) -> Es
 
 @dataclass(frozen=True)
 class Training:
-    """A run's step and cost on ``num_gpus`` data-parallel GPUs."""
+    """A run's step and cost on ``num_gpus`` data-parallel GPUs.
+
+    ``lengths``: over real data lengths, each batching strategy (the cost is then the padded
+    strategy's); ``low_seconds``/``high_seconds``: the run's likely range.
+    """
 
     step: StepTime
     cost: RunCost
     gpu: str
+    lengths: Mapping[str, StrategyTime] | None = None
+
+    @property
+    def low_seconds(self) -> float:
+        if self.lengths is not None:
+            return self.lengths["padded"].low_seconds
+        return self.cost.total_steps * self.step.low_seconds
+
+    @property
+    def high_seconds(self) -> float:
+        if self.lengths is not None:
+            return self.lengths["padded"].high_seconds
+        return self.cost.total_steps * self.step.high_seconds
 
     def to_dict(self) -> dict[str, Any]:
         c = self.cost
         return {
             "samples": c.num_samples, "epochs": c.epochs, "num_gpus": c.num_gpus, "gpu": self.gpu,
             "steps_per_epoch": c.steps_per_epoch, "total_steps": c.total_steps,
-            "total_seconds": c.total_seconds, "gpu_hours": c.gpu_hours,
+            "total_seconds": c.total_seconds, "low_seconds": self.low_seconds,
+            "high_seconds": self.high_seconds, "gpu_hours": c.gpu_hours,
             "price_per_hour": c.price_per_hour, "cost": c.cost,
             "tokens_per_second": self.step.tokens_per_second * c.num_gpus,
             "step": step_dict(self.step),
+            "lengths": None if self.lengths is None else lengths_dict(self.lengths),
         }
 
 
-def training(setup: TrainingSetup, gpu: GPU, samples: int, epochs: int,
-             num_gpus: int) -> Training:
-    """Steps, time, GPU-hours and cost of ``epochs`` over ``samples`` (price: ``gpu``'s)."""
+def training(setup: TrainingSetup, gpu: GPU, samples: int, epochs: int, num_gpus: int,
+             seq_lens: Sequence[int] | None = None,
+             memory: Callable[[TrainingSetup], MemoryEstimate] | None = None) -> Training:
+    """Steps, time, GPU-hours and cost of ``epochs`` over ``samples`` (price: ``gpu``'s).
+
+    ``seq_lens``: the examples' token counts (``samples`` of them); the run is then timed
+    padded, length-grouped and packed (:mod:`layerscope.estimate.lengths`), with ``memory``
+    estimating each strategy's longest batch."""
     step = step_time_of(setup, gpu)
-    cost = run_cost(step.seconds, samples, setup.batch_size, epochs, num_gpus=num_gpus,
+    if seq_lens is None:
+        cost = run_cost(step.seconds, samples, setup.batch_size, epochs, num_gpus=num_gpus,
+                        price_per_hour=gpu.price_per_hour)
+        return Training(step, cost, gpu.name)
+    timer = step_timer(setup, gpu)
+
+    def times(length: int, masked: bool) -> tuple[float, float, float]:
+        t = timer.at(setup.batch_size, length, padded=masked)
+        return t.seconds, t.low_seconds, t.high_seconds
+
+    def longest(length: int) -> tuple[int, int]:
+        e = (memory or memory_of)(setup.replace(seq_len=length))
+        return e.peak_bytes, e.required_bytes()
+
+    runs = run_times(seq_lens, setup.batch_size, setup.seq_len, epochs, times, num_gpus,
+                     longest)
+    padded = runs["padded"]
+    per_step = padded.seconds / (padded.batching.steps * epochs) if epochs else 0.0
+    cost = run_cost(per_step, samples, setup.batch_size, epochs, num_gpus=num_gpus,
                     price_per_hour=gpu.price_per_hour)
-    return Training(step, cost, gpu.name)
+    return Training(step, cost, gpu.name, runs)
 
 
 @dataclass(frozen=True)
@@ -453,8 +511,8 @@ class TimeDocument:
 
 
 def time_document(ctx: Context, setup: TrainingSetup, gpu: GPU, samples: int, epochs: int,
-                  num_gpus: int) -> TimeDocument:
-    run = training(setup, gpu, samples, epochs, num_gpus)
+                  num_gpus: int, seq_lens: Sequence[int] | None = None) -> TimeDocument:
+    run = training(setup, gpu, samples, epochs, num_gpus, seq_lens, ctx.memory)
     return TimeDocument(ctx.header("time", setup), gpu, run, ctx.memory(setup))
 
 

@@ -34,7 +34,8 @@ ESTIMATE = {
 }
 SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": str,
             "gradient_checkpointing": bool, "lora_rank": OPTIONAL_INT,
-            "attn_implementation": str, "inference": bool}
+            "attn_implementation": str, "experts_implementation": (str, type(None)),
+            "inference": bool}
 HEADER = {
     "layerscope_version": str, "schema_version": int, "command": str,
     "model": {"name": str, "class": str, "total_params": int, "num_layers": OPTIONAL_INT},
@@ -53,13 +54,19 @@ ESTIMATE_DOC = {**HEADER, "estimate": ESTIMATE, "full_finetune": ESTIMATE,
                 "gpu": (dict, type(None)), "assumptions": ASSUMPTIONS,
                 "verdict": (dict, type(None)), "suggestions": [SUGGESTION],
                 "fits_on": [{"gpu": str, "memory_bytes": int}]}
-STEP = {"seconds": float, "forward_seconds": float, "backward_seconds": float,
+STEP = {"seconds": float, "low_seconds": float, "high_seconds": float, "regime": str,
+        "band_coverage": float, "forward_seconds": float, "backward_seconds": float,
         "recompute_seconds": float, "optimizer_seconds": float, "flops": NUMBER, "tokens": int,
         "tokens_per_second": float, "gpu": str}
 TRAINING = {"samples": int, "epochs": int, "num_gpus": int, "gpu": str, "steps_per_epoch": int,
-            "total_steps": int, "total_seconds": float, "gpu_hours": float,
+            "total_steps": int, "total_seconds": float, "low_seconds": float,
+            "high_seconds": float, "gpu_hours": float,
             "price_per_hour": OPTIONAL_NUMBER, "cost": OPTIONAL_NUMBER,
-            "tokens_per_second": float, "step": STEP}
+            "tokens_per_second": float, "step": STEP, "lengths": (dict, type(None))}
+BATCHING = {"steps_per_epoch": int, "longest_seq_len": int, "real_tokens": int,
+            "padding_tokens": float, "padding_share": float, "truncated_tokens": int,
+            "total_seconds": float, "low_seconds": float, "high_seconds": float,
+            "peak_bytes": int, "required_bytes": int}
 TIME_DOC = {**HEADER, "gpu": GPU, "training": TRAINING, "estimate": ESTIMATE,
             "assumptions": ASSUMPTIONS, "verdict": VERDICT}
 FIT_DOC = {**HEADER, "gpu": GPU, "assumptions": ASSUMPTIONS, "max_batch_size": int,
@@ -150,7 +157,7 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
     assert doc["settings"] == {"batch_size": 4, "seq_len": 2048, "precision": "bf16-mixed",
                                "optimizer": "adamw", "gradient_checkpointing": False,
                                "lora_rank": None, "attn_implementation": "sdpa",
-                               "inference": False}
+                               "experts_implementation": None, "inference": False}
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]
@@ -225,6 +232,37 @@ def test_time_json_subprocess():
     assert t["step"]["tokens"] == 4 * 1024
     assert t["tokens_per_second"] == pytest.approx(2 * 4 * 1024 / t["step"]["seconds"])
     assert doc["verdict"]["fits"] is True
+    step = t["step"]
+    assert step["low_seconds"] < step["seconds"] < step["high_seconds"]
+    assert step["regime"] in ("compute-bound", "memory-bound", "host-bound")
+    assert t["low_seconds"] == pytest.approx(250 * step["low_seconds"])
+    assert t["lengths"] is None
+
+
+def test_time_over_real_lengths_subprocess(tmp_path):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("300\n800\n1500\n120\n")  # 1500 is cut at --seq-len 1024
+    done = run("time", "gpt2", "--lengths", str(lengths), "--batch-size", "2", "--epochs", "2",
+               "--seq-len", "1024", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    check(doc, TIME_DOC)
+    t = doc["training"]
+    assert t["samples"] == 4 and set(t["lengths"]) == {"padded", "grouped", "packed"}
+    for r in t["lengths"].values():
+        check(r, BATCHING)
+    grouped, packed = t["lengths"]["grouped"], t["lengths"]["packed"]
+    # grouped: [1024, 800] and [300, 120]: padded to 1024 and 300
+    assert grouped["padding_tokens"] == 2 * 1024 + 2 * 300 - (1024 + 800 + 300 + 120)
+    assert grouped["truncated_tokens"] == 1500 - 1024 and grouped["longest_seq_len"] == 1024
+    # packed: 2720 tokens in rows of 1024: 3 rows, 2 steps, nothing truncated
+    assert packed["steps_per_epoch"] == 2 and packed["truncated_tokens"] == 0
+    assert packed["padding_tokens"] == 3 * 1024 - 2720
+    assert t["total_seconds"] == t["lengths"]["padded"]["total_seconds"]
+    text = run("time", "gpt2", "--lengths", str(lengths), "--batch-size", "2", "--epochs", "2",
+               "--seq-len", "1024")
+    assert text.returncode == 0 and "grouped by length" in text.stdout
+    assert "likely range" in text.stdout
 
 
 def test_fit_json_subprocess():
@@ -271,6 +309,8 @@ def test_argparse_error_is_one_line_subprocess():
         (("estimate", "gpt2", "--fail-if-not-fits"), ["needs --gpu"]),
         (("fit", "gpt2"), ["--gpu"]),
         (("time", "gpt2", "--batch-size", "2", "--epochs", "1"), ["--samples"]),
+        (("time", "gpt2", "--batch-size", "2", "--epochs", "1", "--lengths", "/no/such/file"),
+         ["cannot read lengths", "/no/such/file"]),
         (("time", "gpt2", "--samples", "0", "--batch-size", "2", "--epochs", "1"),
          ["--samples", "0 must be >= 1"]),
         (("time", "gpt2", "--samples", "9", "--batch-size", "2", "--epochs", "1",

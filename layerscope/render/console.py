@@ -176,17 +176,45 @@ def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
         ("samples x epochs", f"{t['samples']:,} x {t['epochs']}"),
         ("steps", f"{t['total_steps']:,} ({t['steps_per_epoch']:,} per epoch)"),
         ("step time", f"{_seconds(step['seconds'])} ({split})"),
+        ("likely range", f"{_seconds(step['low_seconds'])} - {_seconds(step['high_seconds'])} "
+                         f"per step ({step['regime']})"),
         ("throughput", f"{t['tokens_per_second']:,.0f} tokens/s"),
-        ("wall time", format_duration(t["total_seconds"])),
+        ("wall time", f"{format_duration(t['total_seconds'])} "
+                      f"({format_duration(t['low_seconds'])} - "
+                      f"{format_duration(t['high_seconds'])})"),
         ("GPU-hours", f"{t['gpu_hours']:,.2f}"),
         ("cost", "unknown" if t["cost"] is None else f"${t['cost']:,.2f}"),
         ("memory per GPU", f"{fits}: needs {gib(v['required_bytes'])} of "
                            f"{gib(v['available_bytes'])}"),
     ]
     note = ("Step time: a roofline estimate from the kernels' FLOPs and bytes against the GPU's "
-            "datasheet peaks;\ncommunication between GPUs is not modelled.")
-    return "\n\n".join([header_text(doc, per_gpu=True), _gpu_line(doc),
-                        tabulate(rows, tablefmt="plain", disable_numparse=True), note])
+            f"datasheet peaks;\nthe likely range is where {step['band_coverage']:.0%} of measured "
+            "steps of the same regime fell around the estimate;\ncommunication between GPUs is "
+            "not modelled.")
+    parts = [header_text(doc, per_gpu=True), _gpu_line(doc),
+             tabulate(rows, tablefmt="plain", disable_numparse=True)]
+    if t.get("lengths"):
+        parts.append(lengths_text(t["lengths"], t["samples"]))
+    return "\n\n".join([*parts, note])
+
+
+def lengths_text(lengths: Mapping[str, Any], samples: int) -> str:
+    """The batching strategies of a run over real data lengths, side by side."""
+    names = {"padded": "padded (random)", "grouped": "grouped by length", "packed": "packed"}
+    rows = []
+    for key, r in lengths.items():
+        rows.append((
+            names.get(key, key), f"{r['steps_per_epoch']:,}",
+            f"{r['padding_share']:.0%}", f"{r['truncated_tokens']:,}",
+            format_duration(r["total_seconds"]),
+            f"{format_duration(r['low_seconds'])} - {format_duration(r['high_seconds'])}",
+            "-" if r["required_bytes"] is None else
+            f"{gib(r['required_bytes'])} at {r['longest_seq_len']:,} tokens",
+        ))
+    table = tabulate(rows, headers=("batching", "steps/epoch", "padding", "truncated",
+                                    "wall time", "likely range", "memory (longest batch)"),
+                     disable_numparse=True)
+    return f"Real lengths of {samples:,} examples:\n{table}"
 
 
 def fit_text(doc: Mapping[str, Any], color: bool = False) -> str:

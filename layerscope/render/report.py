@@ -167,6 +167,10 @@ def _time_section(doc: Mapping[str, Any]) -> str:
             return "nothing trains"
         if key == "step":
             return f"{r['step']['seconds'] * 1000:,.0f} ms"
+        if key == "range":
+            st = r["step"]
+            return (f"{st['low_seconds'] * 1000:,.0f} – {st['high_seconds'] * 1000:,.0f} ms "
+                    f"({escape(st['regime'])})")
         if key == "tps":
             return f"{r['tokens_per_second']:,.0f}"
         if key == "time":
@@ -175,7 +179,8 @@ def _time_section(doc: Mapping[str, Any]) -> str:
             return f"{r['gpu_hours']:,.2f}"
         return "unknown (no price)" if r["cost"] is None else f"${r['cost']:,.2f}"
 
-    labels = (("step time", "step"), ("tokens/s", "tps"), ("wall time", "time"),
+    labels = (("step time", "step"), ("likely range", "range"), ("tokens/s", "tps"),
+              ("wall time", "time"),
               ("GPU-hours", "hours"), ("cost", "cost"))
     rows = [(label, *(col(r, key) for _, r in runs)) for label, key in labels]
     price = some["price_per_hour"]
@@ -184,8 +189,10 @@ def _time_section(doc: Mapping[str, Any]) -> str:
             f"{some['num_gpus']} × {escape(some['gpu'])} at batch "
             f"{doc['settings']['batch_size']} per GPU: {some['total_steps']:,} steps; "
             + (f"${price:.2f} per GPU-hour" if price is not None else "no price known")
-            + ". Step times are roofline estimates; communication between GPUs is not "
-              "modelled.</p>"
+            + ". Step times are roofline estimates; the likely range is where "
+            + f"{some['step']['band_coverage']:.0%} of measured steps of the same regime "
+              "(compute-, memory- or host-bound) fell around the estimate; communication "
+              "between GPUs is not modelled.</p>"
             + _table(("", *(n for n, _ in runs)), rows))
 
 
