@@ -28,16 +28,16 @@ import logging
 import statistics
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from tabulate import tabulate
 
-from layerscope.estimate.band import BAND_COVERAGE, REGIMES as TIME_REGIMES
+from layerscope.estimate.band import BAND_COVERAGE
+from layerscope.estimate.band import REGIMES as TIME_REGIMES
 from layerscope.estimate.hardware import get_gpu
-from layerscope.setup import resolve_precision
 from layerscope.estimate.time import StepTime, estimate_step_time
 from layerscope.plan import Embeddings, ExceptLast, First, FreezePlan, Last, Names, Regex
+from layerscope.setup import resolve_precision
 
 CALIBRATION = next(
     (p / "shared" / "calibration" for p in Path(__file__).resolve().parents

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerscope.errors import StructureError
+from layerscope.estimate.band import BAND_COVERAGE
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
+from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.memory import (
     ALLOCATOR_HEADROOM,
     CUDA_CONTEXT_BYTES,
@@ -28,8 +30,6 @@ from layerscope.estimate.memory import (
     max_batch_size,
     memory_of,
 )
-from layerscope.estimate.band import BAND_COVERAGE
-from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.run import RunCost, run_cost
 from layerscope.estimate.time import StepTime, step_time_of, step_timer
 from layerscope.plan import FreezePlan

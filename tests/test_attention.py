@@ -1,14 +1,14 @@
 """Each attention implementation's kernels, checked against hand arithmetic."""
 
 import pytest
-
 from conftest import build
+
 from layerscope.errors import EstimateError
 from layerscope.estimate import attention as attn
 from layerscope.estimate.hardware import get_gpu
 from layerscope.estimate.roofline import Work
-from layerscope.setup import resolve_precision
 from layerscope.estimate.time import estimate_step_time
+from layerscope.setup import resolve_precision
 
 BF16, FP32 = resolve_precision("bf16-true"), resolve_precision("32-true")
 H = attn.Heads(heads=4, kv_heads=2, head_dim=16)  # q width 64, kv width 32
@@ -74,7 +74,7 @@ def test_slower_kernels_take_longer():
 
 
 def test_flash_attention_needs_half_precision():
-    with pytest.raises(EstimateError, match="flash_attention_2.*fp16/bf16"):
+    with pytest.raises(EstimateError, match=r"flash_attention_2.*fp16/bf16"):
         attn.check_implementation("flash_attention_2", FP32)
     with pytest.raises(EstimateError, match="unknown attn_implementation 'paged'; allowed: sdpa"):
         attn.check_implementation("paged", BF16)
@@ -90,6 +90,6 @@ def test_the_attention_setting_is_timed():
     assert any("FlashAttention-2" in n for n in fa2.assumptions.notes)
     with pytest.raises(EstimateError, match="unknown attn_implementation 'paged'"):
         estimate_step_time(model, attn_implementation="paged", **kw)
-    with pytest.raises(EstimateError, match="flash_attention_2.*fp16/bf16"):
+    with pytest.raises(EstimateError, match=r"flash_attention_2.*fp16/bf16"):
         estimate_step_time(model, attn_implementation="flash_attention_2", precision="32-true",
                            **kw)

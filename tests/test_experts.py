@@ -1,16 +1,16 @@
 """Each MoE experts implementation's kernels, syncs and bytes, against hand arithmetic."""
 
 import pytest
-
 from conftest import build
+
 from layerscope.errors import EstimateError, LayerscopeWarning
 from layerscope.estimate import experts
 from layerscope.estimate.hardware import get_gpu
 from layerscope.estimate.memory import estimate_memory
 from layerscope.estimate.roofline import Work
-from layerscope.setup import resolve_precision
 from layerscope.estimate.structure import analyse
 from layerscope.estimate.time import estimate_step_time
+from layerscope.setup import resolve_precision
 
 # conftest MIXTRAL: hidden 32, intermediate 48, 4 experts, top-2, 2 blocks.
 E, TOP, HID, INTER = 4, 2, 32, 48

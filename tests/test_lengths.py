@@ -3,13 +3,13 @@
 import json
 
 import pytest
-
 from conftest import build
+
 from layerscope import estimate_training_time
 from layerscope.errors import EstimateError
+from layerscope.estimate.hardware import get_gpu
 from layerscope.estimate.lengths import grouped, packed, padded, read_lengths, run_times
 from layerscope.estimate.memory import estimate_memory
-from layerscope.estimate.hardware import get_gpu
 from layerscope.estimate.time import step_timer
 from layerscope.setup import TrainingSetup
 

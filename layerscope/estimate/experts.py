@@ -37,8 +37,8 @@ from layerscope.estimate.roofline import (
     HOST_LOOP_S_PER_KERNEL,
     Work,
 )
-from layerscope.setup import EXPERTS_IMPLEMENTATIONS, Precision
 from layerscope.estimate.structure import Gemm, Part
+from layerscope.setup import EXPERTS_IMPLEMENTATIONS, Precision
 
 ROUTER_KERNELS = 6
 """Kernels of a top-k router besides its linear: the fp32 cast, softmax, topk (2) and the

@@ -119,11 +119,11 @@ def describe(model: nn.Module, s: ModelScan, infos: Iterable[Any], cut: int,
                 kernels = _ACTIVATION_KERNELS.get(info.type_name.lower(), 1)
                 (part.routed_act_kernels if routed else part.act_kernels).append(kernels)
             elif info.is_leaf and kind == "dropout" and training:
-                p = float(getattr(model.get_submodule(info.name), "p", 0.0))
+                rate = float(getattr(model.get_submodule(info.name), "p", 0.0))
                 if ATTENTION_NAMES.search(rel) and re.search(r"attn_drop|attention_drop", rel):
-                    part.attn_dropout = max(part.attn_dropout, p)  # on the scores, not hidden
+                    part.attn_dropout = max(part.attn_dropout, rate)  # on the scores
                 else:
-                    part.dropouts += p > 0
+                    part.dropouts += rate > 0
             continue
         if kind == "norm":
             fused = info.type_name == "LayerNorm" or any(p.name.endswith("bias") for p in params)

@@ -51,7 +51,7 @@ from layerscope.estimate.roofline import (
     foreach_launches,
     run,
 )
-from layerscope.estimate.structure import ModelShape, Part, analyse
+from layerscope.estimate.structure import ModelShape, analyse
 from layerscope.estimate.walk import Walk
 from layerscope.plan import FreezePlan
 from layerscope.scan import ModelScan

@@ -33,9 +33,8 @@ from layerscope.estimate.roofline import (
     ROTARY_PASSES,
     Work,
 )
-from layerscope.setup import Precision
 from layerscope.estimate.structure import Gemm, ModelShape, Part, reads_stream
-from layerscope.setup import Lora
+from layerscope.setup import Lora, Precision
 
 
 @dataclass
