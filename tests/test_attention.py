@@ -31,7 +31,12 @@ def test_keys_per_query():
 def test_sdpa_picks_the_kernel_cuda_would():
     assert attn.sdpa_kernel(BF16, H, masked=False) == "flash"
     assert attn.sdpa_kernel(BF16, H, masked=True) == "efficient"
-    assert attn.sdpa_kernel(FP32, H, masked=False) == "efficient"  # no fp32 flash kernel
+    mha = attn.Heads(4, 4, 16)
+    assert attn.sdpa_kernel(FP32, mha, masked=False) == "efficient"  # no fp32 flash kernel
+    # grouped-query heads without a mask go in as such (enable_gqa): the efficient kernel
+    # refuses them, the math fallback runs; with a mask transformers repeats K/V first
+    assert attn.sdpa_kernel(FP32, H, masked=False) == "math"
+    assert attn.sdpa_kernel(FP32, H, masked=True) == "efficient"
     odd = attn.Heads(4, 4, 20)  # head dim 20: not a multiple of 8
     assert attn.sdpa_kernel(BF16, odd, masked=True) == "math"
     # transformers masks (no is_causal) for padding, or a window no longer than the sequence

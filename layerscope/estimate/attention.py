@@ -2,7 +2,8 @@
 
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` picks a kernel (``sdp_utils.cpp``): the
   flash kernel for fp16/bf16 without a mask; the memory-efficient kernel otherwise (fp32, or
-  a mask). transformers passes no mask (``is_causal=True``) unless the batch has padding or a
+  a mask), but not for grouped-query heads passed as such (fp32 without a mask): then the math
+  fallback, which materialises the scores like eager attention. transformers passes no mask (``is_causal=True``) unless the batch has padding or a
   sliding window is shorter than the sequence (``masking_utils._ignore_causal_mask_sdpa``);
   with a mask, grouped-query heads are first repeated (``repeat_kv``), the boolean mask is
   converted to an additive one in every layer, and the kernel computes every score (no causal
@@ -111,11 +112,17 @@ def needs_mask(impl: str, seq: int, window: int | None, padded: bool) -> bool:
 
 
 def sdpa_kernel(prec: Precision, h: Heads, masked: bool) -> str:
-    """The SDPA kernel a CUDA GPU (sm80+) runs: ``"flash"``, ``"efficient"`` or ``"math"``."""
+    """The SDPA kernel a CUDA GPU (sm80+) runs: ``"flash"``, ``"efficient"`` or ``"math"``.
+
+    Without a mask transformers passes grouped-query heads as they are (``enable_gqa=True``),
+    which the memory-efficient kernel does not take (``sdp_utils.cpp``, PyTorch 2.11): an fp32
+    grouped-query model runs the math fallback. With a mask it repeats K and V first. The same
+    choice as the memory trace's (:func:`layerscope.estimate.kernels.sdpa_backend`)."""
     half = prec.matmul in ("bf16", "fp16")
     if half and not masked and h.head_dim <= 256:
         return "flash"
-    if h.head_dim % (8 if half else 4) == 0:
+    gqa = h.kv_heads != h.heads and not masked
+    if not gqa and h.head_dim % (8 if half else 4) == 0:
         return "efficient"
     return "math"
 
