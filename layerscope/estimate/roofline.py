@@ -36,18 +36,25 @@ ATTENTION_BACKWARD_RATIO = 2.5
 against two (Dao et al., FlashAttention-2, section 3.1)."""
 
 BANDWIDTH_EFFICIENCY = 0.75
-"""Fraction of the peak DRAM bandwidth streaming and foreach kernels sustain (~2.5 TB/s of
-3.35 TB/s on H100 SXM)."""
+"""Fraction of the peak DRAM bandwidth elementwise kernels sustain (~2.5 TB/s of 3.35 TB/s on
+H100 SXM); the optimizer's long multi-tensor loops reach more
+(:data:`FOREACH_BANDWIDTH_EFFICIENCY`)."""
 
 KERNEL_LATENCY_S = 4e-6
 """GPU time of an empty kernel: launch, ramp-up and tail (a few microseconds)."""
 
 HOST_FORWARD_S_PER_KERNEL = 40e-6
 """Host time per kernel of an eager Python forward: the module call, the aten op, its
-views/reshapes and autograd bookkeeping (HF blocks issue ~4 view ops per kernel)."""
+views/reshapes and autograd bookkeeping (transformers 5 blocks issue several Python-level
+ops per kernel). With :data:`HOST_BACKWARD_S_PER_KERNEL`, the pair that best fits the
+calibration rows whose steps are host-bound (gpt2 and mixtral-tiny at 4 x 512 in bf16 and
+bf16-mixed, llama3.2-1b's forward at 4 x 512); ``benchmarks/time_accuracy.py`` shows the fit
+per regime. Held for every model: a CPU/GPU pairing other than the calibration's (an H100
+host) shifts them."""
 
 HOST_BACKWARD_S_PER_KERNEL = 27e-6
-"""Host time per backward kernel, issued by the C++ autograd engine (no Python)."""
+"""Host time per backward kernel, issued by the C++ autograd engine (no Python, but a node,
+its saved tensors and a launch per kernel); see :data:`HOST_FORWARD_S_PER_KERNEL`."""
 
 HOST_LOOP_S_PER_KERNEL = 8e-6
 """Host time per kernel of a bare Python loop of tensor ops (no module call, few views), as in
@@ -67,8 +74,10 @@ estimate from the code path (tens of Python calls), not a measurement."""
 
 HOST_CHECKPOINT_S_PER_SAVED = 12e-6
 """Host time per tensor a checkpointed block saves for backward (about one per forward
-kernel): three Python saved-tensor hooks, the pack hook in forward, the recomputation's pack
-hook and the unpack hook in backward (``torch/utils/checkpoint.py``). An estimate, ~2 us each."""
+kernel): three Python saved-tensor hooks (the pack hook in forward, the recomputation's pack
+hook, the unpack hook in backward) and the default determinism check, which records and
+compares each saved tensor's shape, dtype and device (``torch/utils/checkpoint.py``). The
+host-bound checkpointed calibration row (mixtral-tiny, 8 x 1024) implies ~11 us."""
 
 HOST_OPTIMIZER_S_PER_TENSOR = 10e-6
 """Python time per trainable tensor in ``optimizer.step()`` + ``zero_grad()`` (state lookup,
@@ -126,10 +135,11 @@ FOREACH_ELEMENTS_PER_LAUNCH = FOREACH_CHUNK * FOREACH_CHUNKS_PER_LAUNCH
 
 FOREACH_BANDWIDTH_EFFICIENCY = {4: 0.85, 2: 0.80}
 """Fraction of the peak DRAM bandwidth the optimizer's multi-tensor kernels reach, by bytes per
-element of the states: measured on the calibration rows' ``optimizer_seconds`` with the
-largest states (llama3.2-1b and mixtral-tiny, AdamW foreach: 21 passes over 1.24 B fp32
-elements in 39.7 ms, 2.7 TB/s; over bf16 elements 2.5 TB/s). Long streaming loops, so higher
-than :data:`BANDWIDTH_EFFICIENCY`; in bf16 the fp32 arithmetic per byte doubles."""
+element of the states: from the calibration rows' ``optimizer_seconds`` with the largest
+states (llama3.2-1b and mixtral-tiny, AdamW foreach: 21 passes over 1.24 B fp32 elements in
+39.7 ms, of which ~1.5 ms of Python per tensor: ~2.8 TB/s; bf16 states ~2.7 TB/s). Long
+streaming loops, so higher than :data:`BANDWIDTH_EFFICIENCY`; in bf16 the fp32 arithmetic per
+byte doubles."""
 
 
 def foreach_launches(numel: int, tensors: int) -> int:
@@ -354,9 +364,19 @@ def aligned(dim: float, element_bytes: int) -> bool:
 
 
 # -- per-kernel byte counts (documented once) -------------------------------------------------
-RMSNORM_KERNELS = 7
-"""transformers' RMSNorm in Python: to(fp32), pow, mean, add eps + rsqrt, mul, to(dtype), mul
-by the weight."""
+RMSNORM_KERNELS = 6
+"""transformers' RMSNorm in Python: ``to(fp32)``, pow, mean, add eps, rsqrt, mul,
+``to(input dtype)``, mul by the weight: 6 kernels on an fp32 stream (both casts are no-ops),
+8 on a bf16/fp16 one."""
+
+
+def rmsnorm(stream_bytes: int) -> tuple[int, int]:
+    """(kernels, bytes moved per element) of transformers' RMSNorm on a stream of
+    ``stream_bytes`` per element: pow, mean and mul in fp32 (8 + 4 + 8 bytes), the weight
+    multiply in the stream's dtype, and the casts to fp32 and back when it is not fp32."""
+    cast = stream_bytes != 4
+    return (RMSNORM_KERNELS + 2 * cast,
+            20 + 2 * stream_bytes + 2 * (stream_bytes + 4) * cast)
 
 ROTARY_KERNELS, ROTARY_PASSES = 10, 9
 """apply_rotary_pos_emb on q and k: mul cos, neg + cat (rotate_half), mul sin, add, for each."""

@@ -28,10 +28,10 @@ from layerscope.estimate.roofline import (
     HOST_FORWARD_S_PER_KERNEL,
     LOSS_BACKWARD_KERNELS,
     LOSS_FORWARD_KERNELS,
-    RMSNORM_KERNELS,
     ROTARY_KERNELS,
     ROTARY_PASSES,
     Work,
+    rmsnorm,
 )
 from layerscope.estimate.structure import Gemm, ModelShape, Part, reads_stream
 from layerscope.setup import Lora, Precision
@@ -312,8 +312,9 @@ def _elementwise(w: Work, part: Part, tokens: int, hidden: int, prec: Precision,
             nbytes += tokens * width * 2 * sb
             kernels += 1
         else:
-            nbytes += tokens * width * (28 + sb + 3 * ab)
-            kernels += RMSNORM_KERNELS
+            norm_kernels, per_element = rmsnorm(sb)
+            nbytes += tokens * width * per_element
+            kernels += norm_kernels
     if not part.experts:
         mlp = tokens * part.mlp_share * part.mlp_width
         for k in part.act_kernels:
