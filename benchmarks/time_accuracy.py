@@ -11,10 +11,12 @@ measured time lies inside the band; the same for the rule of thumb
 
 ``--gpu h200``: estimates every row on the H200 instead. Where the calibration directory holds
 ``h200_training_steps.jsonl`` (same fields), those measurements are the reference; otherwise
-the reference is the H100 measurement scaled by the catalogue's H200/H100 ratio for what
-bounds the row: peak FLOP/s for compute-bound rows, DRAM bandwidth for memory-bound rows, 1.0
-for host-bound rows (same CPU). That scaled reference is not a measurement; it checks that the
-estimate moves between the GPUs as the catalogue says it should.
+the reference is the H100 measurement scaled by the catalogue's H200/H100 ratios: the share
+of the row's H100 estimate spent in FLOP-bound kernels by the peak FLOP/s ratio, the share in
+bandwidth-bound kernels by the DRAM bandwidth ratio, the rest (host, launch latency: the same
+CPU) by 1. That scaled reference is not a measurement; it checks that the estimate moves
+between the GPUs as the catalogue says it should (the timeline's overlap of host and GPU is
+what can make the two differ).
 
 ``--derive-band``: prints, per regime, the measured/estimated ratios at the edges of the
 central ``BAND_COVERAGE`` share, the numbers :data:`layerscope.estimate.band.BAND` holds.
@@ -95,14 +97,18 @@ def err(est: float, real: float) -> float:
     return (est - real) / real
 
 
-def catalogue_ratio(regime: str, gpu: str) -> float:
-    """Time on ``gpu`` over time on the H100 for a step bound by ``regime``, per catalogue."""
+def catalogue_ratio(step: StepTime, gpu: str, matmul: str) -> float:
+    """Time on ``gpu`` over time on the H100 per the catalogue, for a step whose H100 estimate
+    spends ``step``'s shares in FLOP-bound kernels (scaled by the peak FLOP/s ratio), in
+    bandwidth-bound kernels (by the bandwidth ratio) and elsewhere (host, latency: 1.0)."""
     new, old = get_gpu(gpu), get_gpu(MEASURED_GPU)
-    if regime == "compute-bound":
-        return old.peak("bf16") / new.peak("bf16")
-    if regime == "memory-bound":
-        return old.memory_bandwidth / new.memory_bandwidth
-    return 1.0
+    phases = (step.forward, step.backward, step.recompute, step.optimizer)
+    compute = sum(p.compute_seconds for p in phases)
+    memory = sum(p.memory_seconds for p in phases)
+    other = max(0.0, step.seconds - compute - memory)
+    scaled = (compute * old.peak(matmul) / new.peak(matmul)
+              + memory * old.memory_bandwidth / new.memory_bandwidth + other)
+    return scaled / (compute + memory + other)
 
 
 def estimate(row: dict, models: dict, configs: dict, gpu: str) -> StepTime:
@@ -196,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         real = row["step_seconds_median"]
         fb = row.get("fwd_bwd_seconds_median")
         op = row.get("optimizer_seconds_median")
-        if scaled:  # the H100 measurement moved to the other GPU by the catalogue's ratio
+        if scaled:  # the H100 measurement moved to the other GPU by the catalogue's ratios
             h100 = estimate(row, models, configs, MEASURED_GPU)
-            k = catalogue_ratio(h100.regime, gpu)
+            k = catalogue_ratio(h100, gpu, resolve_precision(REGIMES[row["regime"]]).matmul)
             real, fb, op = real * k, fb * k if fb else fb, op * k if op else op
         e, r = err(t.seconds, real), err(rule_of_thumb(row, gpu), real)
         ok = t.low_seconds <= real <= t.high_seconds
