@@ -178,6 +178,9 @@ def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
         ("step time", f"{_seconds(step['seconds'])} ({split})"),
         ("likely range", f"{_seconds(step['low_seconds'])} - {_seconds(step['high_seconds'])} "
                          f"per step ({step['regime']})"),
+        *([("average step", f"{_seconds(t['total_seconds'] / t['total_steps'])} "
+                            "(padded batches of the real lengths)")]
+          if t.get("lengths") and t["total_steps"] else []),
         ("throughput", f"{t['tokens_per_second']:,.0f} tokens/s"),
         ("wall time", f"{format_duration(t['total_seconds'])} "
                       f"({format_duration(t['low_seconds'])} - "
