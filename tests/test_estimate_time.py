@@ -94,8 +94,10 @@ def test_gradient_checkpointing_recomputes_the_forward_of_the_blocks():
     frozen = step(model, frozen_plan, gradient_checkpointing=True)
     # gradient_checkpointing_enable() makes the embedding output require a gradient
     # (enable_input_require_grads): the frozen blocks 0, 1 are recomputed and give input
-    # gradients too; only blocks 2, 3 and the head have weight gradients
-    assert frozen.recompute.flops == 2 * T * 4 * LLAMA_BLOCK + 4 * LLAMA_ATTN
+    # gradients too; only blocks 2, 3 and the head have weight gradients. Their frozen down
+    # projection saves nothing for backward, so recomputing them stops before it (early stop)
+    down = 2 * T * 128 * 64
+    assert frozen.recompute.flops == 2 * T * 4 * LLAMA_BLOCK - 2 * down + 4 * LLAMA_ATTN
     dx = 2 * T * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2.5 * LLAMA_ATTN
     assert frozen.backward.flops == dx + 2 * T * (2 * LLAMA_BLOCK + LLAMA_HEAD)
     assert frozen.earliest_trainable_block == 2

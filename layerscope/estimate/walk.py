@@ -154,7 +154,8 @@ class Walk:
             self.w.stream(self.tokens * width * (wb + sb), 1)
         self.w.stream(self.tokens * self.hidden * 3 * sb, max(len(self.m.embeddings) - 1, 0))
 
-    def autocast_casts(self, part: Part, backward: bool, trainable: Callable[[Gemm], bool]) -> None:
+    def autocast_casts(self, part: Part, backward: bool, trainable: Callable[[Gemm], bool],
+                       skip: Gemm | None = None) -> None:
         """CUDA autocast's casts around the dense matmuls of ``part``: the fp32 weight (and
         bias) to bf16 every forward (cached for the forward, recomputed by checkpointing), the
         fp32 residual-stream input of the projections reading it (not cached: q, k and v
@@ -169,19 +170,37 @@ class Walk:
         rate = w.host_s_per_kernel if backward else HOST_ATEN_S_PER_KERNEL
         with w.host_rate(rate):
             for g, from_stream in zip(part.gemms, stream):
-                if g.share < 1:
+                if g.share < 1 or g is skip:
                     continue  # grouped_mm / batched_mm are not autocast ops
                 if from_stream:
                     w.stream(tokens * g.n_in * (sb + ab), 1)
                 if not backward or trainable(g):
                     w.stream(g.count * g.n_in * g.n_out * (wb + ab), g.count + bool(g.bias))
 
-    def block_forward(self, b: int) -> None:
+    def stops_early(self, b: int) -> Gemm | None:
+        """The GEMM a recomputation of block ``b`` skips, if any.
+
+        Non-reentrant checkpointing stops recomputing once every tensor the block saved for
+        backward is back (``torch.utils.checkpoint``'s early stop, on by default). A matmul
+        whose weight needs no gradient saves no activation, so in a frozen dense block without
+        dropout the last projection (and the residual add after it) saves nothing: the
+        recomputation stops before it."""
+        part = self.m.blocks[b]
+        dense = [g for g in part.gemms if g.share == 1]
+        if part.experts or part.dropouts or not dense:
+            return None
+        last = dense[-1]
+        if self.block_trainable(b, last) or self.adapted(b, last):
+            return None
+        return last
+
+    def block_forward(self, b: int, recompute: bool = False) -> None:
         m, w, prec, block = self.m, self.w, self.prec, self.m.blocks[b]
         tokens = self.tokens
-        self.autocast_casts(block, False, lambda g: self.block_trainable(b, g))
+        skip = self.stops_early(b) if recompute else None
+        self.autocast_casts(block, False, lambda g: self.block_trainable(b, g), skip)
         for g in block.gemms:
-            if g.share < 1:
+            if g.share < 1 or g is skip:
                 continue
             w.gemm(tokens, g.n_out, g.n_in, g.count)
             if self.adapted(b, g):
@@ -251,7 +270,7 @@ class Walk:
                 self._phase("recompute")
                 w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
                 before = len(w.items)
-                self.block_forward(b)
+                self.block_forward(b, recompute=True)
                 kernels = sum(k.count for k in w.items[before:])
                 self._phase("backward")
                 w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED * 2 / 3)  # recompute pack, unpack
