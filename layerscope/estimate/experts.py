@@ -177,10 +177,9 @@ def backward(w: Work, part: Part, tokens: int, hidden: int, prec: Precision, gpu
         for g in reversed(routed):
             _mm(w, fast, rows / e, g.n_in, g.n_out, e, matmul, xb)  # input gradient
             if trainable(g):
-                _mm(w, fast, g.n_in, g.n_out, rows / e, e, matmul, xb)  # weight gradient
-                # (E, in, out) gradient of the transposed weight view: AccumulateGrad copies
-                # it into the parameter's layout
-                w.stream(e * g.n_in * g.n_out * wb * 2, 1)
+                # weight gradient, returned in the weight's own layout (the backward formula
+                # takes its strides, as mm_mat2_backward does): no copy into .grad
+                _mm(w, fast, g.n_in, g.n_out, rows / e, e, matmul, xb)
         return
     # batched_mm: gradients of the gathered matrices, then index backward onto the experts
     for g in reversed(routed):
