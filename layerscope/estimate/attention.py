@@ -3,8 +3,9 @@
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` picks a kernel (``sdp_utils.cpp``): the
   flash kernel for fp16/bf16 without a mask; the memory-efficient kernel otherwise (fp32, or
   a mask), but not for grouped-query heads passed as such (fp32 without a mask): then the math
-  fallback, which materialises the scores like eager attention. transformers passes no mask (``is_causal=True``) unless the batch has padding or a
-  sliding window is shorter than the sequence (``masking_utils._ignore_causal_mask_sdpa``);
+  fallback, which materialises the scores like eager attention. transformers passes no mask
+  (``is_causal=True``) unless the batch has padding or a sliding window is no longer than the
+  sequence (``masking_utils._ignore_causal_mask_sdpa``);
   with a mask, grouped-query heads are first repeated (``repeat_kv``), the boolean mask is
   converted to an additive one in every layer, and the kernel computes every score (no causal
   block skipping).
