@@ -13,12 +13,15 @@ the step of the full model is the concatenation of segments in execution order
 (:func:`replay`), which is how a 126-block model costs the trace of one or two blocks.
 
 Each segment also records the FLOPs of its operators (``torch.utils.flop_counter``'s formulas)
-and the bytes its outputs allocate, for a time estimator to reuse.
+and the bytes its outputs allocate, for a time estimator to reuse, and its allocation *events*
+(every allocation and free, in order), which :mod:`~layerscope.estimate.allocator` replays
+block by block to simulate the CUDA caching allocator.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -72,6 +75,12 @@ class Segment:
     freed_per_block: tuple[tuple[Any, int], ...] = ()
 
 
+Alloc = tuple[str, int]
+"""``("a", bytes)``: a storage allocated (allocator-rounded bytes)."""
+Free = tuple[str, tuple[Any, str], int]
+"""``("f", segment, index)``: the ``index``-th allocation of ``segment`` freed."""
+
+
 @dataclass(frozen=True)
 class StepTrace:
     """The segments of one traced step of a reduced model.
@@ -80,9 +89,18 @@ class StepTrace:
     ``"head"`` or the kind index of a block, and ``phase`` is ``"fwd"`` or ``"bwd"``; plus
     ``("head", "release")`` (the model output dropped after the loss is taken) and
     ``("head", "end")`` (the loss dropped after backward).
+
+    ``events`` maps the same keys to the segment's allocations and frees in order
+    (:data:`Alloc`, :data:`Free`); a storage still alive when the step ends (a gradient) has
+    no free. ``passed`` holds the ``(segment, index)`` of the tensors a part hands to the next
+    one: a block's output in forward, the gradient of its input in backward.
+    ``kinds`` is the kind of each block of the traced (reduced) model, in order.
     """
 
     segments: dict[tuple[Any, str], Segment]
+    events: dict[tuple[Any, str], tuple[Alloc | Free, ...]] = dataclasses.field(default_factory=dict)
+    passed: frozenset[tuple[tuple[Any, str], int]] = frozenset()
+    kinds: tuple[Any, ...] = ()
 
 
 _GLOBAL_PARTS = ("embed", "head")
@@ -109,7 +127,12 @@ class _Tracker(TorchDispatchMode):
         self._flops: dict[tuple[Any, str], int] = {}
         self._alloc: dict[tuple[Any, str], int] = {}
         self._freed_per_block: dict[tuple[Any, str], dict[Any, int]] = {}
-        # storage -> [bytes, allocating segment, passed on as a block's output]
+        # allocation events per segment; off once the step is over (what dies later outlived it)
+        self._events: dict[tuple[Any, str], list[Alloc | Free]] = {}
+        self._count: dict[tuple[Any, str], int] = {}
+        self.passed: set[tuple[tuple[Any, str], int]] = set()
+        self.recording = True
+        # storage -> [bytes, allocating segment, passed on as a block's output, index in segment]
         self._info: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.switch(self.current)
 
@@ -130,9 +153,12 @@ class _Tracker(TorchDispatchMode):
         info = self._info.get(t.untyped_storage())
         if info is not None:
             info[2] = True
+            self.passed.add((info[1], info[3]))
 
     def _free(self, info: list) -> None:
-        nbytes, allocated_in, passed_on = info
+        nbytes, allocated_in, passed_on, index = info
+        if self.recording:
+            self._events.setdefault(self.current, []).append(("f", allocated_in, index))
         self.live -= nbytes
         if passed_on:
             return
@@ -155,7 +181,10 @@ class _Tracker(TorchDispatchMode):
             if storage in self._info:
                 continue
             size = rounded(storage.nbytes())
-            info = [size, seg, False]
+            index = self._count.get(seg, 0)
+            self._count[seg] = index + 1
+            self._events.setdefault(seg, []).append(("a", size))
+            info = [size, seg, False, index]
             self._info[storage] = info
             self.live += size
             self._alloc[seg] = self._alloc.get(seg, 0) + size
@@ -176,6 +205,9 @@ class _Tracker(TorchDispatchMode):
             )
             for key, start in self._start.items()
         }
+
+    def events(self) -> dict[tuple[Any, str], tuple[Alloc | Free, ...]]:
+        return {key: tuple(log) for key, log in self._events.items()}
 
 
 def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -> int:
@@ -291,6 +323,17 @@ def run_step(
     state = {"phase": "fwd", "after_blocks": False}
     handles = []
 
+    def entering(segment: tuple[Any, str]) -> Any:
+        """A backward pre-hook: the gradient arriving was handed on by the part above."""
+
+        def hook(grad_outputs: tuple[Any, ...]) -> None:
+            grad = _first_tensor(grad_outputs)
+            if grad is not None:
+                tracker.mark_passed_on(grad)
+            tracker.switch(segment)
+
+        return hook
+
     def on_block_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if state["phase"] != "fwd":
             return  # a recomputation under gradient checkpointing
@@ -299,7 +342,7 @@ def run_step(
         if p == 0:
             hidden = _first_tensor(args) if args else kwargs.get("hidden_states")
             if hidden is not None and hidden.grad_fn is not None:
-                hidden.grad_fn.register_prehook(lambda *_: tracker.switch(("embed", "bwd")))
+                hidden.grad_fn.register_prehook(entering(("embed", "bwd")))
 
     def on_block_post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if state["phase"] != "fwd":
@@ -309,8 +352,7 @@ def run_step(
         if out is not None:
             tracker.mark_passed_on(out)
         if out is not None and out.grad_fn is not None:
-            kind = kinds[p]
-            out.grad_fn.register_prehook(lambda *_: tracker.switch((kind, "bwd")))
+            out.grad_fn.register_prehook(entering((kinds[p], "bwd")))
         if p == len(blocks) - 1:
             state["after_blocks"] = True
 
@@ -347,10 +389,12 @@ def run_step(
                 tracker.switch(("head", "end"))
                 del loss
             del x
+            tracker.recording = False  # what dies from here on (gradients) outlives the step
     finally:
         for h in handles:
             h.remove()
-    return StepTrace(segments=tracker.segments())
+    return StepTrace(segments=tracker.segments(), events=tracker.events(),
+                     passed=frozenset(tracker.passed), kinds=tuple(kinds))
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
