@@ -28,9 +28,10 @@ from typing_extensions import Unpack
 
 from layerscope.compat import use_attention, use_experts
 from layerscope.errors import EstimateError
+from layerscope.estimate.allocator import Op, StepEvents, model_build_ops, simulate_loop, step_events
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU
-from layerscope.estimate.optimizers import OPTIMIZERS
+from layerscope.estimate.optimizers import OPTIMIZERS, OptimizerMemory
 from layerscope.estimate.trace import (
     Replay,
     Segment,
@@ -63,6 +64,11 @@ class MemoryEstimate:
     Attributes:
         peak_bytes: the highest ``torch.cuda.max_memory_allocated()`` of a steady-state step.
         peak_phase: ``"forward"``, ``"backward"`` or ``"optimizer"``: when the peak happens.
+        reserved_bytes: the predicted ``torch.cuda.max_memory_reserved()`` of the loop (what
+            ``nvidia-smi`` shows, less the CUDA context): the segments the caching allocator
+            holds at its highest, from a simulation of the allocator over the model's build
+            and the steps' allocations (:mod:`layerscope.estimate.allocator`); at least
+            ``peak_bytes``.
         weights_bytes: parameters and buffers (LoRA adapters included).
         gradient_bytes: gradients of the trainable tensors (alive from backward to the step).
         optimizer_state_bytes: what the optimizer keeps between steps.
@@ -82,6 +88,7 @@ class MemoryEstimate:
 
     peak_bytes: int
     peak_phase: str
+    reserved_bytes: int
     weights_bytes: int
     gradient_bytes: int
     optimizer_state_bytes: int
@@ -132,7 +139,8 @@ class MemoryEstimate:
     def summary(self) -> str:
         """A few lines, GiB labelled as such."""
         rows = [
-            ("peak", self.peak_bytes), ("weights", self.weights_bytes),
+            ("peak", self.peak_bytes), ("reserved (allocator)", self.reserved_bytes),
+            ("weights", self.weights_bytes),
             ("gradients", self.gradient_bytes), ("optimizer state", self.optimizer_state_bytes),
             ("optimizer temporaries", self.optimizer_temporary_bytes),
             ("activations", self.activation_bytes), ("logits and loss", self.logits_bytes),
@@ -190,6 +198,8 @@ class _Step:
     logits: int
     forward_flops: int
     backward_flops: int
+    events: StepEvents
+    build: tuple[Op, ...]
 
 
 def memory_of(setup: TrainingSetup) -> MemoryEstimate:
@@ -199,14 +209,15 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
         return cache[setup]  # type: ignore[no-any-return]
     step = _step_of(setup)
     train = step.trainable_tensors
-    if setup.inference:
-        opt_state, opt_temp, gradients = 0, 0, 0
-    else:
-        opt = OPTIMIZERS[setup.optimizer](train)
-        opt_state, opt_temp = opt.state, opt.temporary
-        gradients = sum(rounded(n * b) for n, b, _ in train)
+    opt = OptimizerMemory(()) if setup.inference else OPTIMIZERS[setup.optimizer](train)
+    opt_state, opt_temp = opt.state, opt.temporary
+    gradients = 0 if setup.inference else sum(rounded(n * b) for n, b, _ in train)
     rep = step.replay
     persistent = step.weights + opt_state
+    reserved = simulate_loop(
+        step.build, step.events, inference=setup.inference,
+        optimizer_state=opt.state_blocks, optimizer_temporaries=opt.temporary_blocks,
+    ).reserved_peak
     optimizer_peak = 0 if setup.inference else persistent + rep.end + opt_temp
     backward_peak = 0 if setup.inference else persistent + rep.backward_peak
     peak, phase = max(
@@ -217,6 +228,7 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
     result = MemoryEstimate(
         peak_bytes=peak,
         peak_phase=phase,
+        reserved_bytes=max(reserved, peak),
         weights_bytes=step.weights,
         gradient_bytes=gradients,
         optimizer_state_bytes=opt_state,
@@ -320,6 +332,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
             f"{setup.batch_size}, seq_len={setup.seq_len} ({first})"
         ) from exc
     rep = replay(trace, block_kinds, setup.inference)
+    events = step_events(trace, block_kinds, setup.inference)
 
     # static memory of the full model
     pbytes = int(dtype_bytes(param_dtype))
@@ -346,6 +359,9 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         logits=max(head_fwd.high, head_fwd.net + head_bwd.high),
         forward_flops=sum(seg.get((p, "fwd"), Segment()).flops for p in parts),
         backward_flops=sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
+        events=events,
+        build=model_build_ops(model, pbytes, [(rounded(n * pbytes), rounded(n * b))
+                                              for n, b, _ in lora_tensors]),
     )
 
 

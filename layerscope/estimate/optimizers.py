@@ -2,7 +2,10 @@
 
 Each entry says what the optimizer keeps between steps (``state``) and what its ``step()``
 allocates on top of weights, gradients and state at its highest point (``temporary``), for
-PyTorch 2.x on CUDA with default arguments (weight decay as the class defaults it).
+PyTorch 2.x on CUDA with default arguments (weight decay as the class defaults it). Both are
+also given block by block, in the order ``step()`` allocates them, for the caching-allocator
+simulation (:mod:`layerscope.estimate.allocator`): the state is created lazily inside the first
+``step()``, while the gradients are alive, and the temporaries all live until the update ends.
 """
 
 from __future__ import annotations
@@ -18,37 +21,55 @@ Tensors = Sequence[tuple[int, int, tuple[int, ...]]]
 
 @dataclass(frozen=True)
 class OptimizerMemory:
-    """Bytes an optimizer holds: ``state`` between steps, ``temporary`` at the peak of ``step()``."""
+    """Bytes an optimizer holds, block by block (allocator-rounded, in allocation order).
 
-    state: int
-    temporary: int
+    Attributes:
+        state_blocks: what it keeps between steps, allocated in the first ``step()``.
+        temporary_blocks: what each ``step()`` allocates and frees again, all alive together.
+    """
+
+    state_blocks: tuple[int, ...]
+    temporary_blocks: tuple[int, ...] = ()
+
+    @property
+    def state(self) -> int:
+        """Bytes kept between steps."""
+        return sum(self.state_blocks)
+
+    @property
+    def temporary(self) -> int:
+        """Bytes ``step()`` allocates at its highest point."""
+        return sum(self.temporary_blocks)
 
 
 def _adam_foreach(tensors: Tensors) -> OptimizerMemory:
     """``torch.optim.AdamW``/``Adam``, foreach (the CUDA default).
 
-    State: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype; ``step`` is a CPU tensor.
-    Temporary: ``_multi_tensor_adam`` takes ``torch._foreach_sqrt(device_exp_avg_sqs)``, a full
-    copy of the second moments of every tensor of the dtype group, alive until the update.
+    State: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype, tensor by tensor
+    (``_init_group``); ``step`` is a CPU tensor. Temporary: ``_multi_tensor_adam`` takes
+    ``torch._foreach_sqrt(device_exp_avg_sqs)``, a full copy of the second moments of every
+    tensor of the dtype group, alive until the update.
     """
-    state = sum(2 * rounded(n * b) for n, b, _ in tensors)
-    return OptimizerMemory(state=state, temporary=sum(rounded(n * b) for n, b, _ in tensors))
+    state = tuple(r for n, b, _ in tensors for r in (rounded(n * b), rounded(n * b)))
+    return OptimizerMemory(state, tuple(rounded(n * b) for n, b, _ in tensors))
 
 
 def _adam_fused(tensors: Tensors) -> OptimizerMemory:
-    """``AdamW(fused=True)``: one CUDA kernel per tensor list, no temporaries; ``step`` on the GPU."""
-    state = sum(2 * rounded(n * b) + rounded(4) for n, b, _ in tensors)
-    return OptimizerMemory(state=state, temporary=0)
+    """``AdamW(fused=True)``: one CUDA kernel per tensor list, no temporaries; ``step`` is a
+    0-dim fp32 tensor on the GPU, made before the two moments (``_init_group``)."""
+    state = tuple(r for n, b, _ in tensors for r in (rounded(4), rounded(n * b), rounded(n * b)))
+    return OptimizerMemory(state)
 
 
 def _sgd(tensors: Tensors) -> OptimizerMemory:
     """``torch.optim.SGD`` without momentum: in-place ``_foreach_add_``, nothing kept."""
-    return OptimizerMemory(state=0, temporary=0)
+    return OptimizerMemory(())
 
 
 def _sgd_momentum(tensors: Tensors) -> OptimizerMemory:
-    """``SGD(momentum=0.9)``: one ``momentum_buffer`` per tensor, updated in place."""
-    return OptimizerMemory(state=sum(rounded(n * b) for n, b, _ in tensors), temporary=0)
+    """``SGD(momentum=0.9)``: one ``momentum_buffer`` per tensor (a clone of the first
+    gradient), updated in place."""
+    return OptimizerMemory(tuple(rounded(n * b) for n, b, _ in tensors))
 
 
 def _adamw_8bit(tensors: Tensors) -> OptimizerMemory:
@@ -58,14 +79,15 @@ def _adamw_8bit(tensors: Tensors) -> OptimizerMemory:
     ``absmax`` per block of 256 elements for each, and two 256-entry fp32 quantisation maps;
     smaller tensors keep fp32 moments (bitsandbytes ``Optimizer8bit.init_state``).
     """
-    state = 0
+    state: list[int] = []
     for n, _, _ in tensors:
         if n >= 4096:
             blocks = -(-n // 256)
-            state += 2 * rounded(n) + 2 * rounded(4 * blocks) + 2 * rounded(4 * 256)
+            state += [rounded(n), rounded(4 * 256), rounded(n), rounded(4 * 256),
+                      rounded(4 * blocks), rounded(4 * blocks)]
         else:
-            state += 2 * rounded(4 * n)
-    return OptimizerMemory(state=state, temporary=0)
+            state += [rounded(4 * n), rounded(4 * n)]
+    return OptimizerMemory(tuple(state))
 
 
 def _adafactor(tensors: Tensors) -> OptimizerMemory:
@@ -75,14 +97,13 @@ def _adafactor(tensors: Tensors) -> OptimizerMemory:
     vectors, in the parameter's dtype. Temporary: ``var_estimates``, one full-size tensor per
     parameter (``row_var @ col_var``, or a clone of the variance), alive until the update.
     """
-    state = 0
+    state: list[int] = []
     for n, b, shape in tensors:
         if len(shape) >= 2:
-            rows = n // shape[-1]
-            state += rounded(rows * b) + rounded((n // shape[-2]) * b)
+            state += [rounded((n // shape[-1]) * b), rounded((n // shape[-2]) * b)]
         else:
-            state += rounded(n * b)
-    return OptimizerMemory(state=state, temporary=sum(rounded(n * b) for n, b, _ in tensors))
+            state.append(rounded(n * b))
+    return OptimizerMemory(tuple(state), tuple(rounded(n * b) for n, b, _ in tensors))
 
 
 OPTIMIZERS: dict[str, Callable[[Tensors], OptimizerMemory]] = {
