@@ -24,7 +24,6 @@ from layerscope.estimate.band import BAND_COVERAGE
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.memory import (
-    ALLOCATOR_HEADROOM,
     CUDA_CONTEXT_BYTES,
     MemoryEstimate,
     max_batch_size,
@@ -113,6 +112,7 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
     return {
         "peak_bytes": e.peak_bytes,
         "peak_phase": e.peak_phase,
+        "reserved_bytes": e.reserved_bytes,
         "required_bytes": e.required_bytes(),
         "weights_bytes": e.weights_bytes,
         "gradient_bytes": e.gradient_bytes,
@@ -138,10 +138,9 @@ def gpu_dict(gpu: GPU) -> dict[str, Any]:
 
 def assumptions_dict() -> dict[str, Any]:
     return {
-        "allocator_headroom": ALLOCATOR_HEADROOM,
         "cuda_context_bytes": CUDA_CONTEXT_BYTES,
-        "rule": f"fits when peak x {1 + ALLOCATOR_HEADROOM:.2f} + {CUDA_CONTEXT_BYTES >> 20} MiB "
-                "<= the GPU's total memory (nvidia-smi)",
+        "rule": "fits when the memory the caching allocator reserves (simulated) + "
+                f"{CUDA_CONTEXT_BYTES >> 20} MiB (CUDA context) <= the GPU's total memory (nvidia-smi)",
     }
 
 
@@ -273,6 +272,7 @@ class Alternative:
         return {
             "change": self.change, "kind": self.kind, "plan": PlanInfo.of(self.setup).text,
             "settings": self.setup.to_dict(), "peak_bytes": self.estimate.peak_bytes,
+            "reserved_bytes": self.estimate.reserved_bytes,
             "required_bytes": self.estimate.required_bytes(), "fits": self.fits,
             "margin_bytes": self.margin_bytes, "step_seconds": self.step_seconds,
             "time_per_token_ratio": self.time_per_token_ratio,

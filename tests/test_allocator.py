@@ -318,7 +318,12 @@ def test_event_replay_matches_the_segment_replay(tiny, kind, settings):
 
 def test_reserved_is_whole_segments_above_the_peak(tiny):
     from layerscope import estimate_memory
+    from layerscope.estimate.memory import CUDA_CONTEXT_BYTES
+
     for kind in ("llama", "gpt2", "mixtral"):
         e = estimate_memory(tiny[kind], batch_size=8, seq_len=512)
         assert e.reserved_bytes >= e.peak_bytes
         assert e.reserved_bytes % (2 * MiB) == 0  # every segment is a multiple of 2 MiB
+        # the fit verdict: reserved memory plus the CUDA context
+        assert e.required_bytes() == e.reserved_bytes + CUDA_CONTEXT_BYTES
+        assert e.fits(e.required_bytes()) and not e.fits(e.required_bytes() - 1)

@@ -26,7 +26,8 @@ NUMBER = (int, float)
 OPTIONAL_INT, OPTIONAL_NUMBER = (int, type(None)), (int, float, type(None))
 
 ESTIMATE = {
-    "peak_bytes": int, "peak_phase": str, "required_bytes": int, "weights_bytes": int,
+    "peak_bytes": int, "peak_phase": str, "reserved_bytes": int, "required_bytes": int,
+    "weights_bytes": int,
     "gradient_bytes": int, "optimizer_state_bytes": int, "optimizer_temporary_bytes": int,
     "activation_bytes": int, "activation_bytes_per_block": [int], "logits_bytes": int,
     "forward_peak_bytes": int, "backward_peak_bytes": int, "optimizer_peak_bytes": int,
@@ -44,11 +45,11 @@ HEADER = {
              "lora_targets": int, "frozen_params": int, "warnings": [str]},
 }
 GPU = {"name": str, "full_name": str, "memory_bytes": int, "price_per_hour": OPTIONAL_NUMBER}
-ASSUMPTIONS = {"allocator_headroom": float, "cuda_context_bytes": int, "rule": str}
+ASSUMPTIONS = {"cuda_context_bytes": int, "rule": str}
 VERDICT = {"gpu": str, "fits": bool, "required_bytes": int, "available_bytes": int,
            "margin_bytes": int}
 SUGGESTION = {"change": str, "kind": str, "plan": str, "settings": SETTINGS, "peak_bytes": int,
-              "required_bytes": int, "fits": bool, "margin_bytes": int,
+              "reserved_bytes": int, "required_bytes": int, "fits": bool, "margin_bytes": int,
               "step_seconds": OPTIONAL_NUMBER, "time_per_token_ratio": OPTIONAL_NUMBER}
 ESTIMATE_DOC = {**HEADER, "estimate": ESTIMATE, "full_finetune": ESTIMATE,
                 "gpu": (dict, type(None)), "assumptions": ASSUMPTIONS,
@@ -118,9 +119,9 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def required(peak: int) -> int:
-    """The fit rule, worked out here: peak x 1.10 + 512 MiB."""
-    return int(peak * 1.10) + 512 * 2**20
+def required(e: dict) -> int:
+    """The fit rule, worked out here: reserved memory + 512 MiB of CUDA context."""
+    return e["reserved_bytes"] + 512 * 2**20
 
 
 # -- every command as a subprocess -----------------------------------------------------------
@@ -161,7 +162,8 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]
-    assert e["required_bytes"] == required(e["peak_bytes"])
+    assert e["required_bytes"] == required(e)
+    assert e["reserved_bytes"] >= e["peak_bytes"]
     assert e["peak_bytes"] == max(e["forward_peak_bytes"], e["backward_peak_bytes"],
                                   e["optimizer_peak_bytes"])
     assert len(e["activation_bytes_per_block"]) == 16
@@ -181,7 +183,7 @@ def test_estimate_suggestions_are_estimated_alternatives(not_fitting):
     kinds = [s["kind"] for s in suggestions]
     assert {"checkpointing", "batch", "optimizer", "lora"} <= set(kinds)
     for s in suggestions:
-        assert s["required_bytes"] == required(s["peak_bytes"])
+        assert s["required_bytes"] == required(s)
         assert s["fits"] == (s["required_bytes"] <= 23034 * 2**20)
     fits = [s["fits"] for s in suggestions]
     assert fits == sorted(fits, reverse=True), "alternatives that fit come first"
@@ -213,7 +215,8 @@ def test_estimate_text_fits_subprocess():
                 "GPU memory needed", "trainable parameters"):
         assert row in out
     assert "On l4 (22.49 GiB): FITS." in out and "largest batch that fits:" in out
-    assert "peak x 1.10 (allocator headroom) + 512 MiB (CUDA context)" in out
+    assert "Needed = reserved (the caching allocator, simulated) + 512 MiB (CUDA context)" in out
+    assert "reserved (allocator)" in out
 
 
 def test_time_json_subprocess():
@@ -273,7 +276,7 @@ def test_fit_json_subprocess():
     best, memory = doc["max_batch_size"], doc["gpu"]["memory_bytes"]
     assert best > 1
     at, above = doc["at_max"], doc["above_max"]
-    assert required(at["peak_bytes"]) <= memory < required(above["peak_bytes"])
+    assert required(at) <= memory < required(above)
     assert doc["step"]["tokens"] == best * 1024
 
 

@@ -84,7 +84,10 @@ def test_report_content(report):
     legend = {p["status"] for p in parts}  # the head is partly frozen: its tied weight is
     assert parts[-1]["status"] == "partial" and legend == {"frozen", "trainable", "partial"}
     assert len(strip.findall(f"{ns}rect")) == len(parts) + len(legend)
-    assert [t.text for t in bars.iter(f"{ns}text")][-1].startswith("h100-sxm")  # first above
+    longest = max(doc["estimate"]["required_bytes"], doc["full_finetune"]["required_bytes"])
+    above = min((c for c in doc["capacity_lines"] if c["memory_bytes"] > longest),
+                key=lambda c: c["memory_bytes"])  # the first GPU line above the longest bar
+    assert [t.text for t in bars.iter(f"{ns}text")][-1].startswith(above["gpu"])
     assert {"plan: lp-lora:0.5", "full fine-tuning"} <= {t.text for t in bars.iter(f"{ns}text")}
     lines = chart.findall(f".//{ns}polyline")
     assert len(lines) == 2
@@ -112,14 +115,16 @@ def test_report_agrees_with_estimate_json(report, capsys):
 @pytest.mark.parametrize("phase", ["forward", "backward", "optimizer"])
 def test_bar_segments_add_up_to_the_memory_needed(phase):
     gib = 2**30
-    e = {"peak_bytes": 40 * gib, "peak_phase": phase, "required_bytes": 44 * gib + 512 * 2**20,
+    e = {"peak_bytes": 40 * gib, "peak_phase": phase, "reserved_bytes": 44 * gib,
+         "required_bytes": 44 * gib + 512 * 2**20,
          "weights_bytes": 10 * gib, "optimizer_state_bytes": 20 * gib, "gradient_bytes": 5 * gib,
          "optimizer_temporary_bytes": 4 * gib}
     segments = peak_segments(e)
     assert sum(v for _, v in segments) == e["required_bytes"]
     names = [n for n, _ in segments]
     assert names[:2] == ["weights", "optimizer states"]
-    assert names[-1] == "allocator headroom + CUDA context"
+    assert segments[-2:] == [("allocator cache (reserved, not in use)", 4 * gib),
+                             ("CUDA context", 512 * 2**20)]
     if phase == "optimizer":  # 40 - 10 - 20 = 10 GiB: 5 of gradients, 4 temporary, 1 other
         assert segments[2:5] == [("gradients", 5 * gib), ("optimizer temporaries", 4 * gib),
                                  ("other", gib)]

@@ -49,12 +49,8 @@ from layerscope.units import dtype_bytes, format_bytes
 CUDA_CONTEXT_BYTES = 512 * 2**20
 """Bytes the CUDA context takes outside PyTorch's allocator: typically 300-600 MiB on an
 H100 with PyTorch 2.x and lazy module loading (``CUDA_MODULE_LOADING=LAZY``, the default since
-CUDA 11.7); 512 MiB is assumed, not measured by layerscope."""
-
-ALLOCATOR_HEADROOM = 0.10
-"""Fraction of the peak the caching allocator may reserve beyond what is allocated
-(fragmentation). In the H100 calibration set ``reserved_peak / peak_steady`` is 1.00-1.20,
-most rows under 1.06 (the outlier is gradient checkpointing); 10% is the default margin."""
+CUDA 11.7); 512 MiB is assumed, not measured by layerscope. ``nvidia-smi`` shows it on top of
+what the caching allocator reserves (:attr:`MemoryEstimate.reserved_bytes`)."""
 
 
 @dataclass(frozen=True)
@@ -112,29 +108,23 @@ class MemoryEstimate:
     forward_flops: int
     backward_flops: int
 
-    def required_bytes(
-        self, *, context_bytes: int = CUDA_CONTEXT_BYTES, headroom: float = ALLOCATOR_HEADROOM
-    ) -> int:
-        """GPU memory needed: ``peak * (1 + headroom) + context_bytes``."""
-        if headroom < 0 or context_bytes < 0:
-            raise EstimateError(
-                f"headroom={headroom} and context_bytes={context_bytes} must be >= 0"
-            )
-        return int(self.peak_bytes * (1 + headroom)) + context_bytes
+    def required_bytes(self, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+        """GPU memory needed: what the caching allocator reserves (``reserved_bytes``) plus the
+        CUDA context (``context_bytes``, :data:`CUDA_CONTEXT_BYTES` by default)."""
+        if isinstance(context_bytes, bool) or not isinstance(context_bytes, int) or context_bytes < 0:
+            raise EstimateError(f"context_bytes must be an int >= 0, got {context_bytes!r}")
+        return self.reserved_bytes + context_bytes
 
-    def fits(
-        self,
-        gpu: int | str,
-        *,
-        context_bytes: int = CUDA_CONTEXT_BYTES,
-        headroom: float = ALLOCATOR_HEADROOM,
-    ) -> bool:
-        """Whether the step fits on ``gpu`` (bytes, or a name from ``estimate.hardware``).
+    def fits(self, gpu: int | str, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> bool:
+        """Whether the step fits on ``gpu`` (bytes, or a name from ``estimate.hardware``):
+        :meth:`required_bytes` at most its memory.
 
-        Assumes ``context_bytes`` for the CUDA context (:data:`CUDA_CONTEXT_BYTES`) and
-        ``headroom`` of the peak for allocator fragmentation (:data:`ALLOCATOR_HEADROOM`).
+        The reserved memory is what the allocator takes when memory is plentiful; on a GPU
+        too small for it, PyTorch frees its unused cached segments and retries before it
+        fails, so a step a little over the line may still run (slower, after ``cudaMalloc``
+        retries); none runs in less than ``peak_bytes`` plus the context.
         """
-        return self.required_bytes(context_bytes=context_bytes, headroom=headroom) <= gpu_bytes(gpu)
+        return self.required_bytes(context_bytes=context_bytes) <= gpu_bytes(gpu)
 
     def summary(self) -> str:
         """A few lines, GiB labelled as such."""
@@ -506,7 +496,6 @@ def max_batch_size(
     *,
     limit: int = 65536,
     context_bytes: int = CUDA_CONTEXT_BYTES,
-    headroom: float = ALLOCATOR_HEADROOM,
     **settings: Unpack[Settings],
 ) -> int:
     """The largest batch size whose step fits on ``gpu`` (0 if none does), up to ``limit``.
@@ -526,14 +515,17 @@ def max_batch_size(
         return memory_of(base.replace(batch_size=b))
 
     def fits(b: int) -> bool:
-        return estimate(b).fits(budget, context_bytes=context_bytes, headroom=headroom)
+        return estimate(b).fits(budget, context_bytes=context_bytes)
 
     first = min(base.batch_size, limit)
     second = first + 1 if first < limit else first - 1
     if second < 1:  # limit == 1
         return 1 if fits(1) else 0
-    allowed = (budget - context_bytes) / (1 + headroom)
-    guess = _linear_max_batch(estimate(first), estimate(second), first, second, allowed)
+    a = estimate(first)
+    # the allocated peaks grow linearly with the batch; the reserved memory keeps about the
+    # same ratio to them
+    allowed = (budget - context_bytes) * a.peak_bytes / a.reserved_bytes
+    guess = _linear_max_batch(a, estimate(second), first, second, allowed)
     good, bad = 0, limit + 1
     probe = max(1, min(limit, guess))
     step = 1

@@ -86,7 +86,7 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
 
 def rule_text(doc: Mapping[str, Any]) -> str:
     a = doc["assumptions"]
-    return (f"Needed = peak x {1 + a['allocator_headroom']:.2f} (allocator headroom) + "
+    return (f"Needed = reserved (the caching allocator, simulated) + "
             f"{a['cuda_context_bytes'] >> 20} MiB (CUDA context), against the GPU's total memory.")
 
 
@@ -102,6 +102,7 @@ def comparison_table(doc: Mapping[str, Any]) -> str:
     rows += [
         ("peak", gib(e["peak_bytes"]), gib(f["peak_bytes"])),
         ("peak during", e["peak_phase"], f["peak_phase"]),
+        ("reserved (allocator)", gib(e["reserved_bytes"]), gib(f["reserved_bytes"])),
         ("GPU memory needed", gib(e["required_bytes"]), gib(f["required_bytes"])),
         ("trainable parameters", trainable(e), trainable(f)),
     ]

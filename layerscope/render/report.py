@@ -79,7 +79,8 @@ def peak_segments(e: Mapping[str, Any]) -> list[tuple[str, int]]:
         segs.append(("activations + logits (forward peak)", rest))
     else:
         segs.append(("activations + gradients + logits (peak)", rest))
-    segs.append(("allocator headroom + CUDA context", e["required_bytes"] - peak))
+    segs.append(("allocator cache (reserved, not in use)", e["reserved_bytes"] - peak))
+    segs.append(("CUDA context", e["required_bytes"] - e["reserved_bytes"]))
     return [(n, v) for n, v in segs if v > 0]
 
 
