@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,7 @@ from layerscope.estimate.trace import (
     run_step,
 )
 from layerscope.plan import FreezePlan
+from layerscope.process import deferred_interrupts, quiet_warnings
 from layerscope.scan import ModelScan
 from layerscope.setup import Lora, Settings, TrainingSetup, make_setup
 from layerscope.units import dtype_bytes, format_bytes
@@ -253,7 +253,8 @@ def _step_of(setup: TrainingSetup) -> _Step:
            setup.experts, setup.inference)
     cache = model_cache(setup.model, "step")
     if key not in cache:
-        cache[key] = _trace_step(setup)
+        with deferred_interrupts():  # Ctrl-C waits for the trace to hand control back
+            cache[key] = _trace_step(setup)
     return cache[key]  # type: ignore[no-any-return]
 
 
@@ -284,8 +285,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         enable = getattr(reduced, "gradient_checkpointing_enable", None)
         if enable is None or not getattr(reduced, "supports_gradient_checkpointing", False):
             raise EstimateError(f"{type(model).__name__} does not support gradient checkpointing")
-        with warnings.catch_warnings():  # transformers 5 renames it; same behaviour
-            warnings.simplefilter("ignore", FutureWarning)
+        with quiet_warnings():  # transformers 5 renames it (a FutureWarning); same behaviour
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_attention(reduced, setup.attention)
     use_experts(reduced, setup.experts)
@@ -433,8 +433,7 @@ def _inject_lora(
         lora.peft_config(), target_modules=sorted(mapped), layers_to_transform=None,
         layers_pattern=None, exclude_modules=None,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_warnings():  # peft's notes on the config (e.g. fan_in_fan_out for Conv1D)
         inject_adapter_in_model(config, reduced)
     return {id(p) for n, p in reduced.named_parameters() if "lora_" in n}
 

@@ -134,6 +134,7 @@ class _Tracker(TorchDispatchMode):
         self.recording = True
         # storage -> [bytes, allocating segment, passed on as a block's output, index in segment]
         self._info: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._finalizers: list[weakref.finalize] = []
         self.switch(self.current)
 
     def switch(self, segment: tuple[Any, str]) -> None:
@@ -188,10 +189,17 @@ class _Tracker(TorchDispatchMode):
             self._info[storage] = info
             self.live += size
             self._alloc[seg] = self._alloc.get(seg, 0) + size
-            weakref.finalize(storage, self._free, info)
+            self._finalizers.append(weakref.finalize(storage, self._free, info))
         if self.live > self._high[seg]:
             self._high[seg] = self.live
         return out
+
+    def close(self) -> None:
+        """Stop counting: storages that outlive the step (gradients of the traced copy) then
+        die without running Python code, wherever and whenever the collector frees them."""
+        for f in self._finalizers:
+            f.detach()
+        self._finalizers.clear()
 
     def segments(self) -> dict[tuple[Any, str], Segment]:
         self._end[self.current] = self.live
@@ -390,11 +398,17 @@ def run_step(
                 del loss
             del x
             tracker.recording = False  # what dies from here on (gradients) outlives the step
+    except BaseException:
+        tracker.close()
+        raise
     finally:
         for h in handles:
             h.remove()
-    return StepTrace(segments=tracker.segments(), events=tracker.events(),
-                     passed=frozenset(tracker.passed), kinds=tuple(kinds))
+    try:
+        return StepTrace(segments=tracker.segments(), events=tracker.events(),
+                         passed=frozenset(tracker.passed), kinds=tuple(kinds))
+    finally:
+        tracker.close()
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
