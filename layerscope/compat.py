@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from layerscope.errors import EstimateError, LayerscopeWarning
+from layerscope.process import import_once
 
 __all__ = [
     "TorchDispatchMode",
@@ -86,11 +87,22 @@ def run_backward(loss: torch.Tensor) -> None:
 def from_config(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:
     """``cls._from_config(config, dtype=...)``: what ``AutoModel*.from_config`` calls. Private in
     transformers, stable 4.30-5.24; the dtype keyword is ``torch_dtype`` before 5.0. It applies
-    the dtype to the config and its sub-configs and builds under that default dtype."""
+    the dtype to the config and its sub-configs and builds under that default dtype.
+
+    The default dtype is the process's: while a skeleton builds (milliseconds), a tensor another
+    thread creates without a dtype gets ``dtype`` too. Builds by layerscope never overlap.
+    """
     import transformers
 
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return cls._from_config(config, **{dtype_kw: dtype})  # type: ignore[no-any-return]
+    # transformers builds under torch.set_default_dtype(dtype) and restores the previous default
+    # afterwards: a process-wide setting. Two builds interleaving in threads would restore each
+    # other's dtype and leave the process on bfloat16 for good; one build at a time cannot.
+    with _BUILD_LOCK:
+        return cls._from_config(config, **{dtype_kw: dtype})  # type: ignore[no-any-return]
+
+
+_BUILD_LOCK = threading.Lock()
 
 
 # -- transformers' packed-sequence detection ----------------------------------------------------
@@ -102,6 +114,7 @@ def _install_packed_wrapper() -> bool:
     """Wrap ``transformers.masking_utils.find_packed_sequence_indices`` once (5.x; absent in
     4.x, where there is nothing to do). Returns whether the wrapper is in place."""
     try:
+        import_once("transformers")  # the first import, safe against other threads
         import transformers.masking_utils as masking
     except ImportError:
         return False

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -80,20 +81,44 @@ def deferred_interrupts() -> Iterator[None]:
 
 # -- imports ---------------------------------------------------------------------------------
 _IMPORT_LOCK = threading.RLock()
+_LOADED: set[str] = set()
+
+_NEEDED = {
+    "transformers": (
+        ["transformers.configuration_utils", "transformers.modeling_utils",
+         "transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto",
+         "transformers.masking_utils", "transformers.dynamic_module_utils"],
+        ["PretrainedConfig", "PreTrainedModel", "CONFIG_MAPPING", "AutoConfig", "__version__"],
+    ),
+    "peft": (
+        ["peft.tuners.tuners_utils", "peft.utils.constants"],
+        ["LoraConfig", "inject_adapter_in_model"],
+    ),
+}
+"""What layerscope uses of each lazily built package: submodules imported and top-level names
+resolved once, under the lock (a submodule missing from an older version is skipped)."""
 
 
 def import_once(name: str) -> ModuleType:
-    """``importlib.import_module(name)``, the first import of each module under one lock.
+    """``transformers`` or ``peft``, imported with every part layerscope uses, the first time
+    under one process-wide lock.
 
-    transformers (and peft, which imports it) build their namespaces lazily on first attribute
-    access; two threads doing that first access at once can see a half-built module.
+    Both packages build their namespace lazily, on first attribute access; two threads making
+    that first access at once see a half-built module (``ImportError: cannot import name
+    'PretrainedConfig' from 'transformers'``). Once loaded here, later imports only read
+    ``sys.modules``.
     """
-    module = getattr(_LOCAL, "imported", {}).get(name)
-    if module is not None:
-        return module  # type: ignore[no-any-return]
+    if name in _LOADED:
+        return sys.modules[name]
     with _IMPORT_LOCK:
         module = importlib.import_module(name)
-    _LOCAL.imported = {**getattr(_LOCAL, "imported", {}), name: module}
+        submodules, attributes = _NEEDED.get(name, ([], []))
+        for sub in submodules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(sub)
+        for attribute in attributes:
+            getattr(module, attribute, None)
+        _LOADED.add(name)
     return module
 
 

@@ -22,6 +22,7 @@ from typing_extensions import Unpack
 from layerscope.build import as_model
 from layerscope.errors import EstimateError, LayerscopeWarning
 from layerscope.plan import FreezePlan
+from layerscope.process import import_once
 from layerscope.scan import ModelScan, scan
 
 
@@ -230,6 +231,7 @@ class Lora:
         """
         if value is None:
             return None
+        import_once("peft")  # the first import, safe against other threads
         if isinstance(value, Lora):
             modules = {name for name, _ in model.named_modules()}
             if value.targets <= modules:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from layerscope.catalog.registry import close_presets, find_preset, unknown_preset_message
 from layerscope.errors import ConfigError, ModelTypeError
+from layerscope.process import import_once
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -54,6 +55,7 @@ def resolve_config(source: object, *, trust_remote_code: bool = False) -> Resolv
         ConfigError: the source cannot be found, read or understood.
         ModelTypeError: ``source`` is of an unsupported type.
     """
+    import_once("transformers")  # the first import, safe against other threads
     from transformers import PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
