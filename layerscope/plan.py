@@ -15,16 +15,26 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
 from layerscope.errors import PlanError
+from layerscope.fingerprint import ModelFingerprint
 from layerscope.scan import ModelScan, scan
 
 PLAN_FORMAT = 1
+
+
+def _strings(values: object, what: str) -> str | tuple[object, ...]:
+    """A str as is, any other iterable as a tuple (its items are checked by the rule)."""
+    if isinstance(values, str):
+        return values
+    if isinstance(values, (bytes, dict)) or not hasattr(values, "__iter__"):
+        raise PlanError(f"{what}: expected a str or a list of str, got {values!r}"[:300])
+    return tuple(values)  # type: ignore[call-overload, no-any-return]
 
 
 def _check_n(n: object, what: str) -> int:
@@ -206,11 +216,18 @@ class Regex(Rule):
             raise PlanError(f"regex: patterns must be a str or a list of str, got {self.patterns!r}")
         if not patterns:
             raise PlanError("regex: the list of patterns is empty")
+        if not isinstance(self.case_sensitive, bool):
+            raise PlanError(f"regex: case_sensitive must be a bool, got {self.case_sensitive!r}")
         for p in patterns:
+            if not p:
+                raise PlanError(
+                    "regex: an empty pattern matches every parameter name; to freeze everything "
+                    "say so (FreezePlan.all(), freeze_model)"
+                )
             try:
                 re.compile(p)
-            except re.error as exc:
-                raise PlanError(f"regex: invalid regular expression {p!r}: {exc}") from exc
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise PlanError(f"regex: invalid regular expression {p[:100]!r}: {exc}") from None
         object.__setattr__(self, "patterns", tuple(patterns))
 
     def select(self, s: ModelScan) -> tuple[set[str], list[str]]:
@@ -308,6 +325,8 @@ class Resolution:
     frozen_params: int
     trainable_params: int
     warnings: tuple[str, ...]
+    plan: FreezePlan | None = field(default=None, compare=False)
+    """The plan as resolved, recording the model's fingerprint (what to save with ``to_json``)."""
 
     @property
     def frozen_names(self) -> frozenset[str]:
@@ -321,19 +340,30 @@ class FreezePlan:
     Args:
         rules: what to freeze; everything else trains.
         num_layers: when set, the number of blocks the plan was made for; resolving it on a
-            model with another count is a :class:`PlanError`.
+            model with another count is a :class:`PlanError` (unless ``strict=False``).
+        model: the fingerprint of the model the plan was resolved against
+            (:meth:`bind`, :attr:`Resolution.plan`): architecture, layer count, parameter names
+            and shapes. Resolving the plan on a model with another fingerprint is a
+            :class:`PlanError` (unless ``strict=False``).
     """
 
     rules: tuple[Rule, ...] = ()
     num_layers: int | None = None
+    model: ModelFingerprint | None = None
 
     def __post_init__(self) -> None:
-        rules = tuple(self.rules)
-        if not all(isinstance(r, Rule) for r in rules):
-            raise PlanError(f"FreezePlan: rules must be Rule objects, got {self.rules!r}")
-        object.__setattr__(self, "rules", tuple(dict.fromkeys(rules)))
+        if not isinstance(self.rules, (tuple, list)) or not all(isinstance(r, Rule) for r in self.rules):
+            raise PlanError(f"FreezePlan: rules must be a tuple of Rule objects, got {self.rules!r}"[:300])
+        object.__setattr__(self, "rules", tuple(dict.fromkeys(self.rules)))
         if self.num_layers is not None:
             _check_n(self.num_layers, "FreezePlan num_layers")
+        if self.model is not None and not isinstance(self.model, ModelFingerprint):
+            raise PlanError(f"FreezePlan: model must be a ModelFingerprint or None, got {self.model!r}")
+        if self.model is not None and self.num_layers != self.model.num_layers:
+            raise PlanError(
+                f"FreezePlan: num_layers={self.num_layers} but the model fingerprint has "
+                f"{self.model.num_layers} layers"
+            )
 
     # -- constructors ----------------------------------------------------------------------
     @classmethod
@@ -362,12 +392,11 @@ class FreezePlan:
 
     @classmethod
     def regex(cls, patterns: str | Iterable[str], case_sensitive: bool = True) -> FreezePlan:
-        pats = patterns if isinstance(patterns, str) else tuple(patterns)
-        return cls((Regex(pats, case_sensitive),))  # type: ignore[arg-type]
+        return cls((Regex(_strings(patterns, "regex: patterns"), case_sensitive),))  # type: ignore[arg-type]
 
     @classmethod
     def names(cls, names: Iterable[str]) -> FreezePlan:
-        return cls((Names(tuple(names)),))
+        return cls((Names(_strings(names, "names")),))  # type: ignore[arg-type]
 
     @classmethod
     def lp_lora(cls, freeze_ratio: float = 0.5, freeze_embed: bool = True) -> FreezePlan:
@@ -380,7 +409,12 @@ class FreezePlan:
         layers = {n for n in (self.num_layers, other.num_layers) if n is not None}
         if len(layers) > 1:
             raise PlanError(f"cannot combine plans made for {sorted(layers)} layers")
-        return FreezePlan(self.rules + other.rules, layers.pop() if layers else None)
+        models = {m for m in (self.model, other.model) if m is not None}
+        if len(models) > 1:
+            a, b = models
+            raise PlanError(f"cannot combine plans made for different models ({', '.join(a.differences(b))})")
+        return FreezePlan(self.rules + other.rules, layers.pop() if layers else None,
+                          models.pop() if models else None)
 
     __add__ = __or__
 
@@ -388,19 +422,43 @@ class FreezePlan:
         """The same plan, checked against ``num_layers`` blocks when resolved."""
         return FreezePlan(self.rules, num_layers)
 
+    def bind(self, model: nn.Module | ModelScan, *, strict: bool = True) -> FreezePlan:
+        """The same plan recording ``model``'s fingerprint (checked by resolving it there)."""
+        res = self.resolve(model, strict=strict)
+        assert res.plan is not None
+        return res.plan
+
     # -- resolving -------------------------------------------------------------------------
-    def resolve(self, model: nn.Module | ModelScan) -> Resolution:
+    def resolve(self, model: nn.Module | ModelScan, *, strict: bool = True) -> Resolution:
         """The exact parameter names this plan freezes on ``model``.
+
+        Args:
+            model: a model (real, meta or wrapped) or its scan.
+            strict: refuse a model other than the one the plan records (fingerprint or layer
+                count); ``False`` resolves the rules on any model.
+
+        Returns:
+            The resolution; its ``plan`` records ``model``'s fingerprint.
 
         Raises:
             PlanError: the model lacks the structure the plan needs (too few blocks, a pattern
-                or name that matches nothing, another block count than the plan was made for).
+                or name that matches nothing), or (strict) is not the model the plan was made for.
         """
+        if not isinstance(strict, bool):
+            raise PlanError(f"resolve: strict must be a bool, got {strict!r}")
         s = model if isinstance(model, ModelScan) else scan(model)
-        if self.num_layers is not None and self.num_layers != s.num_layers:
+        found = ModelFingerprint.of(s)
+        if strict and self.model is not None and found != self.model:
+            raise PlanError(
+                f"plan {self} was made for another model ({'; '.join(self.model.differences(found))}: "
+                f"the plan's {self.model.architecture} vs this {found.architecture}); resolve it "
+                "with strict=False to apply its rules anyway"
+            )
+        if strict and self.num_layers is not None and self.num_layers != found.num_layers:
             raise PlanError(
                 f"plan {self} was made for a model with {self.num_layers} layers; this "
-                f"{s.model_type} has {s.num_layers} ({s.layers.path})"
+                f"{s.model_type} has {found.num_layers}; resolve it with strict=False to apply "
+                "its rules anyway"
             )
         chosen: set[str] = set()
         warnings: list[str] = []
@@ -423,6 +481,7 @@ class FreezePlan:
             frozen_params=s.numel(frozen),
             trainable_params=s.total_params - s.numel(frozen),
             warnings=tuple(dict.fromkeys(warnings)),
+            plan=FreezePlan(self.rules, found.num_layers, found),
         )
 
     # -- text and JSON ---------------------------------------------------------------------
@@ -434,6 +493,7 @@ class FreezePlan:
             "layerscope_plan": PLAN_FORMAT,
             "rules": [r.to_dict() for r in self.rules],
             "num_layers": self.num_layers,
+            "model": None if self.model is None else self.model.to_dict(),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -441,28 +501,49 @@ class FreezePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FreezePlan:
+        """Read :meth:`to_dict`'s output back (hand-edited files included).
+
+        Raises:
+            PlanError: anything but a plan document: a missing or wrong format number, rules
+                that are not a list of objects with a known ``kind`` and its fields, a bad
+                ``num_layers`` or ``model``.
+        """
         if not isinstance(data, dict) or data.get("layerscope_plan") != PLAN_FORMAT:
             raise PlanError(
-                f"not a layerscope plan (expected a dict with layerscope_plan={PLAN_FORMAT})"
+                f"not a layerscope plan (expected a JSON object with layerscope_plan={PLAN_FORMAT})"
             )
+        items = data.get("rules", [])
+        if not isinstance(items, list):
+            raise PlanError(f"plan rules must be a list of objects, got {str(items)[:200]}")
         rules = []
-        for item in data.get("rules", []):
-            item = dict(item)
-            kind = item.pop("kind", None)
-            if kind not in RULES:
-                raise PlanError(f"unknown plan rule {kind!r}; known: {', '.join(sorted(RULES))}")
+        for item in items:
+            if not isinstance(item, dict) or not all(isinstance(k, str) for k in item):
+                raise PlanError(f"a plan rule must be an object with a kind, got {str(item)[:200]}")
+            fields = dict(item)
+            kind = fields.pop("kind", None)
+            if not isinstance(kind, str) or kind not in RULES:
+                raise PlanError(f"unknown plan rule {str(kind)[:100]!r}; known: {', '.join(sorted(RULES))}")
             try:
-                rules.append(RULES[kind](**item))
+                rules.append(RULES[kind](**fields))
             except TypeError as exc:
-                raise PlanError(f"bad fields for plan rule {kind!r}: {item}") from exc
-        return cls(tuple(rules), data.get("num_layers"))
+                raise PlanError(f"bad fields for plan rule {kind!r}: {str(fields)[:200]}") from exc
+        model = data.get("model")
+        return cls(tuple(rules), data.get("num_layers"),
+                   None if model is None else ModelFingerprint.from_dict(model))
 
     @classmethod
     def from_json(cls, text: str) -> FreezePlan:
+        """Read :meth:`to_json`'s output back.
+
+        Raises:
+            PlanError: not JSON (truncated, or nested too deep to read), or not a plan.
+        """
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise PlanError(f"plan JSON must be a str, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan JSON is malformed: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad encodings, deep nesting
+            raise PlanError(f"plan JSON is malformed: {str(exc)[:200]}") from None
         return cls.from_dict(data)
 
     @classmethod

@@ -93,8 +93,9 @@ class PlanInfo:
     def of(cls, setup: TrainingSetup) -> PlanInfo:
         s = setup.scan
         frozen = s.total_params - s.numel(setup.trainable)
-        plan = setup.plan or FreezePlan.none()
-        warnings = plan.resolve(s).warnings if setup.plan is not None else ()
+        resolved = (setup.plan or FreezePlan.none()).resolve(s)
+        plan = resolved.plan or FreezePlan.none()  # records the model's fingerprint
+        warnings = resolved.warnings if setup.plan is not None else ()
         if setup.lora is not None:
             text = f"lora:{setup.lora.rank}" + (f"+{plan}" if setup.plan is not None else "")
             return cls(text, None if setup.plan is None else plan.to_dict(), setup.lora.rank,
