@@ -4,6 +4,7 @@ from layerscope.apply import apply_plan
 from layerscope.build import empty_model
 from layerscope.catalog import presets
 from layerscope.errors import (
+    ArgumentError,
     ConfigError,
     EstimateError,
     LayerscopeError,
@@ -50,6 +51,7 @@ from layerscope.setup import TrainingSetup
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "BlockStack",
     "ConfigError",
     "EstimateError",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layerscope.catalog.resolve import ResolvedConfig, resolve_config
+from layerscope.checks import flag
 from layerscope.errors import ConfigError, LayerscopeWarning, StructureError
 from layerscope.units import parse_dtype
 
@@ -63,6 +64,7 @@ def empty_model(
         ModelTypeError: ``source`` is not one of the types above.
         StructureError: transformers built the model but left a declared weight tie broken.
     """
+    flag(trust_remote_code, "empty_model: trust_remote_code", ConfigError)
     resolved = resolve_config(source, trust_remote_code=trust_remote_code)
     target = _target_dtype(dtype, resolved)
     cls = model_class(resolved, trust_remote_code=trust_remote_code)

@@ -6,9 +6,19 @@ naturally catch, so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+MAX_MESSAGE = 1200
+"""Characters of an error message; a longer one (a 5000-character value echoed back) keeps its
+start, which names the value, and its end, which says what is allowed."""
+
 
 class LayerscopeError(Exception):
     """Base class of every error raised by layerscope."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and len(args[0]) > MAX_MESSAGE:
+            text = args[0]
+            args = (f"{text[:MAX_MESSAGE * 2 // 3]} [...] {text[-MAX_MESSAGE // 4:]}",)
+        super().__init__(*args)
 
 
 class ModelTypeError(LayerscopeError, TypeError):
@@ -29,6 +39,11 @@ class ConfigError(LayerscopeError, ValueError):
 
 class EstimateError(LayerscopeError, ValueError):
     """An estimate was asked for with invalid settings."""
+
+
+class ArgumentError(LayerscopeError, ValueError):
+    """An argument outside what a function allows that is not a model, plan, config or estimate
+    setting (a negative summary depth, a flag that is not a bool)."""
 
 
 class LayerscopeWarning(UserWarning):

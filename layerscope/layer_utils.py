@@ -5,7 +5,6 @@ apply. Every function takes any ``nn.Module``, real or meta, and only ever toggl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +12,8 @@ from torch import nn
 from typing_extensions import Unpack
 
 from layerscope.apply import apply_plan, emit, set_requires_grad
-from layerscope.errors import EstimateError, PlanError
+from layerscope.checks import MAX_SIZE, finite, flag, whole
+from layerscope.errors import ArgumentError, EstimateError, PlanError
 from layerscope.estimate.hardware import GPU, get_gpu
 from layerscope.estimate.run import run_cost
 from layerscope.plan import FreezePlan, GradualSchedule
@@ -80,8 +80,7 @@ def freeze_by_name(model: nn.Module, patterns: str | Sequence[str], case_sensiti
     check_module(model, "freeze_by_name")
     if not isinstance(case_sensitive, bool):
         raise PlanError(f"freeze_by_name: case_sensitive must be a bool, got {case_sensitive!r}")
-    pats = patterns if isinstance(patterns, str) else tuple(patterns)
-    return _freeze(model, FreezePlan.regex(pats, case_sensitive), "freeze_by_name")
+    return _freeze(model, FreezePlan.regex(patterns, case_sensitive), "freeze_by_name")
 
 
 def setup_lp_lora_style(model: nn.Module, freeze_ratio: float = 0.5, freeze_embed: bool = True) -> int:
@@ -110,14 +109,15 @@ def get_layer_names(model: nn.Module, include_params: bool = False) -> list[str]
     """Modules that directly own parameters, in registration order; with ``include_params``,
     the parameter names instead (every alias of a tied tensor)."""
     s = scan(check_module(model, "get_layer_names"))
-    if include_params:
+    if flag(include_params, "get_layer_names: include_params", ArgumentError):
         return [p.name for p in s.params]
     return [m.name for m in s.modules if m.own_params]
 
 
 def layer_status(model: nn.Module, show_all: bool = False) -> str:
     """The text :func:`print_layer_status` prints."""
-    return layer_status_text(scan(check_module(model, "layer_status")), show_all=bool(show_all))
+    s = scan(check_module(model, "layer_status"))
+    return layer_status_text(s, show_all=flag(show_all, "layer_status: show_all", ArgumentError))
 
 
 def print_layer_status(model: nn.Module, show_all: bool = False) -> None:
@@ -128,8 +128,7 @@ def print_layer_status(model: nn.Module, show_all: bool = False) -> None:
 def model_summary(model: nn.Module, max_depth: int = 3) -> str:
     """The text :func:`print_model_summary` prints."""
     check_module(model, "model_summary")
-    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
-        raise ValueError(f"max_depth must be an int >= 0, got {max_depth!r}")
+    whole(max_depth, "model_summary: max_depth", ArgumentError, maximum=MAX_SIZE)
     return model_summary_text(scan(model), max_depth)
 
 
@@ -269,10 +268,7 @@ def estimate_training_time(
                 f"estimate_training_time: {', '.join(given)} describe the step, which is "
                 "estimated only when gpu is given"
             )
-    if isinstance(ms_per_step, bool) or not isinstance(ms_per_step, (int, float)) or not (
-        math.isfinite(ms_per_step) and ms_per_step >= 0
-    ):
-        raise EstimateError(f"ms_per_step must be a finite number >= 0, got {ms_per_step!r}")
+    finite(ms_per_step, "ms_per_step", EstimateError)
     run = run_cost(ms_per_step / 1000.0, num_samples, batch_size, num_epochs, num_gpus=num_gpus,
                    price_per_hour=price)
     return {
@@ -370,11 +366,12 @@ class GradualUnfreezer:
         verbose: bool = True,
     ) -> None:
         check_module(model, "GradualUnfreezer")
+        flag(verbose, "GradualUnfreezer: verbose", PlanError)
         self.model = model
         self.schedule = GradualSchedule(
             scan(model).num_layers, total_epochs, unfreeze_embeddings_at, freeze_embeddings
         )
-        self.verbose = bool(verbose)
+        self.verbose = verbose
         self.epoch: int | None = None
 
     @property

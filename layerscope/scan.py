@@ -199,7 +199,8 @@ def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     """What a scan records that can change on the same module object: its parameters (objects,
     shapes, dtypes, flags) and its module tree."""
     params = tuple(
-        (name, id(p), p.requires_grad, p.dtype, tuple(p.shape))
+        (name, id(p), p.requires_grad, p.dtype,
+         None if isinstance(p, nn.parameter.UninitializedParameter) else tuple(p.shape))
         for name, p in model.named_parameters(remove_duplicate=False)
     )
     modules = tuple((name, id(m)) for name, m in model.named_modules(remove_duplicate=False))
@@ -227,7 +228,20 @@ def scan(model: nn.Module) -> ModelScan:
     return result
 
 
+def _check_initialised(model: nn.Module) -> None:
+    """Lazy modules (``nn.LazyLinear``...) have no shapes until their first forward."""
+    lazy = [name for name, p in model.named_parameters(remove_duplicate=False)
+            if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise StructureError(
+            f"scan: {len(lazy)} parameter(s) of {type(model).__name__} are not initialised yet, "
+            f"e.g. {lazy[0]!r} (a lazy module such as nn.LazyLinear); run one forward first so "
+            "that they have shapes"
+        )
+
+
 def _scan(model: nn.Module) -> ModelScan:
+    _check_initialised(model)
     ids: dict[int, int] = {}
     params = []
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -20,6 +20,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from layerscope.build import as_model
+from layerscope.checks import MAX_SIZE, flag, whole
 from layerscope.errors import EstimateError, LayerscopeWarning
 from layerscope.plan import FreezePlan
 from layerscope.process import import_once
@@ -241,7 +242,7 @@ class Lora:
 
         if isinstance(value, LoraConfig):
             config = value
-        elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE:
             targets = block_linear_names(model)
             if not targets:
                 raise EstimateError(
@@ -250,9 +251,10 @@ class Lora:
             config = LoraConfig(r=value, lora_alpha=2 * value, lora_dropout=0.0,
                                 target_modules=targets)
         else:
-            raise EstimateError(f"lora must be a peft LoraConfig or a rank >= 1, got {value!r}")
-        if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
-            raise EstimateError(f"LoraConfig.r must be an int >= 1, got {config.r!r}")
+            raise EstimateError(
+                f"lora must be a peft LoraConfig or a rank from 1 to 2**31 - 1, got {value!r}"[:300]
+            )
+        whole(config.r, "LoraConfig.r", EstimateError, minimum=1, maximum=MAX_SIZE)
         data: dict[str, Any] = config.to_dict()  # type: ignore[no-untyped-call]
         for key, item in data.items():
             if isinstance(item, set):
@@ -343,15 +345,11 @@ SETTINGS = ("batch_size", *StepSettings.__annotations__)
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EstimateError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return whole(value, name, EstimateError, minimum=1, maximum=MAX_SIZE)
 
 
 def _bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise EstimateError(f"{name} must be a bool (True or False), got {value!r}")
-    return value
+    return flag(value, name, EstimateError)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def _resolve_name_or_path(
     path = Path(text).expanduser()
     # A file, or a folder with a config.json, wins over a preset of the same name (as in
     # transformers, where a local folder wins over a hub id).
-    if path.is_file() or (path / "config.json").is_file():
+    if _is_file(path) or _is_file(path / "config.json"):
         return _from_path(path, trust_remote_code)
     preset = find_preset(text) if isinstance(source, str) else None
     if preset is not None:
@@ -88,7 +88,7 @@ def _resolve_name_or_path(
         config = config_from_dict(preset.config(), label)
         config.name_or_path = preset.repo  # as from_pretrained(repo) would record it
         return ResolvedConfig(config, label)
-    if path.is_dir():
+    if _is_dir(path):
         raise ConfigError(f"{text}: folder has no config.json")
     if not isinstance(source, str) or _looks_like_path(text):
         raise ConfigError(f"{text}: no such file or directory")
@@ -104,6 +104,20 @@ def _resolve_name_or_path(
     if "/" not in text:
         raise ConfigError(unknown_preset_message(text))
     raise ConfigError(_not_cached_message(text))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _looks_like_path(text: str) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
+from layerscope.checks import finite
 from layerscope.errors import EstimateError
 
 
@@ -118,11 +118,7 @@ def check_price(price: object) -> float | None:
     """Validate an hourly price: None or a finite number >= 0."""
     if price is None:
         return None
-    if isinstance(price, bool) or not isinstance(price, (int, float)) or not (
-        math.isfinite(price) and price >= 0
-    ):
-        raise EstimateError(f"price_per_hour must be a finite number >= 0 (USD), got {price!r}")
-    return float(price)
+    return finite(price, "price_per_hour (USD)", EstimateError)
 
 
 def _capability(text: str) -> tuple[int, int]:

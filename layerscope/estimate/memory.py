@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
+from layerscope.checks import MAX_SIZE, whole
 from layerscope.compat import use_attention, use_experts
 from layerscope.errors import EstimateError
 from layerscope.estimate.allocator import Op, StepEvents, model_build_ops, simulate_loop, step_events
@@ -111,8 +112,7 @@ class MemoryEstimate:
     def required_bytes(self, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
         """GPU memory needed: what the caching allocator reserves (``reserved_bytes``) plus the
         CUDA context (``context_bytes``, :data:`CUDA_CONTEXT_BYTES` by default)."""
-        if isinstance(context_bytes, bool) or not isinstance(context_bytes, int) or context_bytes < 0:
-            raise EstimateError(f"context_bytes must be an int >= 0, got {context_bytes!r}")
+        whole(context_bytes, "context_bytes", EstimateError)
         return self.reserved_bytes + context_bytes
 
     def fits(self, gpu: int | str, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> bool:
@@ -143,9 +143,7 @@ class MemoryEstimate:
 def gpu_bytes(gpu: Any) -> int:
     """Memory of ``gpu``: a positive number of bytes, a GPU name or a ``GPU`` from the catalogue."""
     if isinstance(gpu, int) and not isinstance(gpu, bool):
-        if gpu <= 0:
-            raise EstimateError(f"gpu memory must be > 0 bytes, got {gpu}")
-        return gpu
+        return whole(gpu, "gpu memory (bytes)", EstimateError, minimum=1)
     from layerscope.estimate.hardware import get_gpu
 
     return get_gpu(gpu).memory_bytes
@@ -505,8 +503,8 @@ def max_batch_size(
     confirmed with full estimates of it and the batch above (stepping on where the prediction
     was off): about three estimates, not a bisection from the limit.
     """
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise EstimateError(f"limit must be a positive integer, got {limit!r}")
+    whole(limit, "limit", EstimateError, minimum=1, maximum=MAX_SIZE)
+    whole(context_bytes, "context_bytes", EstimateError)
     budget = gpu_bytes(gpu)
     base = make_setup(model, plan, **settings)
 

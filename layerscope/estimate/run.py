@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from layerscope.checks import finite, whole
 from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import check_price
 
@@ -41,9 +42,7 @@ class RunCost:
 
 
 def _count(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EstimateError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return whole(value, name, EstimateError, minimum=minimum)
 
 
 def run_cost(
@@ -65,10 +64,7 @@ def run_cost(
     _count(batch_size, "batch_size", 1)
     _count(epochs, "num_epochs", 0)
     _count(num_gpus, "num_gpus", 1)
-    if isinstance(step_seconds, bool) or not isinstance(step_seconds, (int, float)) or not (
-        math.isfinite(step_seconds) and step_seconds >= 0
-    ):
-        raise EstimateError(f"step time must be a finite number of seconds >= 0, got {step_seconds!r}")
+    finite(step_seconds, "step time (seconds)", EstimateError)
     price = check_price(price_per_hour)
     per_epoch = math.ceil(num_samples / (batch_size * num_gpus))
     steps = per_epoch * epochs
