@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from layerscope.checks import MAX_SIZE
 from layerscope.errors import EstimateError
 
 STRATEGIES = ("padded", "grouped", "packed")
@@ -70,9 +71,11 @@ def check_lengths(lengths: Iterable[object]) -> list[int]:
     Raises:
         EstimateError: an empty list or a count that is not an int >= 1 (with its index).
     """
+    if isinstance(lengths, (str, bytes, dict)) or not hasattr(lengths, "__iter__"):
+        raise EstimateError(f"seq_lens must be a list of token counts, got {lengths!r}"[:300])
     out = []
     for i, n in enumerate(lengths):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SIZE:
             raise EstimateError(f"seq_lens[{i}] must be a token count (int >= 1), got {n!r}")
         out.append(n)
     if not out:
