@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 import torch
 from torch import nn
 
-from layerscope.catalog.resolve import ResolvedConfig, resolve_config
+from layerscope.catalog.resolve import ResolvedConfig, check_config, resolve_config
 from layerscope.checks import flag
 from layerscope.errors import ConfigError, LayerscopeWarning, StructureError
 from layerscope.units import parse_dtype
@@ -66,6 +66,7 @@ def empty_model(
     """
     flag(trust_remote_code, "empty_model: trust_remote_code", ConfigError)
     resolved = resolve_config(source, trust_remote_code=trust_remote_code)
+    check_config(resolved.config, resolved.label)
     target = _target_dtype(dtype, resolved)
     cls = model_class(resolved, trust_remote_code=trust_remote_code)
     model = _instantiate(cls, resolved, target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -59,15 +60,19 @@ class Progress:
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
+    """An argparse type: a whole number from ``minimum`` to :data:`~layerscope.checks.MAX_COUNT`
+    (a 400-digit number is a usage error, not an overflow deep in the arithmetic)."""
+    from layerscope.checks import MAX_COUNT
 
     def parse(text: str) -> int:
         try:
             value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        except ValueError:  # also past Python's 4300-digit limit
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        if value > MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"{text[:20]}... is too large (at most 2**53)")
         return value
 
     return parse
@@ -87,7 +92,8 @@ def _load(args: argparse.Namespace) -> Any:
 def _plan(args: argparse.Namespace) -> Any:
     from layerscope.plan import FreezePlan
 
-    return FreezePlan.parse(args.plan) if getattr(args, "plan", None) else None
+    plan = getattr(args, "plan", None)
+    return None if plan is None else FreezePlan.parse(plan)  # "" is an error, not "none"
 
 
 def _price(text: str) -> float:
@@ -124,7 +130,7 @@ def _check_names(args: argparse.Namespace) -> None:
 def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
     from layerscope.estimate.hardware import get_gpu
 
-    name = args.gpu or default
+    name = default if args.gpu is None else args.gpu  # "" is an unknown GPU, not "no GPU"
     if name is None:
         return None
     gpu = get_gpu(name)
@@ -150,11 +156,23 @@ def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None 
     return Context(args.model, progress), setup
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as None: JSON has no Infinity (a rate over a
+    zero time, a cost past the float range)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[..., str]) -> None:
     from layerscope.render.console import use_color
 
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False))
     else:
         print(text(doc, color=use_color(sys.stdout)))
 
@@ -230,7 +248,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from layerscope.render.report import report_html
 
     folder = os.path.dirname(os.path.abspath(args.html))
-    if not os.path.isdir(folder):  # fail before minutes of work, not after
+    if not args.html or os.path.isdir(args.html):  # fail before minutes of work, not after
+        raise UsageError(f"--html {args.html!r} is not a file name")
+    if not os.path.isdir(folder):
         raise OSError(f"cannot write {args.html}: folder {folder} does not exist")
     progress = Progress()
     gpu = _gpu(args)
@@ -238,10 +258,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     doc = report_document(ctx, setup, gpu, args.samples or DEFAULT_SAMPLES,
                           args.epochs or DEFAULT_EPOCHS, args.num_gpus)
     progress.done()
-    with open(args.html, "w", encoding="utf-8") as f:
-        f.write(report_html(doc.to_dict()))
+    _write_atomically(args.html, report_html(_finite(doc.to_dict())))
     print(f"wrote {args.html}")
     return 0
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a
+    failure (or Ctrl-C) part-way leaves an existing file as it was."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".layerscope-", suffix=".html.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -148,6 +148,43 @@ def _from_path(path: Path, trust_remote_code: bool, label: str | None = None) ->
     return ResolvedConfig(config, label)
 
 
+SIZES = ("num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd",
+         "num_attention_heads", "n_head", "intermediate_size", "vocab_size")
+"""Config fields that count layers or size tensors: whole numbers from 1 to 2**31 - 1 where
+present (transformers builds a model of no layers from ``num_hidden_layers=0`` or ``-1``)."""
+FLAGS = ("tie_word_embeddings",)
+"""Config fields that must be booleans (``"no"`` would read as true)."""
+
+
+def check_config(config: PretrainedConfig, label: str) -> None:
+    """Refuse sizes and flags no model can have, in ``config`` and its sub-configs.
+
+    Raises:
+        ConfigError: a size below 1 or above 2**31 - 1, or a flag that is not a bool.
+    """
+    from layerscope.checks import MAX_SIZE
+
+    configs = [("", config)]
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            configs.append((f"{key}.", sub))
+    for prefix, c in configs:
+        for name in SIZES:
+            value = c.__dict__.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+                raise ConfigError(
+                    f"{label}: {prefix}{name}={str(value)[:40]} is not a size; allowed: a whole "
+                    "number from 1 to 2**31 - 1"
+                )
+        for name in FLAGS:
+            value = c.__dict__.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{label}: {prefix}{name} must be true or false, got {value!r}")
+
+
 def config_from_dict(data: Mapping[str, Any], label: str) -> PretrainedConfig:
     """Build the transformers config a parsed ``config.json`` describes (``model_type`` selects it).
 
