@@ -164,6 +164,13 @@ def check_config(config: PretrainedConfig, label: str) -> None:
     """
     from layerscope.checks import MAX_SIZE
 
+    architectures = getattr(config, "architectures", None)
+    if architectures is not None and (
+        not isinstance(architectures, (list, tuple)) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise ConfigError(
+            f"{label}: architectures must be a list of class names, got {architectures!r}"[:300]
+        )
     configs = [("", config)]
     for key in getattr(config, "sub_configs", None) or {}:
         sub = getattr(config, key, None)
