@@ -27,7 +27,7 @@ def whole(value: object, name: str, error: type[LayerscopeError], *, minimum: in
     """``value`` if it is an int (not a bool) in ``[minimum, maximum]``; else ``error``."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         top = "2**31 - 1" if maximum == MAX_SIZE else "2**53" if maximum == MAX_COUNT else str(maximum)
-        raise error(f"{name} must be a whole number from {minimum} to {top}, got {_shown(value)}")
+        raise error(f"{name} must be an int >= {minimum}, got {_shown(value)} (allowed: {minimum} to {top})")
     return value
 
 
@@ -48,5 +48,5 @@ def finite(value: object, name: str, error: type[LayerscopeError], *, minimum: f
 def flag(value: object, name: str, error: type[LayerscopeError]) -> bool:
     """``value`` if it is a bool (``"no"``, 0 or None are not)."""
     if not isinstance(value, bool):
-        raise error(f"{name} must be True or False, got {_shown(value)}")
+        raise error(f"{name} must be a bool (True or False), got {_shown(value)}")
     return value

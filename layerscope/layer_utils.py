@@ -128,7 +128,7 @@ def print_layer_status(model: nn.Module, show_all: bool = False) -> None:
 def model_summary(model: nn.Module, max_depth: int = 3) -> str:
     """The text :func:`print_model_summary` prints."""
     check_module(model, "model_summary")
-    whole(max_depth, "model_summary: max_depth", ArgumentError, maximum=MAX_SIZE)
+    whole(max_depth, "max_depth", ArgumentError, maximum=MAX_SIZE)
     return model_summary_text(scan(model), max_depth)
 
 

@@ -143,6 +143,8 @@ class MemoryEstimate:
 def gpu_bytes(gpu: Any) -> int:
     """Memory of ``gpu``: a positive number of bytes, a GPU name or a ``GPU`` from the catalogue."""
     if isinstance(gpu, int) and not isinstance(gpu, bool):
+        if gpu <= 0:
+            raise EstimateError(f"gpu memory must be > 0 bytes, got {gpu}")
         return whole(gpu, "gpu memory (bytes)", EstimateError, minimum=1)
     from layerscope.estimate.hardware import get_gpu
 
