@@ -34,7 +34,7 @@ def _strings(values: object, what: str) -> str | tuple[object, ...]:
         return values
     if isinstance(values, (bytes, dict)) or not hasattr(values, "__iter__"):
         raise PlanError(f"{what}: expected a str or a list of str, got {values!r}"[:300])
-    return tuple(values)  # type: ignore[call-overload, no-any-return]
+    return tuple(values)
 
 
 def _check_n(n: object, what: str) -> int:

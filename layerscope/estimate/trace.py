@@ -134,7 +134,7 @@ class _Tracker(TorchDispatchMode):
         self.recording = True
         # storage -> [bytes, allocating segment, passed on as a block's output, index in segment]
         self._info: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._finalizers: list[weakref.finalize] = []
+        self._finalizers: list[Any] = []  # weakref.finalize objects
         self.switch(self.current)
 
     def switch(self, segment: tuple[Any, str]) -> None:
