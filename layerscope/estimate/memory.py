@@ -80,6 +80,15 @@ class MemoryEstimate:
             attn_implementation: the settings estimated.
         forward_flops, backward_flops: FLOPs of one step (``torch.utils.flop_counter``'s
             formulas, on the traced operators), for time estimates.
+        distributed, num_gpus, offload: the sharding estimated (one GPU: None, 1, None); every
+            byte figure is then of the busiest GPU, ``batch_size`` per GPU.
+        master_weights_bytes: fp32 master weights on the GPU (DeepSpeed ZeRO's partition).
+        buffer_bytes: collective buffers kept for the whole run (DDP's gradient buckets,
+            ZeRO's bucket and gradient partition buffer, offload staging buffers).
+        held_bytes: what the strategy held besides activations at the peak (gathered
+            parameters, all-gather and reduce-scatter buffers, buckets, sharded gradients).
+        host_bytes: CPU memory the run needs per node for offloaded states and pinned buffers
+            (all the node's GPUs together).
     """
 
     peak_bytes: int
@@ -107,6 +116,13 @@ class MemoryEstimate:
     attn_implementation: str
     forward_flops: int
     backward_flops: int
+    distributed: str | None = None
+    num_gpus: int = 1
+    offload: str | None = None
+    master_weights_bytes: int = 0
+    buffer_bytes: int = 0
+    held_bytes: int = 0
+    host_bytes: int = 0
 
     def required_bytes(self, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
         """GPU memory needed: what the caching allocator reserves (``reserved_bytes``) plus the
