@@ -31,5 +31,10 @@ class EstimateError(LayerscopeError, ValueError):
     """An estimate was asked for with invalid settings."""
 
 
+class ConfigFileError(LayerscopeError, ValueError):
+    """A DeepSpeed or accelerate config file is missing, unreadable, or asks for a setup
+    layerscope cannot express."""
+
+
 class LayerscopeWarning(UserWarning):
     """Something worth knowing that does not stop the operation (e.g. a tied weight)."""

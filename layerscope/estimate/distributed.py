@@ -119,6 +119,15 @@ def sharded_memory_for(
         raise ModelTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(sharding, Sharding):
         raise EstimateError(f"sharding must be a Sharding, got {type(sharding).__name__}")
+    if sharding.is_fsdp and sharding.fsdp.version == 2:
+        from layerscope.estimate.fsdp import in_fresh_process, process_group_in_use
+
+        if process_group_in_use():  # never touch the caller's group: trace in a new process
+            return in_fresh_process(
+                sharded_memory_for, _skeleton(model), frozenset(trainable), sharding=sharding,
+                batch_size=batch_size, seq_len=seq_len, precision=prec.name, optimizer=optimizer,
+                gradient_checkpointing=gradient_checkpointing, lora=lora, inference=inference,
+            )
     lora = lora_config(model, lora)
     trainable = frozenset(trainable)
     named = list(model.named_parameters(remove_duplicate=False))
@@ -226,9 +235,7 @@ def sharded_memory_for(
     if not states.trace_keeps_grads and not fsdp2 and not inference:
         for p in reduced.parameters():
             if p.requires_grad:
-                p.register_post_accumulate_grad_hook(_drop_grad)
-    step = dict(kinds=kind_of_position, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab,
-                autocast_dtype=autocast_dtype, inference=inference, mode=mode)
+                p.register_post_accumulate_grad_hook(_drop_grad)  # type: ignore[no-untyped-call]
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
@@ -236,9 +243,16 @@ def sharded_memory_for(
         if fsdp2:
             from layerscope.estimate.fsdp import trace_fsdp2
 
-            trace = trace_fsdp2(reduced, kept, sharding=sharding, param_dtype=param_dtype, **step)
+            trace = trace_fsdp2(
+                reduced, kept, kinds=kind_of_position, sharding=sharding, param_dtype=param_dtype,
+                batch_size=batch_size, seq_len=seq_len, vocab_size=vocab,
+                autocast_dtype=autocast_dtype, inference=inference, mode=mode,
+            )
         else:
-            trace = run_step(reduced, kept, **step)
+            trace = run_step(
+                reduced, kept, kinds=kind_of_position, batch_size=batch_size, seq_len=seq_len,
+                vocab_size=vocab, autocast_dtype=autocast_dtype, inference=inference, mode=mode,
+            )
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EstimateError(
@@ -254,11 +268,24 @@ def sharded_memory_for(
     )
 
 
+def _skeleton(model: nn.Module) -> nn.Module:
+    """``model`` as a meta skeleton (itself when it is one), to send to another process."""
+    if all(p.is_meta for p in model.parameters()):
+        return model
+    from layerscope.estimate.memory import _block_stack
+
+    _, blocks = _block_stack(model)
+    copy, _, _ = reduced_copy(model, blocks, list(range(len(blocks))))
+    return copy
+
+
 def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
 
 
-def _adapter_shapes(model: nn.Module, lora: Any, targets: frozenset[str]) -> dict[int | None, list[tuple[int, ...]]]:
+def _adapter_shapes(
+    model: nn.Module, lora: Any, targets: frozenset[str]
+) -> dict[int | None, list[tuple[int, ...]]]:
     """Shapes of the LoRA tensors peft adds to each target of the full model, by block."""
     from layerscope.scan import scan
 
@@ -274,7 +301,8 @@ def _adapter_shapes(model: nn.Module, lora: Any, targets: frozenset[str]) -> dic
             fan_in = getattr(module, "in_features", None)
             fan_out = getattr(module, "out_features", None)
             if fan_in is None:  # transformers' Conv1D: weight (in, out)
-                fan_in, fan_out = module.weight.shape
+                weight: Any = module.weight
+                fan_in, fan_out = weight.shape
             shapes = [(r, fan_in), (fan_out, r)]
         block: int | None = None
         if prefix and name.startswith(prefix):
@@ -305,6 +333,8 @@ def _assemble(
     seg = trace.segments
     per_block = tuple(seg.get((k, "fwd"), Segment()).net for k in block_kinds)
     embed = seg.get(("embed", "fwd"), Segment()).net
+    if sharding.is_fsdp and sharding.fsdp.version == 2 and block_kinds:
+        per_block, embed = _fsdp2_activations(per_block, embed, params, sharding, prec)
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
     parts = ["embed", "head", *block_kinds]
@@ -342,6 +372,45 @@ def _assemble(
     )
 
 
+def _gathered_sizes(
+    params: list[ParamInfo], num_blocks: int, prec: Any
+) -> tuple[list[int], list[int], int, int]:
+    """FSDP2's gathered bytes: per block (all-gather buffer, unsharded per-tensor storages),
+    and the root's two. Under a mixed-precision policy everything is gathered in the autocast
+    dtype, else in each tensor's own."""
+    mp = prec.autocast_dtype is not None and prec.autocast_dtype != prec.param_dtype
+    itemsize = int(dtype_bytes(prec.autocast_dtype)) if mp else 0
+    buffers = [0] * num_blocks
+    tensors = [0] * num_blocks
+    root_buffer = root_tensors = 0
+    for p in params:
+        size = p.numel * (itemsize or p.itemsize)
+        if p.block is None:
+            root_buffer += size
+            root_tensors += rounded(size)
+        else:
+            buffers[p.block] += size
+            tensors[p.block] += rounded(size)
+    return [rounded(b) for b in buffers], tensors, rounded(root_buffer), root_tensors
+
+
+def _fsdp2_activations(
+    per_block: tuple[int, ...], embed: int, params: list[ParamInfo], sharding: Sharding, prec: Any,
+) -> tuple[tuple[int, ...], int]:
+    """The traced segments' nets less what FSDP2 holds across them: the embedding segment
+    holds the root's gathered parameters and its all-gather buffer (freed in block 0, which
+    holds its own until block 1, ...); the last buffer is freed after the blocks. With
+    ``fsdp-grad-op`` every block's gathered parameters stay."""
+    buffers, tensors, root_buffer, root_tensors = _gathered_sizes(params, len(per_block), prec)
+    blocks = list(per_block)
+    blocks[0] += root_buffer - buffers[0]
+    if sharding.distributed == "fsdp-grad-op":
+        blocks = [b - t for b, t in zip(blocks, tensors)]
+    for i in range(1, len(blocks)):
+        blocks[i] += buffers[i - 1] - buffers[i]
+    return tuple(blocks), embed - root_tensors - root_buffer
+
+
 def fsdp2_gathered(
     params: list[ParamInfo], num_blocks: int, sharding: Sharding, prec: Any, phase: str,
 ) -> int:
@@ -349,20 +418,12 @@ def fsdp2_gathered(
     it): the root kept from forward to backward (unless resharded), the current block
     unsharded plus its all-gather buffer (the next block's in forward, the prefetched previous
     block in backward). The largest block is taken."""
-    itemsize = int(dtype_bytes(prec.autocast_dtype or prec.param_dtype))
     if phase == "optimizer":
         return 0
-    blocks = [0] * num_blocks
-    root = 0
-    for p in params:
-        size = p.numel * (itemsize if p.itemsize >= itemsize else p.itemsize)
-        if p.block is None:
-            root += size
-        else:
-            blocks[p.block] += size
-    biggest = max(blocks, default=0)
-    kept_root = root if not sharding.fsdp.reshard_root else 0
+    buffers, tensors, _, root_tensors = _gathered_sizes(params, num_blocks, prec)
+    kept_root = root_tensors if not sharding.fsdp.reshard_root else 0
+    biggest = max((b + t for b, t in zip(buffers, tensors)), default=0)
     if sharding.distributed == "fsdp-grad-op":
-        return kept_root + sum(blocks) + biggest
-    return kept_root + 2 * rounded(biggest)
+        return kept_root + sum(tensors) + max(buffers, default=0)
+    return kept_root + biggest
 

@@ -35,19 +35,78 @@ missing one is a clear :class:`~layerscope.errors.EstimateError`.
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from layerscope.errors import EstimateError
+from layerscope.errors import EstimateError, LayerscopeError
 from layerscope.estimate.sharding import Sharding
 from layerscope.estimate.trace import StepTrace, _Tracker, rounded, run_step
 
 _WORLD_LOCK = threading.Lock()
 """The default process group is process-wide: one FSDP trace at a time."""
+
+
+def process_group_in_use() -> bool:
+    """Whether this process already has a default ``torch.distributed`` process group."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+"""torchrun's environment, kept from the helper process so nothing in it joins the job."""
+
+
+def in_fresh_process(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` in a new Python process (``python -m
+    layerscope.estimate.fsdp``), arguments and result pickled over its stdin and stdout.
+
+    Used when this process has its own process group: the FSDP2 trace needs a default group of
+    its own, and a running job's is never touched. The model travels as a meta skeleton
+    (no weights). A fresh interpreter, not ``multiprocessing``: spawning would re-import the
+    caller's script.
+
+    Raises:
+        EstimateError: the helper process failed (its error is re-raised when it is a
+            layerscope error).
+    """
+    payload = pickle.dumps((function.__module__, function.__qualname__, args, kwargs))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    done = subprocess.run(
+        [sys.executable, "-m", "layerscope.estimate.fsdp"], input=payload, capture_output=True,
+        env=env, check=False,
+    )
+    if done.returncode != 0 or not done.stdout:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise EstimateError(f"the isolated FSDP2 trace failed: {tail[0]}")
+    ok, value = pickle.loads(done.stdout)
+    if not ok:
+        raise value
+    return value
+
+
+def _serve() -> None:
+    """The helper process of :func:`in_fresh_process`."""
+    import importlib
+
+    module, name, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+    function: Any = importlib.import_module(module)
+    for part in name.split("."):
+        function = getattr(function, part)
+    try:
+        result: tuple[bool, Any] = (True, function(*args, **kwargs))
+    except LayerscopeError as exc:  # raised again in the caller; anything else ends this process
+        result = (False, exc)
+    sys.stdout.buffer.write(pickle.dumps(result))
 
 
 @contextlib.contextmanager
@@ -107,7 +166,7 @@ def mixed_precision_policy(param_dtype: torch.dtype, autocast_dtype: torch.dtype
 
 def shard(
     model: nn.Module,
-    blocks: Sequence[nn.Module],
+    blocks: Iterable[nn.Module],
     mesh: Any,
     sharding: Sharding,
     mp_policy: Any,
@@ -178,7 +237,7 @@ def _held(groups: Sequence[Any]) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-class _FsdpTracker(_Tracker):
+class _FsdpTracker(_Tracker):  # type: ignore[no-untyped-call]
     """The trace's tracker, plus FSDP's resized parameter storages and held buffers.
 
     A buffer FSDP holds past its own segment (the last all-gather output freed when the root's
@@ -230,20 +289,26 @@ def trace_fsdp2(
     """
     if not sharding.is_fsdp or sharding.fsdp.version != 2:
         raise EstimateError(f"trace_fsdp2 needs an FSDP2 strategy, got {sharding.describe()}")
-    step = dict(kinds=kinds, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
-                autocast_dtype=autocast_dtype, inference=inference, mode=mode)
+    def step(tracker: _Tracker | None) -> StepTrace:
+        return run_step(model, blocks, kinds=kinds, batch_size=batch_size, seq_len=seq_len,
+                        vocab_size=vocab_size, autocast_dtype=autocast_dtype, inference=inference,
+                        mode=mode, tracker=tracker)
+
     with fake_world(sharding) as mesh:
         shard(model, blocks, mesh, sharding, mixed_precision_policy(param_dtype, autocast_dtype), mode)
         if sharding.offload == "params":
             for p in model.parameters():
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(_drop_grad)
-        run_step(model, blocks, **step)  # FSDP's lazy init and the buffers it keeps
+                    p.register_post_accumulate_grad_hook(_drop_grad)  # type: ignore[no-untyped-call]
+        step(None)  # FSDP's lazy init and the buffers it keeps
         for p in model.parameters():
             p.grad = None  # zero_grad(set_to_none=True) after the step
-        groups = _groups(model)
-        return run_step(model, blocks, tracker=_FsdpTracker(groups), **step)
+        return step(_FsdpTracker(_groups(model)))
 
 
 def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
+
+
+if __name__ == "__main__":
+    _serve()

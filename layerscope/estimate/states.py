@@ -289,9 +289,10 @@ def _fsdp1(
     units: list[list[ParamInfo]] = [[] for _ in range(num_blocks + 1)]  # last: the root
     for p in params:
         units[num_blocks if p.block is None else p.block].append(p)
-    itemsize = max((p.itemsize for p in params), default=4)
     flat = [sum(p.numel for p in u) for u in units]
+    flat_bytes = [sum(p.numel * p.itemsize for p in u) for u in units]
     shard = [ceil_div(f, n) for f in flat]
+    shard_bytes = [ceil_div(f, n) for f in flat_bytes]
     # with use_orig_params=False adapters are wrapped apart from the frozen base (peft's
     # fsdp_auto_wrap_policy): a block's flat parameter then trains only if all of it does
     if cfg.use_orig_params:
@@ -302,9 +303,12 @@ def _fsdp1(
         grad_numel = [
             f if t else sum(p.numel for p in u if p.trainable) for f, t, u in zip(flat, trains, units)
         ]
-    weights = sum(rounded(s * itemsize) for s in shard)
+    weights = sum(rounded(b) for b in shard_bytes)
     unsharded = [rounded(f * compute_itemsize) for f in flat]
-    sharded_grad = [rounded(ceil_div(g, n) * itemsize) if g else 0 for g in grad_numel]
+    sharded_grad = [
+        rounded(ceil_div(g * b, f * n)) if g else 0  # the flat gradient in the unit's dtype
+        for g, b, f in zip(grad_numel, flat_bytes, flat)
+    ]
     # optimizer: use_orig_params gives it each trainable tensor's local slice
     train = [(ceil_div(p.numel, n), p.itemsize, (ceil_div(p.numel, n),))
              for p in params if p.trainable]
@@ -320,7 +324,7 @@ def _fsdp1(
     fwd: list[int] = []
     bwd: list[int] = []
     for i in range(num_blocks):
-        cast = rounded(shard[i] * compute_itemsize) if compute_itemsize != itemsize else 0
+        cast = rounded(shard[i] * compute_itemsize) if compute_itemsize * flat[i] != flat_bytes[i] else 0
         ahead = unsharded[i + 1] if cfg.forward_prefetch and i + 1 < num_blocks else 0
         kept = sum(unsharded[:i]) if grad_op else 0
         fwd.append(keep_root + kept + unsharded[i] + ahead + cast)
