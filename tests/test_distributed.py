@@ -13,7 +13,6 @@ from conftest import build
 
 from layerscope import estimate_memory
 from layerscope.errors import EstimateError
-from layerscope.estimate.memory import estimate_memory_for
 from layerscope.estimate.sharding import FsdpSettings, ZeroSettings, make_sharding
 
 PARAMS = 2 * 100 * 64 + 4 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64) + 64
@@ -55,8 +54,7 @@ def test_zero2_by_hand(llama):
     assert est.optimizer_state_bytes == 2 * 161280
     assert est.gradient_bytes == _round(2 * part)  # grads_in_partition
     # DeepSpeed runs the bf16 module without autocast: the one-GPU bf16 trace's activations
-    one = estimate_memory_for(llama, [n for n, _ in llama.named_parameters()], batch_size=2,
-                              seq_len=32, precision="bf16-true")
+    one = estimate_memory(llama, batch_size=2, seq_len=32, precision="bf16-true")
     assert est.activation_bytes == one.activation_bytes
     # in backward the IPG bucket (10000 * 2 -> 20480) and the partition buffer are held
     if est.peak_phase == "backward":
@@ -112,9 +110,20 @@ def test_bad_input_changes_nothing(llama):
         estimate_memory(llama, distributed="tp", num_gpus=8)
     with pytest.raises(EstimateError, match="num_gpus must be an int >= 1, got 0"):
         estimate_memory(llama, distributed="fsdp", num_gpus=0)
-    with pytest.raises(EstimateError, match="not both"):
-        estimate_memory(llama, distributed="fsdp", sharding=make_sharding("ddp", 2))
+    with pytest.raises(EstimateError, match="sharding must be a Sharding"):
+        estimate_memory(llama, sharding="zero3")
     assert {n: p.requires_grad for n, p in llama.named_parameters()} == flags
+
+
+def test_flat_settings_replace_the_sharding_s(llama):
+    from layerscope.setup import TrainingSetup
+
+    setup = TrainingSetup(llama, distributed="fsdp", fsdp_version=1,
+                          sharding=make_sharding("zero3", 2, zero=ZeroSettings(reduce_bucket_size=7)))
+    assert (setup.distributed, setup.num_gpus, setup.fsdp_version) == ("fsdp", 2, 1)
+    assert setup.sharding.zero.reduce_bucket_size == 7  # the knobs are kept
+    assert setup.replace(distributed=None).sharding == make_sharding()
+    assert setup.replace(num_gpus=4).sharding.num_gpus == 4
 
 
 def test_zero3_on_one_gpu_is_allowed(llama):

@@ -14,12 +14,14 @@ import torch.distributed as dist
 from conftest import build
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from layerscope import estimate_memory
 from layerscope.errors import EstimateError
-from layerscope.estimate.distributed import neighbour_kinds, sharded_memory_for
+from layerscope.estimate.distributed import neighbour_kinds
 from layerscope.estimate.fsdp import fake_world, trace_fsdp2
-from layerscope.estimate.memory import _block_kinds, _block_stack, estimate_memory_for
+from layerscope.estimate.memory import _block_kinds, _block_stack
 from layerscope.estimate.sharding import make_sharding
 from layerscope.estimate.trace import fake_parameters, reduced_copy, replay
+from layerscope.scan import scan
 
 BLOCK_SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128), (64,), (64,)]
 
@@ -46,8 +48,8 @@ def _names(model) -> list[str]:
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_shards_gradients_and_states_by_hand(llama, ranks):
-    est = sharded_memory_for(llama, _names(llama), sharding=make_sharding("fsdp", ranks),
-                             batch_size=2, seq_len=32, precision="bf16-true")
+    est = estimate_memory(llama, sharding=make_sharding("fsdp", ranks), batch_size=2, seq_len=32,
+                          precision="bf16-true")
     # each tensor keeps its padded shard (ceil(dim0 / ranks) rows) as its own bf16 storage
     def shard(shape):
         rows = -(-shape[0] // ranks)
@@ -73,10 +75,10 @@ def test_shards_gradients_and_states_by_hand(llama, ranks):
 @pytest.mark.parametrize("precision", ["bf16-true", "32-true"])
 def test_activations_are_the_one_gpu_trace(llama, precision):
     """Less what FSDP holds across blocks, the sharded step saves what one GPU saves."""
-    one = estimate_memory_for(llama, _names(llama), batch_size=2, seq_len=32, precision=precision)
+    one = estimate_memory(llama, batch_size=2, seq_len=32, precision=precision)
     for strategy in ("fsdp", "fsdp-grad-op"):
-        est = sharded_memory_for(llama, _names(llama), sharding=make_sharding(strategy, 4),
-                                 batch_size=2, seq_len=32, precision=precision)
+        est = estimate_memory(llama, sharding=make_sharding(strategy, 4), batch_size=2, seq_len=32,
+                              precision=precision)
         assert est.activation_bytes_per_block == one.activation_bytes_per_block
         assert est.activation_bytes == one.activation_bytes
 
@@ -84,7 +86,7 @@ def test_activations_are_the_one_gpu_trace(llama, precision):
 def _trace(model, strategy, ranks, blocks_to_trace=None):
     """(replay, block kinds) of a trace of the full tiny Llama (every block its own kind) or of
     the reduced copy with neighbour-aware kinds."""
-    name, blocks = _block_stack(model)
+    name, blocks = _block_stack(scan(model), model)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     base, _ = _block_kinds(model, name, blocks, {id(p): id(p) in trainable for p in model.parameters()},
                            frozenset(), model.config)
@@ -125,8 +127,8 @@ def test_grad_op_keeps_every_block_gathered(llama):
 
 def test_existing_process_group_is_never_touched(llama):
     """In a process with its own group the trace runs in a fresh process, same result."""
-    alone = sharded_memory_for(llama, _names(llama), sharding=make_sharding("fsdp", 2),
-                               batch_size=1, seq_len=16, precision="bf16-true")
+    alone = estimate_memory(llama, sharding=make_sharding("fsdp", 2), batch_size=1, seq_len=16,
+                            precision="bf16-true")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
@@ -134,8 +136,8 @@ def test_existing_process_group_is_never_touched(llama):
         with pytest.raises(EstimateError, match="already initialised"), \
                 fake_world(make_sharding("fsdp", 2)):
             pass
-        isolated = sharded_memory_for(llama, _names(llama), sharding=make_sharding("fsdp", 2),
-                                      batch_size=1, seq_len=16, precision="bf16-true")
+        isolated = estimate_memory(build("llama", device="meta"), sharding=make_sharding("fsdp", 2),
+                                   batch_size=1, seq_len=16, precision="bf16-true")
         assert dist.is_initialized() and dist.get_world_size() == 3  # still the user's group
     finally:
         dist.destroy_process_group()

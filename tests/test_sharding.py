@@ -41,7 +41,6 @@ def test_derived_sizes():
     (dict(distributed="fsdp", num_gpus=2.0), "num_gpus must be an int >= 1"),
     (dict(distributed="hsdp", num_gpus=12, gpus_per_node=8), "must be a multiple of gpus_per_node=8"),
     (dict(distributed="hsdp", num_gpus=4, gpus_per_node=8), "must be a multiple"),
-    (dict(num_gpus=4), "num_gpus=4 needs a distributed strategy"),
     (dict(distributed="ddp", num_gpus=2, offload="optimizer"), "not possible with distributed='ddp'"),
     (dict(distributed="zero2", num_gpus=2, offload="params"), "not possible with distributed='zero2'"),
     (dict(distributed="fsdp", num_gpus=2, offload="optimizer"), "not possible"),
@@ -52,6 +51,12 @@ def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(EstimateError, match=message) as info:
         make_sharding(**kwargs)
     assert isinstance(info.value, LayerscopeError) and isinstance(info.value, ValueError)
+
+
+def test_gpus_without_a_strategy_are_plain_data_parallel():
+    assert make_sharding(num_gpus=4).distributed == "ddp"
+    with pytest.raises(EstimateError, match="num_gpus=4 needs a distributed strategy"):
+        Sharding(None, 4)
 
 
 def test_bad_knobs():

@@ -19,19 +19,20 @@ Then :mod:`layerscope.estimate.states` adds what the strategy keeps and holds ar
 
 from __future__ import annotations
 
-import logging
-import warnings
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from layerscope.errors import EstimateError, ModelTypeError
+from layerscope.estimate.cache import model_cache
 from layerscope.estimate.sharding import Sharding
 from layerscope.estimate.states import ParamInfo, RankStates, rank_states
-from layerscope.estimate.trace import Segment, fake_parameters, reduced_copy, replay, rounded, run_step
+from layerscope.estimate.trace import Replay, Segment, StepTrace, reduced_copy, replay, rounded, run_step
 from layerscope.units import dtype_bytes
+
+if TYPE_CHECKING:
+    from layerscope.estimate.memory import MemoryEstimate, Prepared
+    from layerscope.setup import TrainingSetup
 
 
 def trace_dtypes(precision: Any, sharding: Sharding) -> tuple[torch.dtype, torch.dtype | None]:
@@ -90,182 +91,137 @@ def neighbour_kinds(
     return refined, reps
 
 
-def sharded_memory_for(
-    model: nn.Module,
-    trainable: Iterable[str],
-    *,
-    sharding: Sharding,
-    batch_size: int = 1,
-    seq_len: int = 2048,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    gradient_checkpointing: bool = False,
-    lora: Any = None,
-    inference: bool = False,
-) -> Any:
-    """Per-GPU :class:`~layerscope.estimate.memory.MemoryEstimate` of the busiest GPU of
-    ``sharding`` (``batch_size`` is per GPU), for an explicit set of trainable names.
+def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
+    """The :class:`~layerscope.estimate.memory.MemoryEstimate` of the busiest GPU of
+    ``setup.sharding`` (``batch_size`` per GPU). Use :func:`~layerscope.estimate.memory.
+    memory_of`, which caches it.
 
     Raises:
-        EstimateError: invalid settings, or a forward that fails when traced.
+        EstimateError: a forward that fails when traced.
     """
-    from layerscope.estimate import memory as mem
-    from layerscope.estimate.settings import lora_config, resolve_optimizer, resolve_precision
-
-    prec = resolve_precision(precision)
-    optimizer = resolve_optimizer(optimizer)
-    mem._check_settings(batch_size, seq_len)
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(sharding, Sharding):
-        raise EstimateError(f"sharding must be a Sharding, got {type(sharding).__name__}")
-    if sharding.is_fsdp and sharding.fsdp.version == 2:
+    sharding = setup.sharding
+    assert sharding is not None and sharding.distributed is not None
+    fsdp2 = sharding.is_fsdp and sharding.fsdp.version == 2
+    if fsdp2:
         from layerscope.estimate.fsdp import in_fresh_process, process_group_in_use
 
         if process_group_in_use():  # never touch the caller's group: trace in a new process
-            return in_fresh_process(
-                sharded_memory_for, _skeleton(model), frozenset(trainable), sharding=sharding,
-                batch_size=batch_size, seq_len=seq_len, precision=prec.name, optimizer=optimizer,
-                gradient_checkpointing=gradient_checkpointing, lora=lora, inference=inference,
-            )
-    lora = lora_config(model, lora)
-    trainable = frozenset(trainable)
-    named = list(model.named_parameters(remove_duplicate=False))
-    unknown = trainable - {n for n, _ in named}
-    if unknown:
-        raise EstimateError(f"trainable names not in the model: {sorted(unknown)[:5]}")
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int):
-        raise EstimateError("the model has no config.vocab_size; a Hugging Face causal LM is needed")
+            alone = setup.replace(model=_skeleton(setup.model))
+            return in_fresh_process(sharded_memory_of, alone)  # type: ignore[no-any-return]
+    from layerscope.estimate.memory import prepare
 
-    tensors: dict[int, nn.Parameter] = {}
-    is_trainable: dict[int, bool] = {}
-    for name, p in named:
-        tensors[id(p)] = p
-        is_trainable[id(p)] = is_trainable.get(id(p), False) or name in trainable
-    if not inference and lora is None and not any(
-        t and tensors[i].is_floating_point() for i, t in is_trainable.items()
-    ):
-        raise EstimateError(
-            "nothing is trainable (every parameter is frozen and lora is None): a training "
-            "step has no backward; use inference=True for a forward-only estimate"
-        )
-    blocks_name, blocks = mem._block_stack(model)
-    lora_targets = mem._lora_targets(model, lora) if lora is not None else frozenset()
-    kinds, reps = mem._block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config)
+    prec = setup.precision_info
     param_dtype, autocast_dtype = trace_dtypes(prec, sharding)
-    fsdp2 = sharding.is_fsdp and sharding.fsdp.version == 2
-
-    # the full model's tensors as the strategy sees them (adapters after their block's tensors)
-    block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
-    adapter_shapes = _adapter_shapes(model, lora, lora_targets) if lora is not None else {}
     deepspeed = sharding.stage > 0
-    pbytes = int(dtype_bytes(param_dtype if deepspeed else prec.param_dtype))
-    params: list[ParamInfo] = []
-    done_blocks: set[int] = set()
+    fsdp1_mp = sharding.is_fsdp and sharding.fsdp.version == 1 and autocast_dtype is not None
+    mixed_units = (sharding.is_fsdp and sharding.fsdp.version == 1 and sharding.fsdp.use_orig_params
+                   and not setup.inference)
 
-    def add_adapters(block: int | None) -> None:
-        for shape in adapter_shapes.get(block, []):
-            n = 1
-            for s in shape:
-                n *= s
-            params.append(ParamInfo(n, shape, pbytes if deepspeed else 4, not inference, block))
-
-    last_block: int | None = None
-    for p in tensors.values():
-        b = block_of.get(id(p))
-        if last_block is not None and b != last_block and last_block not in done_blocks:
-            add_adapters(last_block)
-            done_blocks.add(last_block)
-        size = pbytes if p.is_floating_point() else p.element_size()
-        params.append(ParamInfo(p.numel(), tuple(p.shape), size,
-                                bool(is_trainable[id(p)]) and not inference, b))
-        last_block = b
-    if last_block is not None and last_block not in done_blocks:
-        add_adapters(last_block)
-    add_adapters(None)
-    compute = int(dtype_bytes(autocast_dtype or param_dtype))
-    states = rank_states(params, num_blocks=len(blocks), sharding=sharding, optimizer=optimizer,
-                         compute_itemsize=compute, inference=inference)
-
-    # what the trace computes gradients for
-    trace_trainable = {i for i, t in is_trainable.items() if t}
-    mixed_units = sharding.is_fsdp and sharding.fsdp.version == 1 and sharding.fsdp.use_orig_params
-    if mixed_units and not inference:
-        for block in blocks:
+    def trace_trainable(pre: Prepared) -> set[int]:
+        grads = {i for i, t in pre.is_trainable.items() if t}
+        if not mixed_units:
+            return grads
+        # FSDP1 with use_orig_params: a flat parameter mixing frozen and trainable tensors
+        # gives every tensor's view requires_grad, so autograd computes all their gradients
+        for i, block in enumerate(pre.blocks):
             ids = [id(p) for p in block.parameters()]
-            prefix = f"{blocks_name}.{list(blocks).index(block)}."
-            if any(i in trace_trainable for i in ids) or any(t.startswith(prefix) for t in lora_targets):
-                trace_trainable.update(i for i in ids if tensors[i].is_floating_point())
-    if fsdp2:
-        kinds, reps = neighbour_kinds(blocks, kinds, lora_targets, blocks_name, trace_trainable)
+            start = f"{pre.blocks_name}.{i}."
+            if any(j in grads for j in ids) or any(t.startswith(start) for t in pre.lora_targets):
+                grads.update(j for j in ids if pre.tensors[j].is_floating_point())
+        return grads
 
-    reduced, kept, memo = reduced_copy(model, blocks, reps)
-    trainable_copy = {id(memo[i]) for i in trace_trainable if i in memo}
-    lora_ids: set[int] = set()
-    if lora is not None:
-        lora_ids = mem._inject_lora(reduced, lora, memo, lora_targets, blocks_name, reps)
-    if gradient_checkpointing and not inference:
-        enable = getattr(reduced, "gradient_checkpointing_enable", None)
-        if enable is None or not getattr(reduced, "supports_gradient_checkpointing", False):
-            raise EstimateError(f"{type(model).__name__} does not support gradient checkpointing")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reduced.train(not inference)
+    pre = prepare(
+        setup, param_dtype=param_dtype,
+        lora_dtype=param_dtype if deepspeed or fsdp1_mp else None,
+        trace_trainable=trace_trainable, refine_kinds=neighbour_kinds if fsdp2 else None,
+    )
+    stored = int(dtype_bytes(param_dtype if deepspeed else prec.param_dtype))
+    # peft's adapters are fp32; DeepSpeed casts the whole module to its dtype
+    params = _param_infos(pre, stored, stored if deepspeed else 4, setup.inference)
+    compute = int(dtype_bytes(autocast_dtype or param_dtype))
+    states = rank_states(params, num_blocks=len(pre.blocks), sharding=sharding,
+                         optimizer=setup.optimizer, compute_itemsize=compute,
+                         inference=setup.inference)
+    if fsdp2:  # FSDP's buffers depend on the GPU count: its own trace
+        trace = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
+    else:  # the same step for any GPU count: traced once per family of strategies
+        key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
+               setup.precision, setup.gradient_checkpointing, setup.attention, setup.inference,
+               param_dtype, autocast_dtype, states.trace_keeps_grads,
+               mixed_units, fsdp1_mp)
+        cache = model_cache(setup.model, "sharded-step")
+        if key not in cache:
+            cache[key] = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
+        trace = cache[key]
+    rep = replay(trace, pre.block_kinds, setup.inference, extra=states.extra)
+    return _assemble(setup, trace, rep, states, pre.block_kinds, params)
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mode = FakeTensorMode()
+def _trace(
+    setup: TrainingSetup, pre: Prepared, sharding: Sharding, param_dtype: torch.dtype,
+    autocast_dtype: torch.dtype | None, fsdp2: bool, states: RankStates,
+) -> StepTrace:
+    from layerscope.estimate.memory import traced_step_error
 
-    def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
-        if not p.is_floating_point():
-            return p.dtype
-        if id(p) in lora_ids and not deepspeed and autocast_dtype != param_dtype:
-            return torch.float32  # peft upcasts adapters; DeepSpeed casts them back
-        return param_dtype
-
-    def trainable_of(p: torch.Tensor) -> bool:
-        return id(p) in trainable_copy or id(p) in lora_ids
-
-    block_kinds = [kinds[i] for i in range(len(blocks))]
-    kind_of_position = [kinds[r] for r in reps]
-    fake_parameters(reduced, mode, dtype_of, trainable_of)
-    if not states.trace_keeps_grads and not fsdp2 and not inference:
-        for p in reduced.parameters():
+    if not states.trace_keeps_grads and not fsdp2 and not setup.inference:
+        for p in pre.reduced.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(_drop_grad)  # type: ignore[no-untyped-call]
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
     try:
         if fsdp2:
             from layerscope.estimate.fsdp import trace_fsdp2
 
-            trace = trace_fsdp2(
-                reduced, kept, kinds=kind_of_position, sharding=sharding, param_dtype=param_dtype,
-                batch_size=batch_size, seq_len=seq_len, vocab_size=vocab,
-                autocast_dtype=autocast_dtype, inference=inference, mode=mode,
+            return trace_fsdp2(
+                pre.reduced, pre.kept, kinds=pre.kind_of_position, sharding=sharding,
+                param_dtype=param_dtype, batch_size=setup.batch_size, seq_len=setup.seq_len,
+                vocab_size=pre.vocab, autocast_dtype=autocast_dtype, inference=setup.inference,
+                mode=pre.mode,
             )
-        else:
-            trace = run_step(
-                reduced, kept, kinds=kind_of_position, batch_size=batch_size, seq_len=seq_len,
-                vocab_size=vocab, autocast_dtype=autocast_dtype, inference=inference, mode=mode,
-            )
+        return run_step(
+            pre.reduced, pre.kept, kinds=pre.kind_of_position, batch_size=setup.batch_size,
+            seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=autocast_dtype,
+            inference=setup.inference, mode=pre.mode,
+        )
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EstimateError(
-            f"{type(model).__name__}: its forward failed when traced under "
-            f"{sharding.describe()} with batch_size={batch_size}, seq_len={seq_len} ({first})"
-        ) from exc
-    finally:
-        fake_log.setLevel(level)
-    rep = replay(trace, block_kinds, inference, extra=states.extra)
-    return _assemble(
-        model, trace, rep, states, block_kinds, params, sharding, prec, optimizer, batch_size,
-        seq_len, gradient_checkpointing, inference, lora,
-    )
+        raise traced_step_error(setup, exc, f" under {sharding.describe()}") from exc
+
+
+def _param_infos(
+    pre: Prepared, itemsize: int, adapter_itemsize: int, inference: bool
+) -> list[ParamInfo]:
+    """Every tensor of the full model once, in registration order, each block's adapters after
+    its own tensors (read from the reduced copy: a block has its kind's adapters)."""
+    block_of = {id(p): i for i, b in enumerate(pre.blocks) for p in b.parameters()}
+    position_of_kind = {pre.kinds[r]: pos for pos, r in enumerate(pre.reps)}
+    in_kept = {id(p) for b in pre.kept for p in b.parameters()}
+
+    def adapters(block: int | None) -> list[ParamInfo]:
+        if block is None:
+            found = [p for p in pre.reduced.parameters()
+                     if id(p) in pre.lora_ids and id(p) not in in_kept]
+        else:
+            kept = pre.kept[position_of_kind[pre.kinds[block]]]
+            found = [p for p in kept.parameters() if id(p) in pre.lora_ids]
+        return [ParamInfo(p.numel(), tuple(p.shape), adapter_itemsize, not inference, block)
+                for p in found]
+
+    out: list[ParamInfo] = []
+    last: int | None = None
+    for p in pre.tensors.values():
+        b = block_of.get(id(p))
+        if last is not None and b != last:
+            out += adapters(last)
+        size = itemsize if p.is_floating_point() else p.element_size()
+        out.append(ParamInfo(p.numel(), tuple(p.shape), size,
+                             pre.is_trainable[id(p)] and not inference, b))
+        last = b
+    if last is not None:
+        out += adapters(last)
+    return out + adapters(None)
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
 
 
 def _skeleton(model: nn.Module) -> nn.Module:
@@ -273,52 +229,22 @@ def _skeleton(model: nn.Module) -> nn.Module:
     if all(p.is_meta for p in model.parameters()):
         return model
     from layerscope.estimate.memory import _block_stack
+    from layerscope.scan import scan
 
-    _, blocks = _block_stack(model)
+    _, blocks = _block_stack(scan(model), model)
     copy, _, _ = reduced_copy(model, blocks, list(range(len(blocks))))
     return copy
 
 
-def _drop_grad(p: torch.Tensor) -> None:
-    p.grad = None
-
-
-def _adapter_shapes(
-    model: nn.Module, lora: Any, targets: frozenset[str]
-) -> dict[int | None, list[tuple[int, ...]]]:
-    """Shapes of the LoRA tensors peft adds to each target of the full model, by block."""
-    from layerscope.scan import scan
-
-    s = scan(model)
-    prefix = s.layers.path + "." if s.primary is not None else None
-    out: dict[int | None, list[tuple[int, ...]]] = {}
-    for name in sorted(targets):
-        module = model.get_submodule(name)
-        r = lora.rank_pattern.get(name, lora.r) if getattr(lora, "rank_pattern", None) else lora.r
-        if isinstance(module, nn.Embedding):
-            shapes = [(r, module.num_embeddings), (module.embedding_dim, r)]
-        else:
-            fan_in = getattr(module, "in_features", None)
-            fan_out = getattr(module, "out_features", None)
-            if fan_in is None:  # transformers' Conv1D: weight (in, out)
-                weight: Any = module.weight
-                fan_in, fan_out = weight.shape
-            shapes = [(r, fan_in), (fan_out, r)]
-        block: int | None = None
-        if prefix and name.startswith(prefix):
-            block = int(name[len(prefix):].split(".", 1)[0])
-        out.setdefault(block, []).extend(shapes)
-    return out
-
-
 def _assemble(
-    model: nn.Module, trace: Any, rep: Any, states: RankStates, block_kinds: list[int],
-    params: list[ParamInfo], sharding: Sharding, prec: Any, optimizer: str, batch_size: int,
-    seq_len: int, gradient_checkpointing: bool, inference: bool, lora: Any,
-) -> Any:
+    setup: TrainingSetup, trace: StepTrace, rep: Replay, states: RankStates,
+    block_kinds: list[int], params: list[ParamInfo],
+) -> MemoryEstimate:
     from layerscope.estimate.memory import MemoryEstimate
 
-    buffers = sum(rounded(b.numel() * b.element_size()) for b in model.buffers())
+    sharding, prec, inference = setup.sharding, setup.precision_info, setup.inference
+    assert sharding is not None
+    buffers = sum(rounded(b.numel() * b.element_size()) for b in setup.model.buffers())
     persistent = states.persistent + buffers
     optimizer_peak = 0 if inference else persistent + rep.end + states.optimizer_extra
     backward_peak = 0 if inference else persistent + rep.backward_peak
@@ -353,13 +279,14 @@ def _assemble(
         optimizer_peak_bytes=optimizer_peak,
         trainable_params=0 if inference else sum(p.numel for p in params if p.trainable),
         total_params=sum(p.numel for p in params),
-        batch_size=batch_size,
-        seq_len=seq_len,
-        precision=prec.name,
-        optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing,
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        precision=setup.precision,
+        optimizer=setup.optimizer,
+        gradient_checkpointing=setup.gradient_checkpointing,
         inference=inference,
-        lora_rank=getattr(lora, "r", None) if lora is not None else None,
+        lora_rank=setup.lora_rank,
+        attn_implementation=setup.attention,
         forward_flops=sum(seg.get((p, "fwd"), Segment()).flops for p in parts),
         backward_flops=0 if inference else sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
         distributed=sharding.distributed,

@@ -293,7 +293,8 @@ def make_sharding(
 
     ``knobs`` are :class:`ZeroSettings`, :class:`FsdpSettings` or :class:`DdpSettings` values
     under the keys ``zero``, ``fsdp``, ``ddp``. ``num_gpus`` defaults to 1, or to
-    ``gpus_per_node`` (8) when a strategy is given without a count.
+    ``gpus_per_node`` (8) when a strategy is given without a count; more than one GPU without
+    a strategy is plain data parallelism (``"ddp"``), as a run's GPU count has always meant.
 
     Raises:
         EstimateError: an invalid value or combination.
@@ -304,6 +305,9 @@ def make_sharding(
     per_node = DEFAULT_GPUS_PER_NODE if gpus_per_node is None else gpus_per_node
     if num_gpus is None:
         num_gpus = 1 if distributed is None else per_node
+    elif distributed is None and isinstance(num_gpus, int) and not isinstance(num_gpus, bool) \
+            and num_gpus > 1:
+        distributed = "ddp"
     given = {k: v for k, v in knobs.items() if v is not None}
     return Sharding(distributed, num_gpus, per_node, offload, **given)
 

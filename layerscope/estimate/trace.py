@@ -366,7 +366,7 @@ def run_step(
             # a tensor hook, registered before any wrapper's (FSDP's pre-backward): the block's
             # backward segment starts when its output's gradient arrives, before the wrapper acts
             arriving = entering((kinds[p], "bwd"))
-            out.register_hook(lambda grad: arriving((grad,)))
+            out.register_hook(lambda grad: arriving((grad,)))  # type: ignore[no-untyped-call]
         if p == len(blocks) - 1:
             state["after_blocks"] = True
 
