@@ -141,7 +141,8 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
     compute = int(dtype_bytes(autocast_dtype or param_dtype))
     states = rank_states(params, num_blocks=len(pre.blocks), sharding=sharding,
                          optimizer=setup.optimizer, compute_itemsize=compute,
-                         inference=setup.inference)
+                         inference=setup.inference,
+                         gradient_checkpointing=setup.gradient_checkpointing)
     if fsdp2:  # FSDP's buffers depend on the GPU count: its own trace
         trace = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
     else:  # the same step for any GPU count: traced once per family of strategies

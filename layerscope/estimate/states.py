@@ -161,6 +161,7 @@ def rank_states(
     optimizer: str,
     compute_itemsize: int,
     inference: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> RankStates:
     """The states of ``sharding``'s busiest GPU for a model made of ``params``.
 
@@ -172,6 +173,8 @@ def rank_states(
         compute_itemsize: bytes per element the forward computes in (the autocast dtype under
             ``*-mixed``, else the parameter dtype): FSDP gathers in it.
         inference: a forward only (no gradients, no optimizer).
+        gradient_checkpointing: blocks are recomputed in backward (ZeRO-3 then keeps a block's
+            parameters gathered from its recomputation to its backward).
 
     Raises:
         EstimateError: invalid inputs, or a strategy this module does not model (FSDP2 is
@@ -182,7 +185,7 @@ def rank_states(
     if d is None or d == "ddp":
         return _replicated(params, num_blocks, sharding, optimizer, inference)
     if sharding.stage:
-        return _zero(params, num_blocks, sharding, optimizer, inference)
+        return _zero(params, num_blocks, sharding, optimizer, inference, gradient_checkpointing)
     if sharding.fsdp.version == 1:
         return _fsdp1(params, num_blocks, sharding, optimizer, compute_itemsize, inference)
     return fsdp2_states(params, num_blocks=num_blocks, sharding=sharding, optimizer=optimizer,
@@ -359,7 +362,7 @@ def _fsdp1(
 # -- DeepSpeed ZeRO ------------------------------------------------------------------------------
 def _zero(
     params: Sequence[ParamInfo], num_blocks: int, sharding: Sharding, optimizer: str,
-    inference: bool,
+    inference: bool, recompute: bool = False,
 ) -> RankStates:
     z = sharding.zero
     stage, n = sharding.stage, sharding.shard_size
@@ -410,7 +413,7 @@ def _zero(
             grads_gpu = grad_buffer
             # _prepare_fp32_grad_for_sub_group: flatten (16-bit) then .to(fp32), then step
             step = max(rounded(sub * md) + rounded(sub * 4), rounded(sub * 4) + temp)
-        fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md)
+        fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute)
         reduce_copy = bucket  # reduce_scatter_coalesced concatenates the bucket's partitions
         return RankStates(
             weights=weights, master_weights=master, gradients=grads_gpu, optimizer_state=state,
@@ -462,13 +465,18 @@ def _zero(
 
 def _zero3_gathered(
     params: Sequence[ParamInfo], num_blocks: int, sharding: Sharding, md: int,
+    recompute: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int]]:
     """ZeRO-3's gathered parameters (16-bit, beyond the persisted ones) during each part.
 
     Inside a block: its largest leaf tensor gathered plus the prefetch bucket, at most the
-    whole block and at most ``max_live_parameters``. Outside: the embedding, then the head;
-    from the end of forward to the start of backward the last blocks stay gathered while the
-    elements gathered after them stay under the reuse distance.
+    whole block and at most ``max_live_parameters``. A parameter is released only when it is
+    not used again within ``stage3_max_reuse_distance`` gathered elements
+    (``PartitionedParameterCoordinator.__params_to_release``): with gradient checkpointing a
+    block's recomputation and its backward use the same parameters, so the whole block stays
+    gathered through its backward. Outside: the embedding, then the head; from the end of
+    forward to the start of backward the last blocks stay gathered while the elements gathered
+    after them stay under the reuse distance.
     """
     z = sharding.zero
     big = [p for p in params if p.numel > z.param_persistence_threshold]
@@ -484,6 +492,11 @@ def _zero3_gathered(
         return live * md
 
     blocks = [gathered(b) for b in per_block]
+    backward = blocks
+    if recompute:
+        backward = [min(sum(p.numel for p in b) + z.prefetch_bucket_size, cap) * md
+                    if b and sum(p.numel for p in b) < ZERO_MAX_REUSE_DISTANCE else g
+                    for b, g in zip(per_block, blocks)]
     root_sorted = sorted(root, key=lambda p: p.numel)
     embed = root_sorted[-1].numel * md if root_sorted else 0  # the embedding (or tied head)
     head = embed
@@ -494,4 +507,4 @@ def _zero3_gathered(
             break
         kept += sum(p.numel for p in b)
     head_live = min(head // md + kept, cap) * md if md else 0
-    return (tuple(blocks), tuple(blocks), (embed, embed), (head_live, head_live))
+    return (tuple(blocks), tuple(backward), (embed, embed), (head_live, head_live))
