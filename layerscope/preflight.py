@@ -289,8 +289,10 @@ class Alternative:
 CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora", "sharding")
 """The single changes the alternatives try (combined with checkpointing when none fits)."""
 
-SHARDING_ALTERNATIVES = ("fsdp", "zero3")
-"""Strategies tried, as asked, for a one-GPU run that does not fit: the fewest GPUs each needs."""
+SHARDING_ALTERNATIVES = ("zero3", "fsdp")
+"""Strategies tried, as asked, for a one-GPU run that does not fit: the fewest GPUs each needs
+(ZeRO-3 first: its trace is shared by every GPU count, and its count is where FSDP's search
+starts)."""
 
 GPU_COUNTS = (2, 4, 8, 16, 32, 64)
 """GPU counts the sharding alternatives search (memory per GPU falls as the count grows)."""
@@ -363,25 +365,26 @@ def _smaller_batch(ctx: Context, change: Change, gpu: GPU, base_step: StepTime |
 
 
 def _fewest_gpus(ctx: Context, setup: TrainingSetup, gpu: GPU, strategy: str,
-                 base_step: StepTime | None) -> Alternative | None:
+                 base_step: StepTime | None, start: int = 8) -> Alternative | None:
     """``setup`` sharded with ``strategy`` on the fewest of :data:`GPU_COUNTS` GPUs that fit
-    (searched from one node, 8 GPUs, down or up), or on the most tried when none does."""
+    (searched from ``start`` down or up: memory per GPU falls as the count grows), or on the
+    most tried when none does."""
 
     def at(count: int) -> Alternative:
         sharded = setup.replace(distributed=strategy, num_gpus=count)
         label = f"--distributed {strategy} --num-gpus {count}"
         return _alternative(ctx, Change(label, "sharding", sharded), gpu, base_step)
 
-    start = GPU_COUNTS.index(8)
-    best = at(GPU_COUNTS[start])
+    first = GPU_COUNTS.index(start) if start in GPU_COUNTS else GPU_COUNTS.index(8)
+    best = at(GPU_COUNTS[first])
     if best.fits:
-        for count in reversed(GPU_COUNTS[:start]):
+        for count in reversed(GPU_COUNTS[:first]):
             fewer = at(count)
             if not fewer.fits:
                 break
             best = fewer
         return best
-    for count in GPU_COUNTS[start + 1:]:
+    for count in GPU_COUNTS[first + 1:]:
         best = at(count)
         if best.fits:
             break
@@ -419,10 +422,12 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
             batch = _smaller_batch(ctx, everything, gpu, base_step, setup.batch_size)
             found += [batch] if batch else []
     if setup.distributed is None and not setup.inference:
+        start = 8
         for strategy in SHARDING_ALTERNATIVES:
-            sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step)
+            sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step, start)
             found += [sharded] if sharded else []
             needs = sharded.setup.num_gpus or 1 if sharded else 0
+            start = needs if sharded and sharded.fits else start
             if needs > 8 and not setup.gradient_checkpointing:
                 recompute = setup.replace(gradient_checkpointing=True)
                 fewer = _fewest_gpus(ctx, recompute, gpu, strategy, base_step)

@@ -11,14 +11,14 @@ import pytest
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.sharding import DdpSettings, FsdpSettings, ZeroSettings, make_sharding
-from layerscope.estimate.states import ParamInfo, ddp_buckets, fsdp2_shard_numel, rank_states
+from layerscope.estimate.states import TensorInfo, ddp_buckets, fsdp2_shard_numel, rank_states
 
 
-def _model(trainable: bool = True) -> list[ParamInfo]:
-    params = [ParamInfo(1000, (100, 10), 2, trainable, None)]
+def _model(trainable: bool = True) -> list[TensorInfo]:
+    params = [TensorInfo(1000, (100, 10), 2, trainable, None)]
     for i in range(3):
-        params += [ParamInfo(200, (20, 10), 2, trainable, i), ParamInfo(10, (10,), 2, trainable, i)]
-    return [*params, ParamInfo(1000, (100, 10), 2, trainable, None)]
+        params += [TensorInfo(200, (20, 10), 2, trainable, i), TensorInfo(10, (10,), 2, trainable, i)]
+    return [*params, TensorInfo(1000, (100, 10), 2, trainable, None)]
 
 
 def _states(strategy: str, **kwargs):
@@ -48,7 +48,7 @@ def test_ddp_buckets_are_a_second_copy_of_the_gradients():
 
 
 def test_ddp_bucket_caps():
-    big = [ParamInfo(2**19, (2**19,), 4, True, None) for _ in range(4)]  # 2 MiB each
+    big = [TensorInfo(2**19, (2**19,), 4, True, None) for _ in range(4)]  # 2 MiB each
     # reverse order; the first bucket closes at >= 1 MiB (one tensor), the next at >= 25 MiB
     assert ddp_buckets(big, 25) == [2**21, 3 * 2**21]
     assert ddp_buckets(big, 2) == [2**21, 2**21, 2**21, 2**21]
@@ -142,8 +142,8 @@ def test_fsdp1_by_hand():
 
 def test_fsdp1_mixed_flat_parameters():
     # one block of a trainable and a frozen (1000 x 100) tensor, and a frozen root
-    params = [ParamInfo(100_000, (1000, 100), 2, True, 0), ParamInfo(100_000, (1000, 100), 2, False, 0),
-              ParamInfo(1000, (100, 10), 2, False, None)]
+    params = [TensorInfo(100_000, (1000, 100), 2, True, 0), TensorInfo(100_000, (1000, 100), 2, False, 0),
+              TensorInfo(1000, (100, 10), 2, False, None)]
 
     def states(use_orig_params: bool):
         sharding = make_sharding("fsdp", 4, fsdp=FsdpSettings(version=1, use_orig_params=use_orig_params))
@@ -166,7 +166,7 @@ def test_fsdp1_mixed_flat_parameters():
 
 def test_inputs_are_checked():
     with pytest.raises(EstimateError, match=r"block 5 is outside 0\.\.2"):
-        rank_states([ParamInfo(1, (1,), 2, True, 5)], num_blocks=3,
+        rank_states([TensorInfo(1, (1,), 2, True, 5)], num_blocks=3,
                     sharding=make_sharding("ddp", 2), optimizer="adamw", compute_itemsize=2)
     with pytest.raises(EstimateError, match="unknown optimizer"):
         rank_states(_model(), num_blocks=3, sharding=make_sharding("ddp", 2), optimizer="lion",

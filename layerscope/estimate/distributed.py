@@ -26,7 +26,7 @@ from torch import nn
 
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.sharding import Sharding
-from layerscope.estimate.states import ParamInfo, RankStates, rank_states
+from layerscope.estimate.states import RankStates, TensorInfo, rank_states
 from layerscope.estimate.trace import Replay, Segment, StepTrace, reduced_copy, replay, rounded, run_step
 from layerscope.units import dtype_bytes
 
@@ -189,31 +189,31 @@ def _trace(
 
 def _param_infos(
     pre: Prepared, itemsize: int, adapter_itemsize: int, inference: bool
-) -> list[ParamInfo]:
+) -> list[TensorInfo]:
     """Every tensor of the full model once, in registration order, each block's adapters after
     its own tensors (read from the reduced copy: a block has its kind's adapters)."""
     block_of = {id(p): i for i, b in enumerate(pre.blocks) for p in b.parameters()}
     position_of_kind = {pre.kinds[r]: pos for pos, r in enumerate(pre.reps)}
     in_kept = {id(p) for b in pre.kept for p in b.parameters()}
 
-    def adapters(block: int | None) -> list[ParamInfo]:
+    def adapters(block: int | None) -> list[TensorInfo]:
         if block is None:
             found = [p for p in pre.reduced.parameters()
                      if id(p) in pre.lora_ids and id(p) not in in_kept]
         else:
             kept = pre.kept[position_of_kind[pre.kinds[block]]]
             found = [p for p in kept.parameters() if id(p) in pre.lora_ids]
-        return [ParamInfo(p.numel(), tuple(p.shape), adapter_itemsize, not inference, block)
+        return [TensorInfo(p.numel(), tuple(p.shape), adapter_itemsize, not inference, block)
                 for p in found]
 
-    out: list[ParamInfo] = []
+    out: list[TensorInfo] = []
     last: int | None = None
     for p in pre.tensors.values():
         b = block_of.get(id(p))
         if last is not None and b != last:
             out += adapters(last)
         size = itemsize if p.is_floating_point() else p.element_size()
-        out.append(ParamInfo(p.numel(), tuple(p.shape), size,
+        out.append(TensorInfo(p.numel(), tuple(p.shape), size,
                              pre.is_trainable[id(p)] and not inference, b))
         last = b
     if last is not None:
@@ -239,7 +239,7 @@ def _skeleton(model: nn.Module) -> nn.Module:
 
 def _assemble(
     setup: TrainingSetup, trace: StepTrace, rep: Replay, states: RankStates,
-    block_kinds: list[int], params: list[ParamInfo],
+    block_kinds: list[int], params: list[TensorInfo],
 ) -> MemoryEstimate:
     from layerscope.estimate.memory import MemoryEstimate
 
@@ -301,7 +301,7 @@ def _assemble(
 
 
 def _gathered_sizes(
-    params: list[ParamInfo], num_blocks: int, prec: Any
+    params: list[TensorInfo], num_blocks: int, prec: Any
 ) -> tuple[list[int], list[int], int, int]:
     """FSDP2's gathered bytes: per block (all-gather buffer, unsharded per-tensor storages),
     and the root's two. Under a mixed-precision policy everything is gathered in the autocast
@@ -323,7 +323,7 @@ def _gathered_sizes(
 
 
 def _fsdp2_activations(
-    per_block: tuple[int, ...], embed: int, params: list[ParamInfo], sharding: Sharding, prec: Any,
+    per_block: tuple[int, ...], embed: int, params: list[TensorInfo], sharding: Sharding, prec: Any,
 ) -> tuple[tuple[int, ...], int]:
     """The traced segments' nets less what FSDP2 holds across them: the embedding segment
     holds the root's gathered parameters and its all-gather buffer (freed in block 0, which
@@ -340,7 +340,7 @@ def _fsdp2_activations(
 
 
 def fsdp2_gathered(
-    params: list[ParamInfo], num_blocks: int, sharding: Sharding, prec: Any, phase: str,
+    params: list[TensorInfo], num_blocks: int, sharding: Sharding, prec: Any, phase: str,
 ) -> int:
     """What FSDP2 holds gathered at the peak of ``phase`` (for the breakdown; the trace counts
     it): the root kept from forward to backward (unless resharded), the current block

@@ -54,7 +54,7 @@ again within this many gathered elements is not released."""
 
 
 @dataclass(frozen=True)
-class ParamInfo:
+class TensorInfo:
     """One parameter tensor as a sharding strategy sees it.
 
     Attributes:
@@ -130,12 +130,12 @@ class RankStates:
         return pair[0] if phase == "fwd" else pair[1]
 
 
-def _check(params: Sequence[ParamInfo], num_blocks: int) -> None:
+def _check(params: Sequence[TensorInfo], num_blocks: int) -> None:
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
         raise EstimateError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
     for p in params:
-        if not isinstance(p, ParamInfo):
-            raise EstimateError(f"params must be ParamInfo values, got {type(p).__name__}")
+        if not isinstance(p, TensorInfo):
+            raise EstimateError(f"params must be TensorInfo values, got {type(p).__name__}")
         if p.block is not None and not 0 <= p.block < num_blocks:
             raise EstimateError(f"a parameter's block {p.block} is outside 0..{num_blocks - 1}")
 
@@ -154,7 +154,7 @@ def _optimizer(name: str, tensors: Sequence[tuple[int, int, tuple[int, ...]]]) -
 
 
 def rank_states(
-    params: Sequence[ParamInfo],
+    params: Sequence[TensorInfo],
     *,
     num_blocks: int,
     sharding: Sharding,
@@ -193,7 +193,7 @@ def rank_states(
 
 
 # -- one GPU and DDP ------------------------------------------------------------------------------
-def ddp_buckets(params: Sequence[ParamInfo], bucket_cap_mb: float) -> list[int]:
+def ddp_buckets(params: Sequence[TensorInfo], bucket_cap_mb: float) -> list[int]:
     """Bytes of each DDP reducer bucket: trainable tensors in reverse registration order, by
     dtype, the first bucket capped at 1 MiB and the others at ``bucket_cap_mb`` MiB (a bucket
     closes once it reaches its cap; ``_compute_bucket_assignment_by_size``)."""
@@ -218,7 +218,7 @@ def ddp_buckets(params: Sequence[ParamInfo], bucket_cap_mb: float) -> list[int]:
 
 
 def _replicated(
-    params: Sequence[ParamInfo], num_blocks: int, sharding: Sharding, optimizer: str,
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool,
 ) -> RankStates:
     weights = sum(rounded(p.numel * p.itemsize) for p in params)
@@ -250,7 +250,7 @@ def fsdp2_shard_numel(shape: tuple[int, ...], shard_size: int) -> int:
 
 
 def fsdp2_states(
-    params: Sequence[ParamInfo], *, num_blocks: int, sharding: Sharding, optimizer: str,
+    params: Sequence[TensorInfo], *, num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool = False,
 ) -> RankStates:
     """FSDP2's persistent states: each parameter's padded shard (kept as its own storage), the
@@ -284,12 +284,12 @@ def fsdp2_states(
 
 # -- FSDP1 ---------------------------------------------------------------------------------------
 def _fsdp1(
-    params: Sequence[ParamInfo], num_blocks: int, sharding: Sharding, optimizer: str,
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     compute_itemsize: int, inference: bool,
 ) -> RankStates:
     cfg = sharding.fsdp
     n = sharding.shard_size
-    units: list[list[ParamInfo]] = [[] for _ in range(num_blocks + 1)]  # last: the root
+    units: list[list[TensorInfo]] = [[] for _ in range(num_blocks + 1)]  # last: the root
     for p in params:
         units[num_blocks if p.block is None else p.block].append(p)
     flat = [sum(p.numel for p in u) for u in units]
@@ -317,10 +317,12 @@ def _fsdp1(
              for p in params if p.trainable]
     state, temp = (0, 0) if inference else _optimizer(optimizer, train)
     host = 0
-    if sharding.offload == "params":
+    if sharding.offload == "params":  # CPUOffload: shards, their gradients and the optimizer
         host = weights + sum(sharded_grad) + state + temp
         weights, state, temp = 0, 0, 0
 
+    if sharding.offload == "params":  # sharded gradients go to the CPU as they are reduced
+        sharded_grad = [0] * len(sharded_grad)
     root = num_blocks
     keep_root = unsharded[root] if not cfg.reshard_root else 0
     grad_op = sharding.distributed == "fsdp-grad-op"
@@ -348,7 +350,7 @@ def _fsdp1(
                          * compute_itemsize) if root_trains else 0
     root_g = rounded(grad_numel[root] * compute_itemsize)
     bwd = [b + head_grads for b in bwd]
-    sharded_total = 0 if sharding.offload == "params" else sum(sharded_grad)
+    sharded_total = sum(sharded_grad)
     return RankStates(
         weights=weights, master_weights=0, gradients=sharded_total, optimizer_state=state,
         optimizer_temporary=temp, buffers=0, optimizer_extra=sharded_total + temp, host=host,
@@ -361,7 +363,7 @@ def _fsdp1(
 
 # -- DeepSpeed ZeRO ------------------------------------------------------------------------------
 def _zero(
-    params: Sequence[ParamInfo], num_blocks: int, sharding: Sharding, optimizer: str,
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool, recompute: bool = False,
 ) -> RankStates:
     z = sharding.zero
@@ -464,7 +466,7 @@ def _zero(
 
 
 def _zero3_gathered(
-    params: Sequence[ParamInfo], num_blocks: int, sharding: Sharding, md: int,
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, md: int,
     recompute: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int]]:
     """ZeRO-3's gathered parameters (16-bit, beyond the persisted ones) during each part.
@@ -484,7 +486,7 @@ def _zero3_gathered(
     root = [p for p in big if p.block is None]
     cap = z.max_live_parameters
 
-    def gathered(tensors: Sequence[ParamInfo]) -> int:
+    def gathered(tensors: Sequence[TensorInfo]) -> int:
         if not tensors:
             return 0
         total = sum(p.numel for p in tensors)
