@@ -508,5 +508,6 @@ def _zero3_gathered(
         if distance >= ZERO_MAX_REUSE_DISTANCE or kept + sum(p.numel for p in b) > cap:
             break
         kept += sum(p.numel for p in b)
-    head_live = min(head // md + kept, cap) * md if md else 0
+    # max_live_parameters limits what is gathered ahead, never the tensor a module needs
+    head_live = max(head // md, min(head // md + kept, cap)) * md if md else 0
     return (tuple(blocks), tuple(backward), (embed, embed), (head_live, head_live))
