@@ -550,9 +550,9 @@ class TrainingSetup:
             "batch_size": self.batch_size, "seq_len": self.seq_len, "precision": self.precision,
             "optimizer": self.optimizer, "gradient_checkpointing": self.gradient_checkpointing,
             "lora_rank": self.lora_rank, "attn_implementation": self.attn_implementation,
-            "experts_implementation": self.experts_implementation, "inference": self.inference, "distributed": self.distributed,
-            "num_gpus": self.num_gpus, "gpus_per_node": self.gpus_per_node,
-            "offload": self.offload,
+            "experts_implementation": self.experts_implementation, "inference": self.inference,
+            "distributed": self.distributed, "num_gpus": self.num_gpus,
+            "gpus_per_node": self.gpus_per_node, "offload": self.offload,
         }
 
     def describe(self) -> str:

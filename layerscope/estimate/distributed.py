@@ -26,7 +26,7 @@ from torch import nn
 
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.sharding import Sharding
-from layerscope.estimate.states import RankStates, TensorInfo, rank_states
+from layerscope.estimate.states import RankStates, TensorInfo, rank_states, resident_tensors
 from layerscope.estimate.trace import Replay, Segment, StepTrace, reduced_copy, replay, rounded, run_step
 from layerscope.units import dtype_bytes
 
@@ -265,9 +265,11 @@ def _assemble(
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
     parts = ["embed", "head", *block_kinds]
+    reserved = _reserved(setup, trace, states, params, block_kinds, peak, held)
     return MemoryEstimate(
         peak_bytes=peak,
         peak_phase=phase,
+        reserved_bytes=reserved,
         weights_bytes=states.weights + buffers,
         gradient_bytes=0 if inference else states.gradients,
         optimizer_state_bytes=states.optimizer_state,
@@ -298,6 +300,38 @@ def _assemble(
         held_bytes=held,
         host_bytes=states.host * sharding.ranks_per_node,
     )
+
+
+def _reserved(
+    setup: TrainingSetup, trace: StepTrace, states: RankStates, params: list[TensorInfo],
+    block_kinds: list[int], peak: int, held: int,
+) -> int:
+    """``torch.cuda.max_memory_reserved()`` of the busiest rank: the caching allocator
+    simulated (:mod:`layerscope.estimate.allocator`) over the rank's resident parameters, the
+    traced step's allocations (FSDP2's own buffers included) and the optimizer's states and
+    temporaries; what the strategy holds besides the trace at the peak (gathered parameters,
+    buckets: large blocks, each in a segment of its own) is added in whole segments. FSDP2's
+    resized parameter storages are not in the traced events; they are part of ``held``."""
+    from layerscope.estimate.allocator import (
+        build_ops,
+        round_size,
+        segment_size,
+        simulate_loop,
+        step_events,
+    )
+
+    sharding = setup.sharding
+    assert sharding is not None
+    tensors = resident_tensors(params, num_blocks=len(block_kinds), sharding=sharding)
+    buffers = [rounded(b.numel() * b.element_size()) for b in setup.model.buffers()]
+    build = build_ops([(size, False) for size in [*tensors, *buffers] if size])
+    kept = [b for b in (states.master_weights, states.optimizer_state, states.buffers) if b]
+    temporaries = [states.optimizer_extra] if states.optimizer_extra and not setup.inference else []
+    loop = simulate_loop(build, step_events(trace, block_kinds, setup.inference),
+                         optimizer_state=kept, optimizer_temporaries=temporaries,
+                         inference=setup.inference)
+    extra = segment_size(round_size(held)) if held else 0
+    return max(peak, loop.reserved_peak + extra)
 
 
 def _gathered_sizes(

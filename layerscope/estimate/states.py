@@ -192,6 +192,28 @@ def rank_states(
                         inference=inference)
 
 
+def resident_tensors(params: Sequence[TensorInfo], *, num_blocks: int, sharding: Sharding) -> list[int]:
+    """Bytes of each parameter allocation a rank keeps on the GPU between steps, in order (the
+    pieces of :attr:`RankStates.weights`, for the caching-allocator simulation): whole tensors
+    (one GPU, DDP, ZeRO-1/2's 16-bit module), FSDP2's padded shards, ZeRO-3's partitions and
+    persisted tensors, FSDP1's flat shards; none offloaded."""
+    _check(params, num_blocks)
+    n = sharding.shard_size
+    offloaded = sharding.offload == "params"
+    if sharding.is_fsdp and sharding.fsdp.version == 1:
+        units: dict[int | None, int] = {}
+        for p in params:
+            units[p.block] = units.get(p.block, 0) + p.numel * p.itemsize
+        return [] if offloaded else [rounded(ceil_div(b, n)) for b in units.values()]
+    if sharding.is_fsdp:
+        return [] if offloaded else [rounded(fsdp2_shard_numel(p.shape, n) * p.itemsize) for p in params]
+    if sharding.stage == 3:
+        out = [] if offloaded else [rounded(ceil_div(p.numel, n) * p.itemsize) for p in params]
+        return out + [rounded(p.numel * p.itemsize) for p in params
+                      if p.numel <= sharding.zero.param_persistence_threshold]
+    return [rounded(p.numel * p.itemsize) for p in params]
+
+
 # -- one GPU and DDP ------------------------------------------------------------------------------
 def ddp_buckets(params: Sequence[TensorInfo], bucket_cap_mb: float) -> list[int]:
     """Bytes of each DDP reducer bucket: trainable tensors in reverse registration order, by
