@@ -265,7 +265,9 @@ def _assemble(
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
     parts = ["embed", "head", *block_kinds]
-    reserved = _reserved(setup, trace, states, params, block_kinds, peak, held)
+    during = 0 if sharding.is_fsdp and sharding.fsdp.version == 2 else max(
+        rep.forward_extra, rep.backward_extra)
+    reserved = _reserved(setup, trace, states, params, block_kinds, peak, during)
     return MemoryEstimate(
         peak_bytes=peak,
         peak_phase=phase,
@@ -308,10 +310,12 @@ def _reserved(
 ) -> int:
     """``torch.cuda.max_memory_reserved()`` of the busiest rank: the caching allocator
     simulated (:mod:`layerscope.estimate.allocator`) over the rank's resident parameters, the
-    traced step's allocations (FSDP2's own buffers included) and the optimizer's states and
-    temporaries; what the strategy holds besides the trace at the peak (gathered parameters,
-    buckets: large blocks, each in a segment of its own) is added in whole segments. FSDP2's
-    resized parameter storages are not in the traced events; they are part of ``held``."""
+    traced step's allocations (FSDP2's buffers included) and the optimizer's states and
+    temporaries (the strategy's step buffers among them). ``held``, what the modelled
+    strategies hold besides the trace during forward and backward (gathered parameters,
+    buckets: large blocks, each in a segment of its own), is added in whole segments, which
+    the optimizer's temporaries are assumed not to reuse. FSDP2's gathered parameters are
+    resized storages, which the traced events do not list: the simulation misses them."""
     from layerscope.estimate.allocator import (
         build_ops,
         round_size,
