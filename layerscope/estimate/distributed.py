@@ -265,8 +265,10 @@ def _assemble(
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
     parts = ["embed", "head", *block_kinds]
-    during = 0 if sharding.is_fsdp and sharding.fsdp.version == 2 else max(
-        rep.forward_extra, rep.backward_extra)
+    if sharding.is_fsdp and sharding.fsdp.version == 2:  # its gathered storages are resized
+        during = fsdp2_gathered(params, len(block_kinds), sharding, prec, "backward")
+    else:
+        during = max(rep.forward_extra, rep.backward_extra)
     reserved = _reserved(setup, trace, states, params, block_kinds, peak, during)
     return MemoryEstimate(
         peak_bytes=peak,
@@ -314,8 +316,8 @@ def _reserved(
     temporaries (the strategy's step buffers among them). ``held``, what the modelled
     strategies hold besides the trace during forward and backward (gathered parameters,
     buckets: large blocks, each in a segment of its own), is added in whole segments, which
-    the optimizer's temporaries are assumed not to reuse. FSDP2's gathered parameters are
-    resized storages, which the traced events do not list: the simulation misses them."""
+    the optimizer's temporaries are assumed not to reuse; for FSDP2, whose gathered parameters
+    are resized storages the traced events do not list, ``held`` is what it keeps gathered."""
     from layerscope.estimate.allocator import (
         build_ops,
         round_size,
