@@ -155,6 +155,7 @@ class Run:
     unit: str  # "GiB" | "GB" | "MiB"
     summed: bool  # a total over the GPUs
     assumptions: tuple[str, ...] = ()
+    fsdp1_use_orig_params: bool | None = None  # FSDP1 (its flat-parameter setting); None: FSDP2
 
     def features(self) -> list[str]:
         out = []
@@ -349,6 +350,19 @@ def _strategy(p: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
     return None, None, [f"parallelism not understood: {text}"]
 
 
+def _fsdp1(p: dict[str, Any]) -> tuple[bool | None, list[str]]:
+    """FSDP1's ``use_orig_params`` when the record's run used FSDP1 (None for FSDP2 or no
+    FSDP): the HF Trainer and accelerate set True, PyTorch's FSDP1 defaults to False."""
+    text = str(p["parallelism"])
+    if "FSDP1" not in text:
+        return None, []
+    if re.search(r"use_orig_params False", text):
+        return False, []
+    if re.search(r"HF Trainer|accelerate", text + str(p["notes"])):
+        return True, ["FSDP1 through the HF Trainer/accelerate: use_orig_params=True"]
+    return False, ["FSDP1 with PyTorch's default use_orig_params=False"]
+
+
 def _seq_len(value: Any) -> tuple[int | None, list[str]]:
     if isinstance(value, int):
         return value, []
@@ -465,9 +479,12 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     gpu = next((name for pattern, name in GPUS if re.search(pattern, str(p["gpu"] or ""))), None)
     assert preset is not None and optimizer is not None and precision is not None
     assert seq is not None
+    orig_params, fsdp1_notes = _fsdp1(p)
+    assumptions += fsdp1_notes
     return Run(preset, architecture, int(p["batch_per_gpu"]), seq, precision, optimizer,
                bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]), 8,
-               offload, accumulation, attn, gpu, stat, unit, summed, tuple(assumptions))
+               offload, accumulation, attn, gpu, stat, unit, summed, tuple(assumptions),
+               orig_params)
 
 
 def judge(p: dict[str, Any]) -> Run | Verdict:
@@ -520,6 +537,12 @@ def settings(run: Run) -> dict[str, Any]:
                   gpus_per_node=run.gpus_per_node)
     if run.offload:
         kw["offload"] = run.offload
+    if run.fsdp1_use_orig_params is not None:  # FSDP1: a Sharding carries its knobs
+        from layerscope.estimate.sharding import FsdpSettings, make_sharding
+
+        flat = {k: kw.pop(k, None) for k in ("distributed", "num_gpus", "gpus_per_node", "offload")}
+        kw["sharding"] = make_sharding(**flat, fsdp=FsdpSettings(
+            version=1, use_orig_params=run.fsdp1_use_orig_params))
     if run.quantization:
         kw["quantization"] = run.quantization
     if run.base_dtype:
@@ -647,7 +670,8 @@ def _setting(run: Run) -> str:
     if run.quantization:
         parts.append(run.quantization)
     if run.distributed:
-        parts.append(f"{run.distributed}x{run.num_gpus}")
+        fsdp1 = "(fsdp1)" if run.fsdp1_use_orig_params is not None else ""
+        parts.append(f"{run.distributed}x{run.num_gpus}{fsdp1}")
     if run.offload:
         parts.append(f"offload {run.offload}")
     return " ".join(parts)

@@ -3,9 +3,11 @@
 from layerscope.apply import apply_plan
 from layerscope.build import empty_model
 from layerscope.catalog import presets
+from layerscope.distributed_config import RunConfig, read_accelerate_config, read_deepspeed_config
 from layerscope.errors import (
     ArgumentError,
     ConfigError,
+    ConfigFileError,
     EstimateError,
     LayerscopeError,
     LayerscopeWarning,
@@ -22,6 +24,7 @@ from layerscope.estimate.memory import (
     max_batch_size,
 )
 from layerscope.estimate.schedule import ScheduleEstimate, estimate_unfreezing_schedule
+from layerscope.estimate.sharding import Sharding
 from layerscope.estimate.time import StepTime, estimate_step_time
 from layerscope.layer_utils import (
     GradualUnfreezer,
@@ -54,6 +57,7 @@ __all__ = [
     "ArgumentError",
     "BlockStack",
     "ConfigError",
+    "ConfigFileError",
     "EstimateError",
     "FreezePlan",
     "GPU",
@@ -68,7 +72,9 @@ __all__ = [
     "ParamInfo",
     "PlanError",
     "Resolution",
+    "RunConfig",
     "ScheduleEstimate",
+    "Sharding",
     "StepTime",
     "StructureError",
     "TrainingSetup",
@@ -99,6 +105,8 @@ __all__ = [
     "presets",
     "print_layer_status",
     "print_model_summary",
+    "read_accelerate_config",
+    "read_deepspeed_config",
     "scan",
     "setup_lp_lora_style",
     "unfreeze_model",

@@ -115,8 +115,10 @@ def _check_names(args: argparse.Namespace) -> None:
         resolve_precision,
     )
 
-    resolve_precision(args.precision)
-    resolve_optimizer(args.optimizer)
+    if args.precision is not None:
+        resolve_precision(args.precision)
+    if args.optimizer is not None:
+        resolve_optimizer(args.optimizer)
     if args.attn is not None and args.attn not in ATTENTION_IMPLEMENTATIONS:
         raise UsageError(
             f"unknown --attn {args.attn!r}; allowed: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
@@ -138,20 +140,54 @@ def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
     return gpu if price is None else gpu.with_price(price)
 
 
+def _run_config(args: argparse.Namespace, model: Any) -> Any:
+    """The ``--deepspeed`` / ``--accelerate-config`` file read (None without one)."""
+    from layerscope.distributed_config import read_accelerate_config, read_deepspeed_config
+
+    deepspeed, accelerate = getattr(args, "deepspeed", None), getattr(args, "accelerate_config", None)
+    if deepspeed and accelerate:
+        raise UsageError("give --deepspeed or --accelerate-config, not both")
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(
+        getattr(config, "text_config", None), "hidden_size", None)
+    if deepspeed:
+        return read_deepspeed_config(deepspeed, hidden_size=hidden, num_gpus=args.num_gpus,
+                                     gpus_per_node=args.gpus_per_node)
+    if accelerate:
+        return read_accelerate_config(accelerate, hidden_size=hidden)
+    return None
+
+
 def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None = None) -> Any:
     """The pre-flight context and the training setup: the model built, the plan checked against
-    it (a plan beyond the layer count, or one that trains nothing, is a usage error)."""
+    it (a plan beyond the layer count, or one that trains nothing, is a usage error). A
+    DeepSpeed or accelerate file gives the sharding, and the precision, optimizer, batch and
+    checkpointing it states; flags given on the command line win."""
     from layerscope.preflight import Context
     from layerscope.setup import TrainingSetup
 
     _check_names(args)
     model, plan = _load(args), _plan(args)
+    run = _run_config(args, model)
+
+    def pick(flag: Any, from_file: Any, default: Any) -> Any:
+        return flag if flag is not None else from_file if from_file is not None else default
+
+    batch = batch_size if batch_size is not None else getattr(args, "batch_size", None)
     setup = TrainingSetup(
         model, plan,
-        batch_size=args.batch_size if batch_size is None else batch_size,
-        seq_len=args.seq_len, precision=args.precision, optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing, lora=args.lora_rank,
-        attn_implementation=args.attn, experts_implementation=args.experts,
+        batch_size=pick(batch, run and run.batch_size, 1),
+        seq_len=args.seq_len,
+        precision=pick(args.precision, run and run.precision, "bf16-mixed"),
+        optimizer=pick(args.optimizer, run and run.optimizer, "adamw"),
+        gradient_checkpointing=pick(args.gradient_checkpointing,
+                                    run and run.gradient_checkpointing, False),
+        lora=args.lora_rank, attn_implementation=args.attn,
+        experts_implementation=args.experts,
+        sharding=run.sharding if run is not None else None,
+        distributed=getattr(args, "distributed", None), num_gpus=getattr(args, "num_gpus", None),
+        gpus_per_node=getattr(args, "gpus_per_node", None), offload=getattr(args, "offload", None),
+        fsdp_version=getattr(args, "fsdp_version", None),
     )
     return Context(args.model, progress), setup
 
@@ -209,7 +245,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     samples, seq_lens = _samples(args)
     progress = Progress()
     ctx, setup = _setup(args, progress)
-    doc = time_document(ctx, setup, gpu, samples, args.epochs, args.num_gpus, seq_lens)
+    doc = time_document(ctx, setup, gpu, samples, args.epochs, setup.num_gpus, seq_lens)
     progress.done()
     _emit(args, doc.to_dict(), time_text)
     return _gate(args, doc.estimate.fits(gpu.memory_bytes))
@@ -256,7 +292,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     gpu = _gpu(args)
     ctx, setup = _setup(args, progress)
     doc = report_document(ctx, setup, gpu, args.samples or DEFAULT_SAMPLES,
-                          args.epochs or DEFAULT_EPOCHS, args.num_gpus)
+                          args.epochs or DEFAULT_EPOCHS, setup.num_gpus)
     progress.done()
     _write_atomically(args.html, report_html(_finite(doc.to_dict())))
     print(f"wrote {args.html}")
@@ -349,18 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     def add_step(p: argparse.ArgumentParser, batch: str | None = "optional") -> None:
         if batch is not None:
             p.add_argument("--batch-size", type=_positive_int, metavar="B",
-                           required=batch == "required", default=1,
-                           help="sequences per step" + (" per GPU" if batch == "required"
-                                                        else " (default 1)"))
+                           required=batch == "required", default=None,
+                           help="sequences per step per GPU" + ("" if batch == "required"
+                                                                else " (default 1)"))
         p.add_argument("--seq-len", type=_positive_int, default=2048, metavar="S",
                        help="tokens per sequence (default 2048)")
-        p.add_argument("--precision", default="bf16-mixed", metavar="P",
+        p.add_argument("--precision", default=None, metavar="P",
                        help="32-true, bf16-true, 16-true, bf16-mixed, 16-mixed or an alias "
                        "such as fp32, bf16 (default bf16-mixed)")
-        p.add_argument("--optimizer", default="adamw", metavar="O",
+        p.add_argument("--optimizer", default=None, metavar="O",
                        help="adamw, adamw-fused, adam, sgd, sgd-momentum, adamw-8bit, "
                        "adafactor (default adamw)")
-        p.add_argument("--gradient-checkpointing", action="store_true",
+        p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute each block's forward during backward")
         p.add_argument("--lora-rank", type=_positive_int, metavar="R",
                        help="LoRA adapters of rank R on every Linear of the blocks, base frozen "
@@ -383,10 +419,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=_positive_int, required=required, metavar="E",
                        help="passes over the samples" + ("" if required else
                                                          f" (default {DEFAULT_EPOCHS})"))
-        p.add_argument("--num-gpus", type=_positive_int, default=1, metavar="K",
-                       help="data-parallel GPUs, each taking --batch-size per step (default 1)")
         p.add_argument("--price-per-hour", type=_price, metavar="USD",
                        help="price of one GPU-hour (default: the catalogue's, where known)")
+
+    def add_sharding(p: argparse.ArgumentParser) -> None:
+        from layerscope.estimate.sharding import OFFLOADS, STRATEGIES
+
+        p.add_argument("--distributed", choices=STRATEGIES, metavar="STRATEGY",
+                       help=f"data parallelism: {', '.join(STRATEGIES)} (default: one GPU; "
+                       "memory is then per GPU, the busiest)")
+        p.add_argument("--num-gpus", type=_positive_int, metavar="K",
+                       help="GPUs in the run, each taking --batch-size per step (default 1, or "
+                       "one node with --distributed; more than 1 alone means ddp)")
+        p.add_argument("--gpus-per-node", type=_positive_int, metavar="G",
+                       help="GPUs per node (default 8): hsdp shards within a node; host memory "
+                       "is per node")
+        p.add_argument("--offload", choices=OFFLOADS, metavar="WHAT",
+                       help="optimizer (ZeRO-Offload) or params (ZeRO-3 offload_param, FSDP "
+                       "CPUOffload: parameters, gradients and optimizer on the CPU)")
+        p.add_argument("--fsdp-version", type=int, choices=(1, 2),
+                       help="FSDP2 fully_shard (2, default) or FSDP1 FullyShardedDataParallel "
+                       "(1, the HF Trainer's and accelerate's default)")
+        p.add_argument("--deepspeed", metavar="DS_CONFIG",
+                       help="a DeepSpeed config (ds_config.json): ZeRO stage, offload, buckets, "
+                       "precision, optimizer and batch as it states them")
+        p.add_argument("--accelerate-config", metavar="YAML",
+                       help="an accelerate config (`accelerate config`): distributed type, "
+                       "processes, FSDP/DeepSpeed settings, mixed precision")
 
     def add_output(p: argparse.ArgumentParser, gate: bool = True) -> None:
         p.add_argument("--json", action="store_true",
@@ -413,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     add_plan(p)
     add_step(p)
+    add_sharding(p)
     add_gpu(p, "the GPU to check against; without it, no verdict")
     add_output(p)
 
@@ -420,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     add_plan(p)
     add_step(p, batch="required")
+    add_sharding(p)
     add_gpu(p, "the GPU (default h100-sxm)")
     add_run(p, required=True)
     p.add_argument("--lengths", metavar="FILE",
@@ -435,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     add_plan(p)
     add_step(p, batch=None)
+    add_sharding(p)
     add_gpu(p, "the GPU to fit", required=True)
     add_output(p)
 
@@ -442,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     add_plan(p)
     add_step(p)
+    add_sharding(p)
     add_gpu(p, "the GPU to check against and to time on (default for time: h100-sxm)")
     add_run(p, required=False)
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the report")

@@ -46,5 +46,10 @@ class ArgumentError(LayerscopeError, ValueError):
     setting (a negative summary depth, a flag that is not a bool)."""
 
 
+class ConfigFileError(LayerscopeError, ValueError):
+    """A DeepSpeed or accelerate config file is missing, unreadable, or asks for a setup
+    layerscope cannot express."""
+
+
 class LayerscopeWarning(UserWarning):
     """Something worth knowing that does not stop the operation (e.g. a tied weight)."""

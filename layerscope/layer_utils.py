@@ -218,7 +218,6 @@ def estimate_training_time(
     *,
     gpu: str | GPU | None = None,
     plan: FreezePlan | None = None,
-    num_gpus: int = 1,
     price_per_hour: float | None = None,
     seq_lens: Sequence[int] | None = None,
     **settings: Unpack[StepSettings],
@@ -232,7 +231,8 @@ def estimate_training_time(
     then ignored), with ``plan`` and ``**settings`` (``seq_len``, ``precision``, ...: as for
     ``estimate_memory``) describing the step. ``gpu_hours = total_hours * num_gpus``;
     ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the catalogue's (None
-    when neither is known).
+    when neither is known). ``num_gpus`` (a setting, 1 by default) may be given without a
+    ``gpu``.
 
     ``seq_lens`` (one token count per example; needs ``gpu``; ``num_samples`` must be its
     length): examples of different lengths, ``seq_len`` being the truncation (and packing)
@@ -247,6 +247,8 @@ def estimate_training_time(
             ``gpu`` (they describe a step that is only estimated on a GPU).
     """
     check_module(model, "estimate_training_time")
+    given_gpus = settings.get("num_gpus")
+    num_gpus = 1 if given_gpus is None else given_gpus
     if seq_lens is not None:
         return _training_time_with_lengths(model, num_samples, batch_size, num_epochs, gpu,
                                            plan, num_gpus, price_per_hour, seq_lens, settings)
@@ -262,7 +264,8 @@ def estimate_training_time(
         if price is None:
             price = device.price_per_hour
     else:
-        given = [k for k, v in settings.items() if v is not None] + (["plan"] if plan else [])
+        given = [k for k, v in settings.items() if v is not None and k != "num_gpus"]
+        given += ["plan"] if plan else []
         if given:
             raise EstimateError(
                 f"estimate_training_time: {', '.join(given)} describe the step, which is "

@@ -129,6 +129,13 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
         "total_params": e.total_params,
         "forward_flops": e.forward_flops,
         "backward_flops": e.backward_flops,
+        "distributed": e.distributed,
+        "num_gpus": e.num_gpus,
+        "offload": e.offload,
+        "master_weights_bytes": e.master_weights_bytes,
+        "buffer_bytes": e.buffer_bytes,
+        "held_bytes": e.held_bytes,
+        "host_bytes": e.host_bytes,
     }
 
 
@@ -280,8 +287,16 @@ class Alternative:
         }
 
 
-CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora")
+CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora", "sharding")
 """The single changes the alternatives try (combined with checkpointing when none fits)."""
+
+SHARDING_ALTERNATIVES = ("zero3", "fsdp")
+"""Strategies tried, as asked, for a one-GPU run that does not fit: the fewest GPUs each needs
+(ZeRO-3 first: its trace is shared by every GPU count, and its count is where FSDP's search
+starts)."""
+
+GPU_COUNTS = (2, 4, 8, 16, 32, 64)
+"""GPU counts the sharding alternatives search (memory per GPU falls as the count grows)."""
 
 
 def _deeper_plans(setup: TrainingSetup) -> list[FreezePlan]:
@@ -350,13 +365,42 @@ def _smaller_batch(ctx: Context, change: Change, gpu: GPU, base_step: StepTime |
     return _alternative(ctx, smaller, gpu, base_step, note)
 
 
+def _fewest_gpus(ctx: Context, setup: TrainingSetup, gpu: GPU, strategy: str,
+                 base_step: StepTime | None, start: int = 8) -> Alternative | None:
+    """``setup`` sharded with ``strategy`` on the fewest of :data:`GPU_COUNTS` GPUs that fit
+    (searched from ``start`` down or up: memory per GPU falls as the count grows), or on the
+    most tried when none does."""
+
+    def at(count: int) -> Alternative:
+        sharded = setup.replace(distributed=strategy, num_gpus=count)
+        label = f"--distributed {strategy} --num-gpus {count}"
+        return _alternative(ctx, Change(label, "sharding", sharded), gpu, base_step)
+
+    first = GPU_COUNTS.index(start) if start in GPU_COUNTS else GPU_COUNTS.index(8)
+    best = at(GPU_COUNTS[first])
+    if best.fits:
+        for count in reversed(GPU_COUNTS[:first]):
+            fewer = at(count)
+            if not fewer.fits:
+                break
+            best = fewer
+        return best
+    for count in GPU_COUNTS[first + 1:]:
+        best = at(count)
+        if best.fits:
+            break
+    return best
+
+
 def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternative]:
     """Alternatives for a run that does not fit on ``gpu``, each estimated, not guessed.
 
     Single changes first (checkpointing, a smaller batch with gradient accumulation, 8-bit
     AdamW, deeper freezes, LoRA: least change to the training first); if none fits, gradient
     checkpointing combined with each other change; if still none fits, checkpointing, the
-    last change and 8-bit AdamW at once. Those that fit are listed first, order kept.
+    last change and 8-bit AdamW at once. A run on one GPU is also tried sharded
+    (:data:`SHARDING_ALTERNATIVES`) on the fewest GPUs that fit. Those that fit are listed
+    first, order kept.
     """
     base_step = step_time_of(setup, gpu)
     singles = _single_changes(setup)
@@ -378,6 +422,20 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
             found.append(_alternative(ctx, everything, gpu, base_step))
             batch = _smaller_batch(ctx, everything, gpu, base_step, setup.batch_size)
             found += [batch] if batch else []
+    if setup.distributed is None and not setup.inference:
+        start = 8
+        for strategy in SHARDING_ALTERNATIVES:
+            sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step, start)
+            found += [sharded] if sharded else []
+            needs = sharded.setup.num_gpus or 1 if sharded else 0
+            start = needs if sharded and sharded.fits else start
+            if needs > 8 and not setup.gradient_checkpointing:
+                recompute = setup.replace(gradient_checkpointing=True)
+                fewer = _fewest_gpus(ctx, recompute, gpu, strategy, base_step)
+                if fewer and (fewer.setup.num_gpus or 1) < needs:
+                    found.append(dataclasses.replace(
+                        fewer, change="--gradient-checkpointing " + fewer.change,
+                        kind="checkpointing+sharding"))
     return sorted(found, key=lambda a: not a.fits)
 
 

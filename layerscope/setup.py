@@ -22,6 +22,7 @@ from typing_extensions import Unpack
 from layerscope.build import as_model
 from layerscope.checks import MAX_SIZE, flag, whole
 from layerscope.errors import EstimateError, LayerscopeWarning
+from layerscope.estimate.sharding import FsdpSettings, Sharding, make_sharding
 from layerscope.plan import FreezePlan
 from layerscope.process import import_once
 from layerscope.scan import ModelScan, scan
@@ -331,6 +332,12 @@ class StepSettings(TypedDict, total=False):
     attn_implementation: str | None
     experts_implementation: str | None
     inference: bool | None
+    distributed: str | None
+    num_gpus: int | None
+    gpus_per_node: int | None
+    offload: str | None
+    fsdp_version: int | None
+    sharding: Sharding | None
 
 
 class Settings(StepSettings, total=False):
@@ -379,6 +386,24 @@ class TrainingSetup:
         experts_implementation: one of :data:`EXPERTS_IMPLEMENTATIONS` for a mixture-of-
             experts model; None is what transformers picks (:func:`default_experts`).
         inference: a forward only, under ``no_grad`` in eval mode (no loss, no optimizer).
+        distributed: ``None`` (one GPU) or a data-parallel strategy: ``"ddp"``, ``"fsdp"``,
+            ``"fsdp-grad-op"``, ``"hsdp"``, ``"zero1"``, ``"zero2"``, ``"zero3"``
+            (:mod:`layerscope.estimate.sharding`). Memory is then per GPU (the busiest).
+        num_gpus: GPUs in the run; with a strategy and no count, one node (``gpus_per_node``).
+        gpus_per_node: GPUs per node (default 8): HSDP shards within a node; host memory is
+            per node.
+        offload: ``None``, ``"optimizer"`` (ZeRO-Offload) or ``"params"`` (ZeRO-3
+            ``offload_param``, FSDP ``CPUOffload``: parameters, gradients and the optimizer step
+            on the CPU).
+        fsdp_version: 2 (``fully_shard``, the default) or 1 (``FullyShardedDataParallel``, the
+            HF Trainer's and accelerate's default) for the FSDP strategies.
+        sharding: a whole :class:`~layerscope.estimate.sharding.Sharding` (the ZeRO, FSDP and
+            DDP knobs too, e.g. from :mod:`layerscope.distributed_config`); the five settings
+            above, when given, replace its values.
+
+    A model wrapped for data parallelism (``fully_shard``, FSDP1, DDP, a DeepSpeed engine) is
+    estimated on a skeleton of its config with the same trainable names, never touched; its
+    wrapper gives the strategy and GPU count unless they are given.
 
     Attributes:
         trainable: the base parameter names that train (every alias of a tied tensor).
@@ -395,10 +420,22 @@ class TrainingSetup:
     attn_implementation: str | None = None
     inference: bool = False
     experts_implementation: str | None = None
+    distributed: str | None = None
+    num_gpus: int | None = None
+    gpus_per_node: int | None = None
+    offload: str | None = None
+    fsdp_version: int | None = None
+    sharding: Sharding | None = None
     trainable: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        model = as_model(self.model)
+        implied: Sharding | None = None
+        model = self.model
+        if isinstance(model, nn.Module):
+            from layerscope.estimate.wrapped import unwrap
+
+            model, implied = unwrap(model)  # FSDP/DDP/DeepSpeed: estimated, never touched
+        model = as_model(model)
         if self.plan is not None and not isinstance(self.plan, FreezePlan):
             raise EstimateError(
                 f"plan must be a FreezePlan or None, got {type(self.plan).__name__}"
@@ -415,6 +452,10 @@ class TrainingSetup:
             "experts_implementation": resolve_experts(self.experts_implementation, model),
             "lora": Lora.of(self.lora, model),
         }
+        sharding = self._resolve_sharding(implied)
+        values.update(sharding=sharding, distributed=sharding.distributed,
+                      num_gpus=sharding.num_gpus, gpus_per_node=sharding.gpus_per_node,
+                      offload=sharding.offload, fsdp_version=sharding.fsdp.version)
         for key, value in values.items():
             object.__setattr__(self, key, value)
         config = getattr(model, "config", None)
@@ -439,6 +480,22 @@ class TrainingSetup:
                 f"nothing is trainable ({what} every parameter and lora is None): a training "
                 "step has no backward; use inference=True for a forward-only estimate"
             )
+
+    def _resolve_sharding(self, implied: Sharding | None) -> Sharding:
+        """The :class:`Sharding` of the settings: ``sharding`` (or what a wrapper implies),
+        with the five flat settings given replacing its values."""
+        flat = {k: getattr(self, k) for k in ("distributed", "num_gpus", "gpus_per_node", "offload")}
+        version = self.fsdp_version
+        if self.sharding is not None and not isinstance(self.sharding, Sharding):
+            raise EstimateError(f"sharding must be a Sharding, got {type(self.sharding).__name__}")
+        base = self.sharding if self.sharding is not None else implied
+        if base is None:
+            knobs = {} if version is None else {"fsdp": FsdpSettings(version=version)}
+            return make_sharding(**flat, **knobs)
+        given: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
+        if version is not None:
+            given["fsdp"] = dataclasses.replace(base.fsdp, version=version)
+        return base.replace(**given) if given else base
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -471,6 +528,20 @@ class TrainingSetup:
             raise EstimateError(
                 f"unknown setting(s) {sorted(unknown)}; allowed: model, plan, {', '.join(SETTINGS)}"
             )
+        flat = ("distributed", "num_gpus", "gpus_per_node", "offload", "fsdp_version")
+        if any(k in changes for k in (*flat, "sharding")):
+            # resolve against the current sharding; distributed=None given means one GPU
+            base = changes.pop("sharding", None) or self.sharding
+            if "distributed" in changes and changes["distributed"] is None:
+                base = Sharding()
+            given = {k: changes.pop(k) for k in flat if k in changes}
+            version = given.pop("fsdp_version", None)
+            assert base is not None
+            if version is not None:
+                given["fsdp"] = dataclasses.replace(base.fsdp, version=version)
+            given = {k: v for k, v in given.items() if v is not None}
+            changes["sharding"] = base.replace(**given) if given else base
+            changes.update(dict.fromkeys(flat))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -480,6 +551,8 @@ class TrainingSetup:
             "optimizer": self.optimizer, "gradient_checkpointing": self.gradient_checkpointing,
             "lora_rank": self.lora_rank, "attn_implementation": self.attn_implementation,
             "experts_implementation": self.experts_implementation, "inference": self.inference,
+            "distributed": self.distributed, "num_gpus": self.num_gpus,
+            "gpus_per_node": self.gpus_per_node, "offload": self.offload,
         }
 
     def describe(self) -> str:
@@ -488,6 +561,9 @@ class TrainingSetup:
                  f"batch {self.batch_size}", self.optimizer]
         if self.gradient_checkpointing:
             parts.append("checkpointing")
+        if self.distributed is not None:
+            assert self.sharding is not None
+            parts.append(self.sharding.describe())
         return ", ".join(parts)
 
 

@@ -36,7 +36,8 @@ ESTIMATE = {
 SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": str,
             "gradient_checkpointing": bool, "lora_rank": OPTIONAL_INT,
             "attn_implementation": str, "experts_implementation": (str, type(None)),
-            "inference": bool}
+            "inference": bool, "distributed": (str, type(None)),
+            "num_gpus": int, "gpus_per_node": int, "offload": (str, type(None))}
 HEADER = {
     "layerscope_version": str, "schema_version": int, "command": str,
     "model": {"name": str, "class": str, "total_params": int, "num_layers": OPTIONAL_INT},
@@ -158,7 +159,9 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
     assert doc["settings"] == {"batch_size": 4, "seq_len": 2048, "precision": "bf16-mixed",
                                "optimizer": "adamw", "gradient_checkpointing": False,
                                "lora_rank": None, "attn_implementation": "sdpa",
-                               "experts_implementation": None, "inference": False}
+                               "experts_implementation": None, "inference": False,
+                               "distributed": None, "num_gpus": 1, "gpus_per_node": 8,
+                               "offload": None}
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]

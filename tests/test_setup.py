@@ -144,7 +144,8 @@ def test_setup_is_validated_immutable_and_hashable():
     assert a.to_dict() == {"batch_size": 2, "seq_len": 32, "precision": "bf16-true",
                            "optimizer": "adamw", "gradient_checkpointing": False,
                            "lora_rank": None, "attn_implementation": "sdpa",
-                           "experts_implementation": None, "inference": False}
+                           "experts_implementation": None, "inference": False,
+                           "distributed": None, "num_gpus": 1, "gpus_per_node": 8, "offload": None}
 
 
 def test_make_setup_takes_a_setup_and_replaces_what_is_given():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,15 @@ class MemoryEstimate:
             attn_implementation: the settings estimated.
         forward_flops, backward_flops: FLOPs of one step (``torch.utils.flop_counter``'s
             formulas, on the traced operators), for time estimates.
+        distributed, num_gpus, offload: the sharding estimated (one GPU: None, 1, None); every
+            byte figure is then of the busiest GPU, ``batch_size`` per GPU.
+        master_weights_bytes: fp32 master weights on the GPU (DeepSpeed ZeRO's partition).
+        buffer_bytes: collective buffers kept for the whole run (DDP's gradient buckets,
+            ZeRO's bucket and gradient partition buffer, offload staging buffers).
+        held_bytes: what the strategy held besides activations at the peak (gathered
+            parameters, all-gather and reduce-scatter buffers, buckets, sharded gradients).
+        host_bytes: CPU memory the run needs per node for offloaded states and pinned buffers
+            (all the node's GPUs together).
     """
 
     peak_bytes: int
@@ -108,6 +118,13 @@ class MemoryEstimate:
     attn_implementation: str
     forward_flops: int
     backward_flops: int
+    distributed: str | None = None
+    num_gpus: int = 1
+    offload: str | None = None
+    master_weights_bytes: int = 0
+    buffer_bytes: int = 0
+    held_bytes: int = 0
+    host_bytes: int = 0
 
     def required_bytes(self, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
         """GPU memory needed: what the caching allocator reserves (``reserved_bytes``) plus the
@@ -193,9 +210,15 @@ class _Step:
 
 
 def memory_of(setup: TrainingSetup) -> MemoryEstimate:
-    """The :class:`MemoryEstimate` of ``setup`` (cached per model and setup)."""
+    """The :class:`MemoryEstimate` of ``setup`` (cached per model and setup); under a
+    data-parallel strategy, of its busiest GPU (:mod:`layerscope.estimate.distributed`)."""
     cache = model_cache(setup.model, "memory")
     if setup in cache:
+        return cache[setup]  # type: ignore[no-any-return]
+    if setup.distributed is not None:
+        from layerscope.estimate.distributed import sharded_memory_of
+
+        cache[setup] = sharded_memory_of(setup)
         return cache[setup]  # type: ignore[no-any-return]
     step = _step_of(setup)
     train = step.trainable_tensors
@@ -258,7 +281,65 @@ def _step_of(setup: TrainingSetup) -> _Step:
     return cache[key]  # type: ignore[no-any-return]
 
 
-def _trace_step(setup: TrainingSetup) -> _Step:
+@dataclass
+class Prepared:
+    """A setup's reduced fake model, ready to trace (see :func:`prepare`).
+
+    Attributes:
+        reduced, kept: the reduced copy and its block list; ``memo`` maps original ids to copies.
+        mode: the ``FakeTensorMode`` its tensors belong to.
+        tensors, is_trainable: the full model's parameters by identity, and their flags.
+        blocks_name, blocks: the full model's block stack.
+        kinds, reps: the kind of every block, and the block representing each kind.
+        lora_targets, lora_ids: the adapted modules; the ids of the copy's (fake) adapter tensors.
+        vocab: the vocabulary size.
+    """
+
+    reduced: nn.Module
+    kept: nn.ModuleList
+    memo: dict[int, Any]
+    mode: Any
+    tensors: dict[int, nn.Parameter]
+    is_trainable: dict[int, bool]
+    blocks_name: str
+    blocks: nn.ModuleList
+    kinds: list[int]
+    reps: list[int]
+    lora_targets: frozenset[str]
+    lora_ids: set[int]
+    vocab: int
+
+    @property
+    def block_kinds(self) -> list[int]:
+        return [self.kinds[i] for i in range(len(self.blocks))]
+
+    @property
+    def kind_of_position(self) -> list[int]:
+        return [self.kinds[r] for r in self.reps]
+
+
+KindRefiner = Callable[[nn.ModuleList, list[int], frozenset[str], str, set[int]],
+                       tuple[list[int], list[int]]]
+
+
+def prepare(
+    setup: TrainingSetup,
+    *,
+    param_dtype: torch.dtype | None = None,
+    lora_dtype: torch.dtype | None = None,
+    trace_trainable: Callable[[Prepared], set[int]] | None = None,
+    refine_kinds: KindRefiner | None = None,
+) -> Prepared:
+    """The reduced fake copy of ``setup``'s model: blocks grouped into kinds, LoRA injected,
+    checkpointing and attention set, parameters replaced by fake tensors.
+
+    Args:
+        param_dtype: the parameters' dtype (default: the precision's).
+        lora_dtype: the adapters' dtype (default fp32, as peft upcasts them).
+        trace_trainable: ids of the full model's tensors that get gradients in the trace
+            (default: the trainable ones); a sharding strategy may compute more.
+        refine_kinds: regroups the blocks (FSDP's segments depend on their neighbours).
+    """
     model, lora, prec = setup.model, setup.lora, setup.precision_info
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
@@ -275,9 +356,18 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     blocks_name, blocks = _block_stack(setup.scan, model)
     lora_targets = lora.targets if lora is not None else frozenset()
     kinds, reps = _block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config)
+    prepared = Prepared(
+        reduced=model, kept=blocks, memo={}, mode=None, tensors=tensors, is_trainable=is_trainable,
+        blocks_name=blocks_name, blocks=blocks, kinds=kinds, reps=reps, lora_targets=lora_targets,
+        lora_ids=set(), vocab=vocab,
+    )
+    grads = trace_trainable(prepared) if trace_trainable else {i for i, t in is_trainable.items() if t}
+    if refine_kinds is not None:
+        prepared.kinds, prepared.reps = refine_kinds(blocks, kinds, lora_targets, blocks_name, grads)
+    reps = prepared.reps
 
     reduced, kept, memo = reduced_copy(model, blocks, reps)
-    trainable_copy = {id(memo[i]) for i, t in is_trainable.items() if t and i in memo}
+    trainable_copy = {id(memo[i]) for i in grads if i in memo}
     lora_ids: set[int] = set()
     if lora is not None:
         lora_ids = _inject_lora(reduced, lora, lora_targets, blocks_name, reps)
@@ -294,33 +384,50 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
-    param_dtype = prec.param_dtype
+    weights_dtype = param_dtype or prec.param_dtype
+    # peft upcasts adapters of a bf16/fp16 model to fp32 (autocast_adapter_dtype=True)
+    adapters_dtype = lora_dtype or torch.float32
 
     def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
         if not p.is_floating_point():
             return p.dtype
-        # peft upcasts adapters of a bf16/fp16 model to fp32 (autocast_adapter_dtype=True)
-        return torch.float32 if id(p) in lora_ids else param_dtype
+        return adapters_dtype if id(p) in lora_ids else weights_dtype
 
     def trainable_of(p: torch.Tensor) -> bool:
         return id(p) in trainable_copy or id(p) in lora_ids
 
-    block_kinds = [kinds[i] for i in range(len(blocks))]
-    kind_of_position = [kinds[r] for r in reps]
-    lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, lora_ids)
+    adapter_names = {n for n, p in reduced.named_parameters() if id(p) in lora_ids}
     fake_parameters(reduced, mode, dtype_of, trainable_of)
+    prepared.reduced, prepared.kept, prepared.memo, prepared.mode = reduced, kept, memo, mode
+    # the fake adapters (new tensors: the ids above belonged to the meta ones)
+    prepared.lora_ids = {id(p) for n, p in reduced.named_parameters() if n in adapter_names}
+    return prepared
+
+
+def traced_step_error(setup: TrainingSetup, exc: BaseException, where: str = "") -> EstimateError:
+    """The error for a model whose forward fails when traced."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EstimateError(
+        f"{type(setup.model).__name__}: its forward failed when traced{where} with batch_size="
+        f"{setup.batch_size}, seq_len={setup.seq_len} ({first})"
+    )
+
+
+def _trace_step(setup: TrainingSetup) -> _Step:
+    model, prec = setup.model, setup.precision_info
+    pre = prepare(setup)
+    block_kinds, kind_of_position = pre.block_kinds, pre.kind_of_position
+    reduced, kept, tensors, is_trainable = pre.reduced, pre.kept, pre.tensors, pre.is_trainable
+    param_dtype = prec.param_dtype
+    lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids)
     try:
         trace = run_step(
             reduced, kept, kinds=kind_of_position, batch_size=setup.batch_size,
-            seq_len=setup.seq_len, vocab_size=vocab, autocast_dtype=prec.autocast_dtype,
-            inference=setup.inference, mode=mode,
+            seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=prec.autocast_dtype,
+            inference=setup.inference, mode=pre.mode,
         )
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own forward
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EstimateError(
-            f"{type(model).__name__}: its forward failed when traced with batch_size="
-            f"{setup.batch_size}, seq_len={setup.seq_len} ({first})"
-        ) from exc
+        raise traced_step_error(setup, exc) from exc
     rep = replay(trace, block_kinds, setup.inference)
     events = step_events(trace, block_kinds, setup.inference)
 

@@ -58,7 +58,6 @@ def estimate_unfreezing_schedule(
     batch_size: int,
     *,
     gpu: str | GPU = "h100-sxm",
-    num_gpus: int = 1,
     price_per_hour: float | None = None,
     **settings: Unpack[StepSettings],
 ) -> ScheduleEstimate:
@@ -69,8 +68,8 @@ def estimate_unfreezing_schedule(
         num_samples, batch_size: each epoch runs ``ceil(num_samples / (batch_size * num_gpus))``
             steps.
         **settings: the step, as for :func:`~layerscope.estimate.memory.estimate_memory`.
-        gpu, num_gpus, price_per_hour: where it runs and what a GPU-hour costs (default the
-            catalogue's price).
+        gpu, price_per_hour: where it runs and what a GPU-hour costs (default the catalogue's
+            price); ``num_gpus`` (a setting) is how many GPUs take a batch each.
 
     The model is not modified (the plans are resolved, not applied).
 
@@ -83,6 +82,7 @@ def estimate_unfreezing_schedule(
     device = get_gpu(gpu)
     base = make_setup(unfreezer.model, schedule.plan(schedule.total_epochs - 1),
                       batch_size=batch_size, **settings)
+    num_gpus = base.num_gpus or 1
     price = device.price_per_hour if price_per_hour is None else price_per_hour
     epochs, costs = [], []
     for epoch in range(schedule.total_epochs):

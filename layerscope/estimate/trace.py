@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,17 +137,24 @@ class _Tracker(TorchDispatchMode):
         self._finalizers: list[Any] = []  # weakref.finalize objects
         self.switch(self.current)
 
+    def total(self) -> int:
+        """Live bytes now (a subclass may add memory it watches another way)."""
+        return self.live
+
     def switch(self, segment: tuple[Any, str]) -> None:
-        self._end[self.current] = self.live
+        live = self.total()
+        self._end[self.current] = live
         self.current = segment
         # A segment can recur (a block kind's backward re-entered); keep the first start.
-        self._start.setdefault(segment, self.live)
-        self._high.setdefault(segment, self.live)
+        self._start.setdefault(segment, live)
+        self._high.setdefault(segment, live)
 
     def ignore(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Storages that exist before the step (weights, buffers): their views allocate nothing."""
+        """Storages that exist before the step (weights, buffers): their views allocate nothing.
+        A distributed tensor stands for its local shard."""
         for t in tensors:
-            self._info[t.untyped_storage()] = None
+            local = getattr(t, "_local_tensor", t)
+            self._info[local.untyped_storage()] = None
 
     def mark_passed_on(self, t: torch.Tensor) -> None:
         """``t`` is a block's output: freed once by whoever consumes it, not once per block."""
@@ -190,8 +197,9 @@ class _Tracker(TorchDispatchMode):
             self.live += size
             self._alloc[seg] = self._alloc.get(seg, 0) + size
             self._finalizers.append(weakref.finalize(storage, self._free, info))
-        if self.live > self._high[seg]:
-            self._high[seg] = self.live
+        live = self.total()
+        if live > self._high[seg]:
+            self._high[seg] = live
         return out
 
     def close(self) -> None:
@@ -202,7 +210,7 @@ class _Tracker(TorchDispatchMode):
         self._finalizers.clear()
 
     def segments(self) -> dict[tuple[Any, str], Segment]:
-        self._end[self.current] = self.live
+        self._end[self.current] = self.total()
         return {
             key: Segment(
                 net=self._end[key] - start,
@@ -313,6 +321,7 @@ def run_step(
     autocast_dtype: torch.dtype | None,
     inference: bool,
     mode: Any,
+    tracker: _Tracker | None = None,
 ) -> StepTrace:
     """Run one step of a fake reduced ``model`` and return its segments.
 
@@ -321,9 +330,11 @@ def run_step(
     forward, then ``loss.backward()``; for ``inference``, ``model(input_ids=x)`` under no_grad
     with the logits dropped. No KV cache is kept (``use_cache=False`` where the model takes it):
     a training step does not use one, and the calibration's forward-only row shows none.
+
+    ``tracker`` replaces the default :class:`_Tracker` (the FSDP trace watches more).
     """
     extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    tracker = _Tracker()
+    tracker = tracker if tracker is not None else _Tracker()
     tracker.ignore([*model.parameters(), *model.buffers()])
     kernels = CudaKernels(autocast_dtype)
     block_ids = {id(b): p for p, b in enumerate(blocks)}
@@ -360,7 +371,10 @@ def run_step(
         if out is not None:
             tracker.mark_passed_on(out)
         if out is not None and out.grad_fn is not None:
-            out.grad_fn.register_prehook(entering((kinds[p], "bwd")))
+            # a tensor hook, registered before any wrapper's (FSDP's pre-backward): the block's
+            # backward segment starts when its output's gradient arrives, before the wrapper acts
+            arriving = entering((kinds[p], "bwd"))
+            out.register_hook(lambda grad: arriving((grad,)))  # type: ignore[no-untyped-call]
         if p == len(blocks) - 1:
             state["after_blocks"] = True
 
@@ -370,8 +384,9 @@ def run_step(
             tracker.switch(("head", "fwd"))
 
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(on_block_pre, with_kwargs=True))
-        handles.append(block.register_forward_hook(on_block_post, with_kwargs=True))
+        # prepended: a block's segment starts before any hook a wrapper (FSDP) put there
+        handles.append(block.register_forward_pre_hook(on_block_pre, with_kwargs=True, prepend=True))
+        handles.append(block.register_forward_hook(on_block_post, with_kwargs=True, prepend=True))
     for m in model.modules():
         if id(m) not in inside_blocks and m is not blocks:
             handles.append(m.register_forward_pre_hook(on_other_pre))
@@ -429,36 +444,61 @@ class Replay:
         backward_peak: highest live bytes during backward.
         after_forward: live bytes after the forward, once only the loss is kept.
         end: live bytes after backward (the gradients, and anything the step leaks).
+        forward_extra, backward_extra: the part of each peak that ``extra`` added (bytes a
+            sharding strategy holds besides the traced step, at the moment of the peak).
     """
 
     forward_peak: int
     backward_peak: int
     after_forward: int
     end: int
+    forward_extra: int = 0
+    backward_extra: int = 0
 
 
-def replay(trace: StepTrace, block_kinds: Sequence[int], inference: bool) -> Replay:
-    """Concatenate segments in execution order for a model whose block ``i`` has ``block_kinds[i]``."""
+Extra = Callable[[str, str, "int | None"], int]
+"""``(part, phase, block index) -> bytes``: memory held besides the trace during one segment;
+``part`` is ``"embed"``, ``"block"`` or ``"head"``, ``phase`` ``"fwd"``, ``"release"``,
+``"bwd"`` or ``"end"``, the index is the block's (None outside the blocks)."""
+
+
+def replay(
+    trace: StepTrace, block_kinds: Sequence[int], inference: bool, extra: Extra | None = None
+) -> Replay:
+    """Concatenate segments in execution order for a model whose block ``i`` has ``block_kinds[i]``.
+
+    ``extra`` adds, to each segment's high point, what a sharding strategy holds then besides
+    the traced step (gathered parameters, gradient buckets); it does not change the live bytes
+    carried to the next segment.
+    """
     seg = trace.segments
-    order: list[tuple[Any, str]] = [("embed", "fwd")]
-    order += [(k, "fwd") for k in block_kinds]
-    order += [("head", "fwd"), ("head", "release")]
+    n = len(block_kinds)
+    order: list[tuple[tuple[Any, str], str, int | None]] = [(("embed", "fwd"), "embed", None)]
+    order += [((k, "fwd"), "block", i) for i, k in enumerate(block_kinds)]
+    order += [(("head", "fwd"), "head", None), (("head", "release"), "head", None)]
     n_forward = len(order)
     if not inference:
-        order += [("head", "bwd")] + [(k, "bwd") for k in reversed(block_kinds)]
-        order += [("embed", "bwd"), ("head", "end")]
+        order += [(("head", "bwd"), "head", None)]
+        order += [((block_kinds[i], "bwd"), "block", i) for i in reversed(range(n))]
+        order += [(("embed", "bwd"), "embed", None), (("head", "end"), "head", None)]
     blocks_of_kind: dict[Any, int] = {}
     for k in block_kinds:
         blocks_of_kind[k] = blocks_of_kind.get(k, 0) + 1
     live = 0
     peaks = [0, 0]
+    at_peak = [0, 0]
     after_forward = 0
-    for i, key in enumerate(order):
+    for i, (key, part, index) in enumerate(order):
         s = seg.get(key, Segment())
         phase = 0 if i < n_forward else 1
-        peaks[phase] = max(peaks[phase], live + s.high)
+        held = extra(part, key[1], index) if extra is not None else 0
+        if live + s.high + held > peaks[phase]:
+            peaks[phase], at_peak[phase] = live + s.high + held, held
         # the traced model had one block of each kind; the full model frees once per block
         live += s.net - sum(b * (blocks_of_kind.get(k, 0) - 1) for k, b in s.freed_per_block)
         if i == n_forward - 1:
             after_forward = live
-    return Replay(forward_peak=peaks[0], backward_peak=peaks[1], after_forward=after_forward, end=live)
+    return Replay(
+        forward_peak=peaks[0], backward_peak=peaks[1], after_forward=after_forward, end=live,
+        forward_extra=at_peak[0], backward_extra=at_peak[1],
+    )

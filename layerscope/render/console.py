@@ -26,6 +26,15 @@ COMPONENTS = (
 )
 """Memory components in the order they are shown: label, key in an estimate dict."""
 
+SHARDED_COMPONENTS = (
+    ("fp32 master weights", "master_weights_bytes"),
+    ("collective buffers", "buffer_bytes"),
+    ("held at the peak", "held_bytes"),
+)
+"""Shown for a sharded run: ZeRO's master partition, buffers kept for the run (DDP buckets,
+ZeRO's bucket and gradient partition), what the strategy holds at the peak (gathered
+parameters, all-gather/reduce-scatter buffers, buckets)."""
+
 
 def use_color(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
     """ANSI colour when ``stream`` is a terminal or ``FORCE_COLOR`` is set, never when
@@ -80,6 +89,11 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
         + (f", {attention} attention" if attention else ""),
         f"Plan: {what}",
     ]
+    if s.get("distributed"):
+        offload = f", {s['offload']} offloaded to the CPU" if s.get("offload") else ""
+        lines.append(f"Sharding: {s['distributed']} over {s['num_gpus']} GPU"
+                     f"{'s' if s['num_gpus'] > 1 else ''} ({s['gpus_per_node']} per node)"
+                     f"{offload}; memory below is per GPU (the busiest)")
     lines += [f"note: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 
@@ -93,7 +107,10 @@ def rule_text(doc: Mapping[str, Any]) -> str:
 def comparison_table(doc: Mapping[str, Any]) -> str:
     """The plan's memory next to full fine-tuning's, same settings."""
     e, f = doc["estimate"], doc["full_finetune"]
-    rows = [(label, gib(e[key]), gib(f[key])) for label, key in COMPONENTS]
+    components = list(COMPONENTS)
+    if e.get("distributed"):
+        components += [c for c in SHARDED_COMPONENTS if e.get(c[1]) or f.get(c[1])]
+    rows = [(label, gib(e[key]), gib(f[key])) for label, key in components]
     total = e["total_params"]
 
     def trainable(d: Mapping[str, Any]) -> str:
@@ -106,6 +123,8 @@ def comparison_table(doc: Mapping[str, Any]) -> str:
         ("GPU memory needed", gib(e["required_bytes"]), gib(f["required_bytes"])),
         ("trainable parameters", trainable(e), trainable(f)),
     ]
+    if e.get("host_bytes") or f.get("host_bytes"):
+        rows.append(("CPU memory per node", gib(e["host_bytes"]), gib(f["host_bytes"])))
     return str(tabulate(rows, headers=("", plan_label(doc), "full fine-tuning"),
                         colalign=("left", "right", "right"), disable_numparse=True))
 

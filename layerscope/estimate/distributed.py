@@ -1,0 +1,397 @@
+"""Per-GPU memory of a data-parallel step (DDP, FSDP, DeepSpeed ZeRO), for the busiest GPU.
+
+The step is traced as for one GPU (:mod:`layerscope.estimate.trace`), with what the strategy
+changes in the trace itself:
+
+- FSDP2: the real ``fully_shard`` runs in the trace under a fake process group
+  (:mod:`layerscope.estimate.fsdp`); gathered blocks, prefetches, reduce-scatter buffers and
+  sharded gradients are traced. Blocks are grouped into kinds by their own flags and by their
+  neighbours' shapes, because FSDP's buffers cross block boundaries.
+- DeepSpeed runs the module in its 16-bit dtype without autocast (``bf16``/``fp16`` casts the
+  module; the fp32 copy is the optimizer's master partition), so the trace does too.
+- FSDP1 computes in its ``MixedPrecision`` dtype, and with ``use_orig_params=True`` a block
+  that mixes frozen and trainable tensors computes gradients for all of them.
+- Where gradients leave autograd's ``.grad`` at once (ZeRO-2/3 buckets and partitions, FSDP1
+  shards, DDP bucket views), the trace drops each gradient as it is accumulated.
+
+Then :mod:`layerscope.estimate.states` adds what the strategy keeps and holds around the trace.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from layerscope.estimate.cache import model_cache
+from layerscope.estimate.sharding import Sharding
+from layerscope.estimate.states import RankStates, TensorInfo, rank_states, resident_tensors
+from layerscope.estimate.trace import Replay, Segment, StepTrace, reduced_copy, replay, rounded, run_step
+from layerscope.units import dtype_bytes
+
+if TYPE_CHECKING:
+    from layerscope.estimate.memory import MemoryEstimate, Prepared
+    from layerscope.setup import TrainingSetup
+
+
+def trace_dtypes(precision: Any, sharding: Sharding) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype) the traced step runs with under ``sharding``.
+
+    DeepSpeed with ``bf16``/``fp16`` enabled casts the module to that dtype and does not
+    autocast; FSDP1's ``MixedPrecision`` gathers parameters in the autocast dtype. Otherwise
+    the precision's own dtypes (FSDP2 casts inside the trace).
+    """
+    if sharding.stage:
+        return (precision.autocast_dtype or precision.param_dtype), None
+    if sharding.is_fsdp and sharding.fsdp.version == 1 and precision.autocast_dtype is not None:
+        return precision.autocast_dtype, precision.autocast_dtype
+    return precision.param_dtype, precision.autocast_dtype
+
+
+def neighbour_kinds(
+    blocks: nn.ModuleList, kinds: list[int], lora_targets: frozenset[str], blocks_name: str,
+    trainable_ids: set[int],
+) -> tuple[list[int], list[int]]:
+    """Refine block kinds for a trace where a block's segment depends on its neighbours.
+
+    FSDP frees the previous block's all-gather buffer inside a block and prefetches the
+    previous block in backward (its size), and frees the next block's reduce-scatter input
+    (the next block's trainable size). Two blocks share a kind when their own kinds match and
+    their neighbours have the same parameter shapes and flags. Returns (kinds, the first block
+    of each kind), and checks that in the reduced model every representative's neighbours look
+    like its real ones; if not, every block is its own kind.
+    """
+    prefix = f"{blocks_name}." if blocks_name else ""
+
+    def signature(i: int) -> Any:
+        if not 0 <= i < len(blocks):
+            return None
+        own = tuple((tuple(p.shape), p.dtype, id(p) in trainable_ids) for p in blocks[i].parameters())
+        start = f"{prefix}{i}."
+        return own, tuple(sorted(t[len(start):] for t in lora_targets if t.startswith(start)))
+
+    sigs = [signature(i) for i in range(len(blocks))]
+    keys = [(kinds[i], sigs[i - 1] if i else None, sigs[i + 1] if i + 1 < len(blocks) else None)
+            for i in range(len(blocks))]
+    index: dict[Any, int] = {}
+    refined: list[int] = []
+    reps: list[int] = []
+    for i, key in enumerate(keys):
+        if key not in index:
+            index[key] = len(index)
+            reps.append(i)
+        refined.append(index[key])
+    for pos, r in enumerate(reps):
+        before = sigs[reps[pos - 1]] if pos else None
+        after = sigs[reps[pos + 1]] if pos + 1 < len(reps) else None
+        if before != keys[r][1] or after != keys[r][2]:
+            every = list(range(len(blocks)))
+            return every, every
+    return refined, reps
+
+
+def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
+    """The :class:`~layerscope.estimate.memory.MemoryEstimate` of the busiest GPU of
+    ``setup.sharding`` (``batch_size`` per GPU). Use :func:`~layerscope.estimate.memory.
+    memory_of`, which caches it.
+
+    Raises:
+        EstimateError: a forward that fails when traced.
+    """
+    sharding = setup.sharding
+    assert sharding is not None and sharding.distributed is not None
+    fsdp2 = sharding.is_fsdp and sharding.fsdp.version == 2
+    if fsdp2:
+        from layerscope.estimate.fsdp import in_fresh_process, process_group_in_use
+
+        if process_group_in_use():  # never touch the caller's group: trace in a new process
+            alone = setup.replace(model=_skeleton(setup.model))
+            return in_fresh_process(sharded_memory_of, alone)  # type: ignore[no-any-return]
+    from layerscope.estimate.memory import prepare
+
+    prec = setup.precision_info
+    param_dtype, autocast_dtype = trace_dtypes(prec, sharding)
+    deepspeed = sharding.stage > 0
+    fsdp1_mp = sharding.is_fsdp and sharding.fsdp.version == 1 and autocast_dtype is not None
+    mixed_units = (sharding.is_fsdp and sharding.fsdp.version == 1 and sharding.fsdp.use_orig_params
+                   and not setup.inference)
+
+    def trace_trainable(pre: Prepared) -> set[int]:
+        grads = {i for i, t in pre.is_trainable.items() if t}
+        if not mixed_units:
+            return grads
+        # FSDP1 with use_orig_params: a flat parameter mixing frozen and trainable tensors
+        # gives every tensor's view requires_grad, so autograd computes all their gradients
+        for i, block in enumerate(pre.blocks):
+            ids = [id(p) for p in block.parameters()]
+            start = f"{pre.blocks_name}.{i}."
+            if any(j in grads for j in ids) or any(t.startswith(start) for t in pre.lora_targets):
+                grads.update(j for j in ids if pre.tensors[j].is_floating_point())
+        return grads
+
+    pre = prepare(
+        setup, param_dtype=param_dtype,
+        lora_dtype=param_dtype if deepspeed or fsdp1_mp else None,
+        trace_trainable=trace_trainable, refine_kinds=neighbour_kinds if fsdp2 else None,
+    )
+    stored = int(dtype_bytes(param_dtype if deepspeed else prec.param_dtype))
+    # peft's adapters are fp32; DeepSpeed casts the whole module to its dtype
+    params = _param_infos(pre, stored, stored if deepspeed else 4, setup.inference)
+    compute = int(dtype_bytes(autocast_dtype or param_dtype))
+    states = rank_states(params, num_blocks=len(pre.blocks), sharding=sharding,
+                         optimizer=setup.optimizer, compute_itemsize=compute,
+                         inference=setup.inference,
+                         gradient_checkpointing=setup.gradient_checkpointing)
+    if fsdp2:  # FSDP's buffers depend on the GPU count: its own trace
+        trace = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
+    else:  # the same step for any GPU count: traced once per family of strategies
+        key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
+               setup.precision, setup.gradient_checkpointing, setup.attention, setup.inference,
+               param_dtype, autocast_dtype, states.trace_keeps_grads,
+               mixed_units, fsdp1_mp)
+        cache = model_cache(setup.model, "sharded-step")
+        if key not in cache:
+            cache[key] = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
+        trace = cache[key]
+    rep = replay(trace, pre.block_kinds, setup.inference, extra=states.extra)
+    return _assemble(setup, trace, rep, states, pre.block_kinds, params)
+
+
+def _trace(
+    setup: TrainingSetup, pre: Prepared, sharding: Sharding, param_dtype: torch.dtype,
+    autocast_dtype: torch.dtype | None, fsdp2: bool, states: RankStates,
+) -> StepTrace:
+    from layerscope.estimate.memory import traced_step_error
+
+    if not states.trace_keeps_grads and not fsdp2 and not setup.inference:
+        for p in pre.reduced.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(_drop_grad)  # type: ignore[no-untyped-call]
+    try:
+        if fsdp2:
+            from layerscope.estimate.fsdp import trace_fsdp2
+
+            return trace_fsdp2(
+                pre.reduced, pre.kept, kinds=pre.kind_of_position, sharding=sharding,
+                param_dtype=param_dtype, batch_size=setup.batch_size, seq_len=setup.seq_len,
+                vocab_size=pre.vocab, autocast_dtype=autocast_dtype, inference=setup.inference,
+                mode=pre.mode,
+            )
+        return run_step(
+            pre.reduced, pre.kept, kinds=pre.kind_of_position, batch_size=setup.batch_size,
+            seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=autocast_dtype,
+            inference=setup.inference, mode=pre.mode,
+        )
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        raise traced_step_error(setup, exc, f" under {sharding.describe()}") from exc
+
+
+def _param_infos(
+    pre: Prepared, itemsize: int, adapter_itemsize: int, inference: bool
+) -> list[TensorInfo]:
+    """Every tensor of the full model once, in registration order, each block's adapters after
+    its own tensors (read from the reduced copy: a block has its kind's adapters)."""
+    block_of = {id(p): i for i, b in enumerate(pre.blocks) for p in b.parameters()}
+    position_of_kind = {pre.kinds[r]: pos for pos, r in enumerate(pre.reps)}
+    in_kept = {id(p) for b in pre.kept for p in b.parameters()}
+
+    def adapters(block: int | None) -> list[TensorInfo]:
+        if block is None:
+            found = [p for p in pre.reduced.parameters()
+                     if id(p) in pre.lora_ids and id(p) not in in_kept]
+        else:
+            kept = pre.kept[position_of_kind[pre.kinds[block]]]
+            found = [p for p in kept.parameters() if id(p) in pre.lora_ids]
+        return [TensorInfo(p.numel(), tuple(p.shape), adapter_itemsize, not inference, block)
+                for p in found]
+
+    out: list[TensorInfo] = []
+    last: int | None = None
+    for p in pre.tensors.values():
+        b = block_of.get(id(p))
+        if last is not None and b != last:
+            out += adapters(last)
+        size = itemsize if p.is_floating_point() else p.element_size()
+        out.append(TensorInfo(p.numel(), tuple(p.shape), size,
+                             pre.is_trainable[id(p)] and not inference, b))
+        last = b
+    if last is not None:
+        out += adapters(last)
+    return out + adapters(None)
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """``model`` as a meta skeleton (itself when it is one), to send to another process."""
+    if all(p.is_meta for p in model.parameters()):
+        return model
+    from layerscope.estimate.memory import _block_stack
+    from layerscope.scan import scan
+
+    _, blocks = _block_stack(scan(model), model)
+    copy, _, _ = reduced_copy(model, blocks, list(range(len(blocks))))
+    return copy
+
+
+def _assemble(
+    setup: TrainingSetup, trace: StepTrace, rep: Replay, states: RankStates,
+    block_kinds: list[int], params: list[TensorInfo],
+) -> MemoryEstimate:
+    from layerscope.estimate.memory import MemoryEstimate
+
+    sharding, prec, inference = setup.sharding, setup.precision_info, setup.inference
+    assert sharding is not None
+    buffers = sum(rounded(b.numel() * b.element_size()) for b in setup.model.buffers())
+    persistent = states.persistent + buffers
+    optimizer_peak = 0 if inference else persistent + rep.end + states.optimizer_extra
+    backward_peak = 0 if inference else persistent + rep.backward_peak
+    peak, phase = max(
+        (persistent + rep.forward_peak, "forward"), (backward_peak, "backward"),
+        (optimizer_peak, "optimizer"),
+    )
+    held = {"forward": rep.forward_extra, "backward": rep.backward_extra,
+            "optimizer": 0 if inference else states.optimizer_extra}[phase]
+    if sharding.is_fsdp and sharding.fsdp.version == 2:
+        held = fsdp2_gathered(params, len(block_kinds), sharding, prec, phase)
+    seg = trace.segments
+    per_block = tuple(seg.get((k, "fwd"), Segment()).net for k in block_kinds)
+    embed = seg.get(("embed", "fwd"), Segment()).net
+    if sharding.is_fsdp and sharding.fsdp.version == 2 and block_kinds:
+        per_block, embed = _fsdp2_activations(per_block, embed, params, sharding, prec)
+    head_fwd = seg.get(("head", "fwd"), Segment())
+    head_bwd = seg.get(("head", "bwd"), Segment())
+    parts = ["embed", "head", *block_kinds]
+    if sharding.is_fsdp and sharding.fsdp.version == 2:  # its gathered storages are resized
+        during = fsdp2_gathered(params, len(block_kinds), sharding, prec, "backward")
+    else:
+        during = max(rep.forward_extra, rep.backward_extra)
+    reserved = _reserved(setup, trace, states, params, block_kinds, peak, during)
+    return MemoryEstimate(
+        peak_bytes=peak,
+        peak_phase=phase,
+        reserved_bytes=reserved,
+        weights_bytes=states.weights + buffers,
+        gradient_bytes=0 if inference else states.gradients,
+        optimizer_state_bytes=states.optimizer_state,
+        optimizer_temporary_bytes=states.optimizer_temporary,
+        activation_bytes=embed + sum(per_block),
+        activation_bytes_per_block=per_block,
+        logits_bytes=max(head_fwd.high, head_fwd.net + head_bwd.high),
+        forward_peak_bytes=persistent + rep.forward_peak,
+        backward_peak_bytes=backward_peak,
+        optimizer_peak_bytes=optimizer_peak,
+        trainable_params=0 if inference else sum(p.numel for p in params if p.trainable),
+        total_params=sum(p.numel for p in params),
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        precision=setup.precision,
+        optimizer=setup.optimizer,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        inference=inference,
+        lora_rank=setup.lora_rank,
+        attn_implementation=setup.attention,
+        forward_flops=sum(seg.get((p, "fwd"), Segment()).flops for p in parts),
+        backward_flops=0 if inference else sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
+        distributed=sharding.distributed,
+        num_gpus=sharding.num_gpus,
+        offload=sharding.offload,
+        master_weights_bytes=states.master_weights,
+        buffer_bytes=states.buffers,
+        held_bytes=held,
+        host_bytes=states.host * sharding.ranks_per_node,
+    )
+
+
+def _reserved(
+    setup: TrainingSetup, trace: StepTrace, states: RankStates, params: list[TensorInfo],
+    block_kinds: list[int], peak: int, held: int,
+) -> int:
+    """``torch.cuda.max_memory_reserved()`` of the busiest rank: the caching allocator
+    simulated (:mod:`layerscope.estimate.allocator`) over the rank's resident parameters, the
+    traced step's allocations (FSDP2's buffers included) and the optimizer's states and
+    temporaries (the strategy's step buffers among them). ``held``, what the modelled
+    strategies hold besides the trace during forward and backward (gathered parameters,
+    buckets: large blocks, each in a segment of its own), is added in whole segments, which
+    the optimizer's temporaries are assumed not to reuse; for FSDP2, whose gathered parameters
+    are resized storages the traced events do not list, ``held`` is what it keeps gathered."""
+    from layerscope.estimate.allocator import (
+        build_ops,
+        round_size,
+        segment_size,
+        simulate_loop,
+        step_events,
+    )
+
+    sharding = setup.sharding
+    assert sharding is not None
+    tensors = resident_tensors(params, num_blocks=len(block_kinds), sharding=sharding)
+    buffers = [rounded(b.numel() * b.element_size()) for b in setup.model.buffers()]
+    build = build_ops([(size, False) for size in [*tensors, *buffers] if size])
+    kept = [b for b in (states.master_weights, states.optimizer_state, states.buffers) if b]
+    temporaries = [states.optimizer_extra] if states.optimizer_extra and not setup.inference else []
+    loop = simulate_loop(build, step_events(trace, block_kinds, setup.inference),
+                         optimizer_state=kept, optimizer_temporaries=temporaries,
+                         inference=setup.inference)
+    extra = segment_size(round_size(held)) if held else 0
+    return max(peak, loop.reserved_peak + extra)
+
+
+def _gathered_sizes(
+    params: list[TensorInfo], num_blocks: int, prec: Any
+) -> tuple[list[int], list[int], int, int]:
+    """FSDP2's gathered bytes: per block (all-gather buffer, unsharded per-tensor storages),
+    and the root's two. Under a mixed-precision policy everything is gathered in the autocast
+    dtype, else in each tensor's own."""
+    mp = prec.autocast_dtype is not None and prec.autocast_dtype != prec.param_dtype
+    itemsize = int(dtype_bytes(prec.autocast_dtype)) if mp else 0
+    buffers = [0] * num_blocks
+    tensors = [0] * num_blocks
+    root_buffer = root_tensors = 0
+    for p in params:
+        size = p.numel * (itemsize or p.itemsize)
+        if p.block is None:
+            root_buffer += size
+            root_tensors += rounded(size)
+        else:
+            buffers[p.block] += size
+            tensors[p.block] += rounded(size)
+    return [rounded(b) for b in buffers], tensors, rounded(root_buffer), root_tensors
+
+
+def _fsdp2_activations(
+    per_block: tuple[int, ...], embed: int, params: list[TensorInfo], sharding: Sharding, prec: Any,
+) -> tuple[tuple[int, ...], int]:
+    """The traced segments' nets less what FSDP2 holds across them: the embedding segment
+    holds the root's gathered parameters and its all-gather buffer (freed in block 0, which
+    holds its own until block 1, ...); the last buffer is freed after the blocks. With
+    ``fsdp-grad-op`` every block's gathered parameters stay."""
+    buffers, tensors, root_buffer, root_tensors = _gathered_sizes(params, len(per_block), prec)
+    blocks = list(per_block)
+    blocks[0] += root_buffer - buffers[0]
+    if sharding.distributed == "fsdp-grad-op":
+        blocks = [b - t for b, t in zip(blocks, tensors)]
+    for i in range(1, len(blocks)):
+        blocks[i] += buffers[i - 1] - buffers[i]
+    return tuple(blocks), embed - root_tensors - root_buffer
+
+
+def fsdp2_gathered(
+    params: list[TensorInfo], num_blocks: int, sharding: Sharding, prec: Any, phase: str,
+) -> int:
+    """What FSDP2 holds gathered at the peak of ``phase`` (for the breakdown; the trace counts
+    it): the root kept from forward to backward (unless resharded), the current block
+    unsharded plus its all-gather buffer (the next block's in forward, the prefetched previous
+    block in backward). The largest block is taken."""
+    if phase == "optimizer":
+        return 0
+    buffers, tensors, _, root_tensors = _gathered_sizes(params, num_blocks, prec)
+    kept_root = root_tensors if not sharding.fsdp.reshard_root else 0
+    biggest = max((b + t for b, t in zip(buffers, tensors)), default=0)
+    if sharding.distributed == "fsdp-grad-op":
+        return kept_root + sum(tensors) + max(buffers, default=0)
+    return kept_root + biggest
+

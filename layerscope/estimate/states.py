@@ -1,0 +1,535 @@
+"""Per-GPU states of a sharded run, from the libraries' source: what each strategy keeps
+(weights, fp32 master copies, gradients, optimizer states, collective buffers) on the busiest
+GPU and in CPU memory, and what it holds besides the traced step while it runs.
+
+The traced step (:mod:`layerscope.estimate.trace`) measures activations, logits and the
+gradients autograd makes; this module adds what a data-parallel strategy changes around it,
+one mechanism at a time, each from the code that allocates it:
+
+- DDP (``torch/nn/parallel/distributed.py``, ``reducer.cpp``): a full replica, plus the
+  reducer's flat gradient buckets, allocated once at construction (``initialize_buckets``)
+  and kept: a second copy of every gradient unless ``gradient_as_bucket_view``.
+- DeepSpeed ZeRO (``deepspeed/runtime/zero/stage_1_and_2.py``, ``stage3.py``,
+  ``partition_parameters.py``): the module cast to 16-bit, an fp32 master partition, the
+  optimizer on the master partition, gradients reduced through the contiguous IPG bucket
+  (``reduce_bucket_size`` elements, two with ``overlap_comm``) into a partition buffer
+  (stage 2: ``grads_in_partition``; stage 3: ``grad_partitions_flat_buffer`` and the bucket,
+  both allocated at initialisation); stage 1 keeps the full gradients until the step. The step
+  flattens each (sub-)group's gradient partition and casts it to fp32 (``.to(fp32)``) before
+  the optimizer runs on it. Stage 3 gathers parameters module by module plus
+  ``stage3_prefetch_bucket_size`` elements ahead (at most ``stage3_max_live_parameters``),
+  keeps parameters under ``stage3_param_persistence_threshold`` elements gathered, and keeps
+  the last blocks gathered from forward into backward while their reuse distance is under
+  ``stage3_max_reuse_distance``.
+- FSDP1 (``torch/distributed/fsdp/_flat_param.py``, ``_runtime_utils.py``): one flat
+  parameter per wrapped block (and one for the root), sharded with padding; a block is
+  unsharded into ``_full_param_padded`` (compute dtype) for its forward and again for its
+  backward, with the previous block prefetched (``BACKWARD_PRE``); its gradient is the whole
+  flat parameter's (``split`` views: autograd concatenates the per-tensor gradients), frozen
+  tensors included when ``use_orig_params=True`` mixes them with trainable ones; the
+  reduce-scatter leaves a sharded gradient kept until the step. The root is not resharded
+  after forward.
+- FSDP2 is traced (:mod:`layerscope.estimate.fsdp`); here only its persistent states.
+
+Sizes are bytes as the CUDA caching allocator counts them (:func:`~.trace.rounded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from layerscope.errors import EstimateError
+from layerscope.estimate.optimizers import OPTIMIZERS
+from layerscope.estimate.sharding import DDP_FIRST_BUCKET_BYTES, Sharding
+from layerscope.estimate.trace import rounded
+
+ZERO_ALIGNMENT = 2
+"""DeepSpeed ZeRO-1/2 pads a flat group to a multiple of ``2 * world_size`` elements
+(``nccl_start_alignment_factor = 2``: 4-byte alignment of 16-bit partitions)."""
+
+ZERO_MAX_REUSE_DISTANCE = 1_000_000_000
+"""DeepSpeed's ``stage3_max_reuse_distance`` default (elements): a gathered parameter used
+again within this many gathered elements is not released."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One parameter tensor as a sharding strategy sees it.
+
+    Attributes:
+        numel: elements.
+        shape: its shape (FSDP2 shards dim 0).
+        itemsize: bytes per element of the stored copy (the parameter dtype; LoRA adapters
+            are fp32 as peft makes them, except under DeepSpeed, which casts the module).
+        trainable: whether the optimizer updates it.
+        block: the index of the block (FSDP unit) that holds it; None outside the block stack
+            (embeddings, final norm, head: the FSDP root).
+    """
+
+    numel: int
+    shape: tuple[int, ...]
+    itemsize: int
+    trainable: bool
+    block: int | None
+
+
+@dataclass(frozen=True)
+class RankStates:
+    """What a strategy keeps on the busiest GPU and in CPU memory around a traced step.
+
+    Attributes:
+        weights: parameter bytes on the GPU between steps (shards, 16-bit copies, persisted
+            ZeRO-3 parameters; buffers excluded).
+        master_weights: fp32 master partition on the GPU (ZeRO).
+        gradients: gradient bytes on the GPU when the optimizer steps (the full ``.grad``
+            tensors, or a shard or partition of them).
+        optimizer_state: optimizer state on the GPU.
+        optimizer_temporary: what ``optimizer.step()`` allocates at its highest point on the GPU.
+        buffers: collective buffers allocated once and kept (DDP buckets, ZeRO-3 IPG bucket and
+            gradient partition buffer, ZeRO-Offload staging buffers).
+        optimizer_extra: bytes above ``weights + master_weights + optimizer_state + buffers``
+            and the traced step's end state at the optimizer's highest point (gradient
+            flattening and fp32 casts, optimizer temporaries).
+        host: CPU memory of one rank (offloaded states, pinned buffers).
+        trace_keeps_grads: whether the traced step keeps the gradients autograd makes (DDP,
+            ZeRO-1, one GPU) or they leave at once (into a bucket, a partition, a shard).
+        forward_extra, backward_extra: per block, bytes held besides the traced step during
+            that block's forward / backward (gathered parameters, buckets, sharded gradients
+            so far); ``embed_extra`` and ``head_extra`` for the parts outside the blocks as
+            ``(forward, backward)``.
+    """
+
+    weights: int
+    master_weights: int
+    gradients: int
+    optimizer_state: int
+    optimizer_temporary: int
+    buffers: int
+    optimizer_extra: int
+    host: int
+    trace_keeps_grads: bool
+    forward_extra: tuple[int, ...] = ()
+    backward_extra: tuple[int, ...] = ()
+    embed_extra: tuple[int, int] = (0, 0)
+    head_extra: tuple[int, int] = (0, 0)
+
+    @property
+    def persistent(self) -> int:
+        """GPU bytes held for the whole step (the optimizer state included)."""
+        return self.weights + self.master_weights + self.optimizer_state + self.buffers
+
+    def extra(self, part: str, phase: str, index: int | None) -> int:
+        """:data:`~layerscope.estimate.trace.Extra` for the replay."""
+        if phase not in ("fwd", "bwd"):
+            return 0
+        if part == "block" and index is not None:
+            held = self.forward_extra if phase == "fwd" else self.backward_extra
+            return held[index] if index < len(held) else 0
+        pair = self.embed_extra if part == "embed" else self.head_extra
+        return pair[0] if phase == "fwd" else pair[1]
+
+
+def _check(params: Sequence[TensorInfo], num_blocks: int) -> None:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+        raise EstimateError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+    for p in params:
+        if not isinstance(p, TensorInfo):
+            raise EstimateError(f"params must be TensorInfo values, got {type(p).__name__}")
+        if p.block is not None and not 0 <= p.block < num_blocks:
+            raise EstimateError(f"a parameter's block {p.block} is outside 0..{num_blocks - 1}")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _optimizer(name: str, tensors: Sequence[tuple[int, int, tuple[int, ...]]]) -> tuple[int, int]:
+    if name not in OPTIMIZERS:
+        raise EstimateError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if not tensors:
+        return 0, 0
+    mem = OPTIMIZERS[name](tensors)
+    return mem.state, mem.temporary
+
+
+def rank_states(
+    params: Sequence[TensorInfo],
+    *,
+    num_blocks: int,
+    sharding: Sharding,
+    optimizer: str,
+    compute_itemsize: int,
+    inference: bool = False,
+    gradient_checkpointing: bool = False,
+) -> RankStates:
+    """The states of ``sharding``'s busiest GPU for a model made of ``params``.
+
+    Args:
+        params: every parameter tensor once (a tied tensor once).
+        num_blocks: blocks in the stack (FSDP units besides the root).
+        sharding: the strategy; ``distributed=None`` gives the one-GPU states.
+        optimizer: an optimizer name of :mod:`layerscope.estimate.optimizers`.
+        compute_itemsize: bytes per element the forward computes in (the autocast dtype under
+            ``*-mixed``, else the parameter dtype): FSDP gathers in it.
+        inference: a forward only (no gradients, no optimizer).
+        gradient_checkpointing: blocks are recomputed in backward (ZeRO-3 then keeps a block's
+            parameters gathered from its recomputation to its backward).
+
+    Raises:
+        EstimateError: invalid inputs, or a strategy this module does not model (FSDP2 is
+            traced: its states come from :func:`fsdp2_states`).
+    """
+    _check(params, num_blocks)
+    d = sharding.distributed
+    if d is None or d == "ddp":
+        return _replicated(params, num_blocks, sharding, optimizer, inference)
+    if sharding.stage:
+        return _zero(params, num_blocks, sharding, optimizer, inference, gradient_checkpointing)
+    if sharding.fsdp.version == 1:
+        return _fsdp1(params, num_blocks, sharding, optimizer, compute_itemsize, inference)
+    return fsdp2_states(params, num_blocks=num_blocks, sharding=sharding, optimizer=optimizer,
+                        inference=inference)
+
+
+def resident_tensors(params: Sequence[TensorInfo], *, num_blocks: int, sharding: Sharding) -> list[int]:
+    """Bytes of each parameter allocation a rank keeps on the GPU between steps, in order (the
+    pieces of :attr:`RankStates.weights`, for the caching-allocator simulation): whole tensors
+    (one GPU, DDP, ZeRO-1/2's 16-bit module), FSDP2's padded shards, ZeRO-3's partitions and
+    persisted tensors, FSDP1's flat shards; none offloaded."""
+    _check(params, num_blocks)
+    n = sharding.shard_size
+    offloaded = sharding.offload == "params"
+    if sharding.is_fsdp and sharding.fsdp.version == 1:
+        units: dict[int | None, int] = {}
+        for p in params:
+            units[p.block] = units.get(p.block, 0) + p.numel * p.itemsize
+        return [] if offloaded else [rounded(ceil_div(b, n)) for b in units.values()]
+    if sharding.is_fsdp:
+        return [] if offloaded else [rounded(fsdp2_shard_numel(p.shape, n) * p.itemsize) for p in params]
+    if sharding.stage == 3:
+        out = [] if offloaded else [rounded(ceil_div(p.numel, n) * p.itemsize) for p in params]
+        return out + [rounded(p.numel * p.itemsize) for p in params
+                      if p.numel <= sharding.zero.param_persistence_threshold]
+    return [rounded(p.numel * p.itemsize) for p in params]
+
+
+# -- one GPU and DDP ------------------------------------------------------------------------------
+def ddp_buckets(params: Sequence[TensorInfo], bucket_cap_mb: float) -> list[int]:
+    """Bytes of each DDP reducer bucket: trainable tensors in reverse registration order, by
+    dtype, the first bucket capped at 1 MiB and the others at ``bucket_cap_mb`` MiB (a bucket
+    closes once it reaches its cap; ``_compute_bucket_assignment_by_size``)."""
+    caps = [DDP_FIRST_BUCKET_BYTES, int(bucket_cap_mb * 2**20)]
+    sizes: list[int] = []
+    open_by_dtype: dict[int, int] = {}
+    count_by_dtype: dict[int, int] = {}
+    for p in reversed(params):
+        if not p.trainable:
+            continue
+        size = p.numel * p.itemsize
+        current = open_by_dtype.get(p.itemsize, 0) + size
+        cap = caps[min(count_by_dtype.get(p.itemsize, 0), 1)]
+        if current >= cap:
+            sizes.append(current)
+            open_by_dtype[p.itemsize] = 0
+            count_by_dtype[p.itemsize] = count_by_dtype.get(p.itemsize, 0) + 1
+        else:
+            open_by_dtype[p.itemsize] = current
+    sizes += [v for v in open_by_dtype.values() if v]
+    return sizes
+
+
+def _replicated(
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
+    inference: bool,
+) -> RankStates:
+    weights = sum(rounded(p.numel * p.itemsize) for p in params)
+    train = [(p.numel, p.itemsize, p.shape) for p in params if p.trainable]
+    grads = sum(rounded(n * b) for n, b, _ in train)
+    state, temp = (0, 0) if inference else _optimizer(optimizer, train)
+    buckets = 0
+    view = False
+    if sharding.distributed == "ddp" and not inference:
+        buckets = sum(rounded(b) for b in ddp_buckets(params, sharding.ddp.bucket_cap_mb))
+        view = sharding.ddp.gradient_as_bucket_view
+    return RankStates(
+        weights=weights, master_weights=0, gradients=0 if inference else (buckets if view else grads),
+        optimizer_state=state, optimizer_temporary=temp, buffers=buckets, optimizer_extra=temp,
+        host=0, trace_keeps_grads=not view,
+    )
+
+
+# -- FSDP2 (persistent part; the step is traced) ------------------------------------------------
+def fsdp2_shard_numel(shape: tuple[int, ...], shard_size: int) -> int:
+    """Elements of one rank's FSDP2 shard: dim 0 split in ``ceil(dim0 / N)`` rows, every rank
+    padded to that (``FSDPParam._init_sharded_param``: ``padded_sharded_param_size``)."""
+    if not shape:
+        return 1
+    rest = 1
+    for s in shape[1:]:
+        rest *= s
+    return ceil_div(shape[0], shard_size) * rest
+
+
+def fsdp2_states(
+    params: Sequence[TensorInfo], *, num_blocks: int, sharding: Sharding, optimizer: str,
+    inference: bool = False,
+) -> RankStates:
+    """FSDP2's persistent states: each parameter's padded shard (kept as its own storage), the
+    optimizer on the shards (DTensors: the foreach kernels run on the local shards), and the
+    sharded gradients, which the traced step itself allocates (the reduce-scatter output),
+    one storage per block. With ``offload="params"`` shards, gradients and optimizer state are
+    host memory (``CPUOffloadPolicy``)."""
+    _check(params, num_blocks)
+    n = sharding.shard_size
+    shards = [(fsdp2_shard_numel(p.shape, n), p.itemsize, p) for p in params]
+    weights = sum(rounded(k * b) for k, b, _ in shards)
+    train = [(k, b, (k,)) for k, b, p in shards if p.trainable]
+    units: dict[int | None, int] = {}
+    for k, b, p in shards:
+        if p.trainable:
+            units[p.block] = units.get(p.block, 0) + k * b
+    grads = 0 if inference else sum(rounded(v) for v in units.values())
+    state, temp = (0, 0) if inference else _optimizer(optimizer, train)
+    if sharding.offload == "params":
+        return RankStates(
+            weights=0, master_weights=0, gradients=0, optimizer_state=0, optimizer_temporary=0,
+            buffers=0, optimizer_extra=0, host=weights + grads + state + temp,
+            trace_keeps_grads=False,
+        )
+    return RankStates(
+        weights=weights, master_weights=0, gradients=grads, optimizer_state=state,
+        optimizer_temporary=temp, buffers=0, optimizer_extra=temp, host=0,
+        trace_keeps_grads=True,
+    )
+
+
+# -- FSDP1 ---------------------------------------------------------------------------------------
+def _fsdp1(
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
+    compute_itemsize: int, inference: bool,
+) -> RankStates:
+    cfg = sharding.fsdp
+    n = sharding.shard_size
+    units: list[list[TensorInfo]] = [[] for _ in range(num_blocks + 1)]  # last: the root
+    for p in params:
+        units[num_blocks if p.block is None else p.block].append(p)
+    flat = [sum(p.numel for p in u) for u in units]
+    flat_bytes = [sum(p.numel * p.itemsize for p in u) for u in units]
+    shard = [ceil_div(f, n) for f in flat]
+    shard_bytes = [ceil_div(f, n) for f in flat_bytes]
+    # with use_orig_params=False adapters are wrapped apart from the frozen base (peft's
+    # fsdp_auto_wrap_policy): a block's flat parameter then trains only if all of it does
+    if cfg.use_orig_params:
+        trains = [any(p.trainable for p in u) for u in units]
+        grad_numel = [f if t else 0 for f, t in zip(flat, trains)]
+    else:
+        trains = [bool(u) and all(p.trainable for p in u) for u in units]
+        grad_numel = [
+            f if t else sum(p.numel for p in u if p.trainable) for f, t, u in zip(flat, trains, units)
+        ]
+    weights = sum(rounded(b) for b in shard_bytes)
+    unsharded = [rounded(f * compute_itemsize) for f in flat]
+    sharded_grad = [
+        rounded(ceil_div(g * b, f * n)) if g else 0  # the flat gradient in the unit's dtype
+        for g, b, f in zip(grad_numel, flat_bytes, flat)
+    ]
+    # optimizer: use_orig_params gives it each trainable tensor's local slice
+    train = [(ceil_div(p.numel, n), p.itemsize, (ceil_div(p.numel, n),))
+             for p in params if p.trainable]
+    state, temp = (0, 0) if inference else _optimizer(optimizer, train)
+    host = 0
+    if sharding.offload == "params":  # CPUOffload: shards, their gradients and the optimizer
+        host = weights + sum(sharded_grad) + state + temp
+        weights, state, temp = 0, 0, 0
+
+    if sharding.offload == "params":  # sharded gradients go to the CPU as they are reduced
+        sharded_grad = [0] * len(sharded_grad)
+    root = num_blocks
+    keep_root = unsharded[root] if not cfg.reshard_root else 0
+    grad_op = sharding.distributed == "fsdp-grad-op"
+    fwd: list[int] = []
+    bwd: list[int] = []
+    for i in range(num_blocks):
+        cast = rounded(shard[i] * compute_itemsize) if compute_itemsize * flat[i] != flat_bytes[i] else 0
+        ahead = unsharded[i + 1] if cfg.forward_prefetch and i + 1 < num_blocks else 0
+        kept = sum(unsharded[:i]) if grad_op else 0
+        fwd.append(keep_root + kept + unsharded[i] + ahead + cast)
+    for i in range(num_blocks):
+        behind = unsharded[i - 1] if cfg.backward_prefetch and i > 0 else 0
+        kept = sum(unsharded[:i]) if grad_op else 0
+        # autograd's per-tensor gradients, then their concatenation into the flat gradient
+        g = rounded(grad_numel[i] * compute_itemsize)
+        grads_so_far = sum(sharded_grad[i + 1:num_blocks])
+        bwd.append(keep_root + kept + unsharded[i] + behind + 2 * g + sharded_grad[i]
+                   + grads_so_far)
+    all_blocks = sum(unsharded[:num_blocks]) if grad_op else 0
+    # The root's gradient is assembled when its last view's gradient arrives (the embedding,
+    # at the end of backward): the head's gradients wait, whole, from the head's backward on.
+    first_block = next((k for k, p in enumerate(params) if p.block is not None), len(params))
+    root_trains = grad_numel[root] > 0
+    head_grads = rounded(sum(p.numel for p in params[first_block:] if p.block is None)
+                         * compute_itemsize) if root_trains else 0
+    root_g = rounded(grad_numel[root] * compute_itemsize)
+    bwd = [b + head_grads for b in bwd]
+    sharded_total = sum(sharded_grad)
+    return RankStates(
+        weights=weights, master_weights=0, gradients=sharded_total, optimizer_state=state,
+        optimizer_temporary=temp, buffers=0, optimizer_extra=sharded_total + temp, host=host,
+        trace_keeps_grads=False, forward_extra=tuple(fwd), backward_extra=tuple(bwd),
+        embed_extra=(unsharded[root],
+                     unsharded[root] + sum(sharded_grad[:num_blocks]) + head_grads + root_g),
+        head_extra=(unsharded[root] + all_blocks, unsharded[root] + all_blocks + head_grads),
+    )
+
+
+# -- DeepSpeed ZeRO ------------------------------------------------------------------------------
+def _zero(
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
+    inference: bool, recompute: bool = False,
+) -> RankStates:
+    z = sharding.zero
+    stage, n = sharding.stage, sharding.shard_size
+    md = max((p.itemsize for p in params), default=2)  # the module's dtype (DeepSpeed casts it)
+    offload_opt = sharding.offload in ("optimizer", "params")
+    offload_params = sharding.offload == "params"
+    trainable = [p for p in params if p.trainable]
+    total_t = sum(p.numel for p in trainable)
+    if stage < 3:
+        part = ceil_div(total_t, ZERO_ALIGNMENT * n) * ZERO_ALIGNMENT
+        weights = rounded(total_t * md) + sum(rounded(p.numel * md) for p in params if not p.trainable)
+    else:
+        part = sum(ceil_div(p.numel, n) for p in trainable)
+        persisted = [p for p in params if p.numel <= z.param_persistence_threshold]
+        weights = sum(rounded(ceil_div(p.numel, n) * md) for p in params)
+        weights_gathered = sum(rounded(p.numel * md) for p in persisted)
+        if offload_params:
+            weights = 0
+        weights += weights_gathered
+    if inference:
+        return RankStates(weights=weights, master_weights=0, gradients=0, optimizer_state=0,
+                          optimizer_temporary=0, buffers=0, optimizer_extra=0, host=0,
+                          trace_keeps_grads=False)
+    master = rounded(part * 4)
+    if stage == 3:  # the optimizer steps one sub-group (<= sub_group_size elements) at a time
+        largest = max((ceil_div(p.numel, n) for p in trainable), default=0)
+        sub = min(part, z.sub_group_size + largest) if z.sub_group_size else part
+    else:
+        sub = part
+    state, _ = _optimizer(optimizer, [(part, 4, (part,))])
+    _, temp = _optimizer(optimizer, [(sub, 4, (sub,))])
+    bucket = rounded(z.reduce_bucket_size * md) if z.contiguous_gradients else 0
+    buckets = bucket * (2 if z.overlap(stage) and stage < 3 else 1)
+    largest_param = max((p.numel for p in trainable), default=0)
+    host = 0
+
+    if stage == 3:
+        grad_buffer = rounded(part * md)  # grad_partitions_flat_buffer, allocated at init
+        buffers = bucket
+        if offload_opt:  # the gradient partitions and fp32 states live in (pinned) CPU memory
+            host = grad_buffer + master + state + rounded(part * 4)
+            if offload_params:
+                host += sum(rounded(ceil_div(p.numel, n) * md) for p in params)
+            grads_gpu, master, state, temp = 0, 0, 0, 0
+            step = 0
+        else:
+            buffers += grad_buffer
+            grads_gpu = grad_buffer
+            # _prepare_fp32_grad_for_sub_group: flatten (16-bit) then .to(fp32), then step
+            step = max(rounded(sub * md) + rounded(sub * 4), rounded(sub * 4) + temp)
+        fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute)
+        reduce_copy = bucket  # reduce_scatter_coalesced concatenates the bucket's partitions
+        return RankStates(
+            weights=weights, master_weights=master, gradients=grads_gpu, optimizer_state=state,
+            optimizer_temporary=temp, buffers=buffers, optimizer_extra=step, host=host,
+            trace_keeps_grads=False, forward_extra=fwd,
+            backward_extra=tuple(g + reduce_copy for g in bwd),
+            embed_extra=(embed[0], embed[1] + reduce_copy), head_extra=(head[0], head[1] + reduce_copy),
+        )
+
+    full_grads = sum(rounded(p.numel * p.itemsize) for p in trainable)
+    if offload_opt:
+        # fp32 master, states and gradient partition in pinned CPU memory; a 16-bit staging
+        # copy of the partition; GPU/CPU staging buffers of the largest parameter
+        host = master + state + rounded(part * 4) + rounded(part * md) + rounded(largest_param * md)
+        staging = rounded(largest_param * md)
+        if stage == 1:  # gradients stay whole until the boundary, then go to the CPU
+            return RankStates(
+                weights=weights, master_weights=0, gradients=full_grads, optimizer_state=0,
+                optimizer_temporary=0, buffers=staging, optimizer_extra=buckets, host=host,
+                trace_keeps_grads=True,
+            )
+        return RankStates(
+            weights=weights, master_weights=0, gradients=0, optimizer_state=0,
+            optimizer_temporary=0, buffers=staging, optimizer_extra=0, host=host,
+            trace_keeps_grads=False, backward_extra=(buckets,) * num_blocks,
+            embed_extra=(0, buckets), head_extra=(0, buckets),
+        )
+    g_part = rounded(part * md)
+    prepare = g_part + rounded(part * md) + rounded(part * 4)  # grads, flat copy, fp32 cast
+    if stage == 1:
+        # the full gradients stay until the step; after backward they are reduced through the
+        # bucket into the partition buffer, then the step frees those outside the partition
+        reduce = buckets + g_part
+        step = max(reduce, prepare - full_grads, rounded(part * 4) + temp - full_grads)
+        return RankStates(
+            weights=weights, master_weights=master, gradients=full_grads, optimizer_state=state,
+            optimizer_temporary=temp, buffers=0, optimizer_extra=step, host=0,
+            trace_keeps_grads=True,
+        )
+    during = buckets + g_part  # IPG buckets and grads_in_partition through backward
+    return RankStates(
+        weights=weights, master_weights=master, gradients=g_part, optimizer_state=state,
+        optimizer_temporary=temp, buffers=0,
+        optimizer_extra=max(prepare, rounded(part * 4) + temp), host=0,
+        trace_keeps_grads=False, backward_extra=(during,) * num_blocks,
+        embed_extra=(0, during), head_extra=(0, during),
+    )
+
+
+def _zero3_gathered(
+    params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, md: int,
+    recompute: bool = False,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int]]:
+    """ZeRO-3's gathered parameters (16-bit, beyond the persisted ones) during each part.
+
+    Inside a block: its largest leaf tensor gathered plus the prefetch bucket, at most the
+    whole block and at most ``max_live_parameters``. A parameter is released only when it is
+    not used again within ``stage3_max_reuse_distance`` gathered elements
+    (``PartitionedParameterCoordinator.__params_to_release``): with gradient checkpointing a
+    block's recomputation and its backward use the same parameters, so the whole block stays
+    gathered through its backward. Outside: the embedding, then the head; from the end of
+    forward to the start of backward the last blocks stay gathered while the elements gathered
+    after them stay under the reuse distance.
+    """
+    z = sharding.zero
+    big = [p for p in params if p.numel > z.param_persistence_threshold]
+    per_block = [[p for p in big if p.block == i] for i in range(num_blocks)]
+    root = [p for p in big if p.block is None]
+    cap = z.max_live_parameters
+
+    def gathered(tensors: Sequence[TensorInfo]) -> int:
+        if not tensors:
+            return 0
+        total = sum(p.numel for p in tensors)
+        live = min(total, max(p.numel for p in tensors) + z.prefetch_bucket_size, cap)
+        return live * md
+
+    blocks = [gathered(b) for b in per_block]
+    backward = blocks
+    if recompute:
+        backward = [min(sum(p.numel for p in b) + z.prefetch_bucket_size, cap) * md
+                    if b and sum(p.numel for p in b) < ZERO_MAX_REUSE_DISTANCE else g
+                    for b, g in zip(per_block, blocks)]
+    root_sorted = sorted(root, key=lambda p: p.numel)
+    embed = root_sorted[-1].numel * md if root_sorted else 0  # the embedding (or tied head)
+    head = embed
+    kept, distance = 0, sum(p.numel for p in root)
+    for b in reversed(per_block):
+        distance += sum(p.numel for p in b)
+        if distance >= ZERO_MAX_REUSE_DISTANCE or kept + sum(p.numel for p in b) > cap:
+            break
+        kept += sum(p.numel for p in b)
+    # max_live_parameters limits what is gathered ahead, never the tensor a module needs
+    head_live = max(head // md, min(head // md + kept, cap)) * md if md else 0
+    return (tuple(blocks), tuple(backward), (embed, embed), (head_live, head_live))
