@@ -72,9 +72,12 @@ def _load(path: Any, kind: str) -> tuple[Any, Path | None]:
     if not isinstance(path, (str, Path)):
         raise ConfigFileError(f"{kind} config must be a path or a dict, got {type(path).__name__}")
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigFileError(f"{kind} config file not found: {str(p)!r}")
-    text = p.read_text()
+    try:
+        if not p.is_file():
+            raise ConfigFileError(f"{kind} config file not found: {str(p)[:200]!r}")
+        text = p.read_text()
+    except OSError as exc:  # a name too long, a folder without permission, a file gone
+        raise ConfigFileError(f"{kind} config {str(p)[:200]!r} cannot be read: {exc.strerror}") from exc
     try:
         if kind == "DeepSpeed":
             return json.loads(text), p

@@ -22,7 +22,7 @@ from layerscope import LayerscopeError
 from layerscope.setup import SETTINGS
 
 RECORDS = {"BlockStack", "MemoryEstimate", "MemorySavings", "ModelScan", "ParamInfo",
-           "Resolution", "ScheduleEstimate", "StepTime"}
+           "Resolution", "RunConfig", "ScheduleEstimate", "StepTime"}
 """Results layerscope builds and returns; constructing them is not an input path."""
 
 BAD: list[Any] = [-1, 0, 10**400, math.nan, math.inf, "", "a" * 5000, object(), [object()],
@@ -48,6 +48,7 @@ VALID: dict[str, Callable[[], Any]] = {
     "full_name": lambda: "My GPU", "memory_bytes": lambda: 2**34,
     "peak_flops": lambda: {"bf16": 1e15}, "memory_bandwidth": lambda: 2e12, "sm_count": lambda: 100,
     "unfreezer": lambda: layerscope.GradualUnfreezer(_model(), 3, verbose=False),
+    "config": lambda: {"zero_optimization": {"stage": 2}},
 }
 FLAGS = {"case_sensitive", "freeze_embed", "include_params", "show_all", "trust_remote_code",
          "strict", "freeze_embeddings", "verbose", "gradient_checkpointing", "inference"}
