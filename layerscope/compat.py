@@ -13,9 +13,11 @@ import contextlib
 import contextvars
 import functools
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,14 +28,18 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from layerscope.errors import EstimateError, LayerscopeWarning
+from layerscope.errors import EstimateError, LayerscopeWarning, StructureError
 from layerscope.process import import_once
 
 __all__ = [
     "TorchDispatchMode",
     "clear_hooks",
+    "ddp_reducer_size",
     "fake_tensor_mode",
     "flop_registry",
+    "fsdp1_flat_param",
+    "fsdp1_members",
+    "is_fsdp1_flat_param",
     "from_config",
     "quiet_fake_tensor_log",
     "register_attention",
@@ -270,3 +276,106 @@ def quiet_fake_tensor_log() -> Iterator[None]:
     finally:
         with _INSTALL_LOCK:
             _TRACING_THREADS.discard(ident)
+
+
+# -- wrapped models: FSDP1 flat parameters and DDP's reducer -------------------------------------
+@dataclass(frozen=True)
+class FlatMember:
+    """One original tensor of an FSDP1 ``FlatParameter``.
+
+    Attributes:
+        module: the module it is registered on (by its attribute name ``name``).
+        name: the attribute name on ``module`` (``weight``).
+        shape: its original, unsharded shape.
+        param: the original parameter object with ``use_orig_params=True``; None when FSDP1
+            replaced it by views of the flat parameter (``use_orig_params=False``).
+        alias_of: for a shared (tied) tensor, the index of the member it is an alias of.
+    """
+
+    module: nn.Module
+    name: str
+    shape: tuple[int, ...]
+    param: nn.Parameter | None
+    alias_of: int | None = None
+
+
+def is_fsdp1_flat_param(p: torch.Tensor) -> bool:
+    """Whether ``p`` is an FSDP1 ``FlatParameter`` (private marker ``_is_flat_param``, which
+    ``FlatParameter.__new__`` sets; torch 2.13: the class is a metaclass check on it)."""
+    return bool(getattr(p, "_is_flat_param", False))
+
+
+def fsdp1_flat_param(module: nn.Module) -> Any | None:
+    """The ``FlatParameter`` an FSDP1 ``FullyShardedDataParallel`` unit manages, else None.
+
+    ``FullyShardedDataParallel._handle.flat_param`` (private; checked on torch 2.13). Without
+    ``torch.distributed.fsdp`` imported no model can be wrapped by it, so nothing is imported.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    if cls is None or not isinstance(module, cls):
+        return None
+    handle = getattr(module, "_handle", None)
+    return getattr(handle, "flat_param", None)
+
+
+def fsdp1_members(flat: Any) -> list[FlatMember]:
+    """The original tensors an FSDP1 ``FlatParameter`` holds, shared (tied) aliases last.
+
+    Reads ``_param_infos`` (``ParamInfo(param_name, module, module_name)``), ``_shapes``,
+    ``_params`` (None unless ``use_orig_params=True``), ``_shared_param_infos``
+    (``SharedParamInfo(param_name, module, module_name, prim_param_name, prim_module,
+    prim_module_name)``) and ``_shared_params``: private fields of
+    ``torch.distributed.fsdp._flat_param.FlatParameter``, the same NamedTuples since torch 2.0,
+    checked on torch 2.13.
+
+    Raises:
+        StructureError: the fields are missing or inconsistent (a torch this was not checked
+            against): the model's parameter names cannot be recovered.
+    """
+    try:
+        infos, shapes = list(flat._param_infos), list(flat._shapes)
+        params = None if flat._params is None else list(flat._params)
+        shared = list(flat._shared_param_infos)
+        shared_params = None if flat._shared_params is None else list(flat._shared_params)
+        if len(infos) != len(shapes) or (params is not None and len(params) != len(infos)):
+            raise AttributeError("_param_infos, _shapes and _params differ in length")
+        members = [
+            FlatMember(info.module, info.param_name, tuple(shape),
+                       None if params is None else params[i])
+            for i, (info, shape) in enumerate(zip(infos, shapes))
+        ]
+        index = {(id(m.module), m.name): i for i, m in enumerate(members)}
+        for j, info in enumerate(shared):
+            prim = index[(id(info.prim_module), info.prim_param_name)]
+            param = None if shared_params is None else shared_params[j]
+            members.append(FlatMember(info.module, info.param_name, members[prim].shape, param,
+                                      prim))
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise StructureError(
+            f"torch {torch.__version__}: cannot read the original parameters of an FSDP1 flat "
+            f"parameter ({exc}); layerscope reads FSDP1's FlatParameter fields as of torch 2.13"
+        ) from None
+    return members
+
+
+def ddp_reducer_size(ddp: nn.Module) -> tuple[int, int] | None:
+    """``(tensors, bytes)`` DDP's reducer was built with: the parameters that required a
+    gradient when ``DistributedDataParallel`` was constructed (ignored ones left out), each
+    tensor once. None where DDP does not say.
+
+    From ``DistributedDataParallel._get_ddp_logging_data()`` (private, "prototype" in its
+    docstring; its ``num_parameter_tensors`` and ``total_parameter_size_bytes`` are set from the
+    reducer's parameters at construction; checked on torch 2.13).
+    """
+    get = getattr(ddp, "_get_ddp_logging_data", None)
+    try:
+        data = get() if callable(get) else None
+    except (RuntimeError, AssertionError, AttributeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    tensors, size = data.get("num_parameter_tensors"), data.get("total_parameter_size_bytes")
+    if isinstance(tensors, int) and isinstance(size, int):
+        return tensors, size
+    return None

@@ -3,7 +3,8 @@ resolved against, so that a plan file is never applied to another model without 
 
 Two models have one fingerprint when they are the same architecture with the same layer count
 and the same parameter names and shapes: a meta skeleton and the loaded model match, so do a
-model and its DDP, DeepSpeed or FSDP2 wrapping; a Llama and a GPT-2 of four layers do not.
+model and its DDP, DeepSpeed, FSDP1 or FSDP2 wrapping (the scan reads a wrapped model by its
+original class, names and unsharded shapes); a Llama and a GPT-2 of four layers do not.
 """
 
 from __future__ import annotations
@@ -15,19 +16,14 @@ from typing import Any
 from layerscope.errors import PlanError, StructureError
 from layerscope.scan import ModelScan
 
-WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
-"""Wrappers that hold the model as ``.module`` (names gain a ``module.`` prefix)."""
-FSDP2_PREFIX = "FSDP"
-"""``torch.distributed.fsdp.fully_shard`` swaps a module's class for ``FSDP<Name>`` (names and
-global shapes stay)."""
-
 
 @dataclass(frozen=True)
 class ModelFingerprint:
     """Architecture, block count, and a digest of every parameter name with its shape.
 
     Attributes:
-        architecture: the model's class name (``LlamaForCausalLM``), wrappers removed.
+        architecture: the model's class name (``LlamaForCausalLM``), wrappers removed (as
+            :attr:`ModelScan.model_type <layerscope.scan.ModelScan.model_type>`).
         num_layers: blocks in the main stack, or None without one.
         num_params: parameter names (every alias of a tied tensor).
         digest: the first 16 hex digits of the SHA-256 of the sorted ``name:shape`` lines.
@@ -40,24 +36,14 @@ class ModelFingerprint:
 
     @classmethod
     def of(cls, s: ModelScan) -> ModelFingerprint:
-        """The fingerprint of a scanned model."""
-        architecture, prefix = s.model_type, ""
-        types = {m.name: m.type_name for m in s.modules}
-        while architecture in WRAPPERS and f"{prefix}module" in types:
-            architecture = types[f"{prefix}module"]
-            prefix += "module."
-        if architecture.startswith(FSDP2_PREFIX) and len(architecture) > len(FSDP2_PREFIX):
-            architecture = architecture[len(FSDP2_PREFIX):]
-        lines = sorted(
-            f"{p.name[len(prefix):]}:{','.join(map(str, p.shape))}"
-            for p in s.params if p.name.startswith(prefix)
-        )
+        """The fingerprint of a scanned model (a wrapped one is scanned as the model it wraps)."""
+        lines = sorted(f"{p.name}:{','.join(map(str, p.shape))}" for p in s.params)
         try:
             layers: int | None = s.num_layers
         except StructureError:
             layers = None
         digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-        return cls(architecture, layers, len(lines), digest)
+        return cls(s.model_type, layers, len(lines), digest)
 
     def differences(self, other: ModelFingerprint) -> list[str]:
         """What differs from ``other``, in words (empty when they match)."""
