@@ -3,7 +3,8 @@
 FSDP2 (``fully_shard``) and FSDP1 models cannot be copied (``FSDP does not support
 deepcopy``) and hold sharded or flattened parameters, so the estimate runs on a fresh meta
 skeleton built from the model's config, with the wrapped model's ``requires_grad`` flags copied
-by parameter name. DDP and a DeepSpeed engine hold the model as ``.module``. The wrapper also
+by original parameter name (as :func:`layerscope.scan.scan` reads them, through FSDP1's flat
+parameters too). DDP and a DeepSpeed engine hold the model as ``.module``. The wrapper also
 says how the run is sharded (strategy, GPU count), which the estimate uses unless told
 otherwise.
 """
@@ -16,17 +17,7 @@ from torch import nn
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.sharding import Sharding
-
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-"""Name segments FSDP1, ``checkpoint_wrapper`` and ``torch.compile`` insert into parameter
-names (``torch.distributed.fsdp._common_utils.clean_tensor_name`` removes the same)."""
-
-
-def clean_name(name: str) -> str:
-    """A parameter name with the wrappers' segments removed."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from layerscope.scan import scan
 
 
 def _world(group: Any) -> int | None:
@@ -46,7 +37,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, Sharding | None]:
 
     Raises:
         EstimateError: a sharded model without a ``config`` to rebuild it from, or one whose
-            flattened parameters hide the per-tensor flags.
+            parameter names are not those of a model built from that config.
     """
     kind = type(model).__name__
     wrapped = getattr(model, "module", None)
@@ -81,21 +72,21 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, Sharding | None]:
 
     skeleton = empty_model(config)
     names = dict(skeleton.named_parameters(remove_duplicate=False))
-    flags: dict[str, bool] = {}
-    world: int | None = None
-    for name, p in model.named_parameters(remove_duplicate=False):
-        clean = clean_name(name)
-        if clean.endswith("_flat_param") or clean not in names:
-            raise EstimateError(
-                f"{kind}: parameter {name!r} does not name a tensor of the model (FSDP1 with "
-                "use_orig_params=False flattens them); estimate the model before wrapping it"
-            )
-        flags[clean] = flags.get(clean, False) or p.requires_grad
-        mesh = getattr(p, "device_mesh", None)
-        if mesh is not None and world is None:
-            world = int(mesh.size())
+    flags = {p.name: p.requires_grad for p in scan(model).params}  # original names
+    unknown = sorted(flags.keys() - names.keys())
+    if unknown:
+        raise EstimateError(
+            f"{kind}: parameter {unknown[0]!r} is not a tensor of a model built from its config; "
+            "estimate the model before wrapping it"
+        )
     for name, p in names.items():
         p.requires_grad_(flags.get(name, False))
+    world: int | None = None
+    for p in model.parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            world = int(mesh.size())
+            break
     if fsdp2 and world:
         return skeleton, Sharding("fsdp", world, min(world, 8))
     return skeleton, None
