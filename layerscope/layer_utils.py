@@ -1,6 +1,7 @@
 """The "Layer Utils" API of the reference, each function a thin composition of scan, plan and
-apply. Every function takes any ``nn.Module``, real or meta, and only ever toggles
-``requires_grad``.
+apply. Every function takes any ``nn.Module``, real or meta, plain or wrapped for training
+(FSDP2, FSDP1, DDP, a DeepSpeed engine: by the original parameter names, with the wrappers'
+rules of :mod:`layerscope.apply`), and only ever toggles ``requires_grad``.
 """
 
 from __future__ import annotations
