@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -311,12 +312,8 @@ def _free_port() -> int:
         pytest.skip(f"cannot bind a TCP port on 127.0.0.1: {exc}")
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Both ranks' records of every scenario (one launch of two processes for all of them)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
-    out = tmp_path_factory.mktemp("ranks")
+def _launch(out: Path) -> list[dict[str, Any]]:
+    """Run both ranks over every scenario; their records (or ``init_error``)."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_PORT": str(_free_port()),
            "OMP_NUM_THREADS": "1"}
     if "lo" in {name for _, name in socket.if_nameindex()}:
@@ -325,13 +322,15 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
                               cwd=WORKER.parent, env={**env, "RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
+    deadline = time.monotonic() + TIMEOUT
     logs = []
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT)[0])
+            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
+            proc.communicate()
         pytest.fail(f"the two ranks did not finish within {TIMEOUT} s")
     records = []
     for rank, (proc, log) in enumerate(zip(procs, logs)):
@@ -339,10 +338,22 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         if proc.returncode != 0 or not path.exists():
             pytest.fail(f"rank {rank} exited {proc.returncode}:\n{log[-3000:]}")
         records.append(json.loads(path.read_text()))
-    errors = [r["init_error"] for r in records if "init_error" in r]
-    if errors:
-        pytest.skip(f"gloo cannot run two ranks on 127.0.0.1 here: {errors[0]}")
     return records
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Both ranks' records of every scenario (one launch of two processes for all of them; a
+    second on a new port if the first could not start a process group)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    errors: list[str] = []
+    for attempt in range(2):
+        records = _launch(tmp_path_factory.mktemp(f"ranks{attempt}"))
+        errors = [r["init_error"] for r in records if "init_error" in r]
+        if not errors:
+            return records
+    pytest.skip(f"gloo cannot run two ranks on 127.0.0.1 here: {errors[0]}")
 
 
 def scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
