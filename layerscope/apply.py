@@ -203,4 +203,5 @@ def apply_plan(
 
 
 def _names(s: ModelScan) -> list[tuple[str, tuple[int, ...]]]:
-    return [(p.name, p.shape) for p in s.params]
+    """Names and shapes, sorted: FSDP1 re-registers a module's parameters in another order."""
+    return sorted((p.name, p.shape) for p in s.params)

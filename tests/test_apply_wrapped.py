@@ -170,6 +170,12 @@ def test_a_wrapped_model_is_scanned_as_the_model_it_wraps(kind, fake_group):
     assert (s.embedding_names, s.head_names) == (bare.embedding_names, bare.head_names)
     assert ModelFingerprint.of(s) == ModelFingerprint.of(skeleton)
     assert s.wrappers and bare.wrappers == ()
+    # a scan of the skeleton is a scan of this model too (DDP then refuses the change itself)
+    if kind == "ddp":
+        with pytest.raises(PlanError, match="Freeze before wrapping"):
+            apply_plan(wrapped, FreezePlan.first(1), skeleton)
+    else:
+        assert apply_plan(wrapped, FreezePlan.first(1), skeleton).frozen == BLOCK[0]
 
 
 def _utils() -> dict[str, Callable[[nn.Module], Any]]:
