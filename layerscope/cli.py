@@ -41,8 +41,9 @@ class Progress:
     """``\r``-updated status on stderr: only on a terminal, and only once the work has
     taken more than a second (quick commands stay silent)."""
 
-    def __init__(self, stream: Any = sys.stderr, delay: float = 1.0) -> None:
-        self.stream, self.delay = stream, delay
+    def __init__(self, stream: Any = None, delay: float = 1.0) -> None:
+        # stderr read now, not when the module was imported (a test may have swapped it since)
+        self.stream, self.delay = sys.stderr if stream is None else stream, delay
         self.enabled = hasattr(stream, "isatty") and stream.isatty()
         self.start, self.shown = time.monotonic(), False
 
