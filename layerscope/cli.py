@@ -44,7 +44,7 @@ class Progress:
     def __init__(self, stream: Any = None, delay: float = 1.0) -> None:
         # stderr read now, not when the module was imported (a test may have swapped it since)
         self.stream, self.delay = sys.stderr if stream is None else stream, delay
-        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start, self.shown = time.monotonic(), False
 
     def __call__(self, message: str) -> None:
