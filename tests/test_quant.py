@@ -1,0 +1,225 @@
+"""Quantized bases as bitsandbytes stores them (estimate/quant.py), without bitsandbytes.
+
+The byte counts below are written out from bitsandbytes' CUDA ``quantize_4bit`` op and
+``functional.quantize_4bit`` (0.50.1): packed weight ``(n + 1) // (2 * itemsize)`` elements of
+the storage dtype, one fp32 absmax per 64 elements, a 16-entry fp32 code table; with double
+quantisation a uint8 absmax, a 0-dim fp32 offset, one fp32 per 256 absmax and a 256-entry
+fp32 map. The same shapes were produced by bitsandbytes 0.50.1 quantising real weights on the
+CPU (``Params4bit(...)._quantize("cpu")``) while this module was written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerscope.errors import EstimateError
+from layerscope.estimate.quant import (
+    Quantization,
+    default_skip_modules,
+    linear4bit_storage,
+    linear8bit_storage,
+    memory_footprint,
+    quantized_base,
+    quantized_modules,
+)
+from tests.conftest import build
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    from layerscope import empty_model
+
+    return empty_model("llama-3.1-8b")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_meta():
+    return build("llama", "meta")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_meta():
+    return build("gpt2", "meta")
+
+
+def test_4bit_layer_bytes_written_out():
+    # 4096 x 4096 (Llama-3.1-8B q_proj), nf4, uint8 storage, no double quant
+    n = 4096 * 4096
+    s = linear4bit_storage(4096, 4096, double_quant=False)
+    assert dict(s.tensors) == {"weight": n // 2, "absmax": 4 * (n // 64), "code": 64}
+    assert s.weight_bytes == 8_388_608 and s.state_bytes == 1_048_576 + 64
+    # allocator view: every tensor a multiple of 512 bytes (the 64-byte table takes 512)
+    assert s.allocated_bytes == 8_388_608 + 1_048_576 + 512
+
+    # the same with double quantisation: 262144 uint8 absmax, 1024 second-level fp32 absmax
+    s = linear4bit_storage(4096, 4096, double_quant=True)
+    assert dict(s.tensors) == {"weight": 8_388_608, "absmax": 262_144, "code": 64, "offset": 4,
+                               "state2.absmax": 4 * 1024, "state2.code": 4 * 256}
+    assert s.allocated_bytes == 8_388_608 + 262_144 + 512 + 512 + 4096 + 1024
+
+    # 14336 x 4096 (gate_proj): 917504 blocks, ceil(917504 / 256) = 3584 second-level
+    s = linear4bit_storage(14336, 4096, double_quant=True)
+    assert dict(s.tensors)["absmax"] == 917_504 and dict(s.tensors)["state2.absmax"] == 3584 * 4
+
+    # bf16 quant storage (FSDP): 4 nibbles per element, same bytes for an even count
+    s = linear4bit_storage(4096, 4096, double_quant=False, quant_storage=torch.bfloat16)
+    assert s.weight_bytes == 4_194_304 * 2
+
+    # odd shapes: 33 x 7 = 231 elements -> (231 + 1) // 2 = 116 bytes; bf16 storage
+    # (231 + 1) // 4 = 58 elements = 116 bytes; ceil(231 / 64) = 4 blocks
+    assert dict(linear4bit_storage(33, 7, double_quant=False).tensors)["weight"] == 116
+    assert linear4bit_storage(33, 7, double_quant=False, quant_storage=torch.bfloat16).weight_bytes == 116
+    assert dict(linear4bit_storage(33, 7, double_quant=False).tensors)["absmax"] == 16
+    # 100 x 30 = 3000 elements: ceil(3000 / 64) = 47 blocks, one second-level block
+    s = dict(linear4bit_storage(100, 30, double_quant=True).tensors)
+    assert (s["weight"], s["absmax"], s["state2.absmax"]) == (1500, 47, 4)
+
+
+def test_int8_layer_bytes_written_out():
+    s = linear8bit_storage(1024, 4096)  # k_proj: int8 weight and one fp32 scale per row
+    assert dict(s.tensors) == {"weight": 1024 * 4096, "SCB": 1024 * 4}
+    assert s.allocated_bytes == 4_194_304 + 4096
+
+
+def _llama_linears():
+    # Llama-3.1-8B: 32 layers of q, k, v, o, gate, up, down
+    h, kv, inter = 4096, 1024, 14336
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+    return [s for _ in range(32) for s in shapes]
+
+
+def test_llama_3_1_8b_quantized_base(llama8b):
+    shapes = _llama_linears()
+    n = sum(o * i for o, i in shapes)
+    assert n == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096) == 6_979_321_856
+    q = Quantization("nf4")
+    base = quantized_base(llama8b, q)
+    assert base.modules == 224 and base.params == n
+    assert base.weight_bytes == n // 2 == 3_489_660_928
+    # absmax: one fp32 per 64 elements, plus a 64-byte code table per layer
+    assert base.state_bytes == n // 64 * 4 + 224 * 64 == 436_221_952
+
+    dq = quantized_base(llama8b, Quantization("nf4", double_quant=True))
+    second = sum(-(-(o * i // 64) // 256) * 4 for o, i in shapes)  # fp32 per 256 absmax
+    assert second == 32 * (2 * 4096 + 2 * 1024 + 3 * 14336) == 1_703_936
+    per_layer = 64 + 4 + 1024  # code, offset, nested 256-entry map
+    assert dq.state_bytes == n // 64 + second + 224 * per_layer == 111_000_448
+    assert dq.weight_bytes == base.weight_bytes
+    # double quantisation saves 0.373 bits per parameter (QLoRA paper: 32/64 - 8/64 - 32/(64*256))
+    saved_bits = 8 * (base.state_bytes - dq.state_bytes) / n
+    assert saved_bits == pytest.approx(0.373, abs=0.001)
+
+
+def test_llama_3_1_8b_memory_footprint_as_transformers_counts(llama8b):
+    # get_memory_footprint(): packed weights + every other parameter in bf16 + buffers (the
+    # rotary inv_freq and original_inv_freq, 64 fp32 each); quant state not counted
+    packed = 3_489_660_928
+    embed = head = 128256 * 4096 * 2
+    norms = (2 * 32 + 1) * 4096 * 2
+    buffers = 2 * 64 * 4
+    expected = packed + embed + head + norms + buffers
+    assert memory_footprint(llama8b, Quantization("nf4"), torch.bfloat16) == expected
+    assert expected == 5_591_540_224  # 5.21 GiB, the "about 5.6 GB" commonly quoted for 8B nf4
+    # double quant changes only the state, which the footprint does not count
+    assert memory_footprint(llama8b, Quantization("nf4", double_quant=True), torch.bfloat16) == expected
+
+
+def test_footprint_matches_transformers_and_bitsandbytes():
+    """With bitsandbytes installed (not a dependency): a tiny Llama saved and reloaded in 4 and 8
+    bits on the CPU reports the footprint computed here. Skipped without bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory() as folder:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+        for bnb in (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                    BitsAndBytesConfig(load_in_8bit=True)):
+            real = AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=bnb, dtype=torch.bfloat16, device_map="cpu")
+            q = Quantization.of(bnb)
+            assert real.get_memory_footprint() == memory_footprint(skeleton, q, torch.bfloat16)
+
+
+def test_which_modules_transformers_quantizes(tiny_llama_meta, tiny_gpt2_meta):
+    # Llama: every Linear of the blocks; lm_head (the output embedding, last parameter) kept
+    names = {m.name for m in quantized_modules(tiny_llama_meta, Quantization("nf4"))}
+    assert len(names) == 4 * 7 and "lm_head" not in names
+    assert default_skip_modules(tiny_llama_meta) == ["lm_head"]
+    # GPT-2: Conv1D projections are quantized (transposed shapes), the tied head is kept
+    gpt = quantized_modules(tiny_gpt2_meta, Quantization("nf4"))
+    assert len(gpt) == 4 * 4 and gpt[0].name == "transformer.h.0.attn.c_attn"
+    assert (gpt[0].n_out, gpt[0].n_in) == (3 * 64, 64)
+    assert {"lm_head", "transformer.wte"} <= set(default_skip_modules(tiny_gpt2_meta))
+    # llm_int8_skip_modules replaces the defaults: the head is then quantized too. Patterns
+    # are regexes from the start of the name (to a module boundary) or suffixes, so "mlp"
+    # alone skips nothing here, ".*mlp" skips every MLP projection, "o_proj" every o_proj
+    def quantized(*skip):
+        return {m.name for m in quantized_modules(tiny_llama_meta, Quantization("nf4", skip_modules=skip))}
+
+    assert len(quantized("mlp")) == 4 * 7 + 1
+    names = quantized(".*mlp", "o_proj")
+    assert "lm_head" in names and len(names) == 4 * 3 + 1
+    assert not any(".mlp." in n or n.endswith("o_proj") for n in names)
+
+
+@pytest.mark.parametrize("patterns", [["mlp"], [".*mlp"], ["o_proj"], ["model.layers.1"],
+                                      ["model.layers.1.self"], ["lm_head"], ["layers.*q_proj"]])
+def test_skip_rule_is_transformers_rule(tiny_llama_meta, patterns):
+    utils = pytest.importorskip("transformers.quantizers.quantizers_utils")
+    should_convert = getattr(utils, "should_convert_module", None)
+    if should_convert is None:
+        pytest.skip("transformers without should_convert_module (before 5.x)")
+    from torch import nn
+
+    linears = [n for n, m in tiny_llama_meta.named_modules() if type(m) is nn.Linear]
+    q = Quantization("nf4", skip_modules=tuple(patterns))
+    ours = {m.name for m in quantized_modules(tiny_llama_meta, q)}
+    assert ours == {n for n in linears if should_convert(n, patterns)}
+
+
+def test_bits_and_bytes_config_is_honoured():
+    from transformers import BitsAndBytesConfig
+
+    q = Quantization.of(BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head", "router"]))
+    assert q == Quantization("nf4", True, torch.bfloat16, torch.bfloat16, ("lm_head", "router"))
+    # a config without a compute dtype computes in fp32, as transformers defaults it
+    assert Quantization.of(BitsAndBytesConfig(load_in_4bit=True)).compute_dtype == torch.float32
+    assert Quantization.of(BitsAndBytesConfig(load_in_4bit=True)).method == "fp4"
+    assert Quantization.of(BitsAndBytesConfig(load_in_8bit=True)).method == "int8"
+    assert Quantization.of("NF4") == Quantization("nf4") and Quantization.of(None) is None
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("nf5", "unknown quantization 'nf5'; allowed: nf4, fp4, int8"),
+    (4, "quantization must be one of nf4, fp4, int8"),
+])
+def test_bad_quantization_names(value, message):
+    with pytest.raises(EstimateError, match=message):
+        Quantization.of(value)
+
+
+def test_bad_bits_and_bytes_fields():
+    from transformers import BitsAndBytesConfig
+
+    with pytest.raises(EstimateError, match="bnb_4bit_quant_type must be 'nf4' or 'fp4', got 'nf5'"):
+        Quantization.of(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf5"))
+    with pytest.raises(EstimateError, match="exactly one of load_in_4bit and load_in_8bit"):
+        Quantization.of(BitsAndBytesConfig())
+    with pytest.raises(EstimateError, match="bnb_4bit_compute_dtype must be one of float32"):
+        Quantization.of(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.int8))
+    bad = BitsAndBytesConfig(load_in_4bit=True)
+    bad.llm_int8_skip_modules = "lm_head"  # a str, not a list (set after construction)
+    with pytest.raises(EstimateError, match="llm_int8_skip_modules must be a list"):
+        Quantization.of(bad)
+    with pytest.raises(EstimateError, match="llm_int8_has_fp16_weight=True"):
+        Quantization.of(BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True))
