@@ -41,6 +41,7 @@ __all__ = [
     "fsdp1_members",
     "is_fsdp1_flat_param",
     "from_config",
+    "no_function_modes",
     "quiet_fake_tensor_log",
     "register_attention",
     "run_backward",
@@ -72,6 +73,19 @@ def flop_registry() -> dict[Any, Callable[..., Any]]:
             "layerscope needs torch >= 2.4"
         ) from exc
     return dict(registry)
+
+
+@contextlib.contextmanager
+def no_function_modes() -> Iterator[None]:
+    """Run ops without the active ``TorchFunctionMode``s (``torch._C.DisableTorchFunction``,
+    private, torch 2.0-2.13; fake tensors and dispatch modes, which work below, are unaffected).
+
+    For the backward of an emulated custom autograd function: :func:`run_backward` keeps the
+    CUDA emulation active through backward (for recomputations under checkpointing), but a
+    custom function's backward on a GPU runs outside autocast.
+    """
+    with torch._C.DisableTorchFunction():
+        yield
 
 
 def run_backward(loss: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from layerscope.errors import EstimateError, LayerscopeWarning
 from layerscope.estimate.sharding import FsdpSettings, Sharding, make_sharding
 from layerscope.plan import FreezePlan
 from layerscope.process import import_once
+from layerscope.quantization import Quantization, QuantizedLinear, config_dtype, quantized_modules
 from layerscope.scan import ModelScan, scan
 
 
@@ -81,14 +82,20 @@ PRECISION_ALIASES = {
     "bf16-amp": "bf16-mixed", "amp_fp16": "16-mixed", "amp-fp16": "16-mixed",
 }
 
-OPTIMIZERS = ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor")
+OPTIMIZERS = ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor",
+              "paged-adamw-8bit", "paged-adamw-32bit")
 """``adamw``/``adam``: torch.optim, foreach (the CUDA default); ``adamw-fused``:
 ``AdamW(fused=True)``; ``sgd``/``sgd-momentum``: torch.optim.SGD without/with momentum;
-``adamw-8bit``: bitsandbytes ``AdamW8bit``; ``adafactor``: ``torch.optim.Adafactor``."""
+``adamw-8bit``: bitsandbytes ``AdamW8bit``; ``adafactor``: ``torch.optim.Adafactor``;
+``paged-adamw-8bit``/``paged-adamw-32bit``: bitsandbytes ``PagedAdamW8bit``/``PagedAdamW32bit``
+(transformers' ``optim="paged_adamw_8bit"``/``"paged_adamw_32bit"``)."""
 OPTIMIZER_ALIASES = {
     "adamw_fused": "adamw-fused", "fused_adamw": "adamw-fused", "fused-adamw": "adamw-fused",
     "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum", "adamw_8bit": "adamw-8bit",
-    "adamw8bit": "adamw-8bit",
+    "adamw8bit": "adamw-8bit", "paged_adamw_8bit": "paged-adamw-8bit",
+    "pagedadamw8bit": "paged-adamw-8bit", "paged_adamw_32bit": "paged-adamw-32bit",
+    "pagedadamw32bit": "paged-adamw-32bit", "paged-adamw": "paged-adamw-32bit",
+    "paged_adamw": "paged-adamw-32bit", "pagedadamw": "paged-adamw-32bit",
 }
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
@@ -136,6 +143,38 @@ def resolve_optimizer(optimizer: object) -> str:
         allowed = [*OPTIMIZERS, *sorted(OPTIMIZER_ALIASES)]
         raise EstimateError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(allowed)}")
     return key
+
+
+FLOAT_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "16": torch.float16, "half": torch.float16,
+}
+"""Names of the floating dtypes a base or adapter can be kept in."""
+
+
+def resolve_float_dtype(value: object, name: str, model: nn.Module | None = None) -> torch.dtype | None:
+    """``None``, a ``torch.dtype`` or a name from :data:`FLOAT_DTYPES` (``"auto"``: the model
+    config's dtype, as ``from_pretrained(torch_dtype="auto")``) -> fp32, bf16, fp16 or None.
+
+    Raises:
+        EstimateError: anything else, e.g. an integer dtype; the message names the setting.
+    """
+    if value is None:
+        return None
+    dtype: object = value
+    if isinstance(value, str):
+        key = value.lower().removeprefix("torch.")
+        if key == "auto" and model is not None:
+            return config_dtype(model)
+        dtype = FLOAT_DTYPES.get(key)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise EstimateError(
+            f"{name} must be a floating dtype (fp32, bf16, fp16{', auto' if model is not None else ''}"
+            f"), got {value!r}"
+        )
+    assert isinstance(dtype, torch.dtype)
+    return dtype
 
 
 def default_attention(model: nn.Module) -> str:
@@ -338,6 +377,10 @@ class StepSettings(TypedDict, total=False):
     offload: str | None
     fsdp_version: int | None
     sharding: Sharding | None
+    quantization: Any
+    base_dtype: Any
+    lora_dtype: Any
+    prepare_kbit: bool | None
 
 
 class Settings(StepSettings, total=False):
@@ -404,6 +447,22 @@ class TrainingSetup:
     A model wrapped for data parallelism (``fully_shard``, FSDP1, DDP, a DeepSpeed engine) is
     estimated on a skeleton of its config with the same trainable names, never touched; its
     wrapper gives the strategy and GPU count unless they are given.
+        quantization: a quantized frozen base: ``"nf4"``, ``"fp4"``, ``"int8"``, a transformers
+            ``BitsAndBytesConfig`` or a :class:`~layerscope.quantization.Quantization` (see
+            there for what is quantized and the defaults); None is an unquantized base. The
+            quantized weights never train (a plan that trains one is an error).
+        base_dtype: the dtype the base's frozen parameters are loaded in (``"fp32"``,
+            ``"bf16"``, ``"fp16"``, ``"auto"`` = the config's dtype, or a ``torch.dtype``).
+            None: the config's dtype with ``quantization`` (``from_pretrained(torch_dtype=
+            "auto")``, bf16 for current LLMs), else the precision's parameter dtype (fp32 under
+            ``bf16-mixed``, as the calibration runs load it). Trainable parameters are always in
+            the precision's parameter dtype.
+        lora_dtype: the adapters' dtype: None is fp32 (peft upcasts bf16/fp16 adapters,
+            ``autocast_adapter_dtype=True``); ``"bf16"`` for scripts that keep them in bf16.
+        prepare_kbit: peft's ``prepare_model_for_kbit_training``: frozen non-quantized bf16/fp16
+            parameters (norms, embeddings, the head) upcast to fp32, and with gradient
+            checkpointing the embedding output made to require grad. None: on for a quantized
+            base, off otherwise.
 
     Attributes:
         trainable: the base parameter names that train (every alias of a tied tensor).
@@ -426,6 +485,10 @@ class TrainingSetup:
     offload: str | None = None
     fsdp_version: int | None = None
     sharding: Sharding | None = None
+    quantization: Quantization | None = None
+    base_dtype: torch.dtype | None = None
+    lora_dtype: torch.dtype | None = None
+    prepare_kbit: bool | None = None
     trainable: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -444,6 +507,8 @@ class TrainingSetup:
         _positive_int(self.seq_len, "seq_len")
         _bool(self.gradient_checkpointing, "gradient_checkpointing")
         _bool(self.inference, "inference")
+        if self.prepare_kbit is not None:
+            _bool(self.prepare_kbit, "prepare_kbit")
         values = {
             "model": model,
             "precision": resolve_precision(self.precision).name,
@@ -451,8 +516,19 @@ class TrainingSetup:
             "attn_implementation": resolve_attention(self.attn_implementation, model),
             "experts_implementation": resolve_experts(self.experts_implementation, model),
             "lora": Lora.of(self.lora, model),
+            "quantization": Quantization.of(self.quantization),
+            "base_dtype": resolve_float_dtype(self.base_dtype, "base_dtype", model),
+            "lora_dtype": resolve_float_dtype(self.lora_dtype, "lora_dtype"),
         }
         sharding = self._resolve_sharding(implied)
+        given = [k for k in ("quantization", "base_dtype", "lora_dtype") if values[k] is not None]
+        given += ["prepare_kbit"] if self.prepare_kbit else []
+        if sharding.distributed is not None and given:
+            raise EstimateError(
+                f"{', '.join(given)} with distributed={sharding.distributed!r}: a quantized or "
+                "16-bit base is modelled on one GPU only so far (FSDP-QLoRA's sharded 4-bit "
+                "storage is not); drop the strategy or these settings"
+            )
         values.update(sharding=sharding, distributed=sharding.distributed,
                       num_gpus=sharding.num_gpus, gpus_per_node=sharding.gpus_per_node,
                       offload=sharding.offload, fsdp_version=sharding.fsdp.version)
@@ -473,6 +549,8 @@ class TrainingSetup:
         else:
             trainable = frozenset(p.name for p in s.params if p.requires_grad)
         floating = frozenset(n for n in trainable if s.by_name[n].dtype.is_floating_point)
+        if self.quantization is not None:
+            floating = self._without_quantized(floating)
         object.__setattr__(self, "trainable", floating)
         if not self.inference and not floating and self.lora is None:
             what = f"plan {self.plan} freezes" if self.plan is not None else "the model's flags freeze"
@@ -497,7 +575,78 @@ class TrainingSetup:
             given["fsdp"] = dataclasses.replace(base.fsdp, version=version)
         return base.replace(**given) if given else base
 
+    def _without_quantized(self, trainable: frozenset[str]) -> frozenset[str]:
+        """``trainable`` less the quantized weights: an error when a plan asks to train one,
+        dropped when they came from the model's flags (transformers freezes them)."""
+        q = self.quantization
+        assert q is not None
+        layers = self.quantized_layers
+        if not layers:
+            raise EstimateError(
+                f"quantization={q.method!r}: {type(self.model).__name__} has no nn.Linear or "
+                "Conv1D that transformers would quantize"
+            )
+        if self.lora is not None and '"use_dora": true' in self.lora.config:
+            raise EstimateError("LoRA with use_dora=True on a quantized base is not modelled")
+        s = self.scan
+        quantized = {f"{m.name}.weight" for m in layers}
+        hit = {n for n in trainable if any(a in quantized for a in s.aliases(n))}
+        if hit and self.plan is not None and not self.inference:
+            shown = ", ".join(sorted(hit)[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+            raise EstimateError(
+                f"plan {self.plan} trains quantized weights ({shown}): {q.describe()} weights "
+                "cannot receive gradients (bitsandbytes keeps them frozen). Train LoRA adapters on "
+                "them, keep those modules in full precision (llm_int8_skip_modules), or drop "
+                "quantization; inference on a quantized base is fine"
+            )
+        return trainable - hit
+
     # -- derived ---------------------------------------------------------------------------
+    @property
+    def quantized_layers(self) -> tuple[QuantizedLinear, ...]:
+        """The modules transformers replaces by bitsandbytes layers (none without quantization)."""
+        if self.quantization is None:
+            return ()
+        return quantized_modules(self.model, self.quantization)
+
+    @property
+    def kbit_prepared(self) -> bool:
+        """Whether ``prepare_model_for_kbit_training`` ran (default: with a quantized base)."""
+        if self.prepare_kbit is None:
+            return self.quantization is not None
+        return self.prepare_kbit
+
+    @property
+    def loaded_dtype(self) -> torch.dtype:
+        """The dtype the base's floating parameters are loaded in (see ``base_dtype``)."""
+        if self.base_dtype is not None:
+            return self.base_dtype
+        if self.quantization is not None:
+            return config_dtype(self.model)
+        return self.precision_info.param_dtype
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of frozen, non-quantized floating parameters during the step: the loaded
+        dtype, upcast to fp32 by ``prepare_model_for_kbit_training`` when it ran."""
+        loaded = self.loaded_dtype
+        if self.kbit_prepared and loaded in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return loaded
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The LoRA adapters' dtype (``lora_dtype``, fp32 when not given)."""
+        return self.lora_dtype or torch.float32
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype a quantized layer dequantises to and multiplies in: the quantization's
+        ``compute_dtype``, else the precision's autocast (or parameter) dtype."""
+        prec = self.precision_info
+        given = self.quantization.compute_dtype if self.quantization is not None else None
+        return given or prec.autocast_dtype or prec.param_dtype
+
     @property
     def scan(self) -> ModelScan:
         """The model's scan (cached per model and its flags)."""
@@ -546,6 +695,7 @@ class TrainingSetup:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready data (the model and plan are described elsewhere)."""
+        q = self.quantization
         return {
             "batch_size": self.batch_size, "seq_len": self.seq_len, "precision": self.precision,
             "optimizer": self.optimizer, "gradient_checkpointing": self.gradient_checkpointing,
@@ -553,12 +703,21 @@ class TrainingSetup:
             "experts_implementation": self.experts_implementation, "inference": self.inference,
             "distributed": self.distributed, "num_gpus": self.num_gpus,
             "gpus_per_node": self.gpus_per_node, "offload": self.offload,
+            "quantization": None if q is None else {
+                **q.to_dict(), "compute_dtype": str(self.compute_dtype).removeprefix("torch.")},
+            "base_dtype": str(self.loaded_dtype).removeprefix("torch."),
+            "lora_dtype": None if self.lora is None else str(self.adapter_dtype).removeprefix("torch."),
+            "prepare_kbit": self.kbit_prepared,
         }
 
     def describe(self) -> str:
         """A short label: ``"plan lp-lora:0.5, batch 4, adamw"``."""
         parts = [f"LoRA rank {self.lora.rank}" if self.lora else f"plan {self.plan or 'none'}",
                  f"batch {self.batch_size}", self.optimizer]
+        if self.quantization is not None:
+            parts.insert(0, f"{self.quantization.describe()} base")
+        elif self.base_dtype is not None:
+            parts.insert(0, f"{str(self.base_dtype).removeprefix('torch.')} base")
         if self.gradient_checkpointing:
             parts.append("checkpointing")
         if self.distributed is not None:

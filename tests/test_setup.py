@@ -49,8 +49,11 @@ def test_precisions_and_aliases():
 
 
 def test_optimizers_and_aliases():
-    assert OPTIMIZERS == ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor")
+    assert OPTIMIZERS == ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor",
+                          "paged-adamw-8bit", "paged-adamw-32bit")
     assert resolve_optimizer("fused_adamw") == "adamw-fused"
+    assert resolve_optimizer("paged_adamw_8bit") == "paged-adamw-8bit"  # transformers' optim name
+    assert resolve_optimizer("paged_adamw_32bit") == "paged-adamw-32bit"
     assert resolve_optimizer("SGD_momentum") == "sgd-momentum"
     with pytest.raises(EstimateError, match="unknown optimizer 'lion'; allowed: adamw"):
         resolve_optimizer("lion")
@@ -145,7 +148,9 @@ def test_setup_is_validated_immutable_and_hashable():
                            "optimizer": "adamw", "gradient_checkpointing": False,
                            "lora_rank": None, "attn_implementation": "sdpa",
                            "experts_implementation": None, "inference": False,
-                           "distributed": None, "num_gpus": 1, "gpus_per_node": 8, "offload": None}
+                           "distributed": None, "num_gpus": 1, "gpus_per_node": 8, "offload": None,
+                           "quantization": None, "base_dtype": "bfloat16", "lora_dtype": None,
+                           "prepare_kbit": False}
 
 
 def test_make_setup_takes_a_setup_and_replaces_what_is_given():

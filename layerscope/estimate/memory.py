@@ -29,7 +29,7 @@ from typing_extensions import Unpack
 from layerscope.checks import MAX_SIZE, whole
 from layerscope.compat import use_attention, use_experts
 from layerscope.errors import EstimateError
-from layerscope.estimate.allocator import Op, StepEvents, model_build_ops, simulate_loop, step_events
+from layerscope.estimate.allocator import Op, StepEvents, build_ops, simulate_loop, step_events
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU
 from layerscope.estimate.optimizers import OPTIMIZERS, OptimizerMemory
@@ -91,6 +91,14 @@ class MemoryEstimate:
             parameters, all-gather and reduce-scatter buffers, buckets, sharded gradients).
         host_bytes: CPU memory the run needs per node for offloaded states and pinned buffers
             (all the node's GPUs together).
+        quantization: the quantized base's method (``"nf4"``, ``"fp4"``, ``"int8"``) or None.
+        quantized_base_bytes: the part of ``weights_bytes`` that is the quantized layers
+            (packed weights and their quantisation state, allocator-rounded).
+        paged_optimizer_bytes: optimizer state that bitsandbytes' paged optimizers keep in CUDA
+            unified memory (``cudaMallocManaged``), outside PyTorch's allocator: not in
+            ``peak_bytes`` (nor in ``torch.cuda.max_memory_allocated()``); paged onto the GPU
+            during ``optimizer.step()`` when there is room and evicted to host RAM under
+            pressure, so it does not decide whether the step fits.
     """
 
     peak_bytes: int
@@ -125,6 +133,9 @@ class MemoryEstimate:
     buffer_bytes: int = 0
     held_bytes: int = 0
     host_bytes: int = 0
+    quantization: str | None = None
+    quantized_base_bytes: int = 0
+    paged_optimizer_bytes: int = 0
 
     def required_bytes(self, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
         """GPU memory needed: what the caching allocator reserves (``reserved_bytes``) plus the
@@ -148,6 +159,7 @@ class MemoryEstimate:
         rows = [
             ("peak", self.peak_bytes), ("reserved (allocator)", self.reserved_bytes),
             ("weights", self.weights_bytes),
+            *([("of which quantized base", self.quantized_base_bytes)] if self.quantization else []),
             ("gradients", self.gradient_bytes), ("optimizer state", self.optimizer_state_bytes),
             ("optimizer temporaries", self.optimizer_temporary_bytes),
             ("activations", self.activation_bytes), ("logits and loss", self.logits_bytes),
@@ -181,7 +193,8 @@ def estimate_memory(
         plan: a :class:`~layerscope.plan.FreezePlan`; ``None`` uses the model's current
             ``requires_grad`` flags (or, given a setup, the setup's plan).
         **settings: the step (``batch_size``, ``seq_len``, ``precision``, ``optimizer``,
-            ``gradient_checkpointing``, ``lora``, ``attn_implementation``, ``inference``...):
+            ``gradient_checkpointing``, ``lora``, ``attn_implementation``, ``inference``,
+            ``quantization``, ``base_dtype``, ``lora_dtype``, ``prepare_kbit``):
             the keyword arguments of :class:`~layerscope.setup.TrainingSetup`, which documents
             them and their defaults. ``None`` means not given: with a setup, the setup's value.
 
@@ -198,6 +211,7 @@ class _Step:
 
     replay: Replay
     weights: int
+    quantized_base: int
     trainable_tensors: tuple[tuple[int, int, tuple[int, ...]], ...]
     total_params: int
     per_block: tuple[int, ...]
@@ -264,6 +278,9 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
         attn_implementation=setup.attention,
         forward_flops=step.forward_flops,
         backward_flops=0 if setup.inference else step.backward_flops,
+        quantization=None if setup.quantization is None else setup.quantization.method,
+        quantized_base_bytes=step.quantized_base,
+        paged_optimizer_bytes=opt.paged,
     )
     cache[setup] = result
     return result
@@ -273,7 +290,8 @@ def _step_of(setup: TrainingSetup) -> _Step:
     """Trace ``setup``'s step (cached: every optimizer shares it)."""
     key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
            setup.precision, setup.gradient_checkpointing, setup.attn_implementation,
-           setup.experts, setup.inference)
+           setup.experts, setup.inference, setup.quantization, setup.frozen_dtype,
+           setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared)
     cache = model_cache(setup.model, "step")
     if key not in cache:
         with deferred_interrupts():  # Ctrl-C waits for the trace to hand control back
@@ -355,7 +373,10 @@ def prepare(
 
     blocks_name, blocks = _block_stack(setup.scan, model)
     lora_targets = lora.targets if lora is not None else frozenset()
-    kinds, reps = _block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config)
+    quantized = frozenset(m.name for m in setup.quantized_layers)
+    input_grads = setup.kbit_prepared and setup.gradient_checkpointing and not setup.inference
+    kinds, reps = _block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config,
+                               quantized=quantized, input_grads=input_grads)
     prepared = Prepared(
         reduced=model, kept=blocks, memo={}, mode=None, tensors=tensors, is_trainable=is_trainable,
         blocks_name=blocks_name, blocks=blocks, kinds=kinds, reps=reps, lora_targets=lora_targets,
@@ -371,6 +392,19 @@ def prepare(
     lora_ids: set[int] = set()
     if lora is not None:
         lora_ids = _inject_lora(reduced, lora, lora_targets, blocks_name, reps)
+    compute_biases: set[int] = set()
+    if setup.quantization is not None:
+        from layerscope.estimate.bnb import quantize_copy
+
+        compute_biases = quantize_copy(
+            reduced, _to_reduced(quantized, blocks_name, reps), setup.quantization,
+            compute_dtype=setup.compute_dtype, loaded_dtype=setup.loaded_dtype,
+            autocast=prec.autocast,
+        )
+    if input_grads:  # prepare_model_for_kbit_training's enable_input_require_grads()
+        embeddings: nn.Module = reduced.get_input_embeddings()  # type: ignore[operator]
+        embeddings.register_forward_hook(
+            lambda _module, _args, output: output.requires_grad_(True))
     if setup.gradient_checkpointing and not setup.inference:
         enable = getattr(reduced, "gradient_checkpointing_enable", None)
         if enable is None or not getattr(reduced, "supports_gradient_checkpointing", False):
@@ -384,14 +418,20 @@ def prepare(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
-    weights_dtype = param_dtype or prec.param_dtype
-    # peft upcasts adapters of a bf16/fp16 model to fp32 (autocast_adapter_dtype=True)
-    adapters_dtype = lora_dtype or torch.float32
+    # peft upcasts adapters of a bf16/fp16 model to fp32 (autocast_adapter_dtype=True),
+    # unless the setup keeps them in another dtype
+    adapters_dtype = lora_dtype or setup.adapter_dtype
 
     def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
         if not p.is_floating_point():
             return p.dtype
-        return adapters_dtype if id(p) in lora_ids else weights_dtype
+        if id(p) in lora_ids:
+            return adapters_dtype
+        if param_dtype is not None:  # one dtype for every parameter (a sharded step)
+            return param_dtype
+        if trainable_of(p):
+            return prec.param_dtype
+        return setup.compute_dtype if id(p) in compute_biases else setup.frozen_dtype
 
     def trainable_of(p: torch.Tensor) -> bool:
         return id(p) in trainable_copy or id(p) in lora_ids
@@ -419,7 +459,8 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     block_kinds, kind_of_position = pre.block_kinds, pre.kind_of_position
     reduced, kept, tensors, is_trainable = pre.reduced, pre.kept, pre.tensors, pre.is_trainable
     param_dtype = prec.param_dtype
-    lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids)
+    lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids,
+                                 int(dtype_bytes(setup.adapter_dtype)))
     try:
         trace = run_step(
             reduced, kept, kinds=kind_of_position, batch_size=setup.batch_size,
@@ -433,12 +474,14 @@ def _trace_step(setup: TrainingSetup) -> _Step:
 
     # static memory of the full model
     pbytes = int(dtype_bytes(param_dtype))
-    weights = sum(
-        rounded(p.numel() * (pbytes if p.is_floating_point() else p.element_size()))
-        for p in tensors.values()
-    )
-    weights += sum(rounded(b.numel() * b.element_size()) for b in model.buffers())
+    named = list(model.named_parameters(remove_duplicate=False))
+    weights, quantized_base, build = _base_weights(setup, named, is_trainable)
     weights += sum(rounded(n * b) for n, b, _ in lora_tensors)
+    # peft makes each adapter in its base weight's dtype (a quantized weight is not floating:
+    # the adapter keeps the fp32 it was made in), then re-makes it in its own
+    made = 4 if setup.quantization is not None else setup.frozen_dtype.itemsize
+    build += [(h + len(build), size) for h, size in build_ops(
+        (), [(rounded(n * made), rounded(n * b)) for n, b, _ in lora_tensors])]
     train_list = [
         (p.numel(), pbytes, tuple(p.shape)) for i, p in tensors.items() if is_trainable[i]
     ] + lora_tensors
@@ -449,6 +492,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     return _Step(
         replay=rep,
         weights=weights,
+        quantized_base=quantized_base,
         trainable_tensors=tuple(train_list),
         total_params=sum(p.numel() for p in tensors.values()) + sum(n for n, _, _ in lora_tensors),
         per_block=tuple(seg.get((k, "fwd"), Segment()).net for k in block_kinds),
@@ -457,8 +501,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         forward_flops=sum(seg.get((p, "fwd"), Segment()).flops for p in parts),
         backward_flops=sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
         events=events,
-        build=model_build_ops(model, pbytes, [(rounded(n * pbytes), rounded(n * b))
-                                              for n, b, _ in lora_tensors]),
+        build=tuple(build),
     )
 
 
@@ -479,15 +522,18 @@ def _block_kinds(
     is_trainable: dict[int, bool],
     lora_targets: frozenset[str],
     config: Any,
+    quantized: frozenset[str] = frozenset(),
+    input_grads: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Kind index of every block, and the first block of each kind.
 
     Two blocks are of one kind when they have the same trainable flags, the same LoRA targets,
-    the same layer type, and both do or both do not receive an input that needs a gradient
-    (true once anything before them is trainable). Block 0 is a kind of its own.
+    the same quantized modules, the same layer type, and both do or both do not receive an
+    input that needs a gradient (true once anything before them is trainable, or from the
+    start with ``input_grads``). Block 0 is a kind of its own.
     """
     in_blocks = {id(p) for p in blocks.parameters()}
-    grad_in = False
+    grad_in = input_grads
     for _, p in model.named_parameters():  # registration order: what precedes the blocks
         if id(p) in in_blocks:
             break
@@ -509,9 +555,10 @@ def _block_kinds(
         )
         prefix = f"{prefix_all}{i}."
         targets = tuple(sorted(t[len(prefix):] for t in lora_targets if t.startswith(prefix)))
+        quant = tuple(sorted(t[len(prefix):] for t in quantized if t.startswith(prefix)))
         # The first block is always its own kind: its input (the embedding output) is still
         # referenced by the model's forward, so it is not freed when the block is done with it.
-        key = ("first",) if i == 0 else (flags, targets, grad_in, layer_types[i])
+        key = ("first",) if i == 0 else (flags, targets, quant, grad_in, layer_types[i])
         if key not in index:
             index[key] = len(index)
             reps.append(i)
@@ -526,18 +573,9 @@ def _inject_lora(
     """Add the adapters to the reduced copy; returns the ids of the adapter parameters."""
     from peft import inject_adapter_in_model
 
-    prefix = f"{blocks_name}." if blocks_name else None
-    position = {i: p for p, i in enumerate(reps)}
-    mapped = []
-    for name in targets:
-        if prefix and name.startswith(prefix):
-            index, rest = name[len(prefix):].split(".", 1)
-            if int(index) in position:
-                mapped.append(f"{prefix}{position[int(index)]}.{rest}")
-        else:
-            mapped.append(name)
+    mapped = _to_reduced(targets, blocks_name, reps)
     config = dataclasses.replace(
-        lora.peft_config(), target_modules=sorted(mapped), layers_to_transform=None,
+        lora.peft_config(), target_modules=mapped, layers_to_transform=None,
         layers_pattern=None, exclude_modules=None,
     )
     with quiet_warnings():  # peft's notes on the config (e.g. fan_in_fan_out for Conv1D)
@@ -545,21 +583,116 @@ def _inject_lora(
     return {id(p) for n, p in reduced.named_parameters() if "lora_" in n}
 
 
+def _to_reduced(names: frozenset[str], blocks_name: str, reps: list[int]) -> list[str]:
+    """Full-model module names as the reduced copy names them (blocks by position among the
+    representatives ``reps``); names in blocks that are not represented are dropped."""
+    prefix = f"{blocks_name}." if blocks_name else None
+    position = {i: p for p, i in enumerate(reps)}
+    mapped = []
+    for name in names:
+        if prefix and name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            if int(index) in position:
+                mapped.append(f"{prefix}{position[int(index)]}.{rest}")
+        else:
+            mapped.append(name)
+    return sorted(mapped)
+
+
+def _base_weights(setup: TrainingSetup, named: list[tuple[str, nn.Parameter]],
+                  is_trainable: dict[int, bool]) -> tuple[int, int, list[Op]]:
+    """The full model's parameters and buffers (adapters aside): their bytes, allocator-rounded,
+    the part that is quantized layers, and what loading them allocates on the GPU, in order.
+
+    Trainable tensors are in the precision's dtype, frozen ones in the setup's frozen dtype; a
+    quantized layer's weight is its bitsandbytes storage (:mod:`layerscope.estimate.quant`)
+    and its bias the compute dtype (``Linear4bit.forward`` converts it).
+
+    The allocations are :func:`~layerscope.estimate.allocator.model_build_ops`' with each
+    tensor as the setup loads it: each parameter as its module makes it, in the base's loaded
+    dtype (a tied head's own copy freed once the model is built), a quantized weight quantized
+    as it lands (:func:`~layerscope.estimate.quant.load_allocations`), then the buffers; then,
+    one by one, the parameters kept in another dtype re-made in it and the old copy freed
+    (``prepare_model_for_kbit_training``'s upcast to fp32, fp32 trainable parameters of a bf16
+    base). Without quantization or a base dtype of its own, exactly ``model_build_ops``.
+    """
+    from layerscope.estimate.quant import layer_storage, load_allocations
+
+    q, model = setup.quantization, setup.model
+    layers = {f"{m.name}.weight": m for m in setup.quantized_layers}
+    biases = {f"{m.name}.bias" for m in setup.quantized_layers if m.bias}
+    trainable_bytes = setup.precision_info.param_dtype.itemsize
+    loaded_bytes = setup.loaded_dtype.itemsize
+    total = quantized = 0
+    ops: list[Op] = []
+    tied: list[int | None] = []
+    remade: list[tuple[int | None, int]] = []  # (handle, bytes kept)
+    owners: dict[int, nn.Module] = {}
+
+    def alloc(size: int) -> int | None:
+        if not size:
+            return None
+        ops.append((len(ops), size))  # one handle per allocation: handles need only be unique
+        return ops[-1][0]
+
+    for name, p in named:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if id(p) in owners:  # made again by a second module: the tied copy, dropped once built
+            if owners[id(p)] is not owner:
+                made = loaded_bytes if p.is_floating_point() else p.element_size()
+                tied.append(alloc(rounded(p.numel() * made)))
+            continue
+        owners[id(p)] = owner
+        if q is not None and name in layers:
+            m = layers[name]
+            size = layer_storage(q, m.n_out, m.n_in).allocated_bytes
+            quantized += size
+            total += size
+            steps = [(alloc(b), keep) for b, keep in load_allocations(q, m.n_out, m.n_in,
+                                                                     setup.loaded_dtype)]
+            ops.extend((h, 0) for h, keep in reversed(steps) if not keep and h is not None)
+            continue
+        made = kept = p.element_size()
+        if p.is_floating_point():
+            made = loaded_bytes
+            if is_trainable[id(p)]:
+                kept = trainable_bytes
+            elif name in biases:
+                kept = setup.compute_dtype.itemsize
+            else:
+                kept = setup.frozen_dtype.itemsize
+        total += rounded(p.numel() * kept)
+        h = alloc(rounded(p.numel() * made))
+        if kept != made:
+            remade.append((h, rounded(p.numel() * kept)))
+    buffers = [rounded(b.numel() * b.element_size()) for b in model.buffers()]
+    total += sum(buffers)
+    for size in buffers:
+        alloc(size)
+    ops.extend((h, 0) for h in tied if h is not None)
+    for h, size in remade:
+        alloc(size)
+        if h is not None:
+            ops.append((h, 0))
+    return total, quantized, ops
+
+
 def _lora_tensors(
     reduced: nn.Module, kept: nn.ModuleList, kind_of_position: list[int],
-    block_kinds: list[int], lora_ids: set[int],
+    block_kinds: list[int], lora_ids: set[int], element_bytes: int,
 ) -> list[tuple[int, int, tuple[int, ...]]]:
-    """(numel, bytes per element, shape) of every adapter tensor of the full model (fp32)."""
+    """(numel, bytes per element, shape) of every adapter tensor of the full model."""
     if not lora_ids:
         return []
     in_kept = {id(p) for b in kept for p in b.parameters()}
     per_kind: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
     for position, block in enumerate(kept):
         per_kind[kind_of_position[position]] = [
-            (p.numel(), 4, tuple(p.shape)) for p in block.parameters() if id(p) in lora_ids
+            (p.numel(), element_bytes, tuple(p.shape)) for p in block.parameters()
+            if id(p) in lora_ids
         ]
     out = [t for k in block_kinds for t in per_kind.get(k, [])]
-    out += [(p.numel(), 4, tuple(p.shape)) for p in reduced.parameters()
+    out += [(p.numel(), element_bytes, tuple(p.shape)) for p in reduced.parameters()
             if id(p) in lora_ids and id(p) not in in_kept]
     return out
 
@@ -589,7 +722,8 @@ def estimate_memory_savings(
     """Peak memory saved by ``plan`` (``None``: the model's flags) against full fine-tuning of
     the same step (every parameter trainable, no LoRA). Arguments as :func:`estimate_memory`."""
     planned = make_setup(model, plan, **settings)
-    baseline = memory_of(planned.replace(plan=FreezePlan.none(), lora=None))
+    baseline = memory_of(planned.replace(plan=FreezePlan.none(), lora=None, quantization=None,
+                                         prepare_kbit=None))
     estimate = memory_of(planned)
     saved = baseline.peak_bytes - estimate.peak_bytes
     return MemorySavings(baseline, estimate, saved, saved / baseline.peak_bytes)

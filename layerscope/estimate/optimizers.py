@@ -24,16 +24,20 @@ class OptimizerMemory:
     """Bytes an optimizer holds, block by block (allocator-rounded, in allocation order).
 
     Attributes:
-        state_blocks: what it keeps between steps, allocated in the first ``step()``.
+        state_blocks: what it keeps between steps through PyTorch's CUDA allocator, allocated
+            in the first ``step()``.
         temporary_blocks: what each ``step()`` allocates and frees again, all alive together.
+        paged: state bitsandbytes' paged optimizers keep in CUDA unified memory
+            (``cudaMallocManaged``), outside PyTorch's allocator: in no block, in no peak.
     """
 
     state_blocks: tuple[int, ...]
     temporary_blocks: tuple[int, ...] = ()
+    paged: int = 0
 
     @property
     def state(self) -> int:
-        """Bytes kept between steps."""
+        """Bytes kept between steps (through PyTorch's allocator)."""
         return sum(self.state_blocks)
 
     @property
@@ -72,22 +76,60 @@ def _sgd_momentum(tensors: Tensors) -> OptimizerMemory:
     return OptimizerMemory(tuple(rounded(n * b) for n, b, _ in tensors))
 
 
-def _adamw_8bit(tensors: Tensors) -> OptimizerMemory:
-    """bitsandbytes ``AdamW8bit``: blockwise 8-bit moments, fused update kernel.
+MIN_8BIT_SIZE = 4096
+"""bitsandbytes' ``min_8bit_size``: smaller tensors keep fp32 moments in an 8-bit optimizer."""
 
-    Tensors with at least 4096 elements (``min_8bit_size``) keep two uint8 moments, one fp32
-    ``absmax`` per block of 256 elements for each, and two 256-entry fp32 quantisation maps;
-    smaller tensors keep fp32 moments (bitsandbytes ``Optimizer8bit.init_state``).
+PAGED_MIN_NUMEL = 100_000
+"""``Optimizer8bit.get_state_buffer``: a paged optimizer pages a state buffer only for tensors of
+at least 1e5 elements; smaller ones get ``torch.zeros_like`` on the GPU like any optimizer."""
+
+
+def _bnb_adam(tensors: Tensors, bits: int, paged: bool) -> OptimizerMemory:
+    """bitsandbytes' Adam-family ``Optimizer2State`` (``AdamW8bit``, ``PagedAdamW8bit``,
+    ``PagedAdamW32bit``), from ``init_state`` and ``get_state_buffer`` (bitsandbytes 0.50.1):
+
+    * 32-bit, or a tensor under :data:`MIN_8BIT_SIZE`: two fp32 moments (fp32 whatever the
+      parameter's dtype);
+    * 8-bit: two uint8 moments and two fp32 ``absmax`` of one value per 256 elements; the two
+      256-entry fp32 maps (``qmap1``, ``qmap2``) are the optimizer's own, shared by every tensor;
+    * paged: a moment of a tensor of at least :data:`PAGED_MIN_NUMEL` elements is allocated with
+      ``cudaMallocManaged`` (``F.get_paged``, wrapped as a CPU tensor): outside PyTorch's
+      allocator, so never in ``torch.cuda.max_memory_allocated()`` or ``_reserved()``; the
+      ``absmax`` stay ordinary CUDA tensors.
+
+    The update is one fused kernel per tensor: no temporaries.
     """
     state: list[int] = []
+    paged_bytes = 0
+    maps = False
     for n, _, _ in tensors:
-        if n >= 4096:
-            blocks = -(-n // 256)
-            state += [rounded(n), rounded(4 * 256), rounded(n), rounded(4 * 256),
-                      rounded(4 * blocks), rounded(4 * blocks)]
+        eight = bits == 8 and n >= MIN_8BIT_SIZE
+        if eight and not maps:  # the first 8-bit tensor moves the two maps to the GPU
+            state += [rounded(4 * 256), rounded(4 * 256)]
+            maps = True
+        moment = n if eight else 4 * n
+        if paged and n >= PAGED_MIN_NUMEL:
+            paged_bytes += 2 * moment
         else:
-            state += [rounded(4 * n), rounded(4 * n)]
-    return OptimizerMemory(tuple(state))
+            state += [rounded(moment), rounded(moment)]
+        if eight:
+            state += [rounded(4 * -(-n // 256)), rounded(4 * -(-n // 256))]
+    return OptimizerMemory(tuple(state), paged=paged_bytes)
+
+
+def _adamw_8bit(tensors: Tensors) -> OptimizerMemory:
+    """bitsandbytes ``AdamW8bit`` (see :func:`_bnb_adam`)."""
+    return _bnb_adam(tensors, 8, paged=False)
+
+
+def _paged_adamw_8bit(tensors: Tensors) -> OptimizerMemory:
+    """bitsandbytes ``PagedAdamW8bit`` (see :func:`_bnb_adam`)."""
+    return _bnb_adam(tensors, 8, paged=True)
+
+
+def _paged_adamw_32bit(tensors: Tensors) -> OptimizerMemory:
+    """bitsandbytes ``PagedAdamW32bit`` (see :func:`_bnb_adam`)."""
+    return _bnb_adam(tensors, 32, paged=True)
 
 
 def _adafactor(tensors: Tensors) -> OptimizerMemory:
@@ -114,4 +156,6 @@ OPTIMIZERS: dict[str, Callable[[Tensors], OptimizerMemory]] = {
     "sgd-momentum": _sgd_momentum,
     "adamw-8bit": _adamw_8bit,
     "adafactor": _adafactor,
+    "paged-adamw-8bit": _paged_adamw_8bit,
+    "paged-adamw-32bit": _paged_adamw_32bit,
 }

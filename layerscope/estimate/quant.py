@@ -98,6 +98,37 @@ def layer_storage(q: Quantization, n_out: int, n_in: int) -> LayerStorage:
     return linear8bit_storage(n_out, n_in)
 
 
+def load_allocations(
+    q: Quantization, n_out: int, n_in: int, loaded: torch.dtype
+) -> tuple[tuple[int, bool], ...]:
+    """The GPU allocations of quantizing one ``n_out x n_in`` weight as it is loaded, in order:
+    ``(bytes, kept)``, allocator-rounded; the ones not kept are freed, last made first freed,
+    once the layer is quantized. For the caching-allocator simulation of a model's build.
+
+    From bitsandbytes 0.50.1: ``Params4bit._quantize`` moves the weight to the GPU in
+    ``loaded`` dtype and calls ``functional.quantize_4bit``, whose CUDA op makes the fp32
+    ``absmax`` then the packed weight; ``get_4bit_type`` makes the 16-entry ``code``. Under
+    double quantisation ``offset = absmax.mean()``, the shifted absmax (a temporary) goes
+    through ``quantize_blockwise`` (its op makes ``state2.absmax`` then the uint8 absmax; the
+    dynamic map is copied, ``code.to(copy=True)``), and the fp32 absmax is dropped.
+    ``Int8Params._quantize`` moves the weight in fp16 and ``int8_vectorwise_quant`` makes the
+    row statistics (``SCB``) then the int8 weight. (The module-wide dynamic map, 1 KiB made
+    once, is left out.)
+    """
+    n = n_out * n_in
+    s = dict(layer_storage(q, n_out, n_in).tensors)
+    if not q.four_bit:
+        return ((rounded(2 * n), False), (rounded(s["SCB"]), True), (rounded(s["weight"]), True))
+    blocks = -(-n // BLOCKSIZE_4BIT)
+    out = [(rounded(n * loaded.itemsize), False), (rounded(4 * blocks), not q.double_quant),
+           (rounded(s["weight"]), True), (rounded(s["code"]), True)]
+    if q.double_quant:
+        out += [(rounded(s["offset"]), True), (rounded(4 * blocks), False),
+                (rounded(s["state2.absmax"]), True), (rounded(s["absmax"]), True),
+                (rounded(s["state2.code"]), True)]
+    return tuple(out)
+
+
 # -- the whole base --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QuantizedBase:

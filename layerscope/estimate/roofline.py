@@ -119,6 +119,11 @@ OPTIMIZER_PASSES = {
     # bitsandbytes AdamW8bit: one kernel per tensor reads p, g and the two 1-byte moments and
     # writes p and the moments: about 5 weight-sized passes (not checked against a GPU).
     "adamw-8bit": (5, 1),
+    # PagedAdamW8bit: the same kernel; its paged moments are on the GPU once paged in (the
+    # first step after an eviction pays PCIe transfers, not modelled).
+    "paged-adamw-8bit": (5, 1),
+    # PagedAdamW32bit: bitsandbytes' 32-bit Adam kernel reads p, g, m, v and writes p, m, v.
+    "paged-adamw-32bit": (7, 1),
     # torch.optim.Adafactor (foreach): row/column means of g*g, the factored estimate, the
     # update and its RMS clip, about as many passes as foreach AdamW (not checked on a GPU).
     "adafactor": (21, 10),

@@ -1,0 +1,176 @@
+"""The emulated bitsandbytes layers (estimate/bnb.py) on hand-checkable steps, and a quantized
+base in whole estimates: every byte worked out here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build
+
+from layerscope import estimate_memory
+from layerscope.compat import fake_tensor_mode
+from layerscope.errors import EstimateError
+from layerscope.estimate.bnb import Linear4bit, Linear8bitLt
+from layerscope.estimate.kernels import CudaKernels
+from layerscope.estimate.trace import _Tracker
+from layerscope.plan import FreezePlan
+from layerscope.quantization import Quantization
+from layerscope.setup import TrainingSetup
+
+TOKENS, N_IN, N_OUT = 64, 128, 256
+
+
+def _step(layer, x_dtype=torch.bfloat16, autocast=None):
+    """Forward of ``layer`` (its meta buffers made fake) on a 64 x 128 input that needs a
+    gradient, then backward with a gradient that exists beforehand; returns the forward and
+    backward segments."""
+    mode = fake_tensor_mode()
+    with mode:
+        for name, b in list(layer.named_buffers()):
+            setattr(layer, name, torch.empty(b.shape, dtype=b.dtype))
+        x = torch.empty(TOKENS, N_IN, dtype=x_dtype).requires_grad_()
+        grad = torch.empty(TOKENS, N_OUT, dtype=x_dtype)
+    tracker = _Tracker()
+    tracker.ignore([x, grad, *layer.buffers()])
+    with mode, CudaKernels(autocast), tracker:
+        out = layer(x)
+        tracker.switch(("head", "bwd"))
+        torch.autograd.backward(out, grad)
+        tracker.switch(("head", "end"))
+    seg = tracker.segments()
+    return seg[("embed", "fwd")], seg[("head", "bwd")], x
+
+
+def _linear4bit(q, compute=torch.bfloat16, loaded=torch.bfloat16):
+    return Linear4bit(N_IN, N_OUT, None, q, compute, loaded)
+
+
+def test_4bit_forward_dequantises_one_weight_and_saves_nothing():
+    fwd, bwd, x = _step(_linear4bit(Quantization("nf4")))
+    weight, out, grad_in = N_OUT * N_IN * 2, TOKENS * N_OUT * 2, TOKENS * N_IN * 2
+    # forward: the bf16 weight (65,536 bytes) lives only during F.linear; the output stays
+    assert (fwd.net, fwd.high) == (out, weight + out)
+    # backward: the weight dequantised again, then the input gradient (kept as x.grad)
+    assert (bwd.net, bwd.high) == (grad_in, weight + grad_in)
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    assert fwd.flops == bwd.flops == 2 * TOKENS * N_OUT * N_IN
+
+
+def test_4bit_double_quant_adds_two_fp32_absmax_copies_in_forward_one_in_backward():
+    fwd, bwd, _ = _step(_linear4bit(Quantization("nf4", double_quant=True)))
+    absmax = N_OUT * N_IN // 64 * 4  # 512 blocks, fp32: 2,048 bytes
+    weight, out, grad_in = 65_536, 32_768, 16_384
+    assert fwd.high == 2 * absmax + weight + out and fwd.net == out
+    # backward: absmax (with the offset added in place) and weight, then absmax is freed
+    # before the matmul writes the input gradient
+    assert bwd.high == max(absmax + weight, weight + grad_in) and bwd.net == grad_in
+
+
+def test_4bit_fp32_compute_under_bf16_autocast_casts_inside_the_matmul():
+    # bnb_4bit_compute_dtype=fp32 (a BitsAndBytesConfig without one): the input is cast to fp32,
+    # the weight dequantised in fp32, and F.linear under autocast casts both to bf16 again
+    layer = _linear4bit(Quantization("nf4", compute_dtype=torch.float32), compute=torch.float32)
+    fwd, bwd, _ = _step(layer, autocast=torch.bfloat16)
+    x32, w32, x16, w16, out16 = 64 * 128 * 4, 256 * 128 * 4, 64 * 128 * 2, 256 * 128 * 2, 64 * 256 * 2
+    assert fwd.high == x32 + w32 + x16 + w16 + out16
+    # the output is bf16 (autocast), cast back to the input's bf16 (no copy)
+    assert fwd.net == out16
+    # backward outside autocast: the weight dequantised in its loaded bf16 matches the bf16
+    # gradient; then autograd casts the bf16 input gradient to the fp32 of the matmul's input,
+    # and the cast's backward back to bf16 for x: the weight is gone by then
+    assert bwd.high == w16 + x16
+    assert bwd.allocated == w16 + x16 + x32 + x16
+
+
+def test_int8_keeps_the_input_and_dequantises_in_backward():
+    fwd, bwd, _ = _step(Linear8bitLt(N_IN, N_OUT, None, Quantization("int8"), torch.bfloat16))
+    x16, rows, q8 = TOKENS * N_IN * 2, 512, TOKENS * N_IN  # fp16 input, fp32 row scales, int8 input
+    abs16, mask = TOKENS * N_IN * 2, TOKENS * N_IN  # |x| and the outlier mask (threshold 6.0)
+    i32, out16, out = TOKENS * N_OUT * 4, TOKENS * N_OUT * 2, TOKENS * N_OUT * 2
+    quantising = x16 + rows + q8 + abs16 + mask  # 49,664
+    multiplying = rows + q8 + i32 + out16 + out  # 139,776: the fp16 copy is gone by then
+    assert fwd.high == max(quantising, multiplying) == 139_776
+    # kept: the output (cast to bf16); the outlier columns are empty (no allocation), and the
+    # input, kept for backward, existed before
+    assert fwd.net == out
+    # backward: the int8 weight dequantised to the input's bf16, its scales (256 fp32, one
+    # 1,024-byte block) divided by 127 meanwhile, then the input gradient
+    weight = N_OUT * N_IN * 2
+    assert bwd.high == max(weight + 1024, weight + TOKENS * N_IN * 2) == 81_920
+    assert bwd.net == TOKENS * N_IN * 2
+
+
+def test_a_quantized_base_in_a_whole_estimate():
+    """Tiny Llama (4 layers, hidden 64, MLP 128, 2 of 4 heads for k/v), QLoRA rank 8."""
+    model = build("llama", "meta")
+    qlora = estimate_memory(model, lora=8, quantization="nf4", batch_size=2, seq_len=32)
+    # per layer: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128, each packed to n / 2
+    # bytes, fp32 absmax n / 16 bytes and a 64-byte table, each tensor rounded to 512 bytes
+    per_layer = 2 * (2048 + 512 + 512) + 2 * (1024 + 512 + 512) + 3 * (4096 + 512 + 512)
+    assert qlora.quantized_base_bytes == 4 * per_layer == 102_400
+    # the rest, upcast to fp32 by prepare_model_for_kbit_training: embedding and head 100 x 64,
+    # 9 norms of 64 (512 bytes each), two rotary buffers of 8 fp32; fp32 adapters of rank 8
+    # (A: rank x in, B: out x rank, fp32): q, o 2048 + 2048; k, v 2048 + 1024; gate, up
+    # 2048 + 4096; down 4096 + 2048 bytes, per layer
+    adapters = 4 * (2 * (2048 + 2048) + 2 * (2048 + 1024) + 2 * (2048 + 4096) + 4096 + 2048)
+    assert adapters == 131_072
+    assert qlora.weights_bytes == 102_400 + 2 * 25_600 + 9 * 512 + 2 * 512 + adapters
+    assert qlora.quantization == "nf4" and qlora.trainable_params == 131_072 // 4
+    plain = estimate_memory(model, lora=8, batch_size=2, seq_len=32)
+    assert plain.quantized_base_bytes == 0 and plain.weights_bytes > qlora.weights_bytes
+    # no prepare: the base stays in the config's dtype (fp32 for this config)
+    raw = estimate_memory(model, lora=8, quantization="nf4", prepare_kbit=False, batch_size=2,
+                          seq_len=32)
+    assert raw.weights_bytes == qlora.weights_bytes
+
+
+def test_bf16_base_and_adapters():
+    model = build("llama", "meta")
+    lora32 = estimate_memory(model, lora=8, base_dtype="bf16", batch_size=2, seq_len=32)
+    lora16 = estimate_memory(model, lora=8, base_dtype="bf16", lora_dtype="bf16", batch_size=2,
+                             seq_len=32)
+    # every frozen matrix and norm in bf16; adapters (131,072 bytes in fp32) halve in bf16
+    assert lora32.weights_bytes - lora16.weights_bytes == 131_072 // 2
+    # adapter gradients and AdamW moments follow the adapters' dtype
+    assert lora32.gradient_bytes == 2 * lora16.gradient_bytes
+    fp32_base = estimate_memory(model, lora=8, batch_size=2, seq_len=32)
+    frozen32 = 4 * 36_864 * 4 + 2 * 25_600 + 9 * 512
+    frozen16 = 4 * 36_864 * 2 + 2 * 12_800 + 9 * 512
+    assert fp32_base.weights_bytes - lora32.weights_bytes == frozen32 - frozen16
+
+
+def test_bad_quantized_setups_change_nothing():
+    model = build("llama", "meta")
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(EstimateError, match="unknown quantization 'nf3'"):
+        estimate_memory(model, lora=8, quantization="nf3")
+    with pytest.raises(EstimateError, match=r"trains quantized weights .* cannot receive gradients"):
+        estimate_memory(model, FreezePlan.parse("last:2"), quantization="nf4")
+    with pytest.raises(EstimateError, match=r"lora_dtype must be a floating dtype .* got 'int8'"):
+        estimate_memory(model, lora=8, lora_dtype="int8")
+    with pytest.raises(EstimateError, match="lora_dtype must be a floating dtype"):
+        estimate_memory(model, lora=8, lora_dtype=torch.int8)
+    from transformers import BitsAndBytesConfig
+
+    with pytest.raises(EstimateError, match="bnb_4bit_quant_type must be 'nf4' or 'fp4'"):
+        estimate_memory(model, lora=8, quantization=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="int4"))
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    # inference on a quantized base, with that same plan, is fine
+    e = estimate_memory(model, FreezePlan.parse("last:2"), quantization="nf4", inference=True,
+                        seq_len=32)
+    assert e.backward_peak_bytes == 0 and e.quantized_base_bytes == 102_400
+
+
+def test_setup_defaults_for_a_quantized_base():
+    model = build("llama", "meta")
+    s = TrainingSetup(model, lora=8, quantization="nf4", seq_len=32)
+    assert s.kbit_prepared and s.frozen_dtype == torch.float32
+    assert s.compute_dtype == torch.bfloat16  # bf16-mixed: the autocast dtype
+    assert s.adapter_dtype == torch.float32
+    assert TrainingSetup(model, lora=8, quantization="nf4", precision="32-true",
+                         seq_len=32).compute_dtype == torch.float32
+    # the model's flags with a quantized base: everything but the quantized weights trains
+    q = TrainingSetup(model, quantization="nf4", seq_len=32)
+    assert not any(n.endswith("proj.weight") for n in q.trainable)
+    assert "lm_head.weight" in q.trainable
