@@ -174,3 +174,49 @@ def test_setup_defaults_for_a_quantized_base():
     q = TrainingSetup(model, quantization="nf4", seq_len=32)
     assert not any(n.endswith("proj.weight") for n in q.trainable)
     assert "lm_head.weight" in q.trainable
+
+
+def test_bitsandbytes_optimizer_states_written_out():
+    from layerscope.estimate.optimizers import OPTIMIZERS
+
+    # three tensors: 1,000 elements (under min_8bit_size 4096: fp32 moments), 65,536 (LoRA A of
+    # rank 16 x 4096: 8-bit, under the 1e5 paging threshold), 262,144 (rank 64: paged)
+    tensors = [(1_000, 4, (1_000,)), (65_536, 4, (16, 4096)), (262_144, 4, (64, 4096))]
+    small = 2 * 4096  # two fp32 moments of 4,000 bytes, one 4,096-byte block each
+    absmax = [2 * 1024, 2 * 4096]  # one fp32 per 256 elements: 256 and 1,024 values
+    qmaps = 2 * 1024  # the optimizer's two 256-entry fp32 maps, once
+
+    eight = OPTIMIZERS["adamw-8bit"](tensors)
+    assert eight.state == small + 2 * 65_536 + 2 * 262_144 + sum(absmax) + qmaps
+    assert eight.paged == 0 and eight.temporary == 0
+    paged8 = OPTIMIZERS["paged-adamw-8bit"](tensors)
+    # the 262,144-element tensor's two uint8 moments live in managed memory, outside the
+    # CUDA allocator; its absmax does not
+    assert paged8.paged == 2 * 262_144
+    assert paged8.state == eight.state - 2 * 262_144
+    paged32 = OPTIMIZERS["paged-adamw-32bit"](tensors)
+    assert paged32.paged == 2 * 4 * 262_144
+    assert paged32.state == small + 2 * 4 * 65_536  # fp32 moments, no absmax, no maps
+
+
+def test_paged_state_is_reported_but_not_in_the_peak():
+    model = build("llama", "meta")
+    kw = dict(lora=8, quantization="nf4", batch_size=2, seq_len=32)
+    plain = estimate_memory(model, optimizer="adamw-8bit", **kw)
+    paged = estimate_memory(model, optimizer="paged-adamw-8bit", **kw)
+    # tiny adapters (at most 1,024 elements) are all under the paging threshold: identical
+    assert paged.paged_optimizer_bytes == 0 and paged.peak_bytes == plain.peak_bytes
+    # a vocabulary of 2,000: embedding and head of 2,000 x 64 = 128,000 elements each, paged
+    from conftest import LLAMA
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        big = AutoModelForCausalLM.from_config(LlamaConfig(**{**LLAMA, "vocab_size": 2000}))
+    full = dict(batch_size=2, seq_len=32)
+    e = estimate_memory(big, optimizer="paged-adamw-32bit", **full)
+    fused = estimate_memory(big, optimizer="adamw-fused", **full)  # fp32 moments, no temporaries
+    assert e.paged_optimizer_bytes == 2 * (2 * 4 * 128_000)
+    # the same fp32 moments, less the paged ones (fused AdamW also keeps a 512-byte step each)
+    tensors = len(list(big.parameters()))
+    assert e.optimizer_state_bytes == fused.optimizer_state_bytes - 4 * 512_000 - 512 * tensors
+    assert e.peak_bytes < fused.peak_bytes
