@@ -220,3 +220,27 @@ def test_paged_state_is_reported_but_not_in_the_peak():
     tensors = len(list(big.parameters()))
     assert e.optimizer_state_bytes == fused.optimizer_state_bytes - 4 * 512_000 - 512 * tensors
     assert e.peak_bytes < fused.peak_bytes
+
+
+def test_dequantisation_in_the_step_time():
+    """Tiny Llama, LoRA rank 8 on every block Linear, bf16 base, no prepare: the nf4 step
+    differs from the bf16-base step by the dequantisation traffic and peft's clone alone."""
+    from layerscope import estimate_step_time
+    from layerscope.estimate.quant import dequant_bytes
+
+    model = build("llama", "meta")
+    kw = dict(lora=8, base_dtype="bf16", batch_size=2, seq_len=32, prepare_kbit=False)
+    bf16 = estimate_step_time(model, **kw)
+    nf4 = estimate_step_time(model, quantization="nf4", **kw)
+    # each layer: q, o 64 x 64; k, v 32 x 64; gate, up 128 x 64; down 64 x 128. Dequantising
+    # reads n / 2 packed bytes and n / 16 bytes of fp32 absmax, writes 2n bytes of bf16
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    per_layer = sum(o * i // 2 + o * i // 16 + 2 * o * i for o, i in shapes)
+    assert per_layer == sum(dequant_bytes(Quantization("nf4"), o, i, torch.bfloat16)[0]
+                            for o, i in shapes)
+    clone = sum(64 * o * 2 * 2 for o, _ in shapes)  # 64 tokens x out, bf16, read and written
+    assert nf4.forward.bytes - bf16.forward.bytes == pytest.approx(4 * (per_layer + clone))
+    assert nf4.forward.kernels - bf16.forward.kernels == 4 * 2 * 7
+    # backward: each input gradient dequantises again (to the loaded bf16, the gradient's dtype)
+    assert nf4.backward.bytes - bf16.backward.bytes == pytest.approx(4 * per_layer)
+    assert nf4.seconds > bf16.seconds

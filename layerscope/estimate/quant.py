@@ -12,6 +12,7 @@ the 4-bit matmul saves) is traced with the emulated layers of :mod:`layerscope.e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -188,3 +189,118 @@ def memory_footprint(model: nn.Module, q: Quantization, base_dtype: torch.dtype)
     return total
 
 
+
+
+# -- time: readying weights for the matmuls --------------------------------------------------
+@dataclass(frozen=True)
+class WeightTraffic:
+    """Memory-bound work that readies each weight for its matmul, for the step-time model
+    (:class:`~layerscope.estimate.walk.Walk` issues it next to each GEMM).
+
+    A quantized layer dequantises its whole weight before every matmul (forward, its
+    recomputation, and the input gradient): bitsandbytes' kernels read the packed weight and
+    its absmax and write the full weight (:func:`dequant_bytes`). An unquantized weight is cast
+    by autocast when its dtype is not the autocast dtype (fp32 master weights, fp32 norms and
+    head after ``prepare_model_for_kbit_training``), and not at all when it already is (a bf16
+    base). Every figure is DRAM bytes read plus written; the time is bytes over bandwidth.
+
+    Attributes:
+        quantization: the quantized base, or None.
+        quantized: names of the quantized modules.
+        autocast: the autocast dtype, or None.
+        compute, loaded, frozen, trainable: the dtypes a quantized layer computes in, its
+            weight was loaded in, frozen and trainable unquantized weights are kept in.
+    """
+
+    quantization: Quantization | None
+    quantized: frozenset[str]
+    autocast: torch.dtype | None
+    compute: torch.dtype
+    loaded: torch.dtype
+    frozen: torch.dtype
+    trainable: torch.dtype
+
+    @classmethod
+    def of(cls, setup: Any) -> WeightTraffic:
+        """From a :class:`~layerscope.setup.TrainingSetup`."""
+        prec = setup.precision_info
+        return cls(setup.quantization, frozenset(m.name for m in setup.quantized_layers),
+                   prec.autocast_dtype, setup.compute_dtype, setup.loaded_dtype,
+                   setup.frozen_dtype, prec.param_dtype)
+
+    @classmethod
+    def plain(cls, param_dtype: torch.dtype, autocast: torch.dtype | None) -> WeightTraffic:
+        """Every weight in ``param_dtype``, nothing quantized."""
+        return cls(None, frozenset(), autocast, param_dtype, param_dtype, param_dtype,
+                   param_dtype)
+
+    def is_quantized(self, module: str) -> bool:
+        """``module`` (its full name) is a bitsandbytes layer."""
+        return self.quantization is not None and module in self.quantized
+
+    def cast_bytes(self, module: str, elements: int, trainable: bool) -> int:
+        """Bytes autocast's cast of an unquantized weight of ``elements`` moves before its
+        forward matmul (read in its dtype, written in the autocast dtype); 0 when it needs
+        none: no autocast, a weight already in the autocast dtype, or a quantized layer (its
+        dequantisation, :meth:`forward`, gives the compute dtype)."""
+        if self.autocast is None or self.is_quantized(module):
+            return 0
+        dtype = self.trainable if trainable else self.frozen
+        return 0 if dtype == self.autocast else elements * (dtype.itemsize + self.autocast.itemsize)
+
+    def forward(self, module: str, n_out: int, n_in: int, tokens: float,
+                act_bytes: int) -> tuple[float, float]:
+        """(bytes, kernels) before a forward matmul of ``module`` when it is quantized (0, 0
+        otherwise) over ``tokens`` rows of ``act_bytes`` activations."""
+        q = self.quantization
+        if q is None or not self.is_quantized(module):
+            return 0.0, 0.0
+        if not q.four_bit:
+            # int8 multiplies int8, no weight dequantised; the input is: A.to(fp16), |A|,
+            # >= threshold, any(), row quantisation; then the int32 product dequantised to
+            # fp16 and cast to the input's dtype
+            a = act_bytes
+            nbytes = tokens * n_in * (a + 2 + 4 + 3 + 1 + 3) + tokens * 4
+            return nbytes + tokens * n_out * (4 + 2 + 2 + a), 8.0
+        nbytes, kernels = dequant_bytes(q, n_out, n_in, self.compute)
+        if self.autocast is not None and self.compute != self.autocast:  # F.linear's casts
+            nbytes += n_out * n_in * (self.compute.itemsize + self.autocast.itemsize)
+            kernels += 1
+        return nbytes, kernels
+
+    def backward(self, module: str, n_out: int, n_in: int) -> tuple[float, float]:
+        """(bytes, kernels) before the input-gradient matmul of ``module``: a quantized weight
+        is dequantised again, to the dtype it was loaded in (int8: to the input's dtype, then
+        scaled), and cast to the gradient's dtype when they differ; autocast's casts of an
+        unquantized weight were saved in forward."""
+        q = self.quantization
+        if q is None or not self.is_quantized(module):
+            return 0.0, 0.0
+        grad = self.autocast or self.compute
+        nbytes, kernels = dequant_bytes(q, n_out, n_in, self.loaded if q.four_bit else grad)
+        if q.four_bit and self.loaded != grad:
+            nbytes += n_out * n_in * (self.loaded.itemsize + grad.itemsize)
+            kernels += 1
+        return nbytes, kernels
+
+
+def dequant_bytes(q: Quantization, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(DRAM bytes read and written, kernels) of dequantising one ``n_out x n_in`` weight to
+    ``dtype``, as bitsandbytes' CUDA kernels do it.
+
+    4-bit: ``dequantize_4bit`` reads the packed weight and the absmax and writes every element;
+    under double quantisation ``dequantize_blockwise`` first reads the uint8 absmax and writes it
+    in fp32, and the offset is added (read and written again). int8 (backward only):
+    ``CB.to(dtype, copy=True)`` then ``mul_`` by the row scales (read and write again).
+    """
+    n = n_out * n_in
+    s = dict(layer_storage(q, n_out, n_in).tensors)
+    if not q.four_bit:
+        return float(n + n * dtype.itemsize + 2 * n * dtype.itemsize + 3 * s["SCB"]), 4.0
+    nbytes = s["weight"] + s["absmax"] + n * dtype.itemsize
+    kernels = 1.0
+    if q.double_quant:
+        blocks = s["absmax"]
+        nbytes += blocks + 4 * blocks + 2 * 4 * blocks
+        kernels += 2
+    return float(nbytes), kernels

@@ -8,9 +8,11 @@ implementation runs them (:mod:`layerscope.estimate.experts`), memory-bound elem
 vocabulary) and the optimizer's passes over its tensors. Then:
 
 * :mod:`layerscope.estimate.walk` lists the kernels of forward, recomputation and backward in
-  the order the host issues them, and :func:`layerscope.estimate.roofline.run` plays the host
-  (Python, autograd, launches, syncs) against the GPU (each kernel compute- or bandwidth-bound,
-  plus its latency): a phase is host-bound where its kernels are shorter than issuing them;
+  the order the host issues them (with a quantized base, each quantized weight dequantised
+  before its matmuls: :class:`~layerscope.estimate.quant.WeightTraffic`), and
+  :func:`layerscope.estimate.roofline.run` plays the host (Python, autograd, launches, syncs)
+  against the GPU (each kernel compute- or bandwidth-bound, plus its latency): a phase is
+  host-bound where its kernels are shorter than issuing them;
 * the optimizer is timed on its own (``opt.step()`` follows a sync): Python per trainable
   tensor, then memory-bound multi-tensor kernels;
 * :mod:`layerscope.estimate.band` names what bounds the step and the range the estimate has
@@ -35,6 +37,7 @@ from layerscope.estimate import experts
 from layerscope.estimate.band import Regime, band, regime_of
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU, get_gpu
+from layerscope.estimate.quant import WeightTraffic
 from layerscope.estimate.roofline import (
     ATTENTION_EFFICIENCY,
     BANDWIDTH_EFFICIENCY,
@@ -175,6 +178,9 @@ class StepTimer:
     gradient_checkpointing: bool
     adapters: Lora | None
     inference: bool
+    weights: WeightTraffic | None = None
+    lora_bytes: int = 4
+    input_grads: bool = False
 
     def at(self, batch_size: int, seq_len: int, padded: bool = False) -> StepTime:
         """The step of ``batch_size`` sequences of ``seq_len`` tokens.
@@ -192,7 +198,8 @@ class StepTimer:
         seq_len = _check_positive_int(seq_len, "seq_len")
         return _estimate(self.shape, set(self.trainable), self.gpu, self.precision,
                          self.optimizer, batch_size, seq_len, self.gradient_checkpointing,
-                         self.adapters, self.inference, padded)
+                         self.adapters, self.inference, padded, self.weights, self.lora_bytes,
+                         self.input_grads)
 
 
 def step_timer(setup: TrainingSetup, gpu: GPU) -> StepTimer:
@@ -211,7 +218,9 @@ def step_timer(setup: TrainingSetup, gpu: GPU) -> StepTimer:
     shape = _shape(setup)
     _check_implementations(shape, prec)
     return StepTimer(shape, setup.trainable, gpu, prec, setup.optimizer,
-                     setup.gradient_checkpointing, setup.lora, setup.inference)
+                     setup.gradient_checkpointing, setup.lora, setup.inference,
+                     WeightTraffic.of(setup), setup.adapter_dtype.itemsize,
+                     setup.kbit_prepared and setup.gradient_checkpointing)
 
 
 def _shape(setup: TrainingSetup) -> ModelShape:
@@ -235,13 +244,15 @@ def _check_implementations(m: ModelShape, prec: Precision) -> None:
 
 def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt: str, batch: int,
               seq: int, ckpt: bool, adapters: Lora | None, inference: bool,
-              padded: bool = False) -> StepTime:
+              padded: bool = False, weights: WeightTraffic | None = None, lora_bytes: int = 4,
+              input_grads: bool = False) -> StepTime:
     """The step on ``gpu``: forward (+ loss), backward and recomputation played as one stream
     of kernels, then the optimizer (its own, as ``opt.step()`` is timed after a sync)."""
     s = m.scan
     w = Work(gpu, prec, HOST_FORWARD_S_PER_KERNEL)
     walk = Walk(w, m, prec, batch, seq, trainable, adapters, ckpt and not inference,
-                training=not inference, padded=padded)
+                training=not inference, padded=padded, weights=weights, lora_bytes=lora_bytes,
+                input_grads=input_grads)
     walk.forward()
     notes = _notes(prec, opt, m, walk)
     assumptions = _assumptions(gpu, prec, notes)
@@ -318,6 +329,14 @@ def _notes(prec: Precision, opt: str, m: ModelShape, walk: Walk) -> tuple[str, .
     if m.experts_implementation:
         notes.append(f"MoE experts {m.experts_implementation}: each token runs its top-k "
                      "experts; " + _EXPERTS_NOTES[m.experts_implementation])
+    q = walk.traffic.quantization
+    if q is not None:
+        into = str(walk.traffic.compute).removeprefix("torch.")
+        notes.append(f"{q.describe()} base: " + (
+            f"each quantized weight dequantised to {into} (packed weight and absmax read, full "
+            "weight written) before its forward, recomputed and input-gradient matmuls"
+            if q.four_bit else "int8 matmuls, each input quantised by rows and each output "
+            "dequantised; the weight dequantised for the input gradient"))
     notes.append(f"optimizer {opt}: {OPTIMIZER_PASSES[opt][0]} element passes per trainable "
                  "element per step")
     return tuple(notes)

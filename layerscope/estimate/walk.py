@@ -9,7 +9,13 @@ Backward reaches down to the earliest block a gradient must flow through: the ea
 trainable parameter, or the embedding output when gradient checkpointing makes it require a
 gradient (transformers' ``gradient_checkpointing_enable()`` calls
 ``enable_input_require_grads()`` for models fed ``input_ids``, so a frozen prefix is still
-walked: input gradients and recomputation, no weight gradients).
+walked: input gradients and recomputation, no weight gradients). peft's
+``prepare_model_for_kbit_training`` does the same for any model (``input_grads``).
+
+A quantized base (bitsandbytes) adds memory-bound work next to each of its layers' matmuls:
+the weight dequantised before the forward matmul, its recomputation and the input gradient
+(:class:`~layerscope.estimate.quant.WeightTraffic`); autocast casts only the weights not
+already in its dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 
 from layerscope.estimate import attention as attn
 from layerscope.estimate import experts
+from layerscope.estimate.quant import WeightTraffic
 from layerscope.estimate.roofline import (
     BACKWARD_ELEMENTWISE_RATIO,
     HOST_ATEN_S_PER_KERNEL,
@@ -50,6 +57,11 @@ class Walk:
         ckpt: gradient checkpointing of every block.
         training: a training step (dropout on, loss computed).
         padded: the batch carries padding (an attention mask).
+        weights: the dtype and quantization of each weight (None: every weight in the
+            precision's parameter dtype, nothing quantized).
+        lora_bytes: bytes per adapter element (fp32 unless the setup keeps them in bf16).
+        input_grads: the embedding output requires a gradient under checkpointing whatever
+            the model (``prepare_model_for_kbit_training``'s ``enable_input_require_grads``).
     """
 
     w: Work
@@ -62,10 +74,16 @@ class Walk:
     ckpt: bool = False
     training: bool = True
     padded: bool = False
+    weights: WeightTraffic | None = None
+    lora_bytes: int = 4
+    input_grads: bool = False
     heads: attn.Heads = field(init=False)
+    traffic: WeightTraffic = field(init=False)
 
     def __post_init__(self) -> None:
         m = self.m
+        self.traffic = self.weights or WeightTraffic.plain(self.prec.param_dtype,
+                                                           self.prec.autocast_dtype)
         self.heads = attn.Heads(m.heads, m.kv_heads, m.head_dim, m.attn_softcap,
                                 m.attn_dropout if self.training else 0.0, m.causal)
 
@@ -82,9 +100,14 @@ class Walk:
 
     @property
     def adapter_bytes(self) -> int:
-        """PEFT upcasts bf16/fp16 adapters to fp32 (``autocast_adapter_dtype=True``); under
-        autocast their matmuls still run in bf16."""
-        return self.prec.act_bytes if self.prec.autocast else 4
+        """PEFT upcasts bf16/fp16 adapters to fp32 (``autocast_adapter_dtype=True``) unless the
+        setup keeps them in bf16 (``lora_bytes``); under autocast their matmuls run in bf16."""
+        return self.prec.act_bytes if self.prec.autocast else self.lora_bytes
+
+    def module_of(self, b: int | None, g: Gemm) -> str:
+        """The full name of the module owning ``g`` (``b``: its block; None: outside them)."""
+        module = g.param.rpartition(".")[0]
+        return module if b is None else f"{self.m.prefixes[b]}.{module}"
 
     def block_trainable(self, b: int, g: Gemm) -> bool:
         return f"{self.m.prefixes[b]}.{g.param}" in self.trainable
@@ -122,7 +145,7 @@ class Walk:
         """The earliest block gradients flow through (``earliest``, or 0 when checkpointing
         makes the embedding output require a gradient); None: no block."""
         first = self.earliest()
-        if self.ckpt and self.m.input_grads and self.m.prefixes:
+        if self.ckpt and (self.m.input_grads or self.input_grads) and self.m.prefixes:
             return 0
         return first
 
@@ -155,9 +178,10 @@ class Walk:
         self.w.stream(self.tokens * self.hidden * 3 * sb, max(len(self.m.embeddings) - 1, 0))
 
     def autocast_casts(self, part: Part, backward: bool, trainable: Callable[[Gemm], bool],
-                       skip: Gemm | None = None) -> None:
-        """CUDA autocast's casts around the dense matmuls of ``part``: the fp32 weight (and
-        bias) to bf16 every forward (cached for the forward, recomputed by checkpointing), the
+                       skip: Gemm | None = None, b: int | None = None) -> None:
+        """CUDA autocast's casts around the dense matmuls of ``part`` (block ``b``, None: outside
+        the blocks): the weight (and bias) to bf16 every forward unless already bf16 or
+        quantized (cached for the forward, recomputed by checkpointing), the
         fp32 residual-stream input of the projections reading it (not cached: q, k and v
         each cast it); backward casts those inputs' gradients and the trainable weights'
         gradients back to fp32. Issued from C++ inside the matmul's op (forward) or as
@@ -174,8 +198,12 @@ class Walk:
                     continue  # grouped_mm / batched_mm are not autocast ops
                 if from_stream:
                     w.stream(tokens * g.n_in * (sb + ab), 1)
-                if not backward or trainable(g):
+                if backward and trainable(g):  # the weight gradient back to fp32
                     w.stream(g.count * g.n_in * g.n_out * (wb + ab), g.count + bool(g.bias))
+                elif not backward:
+                    nbytes = self.traffic.cast_bytes(self.module_of(b, g),
+                                                     g.count * g.n_in * g.n_out, trainable(g))
+                    w.stream(nbytes, (g.count + bool(g.bias)) * bool(nbytes))
 
     def stops_early(self, b: int) -> Gemm | None:
         """The GEMM a recomputation of block ``b`` skips, if any.
@@ -198,15 +226,19 @@ class Walk:
         m, w, prec, block = self.m, self.w, self.prec, self.m.blocks[b]
         tokens = self.tokens
         skip = self.stops_early(b) if recompute else None
-        self.autocast_casts(block, False, lambda g: self.block_trainable(b, g), skip)
+        self.autocast_casts(block, False, lambda g: self.block_trainable(b, g), skip, b)
         for g in block.gemms:
             if g.share < 1 or g is skip:
                 continue
+            self.dequantise(b, g)
             w.gemm(tokens, g.n_out, g.n_in, g.count)
             if self.adapted(b, g):
-                self.lora_forward(g)
+                self.lora_forward(g, self.traffic.is_quantized(self.module_of(b, g)))
         _elementwise(w, block, tokens, self.hidden, prec)
         if block.experts:
+            for g in block.gemms:  # per-expert bitsandbytes layers, each run on its tokens
+                if g.share < 1:
+                    self.dequantise(b, g)
             experts.forward(w, block, tokens, self.hidden, prec, w.gpu,
                             m.experts_implementation or "eager",
                             lambda g: self.block_trainable(b, g))
@@ -218,10 +250,28 @@ class Walk:
                 w.stream(tokens * (self.heads.q + self.heads.kv) * ROTARY_PASSES
                          * prec.act_bytes, ROTARY_KERNELS)
 
-    def lora_forward(self, g: Gemm) -> None:
-        """x.to(adapter dtype), A, B, * scaling, + base output, .to(output dtype)."""
+    def dequantise(self, b: int | None, g: Gemm, backward: bool = False) -> None:
+        """What readies a quantized weight for its matmul (nothing for another weight):
+        :meth:`~layerscope.estimate.quant.WeightTraffic.forward` or ``.backward``."""
+        module = self.module_of(b, g)
+        if not self.traffic.is_quantized(module):
+            return
+        if backward:
+            nbytes, kernels = self.traffic.backward(module, g.n_out, g.n_in)
+        else:
+            nbytes, kernels = self.traffic.forward(module, g.n_out, g.n_in, self.tokens * g.share,
+                                                   self.prec.act_bytes)
+        self.w.stream(g.count * nbytes, g.count * kernels)
+
+    def lora_forward(self, g: Gemm, quantized: bool = False) -> None:
+        """x.to(adapter dtype), A, B, * scaling, + base output, .to(output dtype); over a
+        4-bit layer peft first clones the base output (``result = result.clone()``, the
+        "defensive clone" of its bitsandbytes ``Linear4bit``)."""
         w, ab, lb, r = self.w, self.prec.act_bytes, self.adapter_bytes, self.rank
         t = self.tokens * g.share
+        q = self.traffic.quantization
+        if quantized and q is not None and q.four_bit:
+            w.stream(t * g.n_out * 2 * ab, 1)
         w.gemm(t, r, g.n_in, dtype_bytes=lb)
         w.gemm(t, g.n_out, r, dtype_bytes=lb)
         cast = lb != ab
@@ -232,6 +282,7 @@ class Walk:
         m, w, prec = self.m, self.w, self.prec
         self.autocast_casts(m.outside, False, lambda g: g.param in self.trainable)
         for g in m.outside.gemms:
+            self.dequantise(None, g)
             w.gemm(self.tokens, g.n_out, g.n_in)
         _elementwise(w, m.outside, self.tokens, self.hidden, prec, residual=False)
         if m.logit_softcap:
@@ -256,6 +307,7 @@ class Walk:
                          3 * BACKWARD_ELEMENTWISE_RATIO)
         for g in m.outside.gemms:
             if upstream:
+                self.dequantise(None, g, backward=True)
                 w.gemm(tokens, g.n_in, g.n_out)
             if g.param in self.trainable:
                 w.gemm(g.n_out, g.n_in, tokens)
@@ -286,6 +338,7 @@ class Walk:
         for g in block.gemms:
             if g.share < 1:
                 continue
+            self.dequantise(b, g, backward=True)
             w.gemm(tokens, g.n_in, g.n_out, g.count)  # input gradient
             if self.block_trainable(b, g):
                 w.gemm(g.n_out, g.n_in, tokens, g.count)  # weight gradient
@@ -293,9 +346,12 @@ class Walk:
                 w.stream(tokens * g.n_out * ab, 1)
             if self.adapted(b, g):
                 self.lora_backward(g)
-        self.autocast_casts(block, True, lambda g: self.block_trainable(b, g))
+        self.autocast_casts(block, True, lambda g: self.block_trainable(b, g), b=b)
         _elementwise(w, block, tokens, self.hidden, prec, factor=BACKWARD_ELEMENTWISE_RATIO)
         if block.experts:
+            for g in block.gemms:
+                if g.share < 1:
+                    self.dequantise(b, g, backward=True)
             experts.backward(w, block, tokens, self.hidden, prec, w.gpu,
                              m.experts_implementation or "eager",
                              lambda g: self.block_trainable(b, g))
