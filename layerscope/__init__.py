@@ -48,6 +48,7 @@ from layerscope.layer_utils import (
     unfreeze_model,
 )
 from layerscope.plan import FreezePlan, GradualSchedule, Resolution
+from layerscope.quantization import Quantization
 from layerscope.scan import BlockStack, ModelScan, ParamInfo, scan
 from layerscope.setup import TrainingSetup
 
@@ -71,6 +72,7 @@ __all__ = [
     "ModelTypeError",
     "ParamInfo",
     "PlanError",
+    "Quantization",
     "Resolution",
     "RunConfig",
     "ScheduleEstimate",

@@ -112,6 +112,7 @@ def _check_names(args: argparse.Namespace) -> None:
     from layerscope.setup import (
         ATTENTION_IMPLEMENTATIONS,
         EXPERTS_IMPLEMENTATIONS,
+        FLOAT_DTYPES,
         resolve_optimizer,
         resolve_precision,
     )
@@ -128,6 +129,28 @@ def _check_names(args: argparse.Namespace) -> None:
         raise UsageError(
             f"unknown --experts {args.experts!r}; allowed: {', '.join(EXPERTS_IMPLEMENTATIONS)}"
         )
+    _quantization(args)
+    for flag, value, allowed in (("--base-dtype", args.base_dtype, ("auto",)),
+                                 ("--lora-dtype", args.lora_dtype, ())):
+        if value is not None and value.lower() not in (*FLOAT_DTYPES, *allowed):
+            raise UsageError(f"unknown {flag} {value!r}; allowed: fp32, bf16, fp16"
+                             + "".join(f", {a}" for a in allowed))
+
+
+def _quantization(args: argparse.Namespace) -> Any:
+    """``--quantization`` and ``--double-quant`` as a ``Quantization`` (None without them).
+
+    Raises:
+        UsageError: ``--double-quant`` without a 4-bit ``--quantization``.
+    """
+    from layerscope.quantization import Quantization
+
+    q = Quantization.of(args.quantization)
+    if args.double_quant:
+        if q is None or not q.four_bit:
+            raise UsageError("--double-quant needs --quantization nf4 or fp4")
+        q = q.replace_double_quant(True)
+    return q
 
 
 def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
@@ -184,7 +207,8 @@ def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None 
         gradient_checkpointing=pick(args.gradient_checkpointing,
                                     run and run.gradient_checkpointing, False),
         lora=args.lora_rank, attn_implementation=args.attn,
-        experts_implementation=args.experts,
+        experts_implementation=args.experts, quantization=_quantization(args),
+        base_dtype=args.base_dtype, lora_dtype=args.lora_dtype,
         sharding=run.sharding if run is not None else None,
         distributed=getattr(args, "distributed", None), num_gpus=getattr(args, "num_gpus", None),
         gpus_per_node=getattr(args, "gpus_per_node", None), offload=getattr(args, "offload", None),
@@ -408,6 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--experts", metavar="IMPL",
                        help="mixture-of-experts implementation: grouped_mm, batched_mm or eager "
                        "(default: what transformers picks for the model, grouped_mm)")
+        p.add_argument("--quantization", metavar="Q",
+                       help="a bitsandbytes-quantized frozen base: nf4, fp4 or int8 (QLoRA: "
+                       "with --lora-rank); prepare_model_for_kbit_training is assumed")
+        p.add_argument("--double-quant", action="store_true",
+                       help="with --quantization nf4/fp4: bnb_4bit_use_double_quant")
+        p.add_argument("--base-dtype", metavar="D",
+                       help="dtype the frozen base is loaded in: fp32, bf16, fp16 or auto (the "
+                       "config's); default: the config's with --quantization, else the "
+                       "precision's parameter dtype")
+        p.add_argument("--lora-dtype", metavar="D",
+                       help="dtype of the LoRA adapters: fp32 (default, as peft upcasts them) or "
+                       "bf16")
 
     def add_gpu(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
         p.add_argument("--gpu", metavar="GPU", required=required,

@@ -32,6 +32,7 @@ from layerscope.estimate.memory import (
 from layerscope.estimate.run import RunCost, run_cost
 from layerscope.estimate.time import StepTime, step_time_of, step_timer
 from layerscope.plan import FreezePlan
+from layerscope.quantization import Quantization
 from layerscope.setup import TrainingSetup
 
 SCHEMA_VERSION = 1
@@ -45,6 +46,10 @@ MAX_BATCH_LIMIT = 4096
 """Largest batch size ``fit`` and ``estimate`` search up to."""
 ALTERNATIVE_LORA_RANK = 16
 """The LoRA rank the alternatives try."""
+ALTERNATIVE_QUANTIZATION = Quantization("nf4", double_quant=True)
+"""The quantized base the QLoRA alternative tries: NF4 with double quantisation, computing in
+the precision's dtype (the QLoRA paper's setting, and what QLoRA scripts pass to
+``BitsAndBytesConfig``)."""
 
 Progress = Callable[[str], None]
 
@@ -136,6 +141,8 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
         "buffer_bytes": e.buffer_bytes,
         "held_bytes": e.held_bytes,
         "host_bytes": e.host_bytes,
+        "quantized_base_bytes": e.quantized_base_bytes,
+        "paged_optimizer_bytes": e.paged_optimizer_bytes,
     }
 
 
@@ -246,8 +253,8 @@ class Context:
 
 
 def full_finetune(setup: TrainingSetup) -> TrainingSetup:
-    """The same step training every parameter, without LoRA."""
-    return setup.replace(plan=FreezePlan.none(), lora=None)
+    """The same step training every parameter, without LoRA, of an unquantized base."""
+    return setup.replace(plan=FreezePlan.none(), lora=None, quantization=None, prepare_kbit=None)
 
 
 # -- alternatives for a run that does not fit -----------------------------------------------
@@ -287,7 +294,7 @@ class Alternative:
         }
 
 
-CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora", "sharding")
+CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora", "qlora", "sharding")
 """The single changes the alternatives try (combined with checkpointing when none fits)."""
 
 SHARDING_ALTERNATIVES = ("zero3", "fsdp")
@@ -319,7 +326,10 @@ def _single_changes(setup: TrainingSetup) -> list[Change]:
     """One-step changes, least disruptive to the training first (the batch is searched later).
 
     Order: checkpointing recomputes (same maths, more time); 8-bit AdamW approximates the
-    optimizer states; a deeper freeze trains fewer weights; LoRA trains adapters instead.
+    optimizer states; a deeper freeze trains fewer weights; LoRA trains adapters instead, on the
+    base loaded in bf16 as peft users load it (fp32 adapters, as peft upcasts them); QLoRA
+    trains them on an NF4 base (:data:`ALTERNATIVE_QUANTIZATION`). Under a data-parallel
+    strategy neither base is modelled yet: LoRA is tried on the base as it is, QLoRA not at all.
     """
     out = []
     if not setup.gradient_checkpointing:
@@ -333,8 +343,21 @@ def _single_changes(setup: TrainingSetup) -> list[Change]:
             out.append(Change(f"--plan {deeper}", "freeze", setup.replace(plan=deeper)))
         planned = setup.plan is not None and setup.plan != FreezePlan.none()
         instead = " (instead of --plan)" if planned else ""
-        out.append(Change(f"--lora-rank {ALTERNATIVE_LORA_RANK}{instead}", "lora",
-                          setup.replace(plan=None, lora=ALTERNATIVE_LORA_RANK)))
+        lora = setup.replace(plan=None, lora=ALTERNATIVE_LORA_RANK)
+        one_gpu = setup.distributed is None
+        # a base in fp32: load it in bf16 instead
+        base16 = one_gpu and lora.loaded_dtype.itemsize > 2
+        flag = " --base-dtype bf16" if base16 else ""
+        out.append(Change(f"--lora-rank {ALTERNATIVE_LORA_RANK}{flag}{instead}", "lora",
+                          lora.replace(base_dtype="bf16") if base16 else lora))
+        if one_gpu:
+            out.append(Change(f"--quantization nf4 --double-quant --lora-rank "
+                              f"{ALTERNATIVE_LORA_RANK}{instead}", "qlora",
+                              lora.replace(quantization=ALTERNATIVE_QUANTIZATION)))
+    elif setup.quantization is None and setup.distributed is None and (
+            setup.plan is None or not setup.trainable):
+        out.append(Change("--quantization nf4 --double-quant", "qlora",
+                          setup.replace(quantization=ALTERNATIVE_QUANTIZATION)))
     return out
 
 
@@ -399,7 +422,8 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
     AdamW, deeper freezes, LoRA: least change to the training first); if none fits, gradient
     checkpointing combined with each other change; if still none fits, checkpointing, the
     last change and 8-bit AdamW at once. A run on one GPU is also tried sharded
-    (:data:`SHARDING_ALTERNATIVES`) on the fewest GPUs that fit. Those that fit are listed
+    (:data:`SHARDING_ALTERNATIVES`) on the fewest GPUs that fit (not one on a quantized or
+    16-bit base, which is modelled on one GPU only). Those that fit are listed
     first, order kept.
     """
     base_step = step_time_of(setup, gpu)
@@ -422,7 +446,7 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
             found.append(_alternative(ctx, everything, gpu, base_step))
             batch = _smaller_batch(ctx, everything, gpu, base_step, setup.batch_size)
             found += [batch] if batch else []
-    if setup.distributed is None and not setup.inference:
+    if setup.distributed is None and not setup.inference and not setup.base_settings:
         start = 8
         for strategy in SHARDING_ALTERNATIVES:
             sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step, start)

@@ -521,19 +521,17 @@ class TrainingSetup:
             "lora_dtype": resolve_float_dtype(self.lora_dtype, "lora_dtype"),
         }
         sharding = self._resolve_sharding(implied)
-        given = [k for k in ("quantization", "base_dtype", "lora_dtype") if values[k] is not None]
-        given += ["prepare_kbit"] if self.prepare_kbit else []
-        if sharding.distributed is not None and given:
-            raise EstimateError(
-                f"{', '.join(given)} with distributed={sharding.distributed!r}: a quantized or "
-                "16-bit base is modelled on one GPU only so far (FSDP-QLoRA's sharded 4-bit "
-                "storage is not); drop the strategy or these settings"
-            )
         values.update(sharding=sharding, distributed=sharding.distributed,
                       num_gpus=sharding.num_gpus, gpus_per_node=sharding.gpus_per_node,
                       offload=sharding.offload, fsdp_version=sharding.fsdp.version)
         for key, value in values.items():
             object.__setattr__(self, key, value)
+        if self.distributed is not None and self.base_settings:
+            raise EstimateError(
+                f"{', '.join(self.base_settings)} with distributed={self.distributed!r}: a "
+                "quantized or 16-bit base is modelled on one GPU only so far (FSDP-QLoRA's "
+                "sharded 4-bit storage is not); drop the strategy or these settings"
+            )
         config = getattr(model, "config", None)
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if isinstance(max_pos, int) and self.seq_len > max_pos:
@@ -608,6 +606,14 @@ class TrainingSetup:
         if self.quantization is None:
             return ()
         return quantized_modules(self.model, self.quantization)
+
+    @property
+    def base_settings(self) -> tuple[str, ...]:
+        """The base settings given (``quantization``, ``base_dtype``, ``lora_dtype``,
+        ``prepare_kbit=True``): modelled on one GPU only, never with ``distributed``."""
+        given = tuple(k for k in ("quantization", "base_dtype", "lora_dtype")
+                      if getattr(self, k) is not None)
+        return given + (("prepare_kbit",) if self.prepare_kbit else ())
 
     @property
     def kbit_prepared(self) -> bool:

@@ -32,12 +32,15 @@ ESTIMATE = {
     "activation_bytes": int, "activation_bytes_per_block": [int], "logits_bytes": int,
     "forward_peak_bytes": int, "backward_peak_bytes": int, "optimizer_peak_bytes": int,
     "trainable_params": int, "total_params": int, "forward_flops": int, "backward_flops": int,
+    "quantized_base_bytes": int, "paged_optimizer_bytes": int,
 }
 SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": str,
             "gradient_checkpointing": bool, "lora_rank": OPTIONAL_INT,
             "attn_implementation": str, "experts_implementation": (str, type(None)),
             "inference": bool, "distributed": (str, type(None)),
-            "num_gpus": int, "gpus_per_node": int, "offload": (str, type(None))}
+            "num_gpus": int, "gpus_per_node": int, "offload": (str, type(None)),
+            "quantization": (dict, type(None)), "base_dtype": str,
+            "lora_dtype": (str, type(None)), "prepare_kbit": bool}
 HEADER = {
     "layerscope_version": str, "schema_version": int, "command": str,
     "model": {"name": str, "class": str, "total_params": int, "num_layers": OPTIONAL_INT},
@@ -161,7 +164,8 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
                                "lora_rank": None, "attn_implementation": "sdpa",
                                "experts_implementation": None, "inference": False,
                                "distributed": None, "num_gpus": 1, "gpus_per_node": 8,
-                               "offload": None}
+                               "offload": None, "quantization": None, "base_dtype": "float32",
+                               "lora_dtype": None, "prepare_kbit": False}
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]
@@ -200,11 +204,41 @@ def test_estimate_suggestions_are_estimated_alternatives(not_fitting):
     assert ckpt["time_per_token_ratio"] > 1  # recomputation costs time
     lora = next(s for s in suggestions if s["kind"] == "lora")
     assert lora["plan"] == "lora:16" and lora["settings"]["lora_rank"] == 16
-    assert lora["change"] == "--lora-rank 16 (instead of --plan)"
+    # LoRA as peft users run it: the base loaded in bf16 (the run asked is bf16-mixed, fp32
+    # weights), fp32 adapters
+    assert lora["change"] == "--lora-rank 16 --base-dtype bf16 (instead of --plan)"
+    assert lora["settings"]["base_dtype"] == "bfloat16" and lora["settings"]["lora_dtype"] == "float32"
+    qlora = next(s for s in suggestions if s["kind"] == "qlora")
+    assert qlora["change"] == "--quantization nf4 --double-quant --lora-rank 16 (instead of --plan)"
+    assert qlora["settings"]["quantization"]["method"] == "nf4"
+    assert qlora["settings"]["quantization"]["double_quant"] is True
     # the GPUs the run as asked fits on: all with at least the memory it needs
     need = not_fitting["estimate"]["required_bytes"]
     assert all(g["memory_bytes"] >= need for g in not_fitting["fits_on"])
     assert "h100-sxm" in {g["gpu"] for g in not_fitting["fits_on"]}
+
+
+def test_qlora_70b_on_one_h100(capsys):
+    """The issue's command: Llama-3.1-70B, NF4 base, LoRA rank 64, checkpointing, one H100."""
+    args = ("estimate", "llama-3.1-70b", "--quantization", "nf4", "--lora-rank", "64",
+            "--gradient-checkpointing", "--gpu", "h100")
+    assert main(*args, "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    check(doc, ESTIMATE_DOC)
+    e, v = doc["estimate"], doc["verdict"]
+    # 80 layers of q, o (8192 x 8192), k, v (1024 x 8192), gate, up (28672 x 8192), down
+    n = 80 * (2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192)
+    assert n == 68_451_041_280
+    # packed n / 2, fp32 absmax n / 16, a 64-byte table per layer (one 512-byte block each);
+    # every other tensor is a multiple of 512 bytes already
+    assert e["quantized_base_bytes"] == n // 2 + n // 16 + 560 * 512 == 38_503_997_440
+    assert v["gpu"] == "h100-sxm" and v["required_bytes"] == required(e)
+    assert v["fits"] == (v["required_bytes"] <= v["available_bytes"])
+    assert doc["settings"]["quantization"]["method"] == "nf4"
+    assert main(*args) == 0
+    out = capsys.readouterr().out
+    assert "Base: nf4 (compute bfloat16, storage uint8), loaded in bfloat16" in out
+    assert "quantized base" in out and "35.86 GiB" in out and "On h100-sxm" in out
 
 
 def test_estimate_text_fits_subprocess():
@@ -312,6 +346,14 @@ def test_argparse_error_is_one_line_subprocess():
         (("estimate", "gpt2", "--batch-size", "two"), ["--batch-size", "'two' is not a whole"]),
         (("estimate", "gpt2", "--lora-rank", "0"), ["--lora-rank", "0 must be >= 1"]),
         (("estimate", "gpt2", "--attn", "flash"), ["unknown --attn 'flash'", "flash_attention_2"]),
+        (("estimate", "gpt2", "--quantization", "nf5"), ["unknown quantization 'nf5'", "nf4, fp4, int8"]),
+        (("estimate", "gpt2", "--double-quant"), ["--double-quant needs --quantization nf4 or fp4"]),
+        (("estimate", "gpt2", "--quantization", "int8", "--double-quant"), ["--double-quant needs"]),
+        (("estimate", "gpt2", "--lora-rank", "8", "--lora-dtype", "int8"),
+         ["unknown --lora-dtype 'int8'", "fp32, bf16, fp16"]),
+        (("estimate", "gpt2", "--base-dtype", "fp8"), ["unknown --base-dtype 'fp8'", "auto"]),
+        (("estimate", "gpt2", "--seq-len", "64", "--quantization", "nf4", "--plan", "last:2"),
+         ["trains quantized weights", "cannot receive gradients"]),
         (("estimate", "gpt2", "--fail-if-not-fits"), ["needs --gpu"]),
         (("fit", "gpt2"), ["--gpu"]),
         (("time", "gpt2", "--batch-size", "2", "--epochs", "1"), ["--samples"]),

@@ -36,6 +36,41 @@ ZeRO's bucket and gradient partition), what the strategy holds at the peak (gath
 parameters, all-gather/reduce-scatter buffers, buckets)."""
 
 
+def component_rows(e: Mapping[str, Any], f: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(label, bytes of ``e``, bytes of ``f``) per component; with a quantized base the weights
+    are shown as the quantized layers and the rest, and paged optimizer state (outside the
+    peak) gets a row of its own."""
+    rows = []
+    quantized = e.get("quantized_base_bytes", 0) or f.get("quantized_base_bytes", 0)
+    for label, key in COMPONENTS:
+        if key == "weights_bytes" and quantized:
+            qe, qf = e.get("quantized_base_bytes", 0), f.get("quantized_base_bytes", 0)
+            rows.append(("quantized base", qe, qf))
+            rows.append(("other weights", e[key] - qe, f[key] - qf))
+            continue
+        rows.append((label, e[key], f[key]))
+    if e.get("paged_optimizer_bytes", 0) or f.get("paged_optimizer_bytes", 0):
+        rows.append(("paged optimizer states (not in peak)", e.get("paged_optimizer_bytes", 0),
+                     f.get("paged_optimizer_bytes", 0)))
+    return rows
+
+
+def base_text(settings: Mapping[str, Any]) -> str | None:
+    """One line on a quantized or 16-bit base and the adapters' dtype; None when the base is
+    unquantized in the precision's own dtype."""
+    q = settings.get("quantization")
+    if q is None:
+        return None
+    parts = [f"{q['method']}{' + double quant' if q['double_quant'] else ''} "
+             f"(compute {q['compute_dtype']}, storage {q['quant_storage']})",
+             f"loaded in {settings['base_dtype']}"]
+    if settings.get("prepare_kbit"):
+        parts.append("prepare_model_for_kbit_training (frozen norms, embeddings, head in fp32)")
+    if settings.get("lora_dtype"):
+        parts.append(f"adapters {settings['lora_dtype']}")
+    return "Base: " + ", ".join(parts)
+
+
 def use_color(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
     """ANSI colour when ``stream`` is a terminal or ``FORCE_COLOR`` is set, never when
     ``NO_COLOR`` is set to anything non-empty (https://no-color.org), nor for ``TERM=dumb``."""
@@ -94,6 +129,9 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
         lines.append(f"Sharding: {s['distributed']} over {s['num_gpus']} GPU"
                      f"{'s' if s['num_gpus'] > 1 else ''} ({s['gpus_per_node']} per node)"
                      f"{offload}; memory below is per GPU (the busiest)")
+    base = base_text(s)
+    if base:
+        lines.insert(2, base)
     lines += [f"note: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 
@@ -107,10 +145,10 @@ def rule_text(doc: Mapping[str, Any]) -> str:
 def comparison_table(doc: Mapping[str, Any]) -> str:
     """The plan's memory next to full fine-tuning's, same settings."""
     e, f = doc["estimate"], doc["full_finetune"]
-    components = list(COMPONENTS)
+    rows = [(label, gib(a), gib(b)) for label, a, b in component_rows(e, f)]
     if e.get("distributed"):
-        components += [c for c in SHARDED_COMPONENTS if e.get(c[1]) or f.get(c[1])]
-    rows = [(label, gib(e[key]), gib(f[key])) for label, key in components]
+        rows += [(label, gib(e[key]), gib(f[key])) for label, key in SHARDED_COMPONENTS
+                 if e.get(key) or f.get(key)]
     total = e["total_params"]
 
     def trainable(d: Mapping[str, Any]) -> str:

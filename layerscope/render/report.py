@@ -15,7 +15,7 @@ from typing import Any
 
 from layerscope.render import svg
 from layerscope.render.console import (
-    COMPONENTS,
+    component_rows,
     header_text,
     plan_label,
     rule_text,
@@ -68,7 +68,10 @@ def peak_segments(e: Mapping[str, Any]) -> list[tuple[str, int]]:
     needed. Weights and optimizer states are alive throughout; what else is alive depends on
     the phase the peak falls in, and is named by that phase."""
     peak, w, o = e["peak_bytes"], e["weights_bytes"], e["optimizer_state_bytes"]
-    segs = [("weights", w), ("optimizer states", o)]
+    quantized = e.get("quantized_base_bytes", 0)
+    segs = [("quantized base", quantized), ("other weights", w - quantized)] if quantized else [
+        ("weights", w)]
+    segs.append(("optimizer states", o))
     rest = peak - w - o
     if e["peak_phase"] == "optimizer" and rest >= e["gradient_bytes"] + e["optimizer_temporary_bytes"]:
         segs += [("gradients", e["gradient_bytes"]),
@@ -121,7 +124,7 @@ def _memory_section(doc: Mapping[str, Any]) -> str:
     e, f = doc["estimate"], doc["full_finetune"]
     bars = svg.stacked_bars([(f"plan: {plan_label(doc)}", peak_segments(e)),
                              ("full fine-tuning", peak_segments(f))], _bar_limits(doc))
-    rows = [(label, _gib(e[key]), _gib(f[key])) for label, key in COMPONENTS]
+    rows = [(label, _gib(a), _gib(b)) for label, a, b in component_rows(e, f)]
     rows += [("peak", _gib(e["peak_bytes"]), _gib(f["peak_bytes"])),
              ("peak during", e["peak_phase"], f["peak_phase"]),
              ("GPU memory needed", _gib(e["required_bytes"]), _gib(f["required_bytes"])),
