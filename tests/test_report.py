@@ -130,6 +130,25 @@ def test_bar_segments_add_up_to_the_memory_needed(phase):
                                  ("other", gib)]
 
 
+def test_a_quantized_base_is_its_own_bar_segment_and_table_row():
+    from layerscope.render.console import component_rows
+
+    gib = 2**30
+    e = {"peak_bytes": 40 * gib, "peak_phase": "backward", "required_bytes": 44 * gib,
+         "weights_bytes": 10 * gib, "quantized_base_bytes": 6 * gib,
+         "optimizer_state_bytes": 20 * gib, "gradient_bytes": 5 * gib,
+         "optimizer_temporary_bytes": 4 * gib, "activation_bytes": gib, "logits_bytes": gib,
+         "paged_optimizer_bytes": 3 * gib}
+    segments = peak_segments(e)
+    assert segments[:3] == [("quantized base", 6 * gib), ("other weights", 4 * gib),
+                            ("optimizer states", 20 * gib)]
+    assert sum(v for _, v in segments) == e["required_bytes"]
+    f = {**e, "quantized_base_bytes": 0, "paged_optimizer_bytes": 0}
+    rows = component_rows(e, f)
+    assert rows[:2] == [("quantized base", 6 * gib, 0), ("other weights", 4 * gib, 10 * gib)]
+    assert rows[-1] == ("paged optimizer states (not in peak)", 3 * gib, 0)
+
+
 def test_svg_helpers_are_well_formed_and_spread_labels():
     gib = 2**30
     close = [("a100-80gb", 80 * gib), ("h100-sxm", int(79.6 * gib))]
