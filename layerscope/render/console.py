@@ -129,9 +129,9 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
         lines.append(f"Sharding: {s['distributed']} over {s['num_gpus']} GPU"
                      f"{'s' if s['num_gpus'] > 1 else ''} ({s['gpus_per_node']} per node)"
                      f"{offload}; memory below is per GPU (the busiest)")
-    base = base_text(s)
-    if base:
-        lines.insert(2, base)
+    base_line = base_text(s)
+    if base_line:
+        lines.insert(2, base_line)
     lines += [f"note: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 
