@@ -244,3 +244,65 @@ def test_dequantisation_in_the_step_time():
     # backward: each input gradient dequantises again (to the loaded bf16, the gradient's dtype)
     assert nf4.backward.bytes - bf16.backward.bytes == pytest.approx(4 * per_layer)
     assert nf4.seconds > bf16.seconds
+
+
+def test_dequantisation_is_recomputed_under_checkpointing():
+    """With checkpointing each block's forward runs again in backward: every quantized weight
+    is dequantised a third time (all seven carry adapters, so no recomputation stops early)."""
+    from layerscope import estimate_step_time
+    from layerscope.estimate.quant import dequant_bytes
+
+    model = build("llama", "meta")
+    kw = dict(lora=8, base_dtype="bf16", batch_size=2, seq_len=32, prepare_kbit=False,
+              gradient_checkpointing=True)
+    bf16 = estimate_step_time(model, **kw)
+    nf4 = estimate_step_time(model, quantization="nf4", **kw)
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    per_layer = sum(dequant_bytes(Quantization("nf4"), o, i, torch.bfloat16)[0] for o, i in shapes)
+    clone = sum(64 * o * 2 * 2 for o, _ in shapes)
+    assert nf4.recompute.bytes - bf16.recompute.bytes == pytest.approx(4 * (per_layer + clone))
+    assert nf4.forward.bytes - bf16.forward.bytes == pytest.approx(4 * (per_layer + clone))
+    assert nf4.backward.bytes - bf16.backward.bytes == pytest.approx(4 * per_layer)
+
+
+def _normalised(ops):
+    """Allocation ops with handles renumbered in order of first use (a build's shape)."""
+    names: dict[int, int] = {}
+    return [(names.setdefault(h, len(names)), size) for h, size in ops]
+
+
+def test_the_allocator_build_loads_the_base_as_the_setup_does():
+    """The caching-allocator simulation's build follows the setup's dtypes and quantization."""
+    from layerscope.estimate.allocator import model_build_ops
+    from layerscope.estimate.memory import _step_of, memory_of
+
+    model = build("llama", "meta")
+
+    def adapters(setup, made):
+        return [(-(-n * made // 512) * 512, -(-n * b // 512) * 512)
+                for n, b, _ in _step_of(setup).trainable_tensors]
+
+    # an unquantized base builds as main's model_build_ops: every parameter in the
+    # precision's dtype, adapters made in it and re-made in fp32
+    plain = TrainingSetup(model, lora=8, batch_size=2, seq_len=32)
+    assert _normalised(_step_of(plain).build) == _normalised(
+        model_build_ops(model, 4, adapters(plain, 4)))
+    # a bf16 base: the same with 2 bytes per base element (adapters made in bf16)
+    bf16 = plain.replace(base_dtype="bf16")
+    assert _normalised(_step_of(bf16).build) == _normalised(
+        model_build_ops(model, 2, adapters(bf16, 2)))
+
+    # QLoRA over a base loaded in bf16: 28 quantized weights, each loaded in bf16 then
+    # dropped; prepare_model_for_kbit_training re-makes the embedding, 9 norms and the head
+    # in fp32 (11 frees); fp32 adapters made in fp32 (peft keeps a non-floating base's dtype)
+    qlora = plain.replace(quantization="nf4", base_dtype="bf16")
+    ops = _step_of(qlora).build
+    assert sum(1 for _, size in ops if size == 0) == 28 + 11
+    assert sum(1 for _, size in ops if size == 2 * 64 * 128) == 3 * 4  # gate, up, down in bf16
+    live: dict[int, int] = {}
+    for h, size in ops:
+        if size:
+            live[h] = size
+        else:
+            del live[h]
+    assert sum(live.values()) == memory_of(qlora).weights_bytes

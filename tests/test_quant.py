@@ -16,6 +16,7 @@ import torch
 from layerscope.estimate.quant import (
     linear4bit_storage,
     linear8bit_storage,
+    load_allocations,
     memory_footprint,
     quantized_base,
 )
@@ -66,6 +67,31 @@ def test_int8_layer_bytes_written_out():
     s = linear8bit_storage(1024, 4096)  # k_proj: int8 weight and one fp32 scale per row
     assert dict(s.tensors) == {"weight": 1024 * 4096, "SCB": 1024 * 4}
     assert s.allocated_bytes == 4_194_304 + 4096
+
+
+def test_load_allocations_written_out():
+    """What quantizing a 4096 x 4096 weight on load allocates, in bitsandbytes' order."""
+    n = 4096 * 4096
+    # nf4: the bf16 weight moved to the GPU, the fp32 absmax (one per 64), the packed weight,
+    # the 64-byte code table (a 512-byte block); the bf16 weight is dropped afterwards
+    assert load_allocations(Quantization("nf4"), 4096, 4096, torch.bfloat16) == (
+        (2 * n, False), (4 * n // 64, True), (n // 2, True), (512, True))
+    # double quant: the offset (0-dim fp32), the shifted fp32 absmax (a temporary), then
+    # quantize_blockwise's 1024 second-level fp32 absmax, the 262144 uint8 absmax and the
+    # copied 256-entry map; the fp32 absmax, the temporary and the weight are dropped
+    assert load_allocations(Quantization("nf4", double_quant=True), 4096, 4096,
+                            torch.bfloat16) == (
+        (2 * n, False), (4 * n // 64, False), (n // 2, True), (512, True), (512, True),
+        (4 * n // 64, False), (4096, True), (n // 64, True), (1024, True))
+    # int8: the weight moved in fp16, one fp32 scale per row, then the int8 weight
+    assert load_allocations(Quantization("int8"), 1024, 4096, torch.bfloat16) == (
+        (2 * 1024 * 4096, False), (4096, True), (1024 * 4096, True))
+    # what is kept is the layer's storage
+    for q in (Quantization("nf4"), Quantization("fp4", double_quant=True), Quantization("int8")):
+        kept = sum(b for b, k in load_allocations(q, 1024, 4096, torch.float32) if k)
+        storage = linear8bit_storage(1024, 4096) if q.method == "int8" else linear4bit_storage(
+            1024, 4096, double_quant=q.double_quant)
+        assert kept == storage.allocated_bytes
 
 
 def _llama_linears():

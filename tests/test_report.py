@@ -134,7 +134,8 @@ def test_a_quantized_base_is_its_own_bar_segment_and_table_row():
     from layerscope.render.console import component_rows
 
     gib = 2**30
-    e = {"peak_bytes": 40 * gib, "peak_phase": "backward", "required_bytes": 44 * gib,
+    e = {"peak_bytes": 40 * gib, "peak_phase": "backward", "reserved_bytes": 43 * gib,
+         "required_bytes": 43 * gib + 512 * 2**20,
          "weights_bytes": 10 * gib, "quantized_base_bytes": 6 * gib,
          "optimizer_state_bytes": 20 * gib, "gradient_bytes": 5 * gib,
          "optimizer_temporary_bytes": 4 * gib, "activation_bytes": gib, "logits_bytes": gib,
@@ -143,6 +144,8 @@ def test_a_quantized_base_is_its_own_bar_segment_and_table_row():
     assert segments[:3] == [("quantized base", 6 * gib), ("other weights", 4 * gib),
                             ("optimizer states", 20 * gib)]
     assert sum(v for _, v in segments) == e["required_bytes"]
+    assert segments[-2:] == [("allocator cache (reserved, not in use)", 3 * gib),
+                             ("CUDA context", 512 * 2**20)]
     f = {**e, "quantized_base_bytes": 0, "paged_optimizer_bytes": 0}
     rows = component_rows(e, f)
     assert rows[:2] == [("quantized base", 6 * gib, 0), ("other weights", 4 * gib, 10 * gib)]
