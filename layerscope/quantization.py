@@ -102,11 +102,14 @@ class Quantization:
                 f"bnb_4bit_quant_storage must be one of {_names(QUANT_STORAGE_DTYPES)}, got "
                 f"{self.quant_storage!r}"
             )
-        if self.skip_modules is not None and not all(
-                isinstance(s, str) and s for s in self.skip_modules):
+        skip = self.skip_modules
+        if skip is not None and (not isinstance(skip, (list, tuple)) or not all(
+                isinstance(s, str) and s for s in skip)):
             raise EstimateError(
-                f"llm_int8_skip_modules must be a list of module names, got {self.skip_modules!r}"
+                f"llm_int8_skip_modules must be a list of module names, got {skip!r}"
             )
+        if isinstance(skip, list):  # hashable, as a setting must be
+            object.__setattr__(self, "skip_modules", tuple(skip))
         threshold = self.int8_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
             raise EstimateError(f"llm_int8_threshold must be a number >= 0, got {threshold!r}")

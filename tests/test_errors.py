@@ -49,6 +49,7 @@ VALID: dict[str, Callable[[], Any]] = {
     "peak_flops": lambda: {"bf16": 1e15}, "memory_bandwidth": lambda: 2e12, "sm_count": lambda: 100,
     "unfreezer": lambda: layerscope.GradualUnfreezer(_model(), 3, verbose=False),
     "config": lambda: {"zero_optimization": {"stage": 2}},
+    "method": lambda: "nf4",
 }
 FLAGS = {"case_sensitive", "freeze_embed", "include_params", "show_all", "trust_remote_code",
          "strict", "freeze_embeddings", "verbose", "gradient_checkpointing", "inference"}
