@@ -50,6 +50,7 @@ class Walk:
         ckpt: gradient checkpointing of every block.
         training: a training step (dropout on, loss computed).
         padded: the batch carries padding (an attention mask).
+        lora_bytes: bytes per adapter element (fp32 unless the setup keeps them in bf16).
     """
 
     w: Work
@@ -62,7 +63,12 @@ class Walk:
     ckpt: bool = False
     training: bool = True
     padded: bool = False
+    lora_bytes: int = 4
     heads: attn.Heads = field(init=False)
+    marks: list[tuple[int, str, int | None]] = field(init=False, default_factory=list)
+    """Where each part of the step starts in ``w.items``: ``(index, phase, block)``, block
+    None for what lies outside the blocks (embeddings, head, loss); a recomputation is marked
+    as its block's backward. Read by :func:`~layerscope.estimate.roofline.spans`."""
 
     def __post_init__(self) -> None:
         m = self.m
@@ -82,9 +88,9 @@ class Walk:
 
     @property
     def adapter_bytes(self) -> int:
-        """PEFT upcasts bf16/fp16 adapters to fp32 (``autocast_adapter_dtype=True``); under
-        autocast their matmuls still run in bf16."""
-        return self.prec.act_bytes if self.prec.autocast else 4
+        """PEFT upcasts bf16/fp16 adapters to fp32 (``autocast_adapter_dtype=True``) unless the
+        setup keeps them in bf16 (``lora_bytes``); under autocast their matmuls run in bf16."""
+        return self.prec.act_bytes if self.prec.autocast else self.lora_bytes
 
     def block_trainable(self, b: int, g: Gemm) -> bool:
         return f"{self.m.prefixes[b]}.{g.param}" in self.trainable
@@ -98,6 +104,10 @@ class Walk:
     @property
     def rank(self) -> int:
         return self.adapters.rank if self.adapters is not None else 0
+
+    def mark(self, phase: str, block: int | None) -> None:
+        """What follows belongs to ``block`` (None: outside the blocks) in ``phase``."""
+        self.marks.append((len(self.w.items), phase, block))
 
     def _phase(self, label: str) -> None:
         self.w.label = label
@@ -130,12 +140,14 @@ class Walk:
     def forward(self) -> None:
         """The whole forward (and the loss, in training)."""
         self._phase("forward")
+        self.mark("forward", None)
         self.embeddings_forward()
         windows = set(self.m.sliding) or {None}
         if self.m.heads:
             attn.mask_creation(self.w, self.m.attn_implementation, self.batch, self.seq,
                                windows, self.padded)
         for b in range(len(self.m.prefixes)):
+            self.mark("forward", b)
             if self.ckpt and self.training:
                 self.w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
             before = len(self.w.items)
@@ -143,6 +155,7 @@ class Walk:
             if self.ckpt and self.training:  # the saved-tensor pack hooks, in Python
                 kernels = sum(k.count for k in self.w.items[before:])
                 self.w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED / 3)
+        self.mark("forward", None)
         self.outside_forward()
         if self.training and self.m.has_loss:
             self.w.stream(self.tokens * self.m.vocab * (self.prec.act_bytes + 12),
@@ -249,6 +262,7 @@ class Walk:
         floor = self.gradient_floor()
         upstream = floor is not None  # gradients flow below the head
         self._phase("backward")
+        self.mark("backward", None)
         if m.has_loss:
             w.stream(tokens * m.vocab * (20 + ab), LOSS_BACKWARD_KERNELS)
             if m.logit_softcap:
@@ -266,6 +280,7 @@ class Walk:
         for b in reversed(range(len(m.prefixes))):
             if floor is None or b < floor:
                 continue
+            self.mark("backward", b)
             if self.ckpt:
                 self._phase("recompute")
                 w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
@@ -275,6 +290,7 @@ class Walk:
                 self._phase("backward")
                 w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED * 2 / 3)  # recompute pack, unpack
             self.block_backward(b)
+        self.mark("backward", None)
         for name, rows, width in m.embeddings:
             if name in self.trainable:  # embedding_dense_backward: zero-fill, sort, scatter-add
                 w.stream(rows * width * wb + tokens * width * (prec.stream_bytes + 8), 5)
