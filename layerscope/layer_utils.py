@@ -231,7 +231,8 @@ def estimate_training_time(
     :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is then ignored), with
     ``plan`` and ``**settings`` (``seq_len``, ``precision``, ``distributed``, ...: as for
     ``estimate_memory``) describing the step; on more than one GPU it includes the strategy's
-    communication that compute waits for (DDP when no strategy is named). ``gpu_hours = total_hours * num_gpus``;
+    communication that compute waits for (DDP when no strategy is named).
+    ``gpu_hours = total_hours * num_gpus``;
     ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the catalogue's (None
     when neither is known). ``num_gpus`` (a setting, 1 by default) may be given without a
     ``gpu``.
