@@ -116,6 +116,10 @@ def _check_names(args: argparse.Namespace) -> None:
         resolve_precision,
     )
 
+    if getattr(args, "fabric", None) is not None:
+        from layerscope.estimate.hardware import get_fabric
+
+        get_fabric(args.fabric)
     if args.precision is not None:
         resolve_precision(args.precision)
     if args.optimizer is not None:
@@ -136,7 +140,7 @@ def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
     name = default if args.gpu is None else args.gpu  # "" is an unknown GPU, not "no GPU"
     if name is None:
         return None
-    gpu = get_gpu(name)
+    gpu = get_gpu(name).with_fabric(getattr(args, "fabric", None))
     price = getattr(args, "price_per_hour", None)
     return gpu if price is None else gpu.with_price(price)
 
@@ -447,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accelerate-config", metavar="YAML",
                        help="an accelerate config (`accelerate config`): distributed type, "
                        "processes, FSDP/DeepSpeed settings, mixed precision")
+        add_fabric(p)
+
+    def add_fabric(p: argparse.ArgumentParser) -> None:
+        from layerscope.estimate.hardware import fabrics
+
+        p.add_argument("--fabric", metavar="NET",
+                       help=f"the network between nodes: {', '.join(fabrics())} (default: the "
+                       "GPU's in the catalogue, e.g. infiniband-ndr for h100)")
 
     def add_output(p: argparse.ArgumentParser, gate: bool = True) -> None:
         p.add_argument("--json", action="store_true",

@@ -21,6 +21,7 @@ from typing import Any
 
 from layerscope.errors import StructureError
 from layerscope.estimate.band import BAND_COVERAGE
+from layerscope.estimate.comm import CommTime
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.memory import (
@@ -141,7 +142,7 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
 
 def gpu_dict(gpu: GPU) -> dict[str, Any]:
     return {"name": gpu.name, "full_name": gpu.full_name, "memory_bytes": gpu.memory_bytes,
-            "price_per_hour": gpu.price_per_hour}
+            "price_per_hour": gpu.price_per_hour, "fabric": gpu.fabric}
 
 
 def assumptions_dict() -> dict[str, Any]:
@@ -149,6 +150,25 @@ def assumptions_dict() -> dict[str, Any]:
         "cuda_context_bytes": CUDA_CONTEXT_BYTES,
         "rule": "fits when the memory the caching allocator reserves (simulated) + "
                 f"{CUDA_CONTEXT_BYTES >> 20} MiB (CUDA context) <= the GPU's total memory (nvidia-smi)",
+    }
+
+
+def communication_dict(comm: CommTime | None) -> dict[str, Any] | None:
+    """A step's communication (None on one GPU): the setting, what compute waited for, and per
+    kind of transfer its bytes (full tensor sizes, summed), its seconds (overlapped or not)
+    and the seconds compute waited for it."""
+    if comm is None:
+        return None
+    return {
+        "strategy": comm.strategy, "num_gpus": comm.num_gpus, "nodes": comm.nodes,
+        "offload": comm.offload, "intra_node": comm.intra_node,
+        "fabric": comm.fabric if comm.nodes > 1 else None,
+        "exposed_seconds": comm.exposed_seconds, "compute_seconds": comm.compute_seconds,
+        "optimizer_seconds": comm.optimizer_seconds, "cpu_optimizer": comm.cpu_optimizer,
+        "transfers": {kind: {"bytes": comm.bytes_of(kind), "seconds": comm.seconds_of(kind),
+                             "exposed_seconds": comm.exposed_of(kind),
+                             "count": sum(t.op == kind for t in comm.transfers)}
+                      for kind in comm.kinds},
     }
 
 
@@ -163,6 +183,7 @@ def step_dict(step: StepTime | None) -> dict[str, Any] | None:
         "backward_seconds": step.backward.seconds, "recompute_seconds": step.recompute.seconds,
         "optimizer_seconds": step.optimizer.seconds, "flops": step.flops, "tokens": step.tokens,
         "tokens_per_second": step.tokens_per_second, "gpu": step.assumptions.gpu,
+        "communication": communication_dict(step.communication),
     }
 
 
@@ -275,6 +296,7 @@ class Alternative:
     margin_bytes: int
     step_seconds: float | None
     time_per_token_ratio: float | None
+    communication_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -284,6 +306,7 @@ class Alternative:
             "required_bytes": self.estimate.required_bytes(), "fits": self.fits,
             "margin_bytes": self.margin_bytes, "step_seconds": self.step_seconds,
             "time_per_token_ratio": self.time_per_token_ratio,
+            "exposed_communication_seconds": self.communication_seconds,
         }
 
 
@@ -338,16 +361,25 @@ def _single_changes(setup: TrainingSetup) -> list[Change]:
     return out
 
 
+def _step_time(setup: TrainingSetup, gpu: GPU) -> StepTime | None:
+    """The step's time, or None for a multi-GPU setup on a GPU whose links are unknown (a
+    hand-made ``GPU`` without NVLink or PCIe figures): its memory is still estimated."""
+    if setup.num_gpus != 1 and (gpu.intra_node_bandwidth is None or gpu.pcie_bandwidth is None):
+        return None
+    return step_time_of(setup, gpu)
+
+
 def _alternative(ctx: Context, change: Change, gpu: GPU, base_step: StepTime | None,
                  note: str = "") -> Alternative:
     e = ctx.memory(change.setup)
-    step = step_time_of(change.setup, gpu)
+    step = _step_time(change.setup, gpu)
     slowdown = None
     if step is not None and base_step is not None:
         slowdown = base_step.tokens_per_second / step.tokens_per_second
     return Alternative(change.label + note, change.kind, change.setup, e,
                        e.fits(gpu.memory_bytes), gpu.memory_bytes - e.required_bytes(),
-                       None if step is None else step.seconds, slowdown)
+                       None if step is None else step.seconds, slowdown,
+                       0.0 if step is None else step.exposed_communication_seconds)
 
 
 def _smaller_batch(ctx: Context, change: Change, gpu: GPU, base_step: StepTime | None,

@@ -87,6 +87,7 @@ def test_deepspeed_and_accelerate_files(tmp_path: Path):
     (("--distributed", "ddp", "--offload", "params"), "not possible with distributed='ddp'"),
     (("--num-gpus", "0"), "0 must be >= 1"),
     (("--distributed", "tp"), "invalid choice: 'tp'"),
+    (("--fabric", "token-ring"), "unknown fabric 'token-ring'; known: ethernet-100g"),
 ])
 def test_bad_sharding_input_is_one_usage_line(args, message):
     code, _, err = main("estimate", MODEL, *args, "--seq-len", "128")
@@ -109,3 +110,33 @@ def test_a_run_too_big_for_one_gpu_gets_the_fewest_gpus_that_fit():
             from layerscope.estimate.memory import memory_of
 
             assert not memory_of(fewer).fits(tiny.memory_bytes)
+
+
+def test_time_of_a_sharded_run_shows_its_communication():
+    run = ("time", MODEL, "--batch-size", "2", "--samples", "1000", "--epochs", "1",
+           "--seq-len", "64", "--distributed", "fsdp", "--num-gpus", "16")
+    code, doc, err = main(*run, "--json")
+    assert code == 0, err
+    assert doc is not None
+    step, t = doc["training"]["step"], doc["training"]
+    comm = step["communication"]
+    assert (comm["strategy"], comm["num_gpus"], comm["nodes"]) == ("fsdp", 16, 2)
+    assert (comm["intra_node"], comm["fabric"]) == ("nvlink", "infiniband-ndr")
+    assert set(comm["transfers"]) == {"all-gather", "reduce-scatter"}
+    assert all(v["bytes"] > 0 and v["count"] > 0 for v in comm["transfers"].values())
+    total = step["forward_seconds"] + step["backward_seconds"] + step["recompute_seconds"]
+    assert step["seconds"] == pytest.approx(total + step["optimizer_seconds"]
+                                            + comm["exposed_seconds"])
+    assert t["total_steps"] == 32  # ceil(1000 / (2 x 16))
+    assert doc["gpu"]["fabric"] == "infiniband-ndr"
+    code, slow, err = main(*run, "--fabric", "ethernet-25g", "--json")
+    assert code == 0 and slow is not None, err
+    assert slow["training"]["step"]["communication"]["fabric"] == "ethernet-25g"
+    assert slow["training"]["step"]["seconds"] > step["seconds"]
+    code, _, err = main(*run)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(list(run))
+    text = out.getvalue()
+    assert "communication" in text and "exposed of" in text
+    assert "infiniband-ndr between 2 nodes" in text and "not modelled" not in text

@@ -185,17 +185,42 @@ def _gpu_line(doc: Mapping[str, Any]) -> str:
     return f"GPU: {t['num_gpus']} x {g['name']}, {g['full_name']}, {cost}"
 
 
+LINKS = {"nvlink": "NVLink", "pcie": "PCIe"}
+
+
+def communication_text(comm: Mapping[str, Any] | None) -> str | None:
+    """One line on a step's communication (None on one GPU): what compute waited for, what
+    moved over which links, and the CPU optimizer under offload."""
+    if comm is None:
+        return None
+    moved = ", ".join(f"{kind} {gib(t['bytes'])}" for kind, t in comm["transfers"].items())
+    total = sum(t["seconds"] for t in comm["transfers"].values())
+    links = f"{LINKS.get(comm['intra_node'], comm['intra_node'])} within a node"
+    if comm["nodes"] > 1:
+        links += f", {comm['fabric']} between {comm['nodes']} nodes"
+    text = (f"{_seconds(comm['exposed_seconds'])} exposed of {_seconds(total)} of transfers "
+            f"({moved or 'none'}; {links})")
+    if comm["cpu_optimizer"]:
+        text += (f"; optimizer on the CPU ({comm['cpu_optimizer']}): "
+                 f"{_seconds(comm['optimizer_seconds'])}")
+    return text
+
+
 def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
     """``layerscope time``: steps, step time, wall time, GPU-hours, cost, memory per GPU."""
     t, step, v = doc["training"], doc["training"]["step"], doc["verdict"]
     phases = [("forward", step["forward_seconds"]), ("backward", step["backward_seconds"]),
               ("recompute", step["recompute_seconds"]), ("optimizer", step["optimizer_seconds"])]
+    comm = step.get("communication")
+    if comm:
+        phases.append(("communication", comm["exposed_seconds"]))
     split = ", ".join(f"{name} {_seconds(s)}" for name, s in phases if s)
     fits = _paint("fits", GREEN, color) if v["fits"] else _paint("does not fit", RED, color)
     rows = [
         ("samples x epochs", f"{t['samples']:,} x {t['epochs']}"),
         ("steps", f"{t['total_steps']:,} ({t['steps_per_epoch']:,} per epoch)"),
         ("step time", f"{_seconds(step['seconds'])} ({split})"),
+        *([("communication", communication_text(comm))] if comm else []),
         ("likely range", f"{_seconds(step['low_seconds'])} - {_seconds(step['high_seconds'])} "
                          f"per step ({step['regime']})"),
         *([("average step", f"{_seconds(t['total_seconds'] / t['total_steps'])} "
@@ -212,8 +237,11 @@ def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
     ]
     note = ("Step time: a roofline estimate from the kernels' FLOPs and bytes against the GPU's "
             f"datasheet peaks;\nthe likely range is where {step['band_coverage']:.0%} of measured "
-            "steps of the same regime fell around the estimate;\ncommunication between GPUs is "
-            "not modelled.")
+            "steps of the same regime fell around the estimate (one-GPU steps).")
+    if comm:
+        note += ("\nCommunication: NCCL's cost model for each collective over the links, "
+                 "scheduled against this GPU's\ncompute as the strategy overlaps it; "
+                 "'exposed' is what compute waited for.")
     parts = [header_text(doc, per_gpu=True), _gpu_line(doc),
              tabulate(rows, tablefmt="plain", disable_numparse=True)]
     if t.get("lengths"):
