@@ -271,6 +271,21 @@ def _samples(args: argparse.Namespace) -> tuple[int, list[int] | None]:
     return len(lengths), lengths
 
 
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from layerscope.preflight import gpus_document
+    from layerscope.render.console import gpus_text
+
+    if args.epochs is not None and args.samples is None:
+        raise UsageError("--epochs needs --samples (the run's size)")
+    epochs = None if args.samples is None else (args.epochs or 1)
+    progress = Progress()
+    ctx, setup = _setup(args, progress)
+    doc = gpus_document(ctx, setup, args.samples, epochs, args.fabric)
+    progress.done()
+    _emit(args, doc.to_dict(), gpus_text)
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from layerscope.preflight import fit_document
     from layerscope.render.console import fit_text
@@ -512,6 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sharding(p)
     add_gpu(p, "the GPU to fit", required=True)
     add_output(p)
+
+    p = add("gpus", cmd_gpus, "for every GPU type, the fewest GPUs and the sharding that fit, "
+            "with step time and cost; cheapest first")
+    add_model(p)
+    add_plan(p)
+    add_step(p)
+    p.add_argument("--samples", type=_positive_int, metavar="N",
+                   help="training samples per epoch: adds wall time and cost (default: cost of "
+                   "a million tokens)")
+    p.add_argument("--epochs", type=_positive_int, metavar="E",
+                   help="passes over the samples (default 1)")
+    p.add_argument("--gpus-per-node", type=_positive_int, metavar="G",
+                   help="GPUs per node (default 8)")
+    add_fabric(p)
+    add_output(p, gate=False)
 
     p = add("report", cmd_report, "a self-contained HTML report: structure, memory, time, cost")
     add_model(p)

@@ -21,6 +21,10 @@ from typing import Any
 
 from layerscope.errors import StructureError
 from layerscope.estimate.band import BAND_COVERAGE
+from layerscope.estimate.choose import GPU_COUNTS as GPU_COUNTS_TRIED
+from layerscope.estimate.choose import OFFLOADS as OFFLOADS_TRIED
+from layerscope.estimate.choose import STRATEGIES as STRATEGIES_TRIED
+from layerscope.estimate.choose import GpuChoice, Tried, choose_gpus
 from layerscope.estimate.comm import CommTime
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.lengths import StrategyTime, run_times
@@ -644,6 +648,70 @@ def fit_document(ctx: Context, setup: TrainingSetup, gpu: GPU) -> FitDocument:
     if not best:
         found = tuple(suggestions(ctx, setup.replace(batch_size=1), gpu))
     return FitDocument(ctx.header("fit", setup), gpu, best, at, above, step, found)
+
+
+def tried_dict(t: Tried) -> dict[str, Any]:
+    """One setting the GPU search tried: its flags, whether it fits, what it needs."""
+    return {"change": t.label, "distributed": t.setup.distributed, "num_gpus": t.setup.num_gpus,
+            "offload": t.setup.offload, "gradient_checkpointing": t.setup.gradient_checkpointing,
+            "fits": t.fits, "estimated": t.memory is not None,
+            "required_bytes": t.required_bytes,
+            "step_seconds": None if t.step is None else t.step.seconds}
+
+
+def choice_dict(c: GpuChoice) -> dict[str, Any]:
+    """A GPU type's answer: the setting chosen (None when nothing fits), why, its per-GPU
+    memory, its step, throughput of all its GPUs, cost, and what else was tried."""
+    chosen = c.chosen
+    run = c.run
+    return {
+        "gpu": gpu_dict(c.gpu),
+        "fits": chosen is not None,
+        "num_gpus": c.num_gpus,
+        "change": None if chosen is None else chosen.label,
+        "settings": None if chosen is None else chosen.setup.to_dict(),
+        "reason": c.reason,
+        "estimate": None if chosen is None or chosen.memory is None
+        else estimate_dict(chosen.memory),
+        "step": None if chosen is None else step_dict(chosen.step),
+        "tokens_per_second": c.tokens_per_second,
+        "cost_per_million_tokens": c.cost_per_million_tokens,
+        "run": None if run is None else {
+            "samples": run.num_samples, "epochs": run.epochs, "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total_steps, "total_seconds": run.total_seconds,
+            "gpu_hours": run.gpu_hours, "price_per_hour": run.price_per_hour, "cost": run.cost},
+        "closest_below": None if c.fewer is None else tried_dict(c.fewer),
+        "tried": [tried_dict(t) for t in c.tried],
+    }
+
+
+@dataclass(frozen=True)
+class GpusDocument:
+    """``layerscope gpus``: for every GPU type, the fewest GPUs and the setting that fit,
+    cheapest first."""
+
+    header: Header
+    choices: tuple[GpuChoice, ...]
+    samples: int | None
+    epochs: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "assumptions": {**assumptions_dict(), "gpu_counts": list(GPU_COUNTS_TRIED),
+                            "strategies": list(STRATEGIES_TRIED),
+                            "offloads": [list(o) for o in OFFLOADS_TRIED]},
+            "run": None if self.samples is None else {"samples": self.samples,
+                                                      "epochs": self.epochs},
+            "gpus": [choice_dict(c) for c in self.choices],
+        }
+
+
+def gpus_document(ctx: Context, setup: TrainingSetup, samples: int | None, epochs: int | None,
+                  fabric: str | None = None) -> GpusDocument:
+    choices = choose_gpus(setup, num_samples=samples, num_epochs=epochs, fabric=fabric,
+                          progress=ctx.progress)
+    return GpusDocument(ctx.header("gpus", setup), choices, samples, epochs)
 
 
 def structure(setup: TrainingSetup) -> list[dict[str, Any]]:

@@ -291,3 +291,59 @@ def fit_text(doc: Mapping[str, Any], color: bool = False) -> str:
     if doc["suggestions"]:
         lines += ["", suggestions_text(doc)]
     return "\n".join(lines)
+
+
+def _setting(c: Mapping[str, Any]) -> str:
+    """A chosen setting in a few words: ``zero3 + checkpointing``, ``one GPU``."""
+    s = c["settings"]
+    words = [s["distributed"] or "one GPU"]
+    if s["offload"]:
+        words.append(f"offload {s['offload']}")
+    if s["gradient_checkpointing"]:
+        words.append("checkpointing")
+    return " + ".join(words)
+
+
+def gpus_text(doc: Mapping[str, Any], color: bool = False) -> str:
+    """``layerscope gpus``: per GPU type the fewest GPUs that fit, how, and what it costs."""
+    run = doc["run"]
+    offloads = any(c["fits"] and c["settings"]["offload"] for c in doc["gpus"])
+    rows = []
+    for c in doc["gpus"]:
+        g = c["gpu"]
+        if not c["fits"]:
+            rows.append((g["name"], _paint("none", RED, color), "nothing fits", "", "", "", "",
+                         *([""] if offloads else [])))
+            continue
+        e, step = c["estimate"], c["step"]
+        memory = f"{gib(e['required_bytes'])} of {gib(g['memory_bytes'])}"
+        tail: tuple[str, ...]
+        if run is not None:
+            r = c["run"]
+            money = ("no price" if r["cost"] is None else f"${r['cost']:,.2f}")
+            tail = (format_duration(r["total_seconds"]), money)
+        else:
+            per = c["cost_per_million_tokens"]
+            tail = ("no price" if per is None else f"${per:,.2f}",)
+        rows.append((g["name"], str(c["num_gpus"]), _setting(c), memory,
+                     _seconds(step["seconds"]), f"{c['tokens_per_second']:,.0f}", *tail,
+                     *([gib(e["host_bytes"]) if e["host_bytes"] else ""] if offloads else [])))
+    money_headers = (("wall time", "cost") if run is not None else ("per 1M tokens",))
+    headers = ("GPU", "GPUs", "setting", "memory per GPU (needed)", "step", "tokens/s",
+               *money_headers, *(["CPU per node"] if offloads else []))
+    table = tabulate(rows, headers=headers, disable_numparse=True)
+    size = (f" for {run['samples']:,} samples x {run['epochs']} epoch(s)" if run is not None
+            else "; cost of a million training tokens")
+    why = "\n".join(f"  {c['gpu']['name']}: {c['reason']}" for c in doc["gpus"])
+    a = doc["assumptions"]
+    tried = (f"Tried: one GPU, then {', '.join(a['strategies'])} on "
+             f"{', '.join(str(n) for n in a['gpu_counts'][1:])} GPUs, each without and with "
+             "gradient checkpointing;\noffload (" + ", ".join(f"{s} {o}" for s, o in a["offloads"])
+             + ") only where nothing else fits. At the fewest count that fits, the fastest step "
+             "wins.")
+    return "\n\n".join([
+        header_text(doc, per_gpu=True),
+        f"Fewest GPUs of each type that fit, cheapest first{size}:\n{table}",
+        f"Why:\n{why}",
+        tried + "\n" + rule_text(doc),
+    ])
