@@ -23,9 +23,10 @@ measured them; its README explains every field) and, for each point:
    the CUDA context; a total over GPUs = per-GPU x GPUs; GiB, GB or MiB as published), its
    error, and the median and worst |error| per group and overall.
 
-A second table does the same for the published throughputs that layerscope can express, with
-the step time of :mod:`layerscope.estimate.time` plus the communication of
-:mod:`layerscope.estimate.comm`.
+A second table does the same for the published throughputs that layerscope can express
+(``metric`` or ``paired_metric``: tokens/s per GPU, or a total over GPUs divided by them), with
+the step time of :mod:`layerscope.estimate.time`, which includes the communication of a
+data-parallel strategy (:mod:`layerscope.estimate.comm`).
 
 Choices where a record leaves room (each printed with the point it affects):
 - a statistic that is not stated is taken as reserved (``torch.cuda.max_memory_reserved``,
@@ -598,52 +599,63 @@ def nearest_today(run: Run) -> tuple[Run, list[str]]:
 
 
 # -- the step-time table --------------------------------------------------------------------------
-def time_run(p: dict[str, Any]) -> tuple[float, str] | str:
-    """(estimated tokens/s per GPU, note) for a throughput point, or why it is not expressible."""
-    metric = str(p["metric"])
-    if "tokens_per_sec_per_gpu" not in metric:
-        return "no published throughput"
+TIME_FEATURES = {"distributed", "offload", "quantization", "base_dtype", "lora_dtype",
+                 "gradient_accumulation", "attn_implementation"}
+"""Pending features that change a step's time (``reserved_bytes`` does not)."""
+
+
+def throughput(p: dict[str, Any], metric: str, value: float) -> tuple[float, list[str]] | str:
+    """The published throughput as tokens/s per GPU, with its assumptions, or why not."""
+    gpus = int(p["num_gpus"] or 1)
+    seq, _ = _seq_len(p["seq_len"])
+    if "tokens_per_sec_per_gpu" in metric or "tokens_per_gpu_per_sec" in metric:
+        return value, []
+    m = re.search(r"tokens_per_sec_total_(\d+)gpu", metric)
+    if m:
+        return value / int(m.group(1)), [f"a total over {m.group(1)} GPUs, divided by them"]
+    if metric.startswith("tokens_per_sec"):
+        return value, ["tokens/s taken as per GPU (torchtune logs tokens_per_second_per_gpu)"]
+    if metric == "train_samples_per_second" and seq is not None:
+        return value * seq / gpus, ["the Trainer's samples/s over every GPU, x seq_len tokens"]
+    if metric.startswith("step_time_s_per_iter"):
+        return "an iteration of 8 accumulated micro-batches (pending: gradient_accumulation)"
+    return f"no throughput understood ({metric})"
+
+
+def time_run(p: dict[str, Any], metric: str, value: float) -> tuple[float, float, str] | str:
+    """(published tokens/s per GPU, estimated tokens/s per GPU, note) for a throughput point,
+    or why it is not expressible (the step from ``estimate_step_time`` with every setting the
+    memory table passes: strategy, GPUs, LoRA, precision; communication included)."""
+    published = throughput(p, metric, value)
+    if isinstance(published, str):
+        return published
+    per_gpu, notes = published
     stripped = dict(p, metric="peak_memory_GiB")  # judge the setting, not the figure
     run = translate(stripped)
     if isinstance(run, Verdict):
         return "; ".join(run.reasons)
+    missing = [f for f in run.features() if (f in TIME_FEATURES or f.startswith("optimizer:"))
+               and not supported(f)]
+    if missing:
+        return "pending: " + ", ".join(missing)
     if run.gpu is None:
         return f"GPU not in the catalogue ({p['gpu']})"
-    from layerscope.build import as_model
-    from layerscope.estimate.comm import (
-        CommSettings,
-        communication_time,
-        parameter_units,
-        rank_work,
-        topology,
-    )
     from layerscope.estimate.time import estimate_step_time
-    from layerscope.scan import scan
 
     model = skeleton(run.preset, run.architecture)
-    precision = "bf16-true" if run.precision == "bf16-mixed" and run.distributed else run.precision
-    step = estimate_step_time(model, batch_size=run.batch_size, seq_len=run.seq_len,
-                              precision=precision, optimizer=run.optimizer,
-                              gradient_checkpointing=run.gradient_checkpointing,
-                              **({"attn_implementation": run.attn} if run.attn else {}),
-                              gpu=run.gpu)
-    seconds, note = step.seconds, "one GPU"
-    if run.distributed:
-        s = scan(as_model(model))
-        trainable = {q.name for q in s.params}  # pre-training: everything trains
-        params, grads, root, root_grads = parameter_units(s, trainable)
-        work = rank_work(step.forward.seconds, step.backward.seconds + step.recompute.seconds,
-                         2 * step.optimizer.device_seconds, step.optimizer.host_seconds,
-                         params, grads, root, root_grads)
-        # FSDP2 mixed precision (torchtitan): bf16 gathers, fp32 gradient reduction and state
-        comm = communication_time(work, CommSettings(run.distributed, run.num_gpus,
-                                                     param_bytes=2, grad_bytes=4),
-                                  topology(run.gpu, run.num_gpus))
-        seconds = comm.seconds
-        note = (f"{run.distributed} x{run.num_gpus}: compute {comm.compute_seconds:.2f} s, "
-                f"exposed comm {comm.exposed_seconds:.3f} s, optimizer "
-                f"{comm.optimizer_seconds:.3f} s")
-    return run.batch_size * run.seq_len / seconds, note
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step = estimate_step_time(model, gpu=run.gpu, **settings(run))
+    if not isinstance(p["seq_len"], int):  # e.g. "<=512": batches padded to their longest
+        return (f"batches padded to their longest, under {run.seq_len} tokens: the mean length, "
+                f"which sets the throughput, is not stated (at {run.seq_len} tokens: "
+                f"{step.tokens_per_second:.0f} tokens/s per GPU, "
+                f"{100 * (step.tokens_per_second - per_gpu) / per_gpu:+.0f}%)")
+    c = getattr(step, "communication", None)  # None: one GPU, or a layerscope without it
+    note = "one GPU" if c is None else (
+        f"{c.strategy} x{c.num_gpus}: compute {c.compute_seconds:.2f} s, exposed comm "
+        f"{c.exposed_seconds:.3f} s, optimizer {c.optimizer_seconds:.3f} s")
+    return per_gpu, step.tokens_per_second, "; ".join([note, *notes])
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -696,6 +708,7 @@ def main() -> int:
     for i, p in enumerate(points):
         if args.filter and args.filter not in p["group"] and args.filter not in p["model"]:
             continue
+        times.append((i, p))
         verdict = judge(p)
         published = f"{p['value']:g}"
         if isinstance(verdict, Verdict):
@@ -728,7 +741,6 @@ def main() -> int:
                          f"{published} {verdict.unit} {verdict.statistic}"
                          + (" (sum)" if verdict.summed else ""), f"{value:.2f}", f"{err:+.1f}%",
                          "; ".join(verdict.assumptions) if args.verbose else ""])
-        times.append((i, p))
     print(tabulate(rows, headers=["#", "group", "setting", "published", "estimate", "error",
                                   "status / assumptions"]))
     print()
@@ -771,21 +783,22 @@ def main() -> int:
     print()
     trows, terrs = [], []
     for i, p in times:
-        if "tokens_per_sec" not in str(p.get("metric")) and "tokens_per_sec_per_gpu" not in str(
-                p.get("paired_metric")):
-            continue
-        q = p if "tokens_per_sec_per_gpu" in str(p["metric"]) else dict(
-            p, metric=p["paired_metric"], value=p["paired_value"])
-        result = time_run(q)
-        if isinstance(result, str):
-            trows.append([i, p["group"], q["value"], "", "", f"not expressible: {result}"])
-            continue
-        tps, note = result
-        err = 100 * (tps - q["value"]) / q["value"]
-        terrs.append(err)
-        trows.append([i, p["group"], q["value"], f"{tps:.0f}", f"{err:+.1f}%", note])
-    print("Throughput (tokens/s per GPU): estimate_step_time + comm.communication_time")
-    print(tabulate(trows, headers=["#", "group", "published", "estimate", "error", "note"]))
+        pair = [(str(p["metric"]), p["value"])] if "tokens_per_sec" in str(p["metric"]) else []
+        if p.get("paired_metric"):
+            pair.append((str(p["paired_metric"]), p["paired_value"]))
+        for metric, value in pair:
+            result = time_run(p, metric, float(value))
+            if isinstance(result, str):
+                trows.append([i, p["group"], f"{value:g}", "", "", "", f"not compared: {result}"])
+                continue
+            published, tps, note = result
+            err = 100 * (tps - published) / published
+            terrs.append(err)
+            trows.append([i, p["group"], f"{value:g}", f"{published:.0f}", f"{tps:.0f}",
+                          f"{err:+.1f}%", note])
+    print("Throughput (tokens/s per GPU): estimate_step_time, communication included")
+    print(tabulate(trows, headers=["#", "group", "published", "per GPU", "estimate", "error",
+                                   "note"]))
     if terrs:
         print(tabulate([["time", *_summary(terrs)]], headers=[
             "", "points", "median |error|", "worst |error|", "within 10%", "within 25%"]))

@@ -15,6 +15,7 @@ from layerscope.errors import (
     PlanError,
     StructureError,
 )
+from layerscope.estimate.choose import choose_gpus
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.memory import (
     MemoryEstimate,
@@ -82,6 +83,7 @@ __all__ = [
     "TrainingSetup",
     "__version__",
     "apply_plan",
+    "choose_gpus",
     "empty_model",
     "estimate_memory",
     "estimate_memory_savings",

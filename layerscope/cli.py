@@ -117,6 +117,10 @@ def _check_names(args: argparse.Namespace) -> None:
         resolve_precision,
     )
 
+    if getattr(args, "fabric", None) is not None:
+        from layerscope.estimate.hardware import get_fabric
+
+        get_fabric(args.fabric)
     if args.precision is not None:
         resolve_precision(args.precision)
     if args.optimizer is not None:
@@ -159,7 +163,7 @@ def _gpu(args: argparse.Namespace, default: str | None = None) -> Any:
     name = default if args.gpu is None else args.gpu  # "" is an unknown GPU, not "no GPU"
     if name is None:
         return None
-    gpu = get_gpu(name)
+    gpu = get_gpu(name).with_fabric(getattr(args, "fabric", None))
     price = getattr(args, "price_per_hour", None)
     return gpu if price is None else gpu.with_price(price)
 
@@ -289,6 +293,21 @@ def _samples(args: argparse.Namespace) -> tuple[int, list[int] | None]:
         raise UsageError(f"--samples {args.samples} but --lengths {args.lengths} holds "
                          f"{len(lengths)} counts (one per example)")
     return len(lengths), lengths
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from layerscope.preflight import gpus_document
+    from layerscope.render.console import gpus_text
+
+    if args.epochs is not None and args.samples is None:
+        raise UsageError("--epochs needs --samples (the run's size)")
+    epochs = None if args.samples is None else (args.epochs or 1)
+    progress = Progress()
+    ctx, setup = _setup(args, progress)
+    doc = gpus_document(ctx, setup, args.samples, epochs, args.fabric)
+    progress.done()
+    _emit(args, doc.to_dict(), gpus_text)
+    return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -483,6 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accelerate-config", metavar="YAML",
                        help="an accelerate config (`accelerate config`): distributed type, "
                        "processes, FSDP/DeepSpeed settings, mixed precision")
+        add_fabric(p)
+
+    def add_fabric(p: argparse.ArgumentParser) -> None:
+        from layerscope.estimate.hardware import fabrics
+
+        p.add_argument("--fabric", metavar="NET",
+                       help=f"the network between nodes: {', '.join(fabrics())} (default: the "
+                       "GPU's in the catalogue, e.g. infiniband-ndr for h100)")
 
     def add_output(p: argparse.ArgumentParser, gate: bool = True) -> None:
         p.add_argument("--json", action="store_true",
@@ -536,6 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sharding(p)
     add_gpu(p, "the GPU to fit", required=True)
     add_output(p)
+
+    p = add("gpus", cmd_gpus, "for every GPU type, the fewest GPUs and the sharding that fit, "
+            "with step time and cost; cheapest first")
+    add_model(p)
+    add_plan(p)
+    add_step(p)
+    p.add_argument("--samples", type=_positive_int, metavar="N",
+                   help="training samples per epoch: adds wall time and cost (default: cost of "
+                   "a million tokens)")
+    p.add_argument("--epochs", type=_positive_int, metavar="E",
+                   help="passes over the samples (default 1)")
+    p.add_argument("--gpus-per-node", type=_positive_int, metavar="G",
+                   help="GPUs per node (default 8)")
+    add_fabric(p)
+    add_output(p, gate=False)
 
     p = add("report", cmd_report, "a self-contained HTML report: structure, memory, time, cost")
     add_model(p)

@@ -226,11 +226,13 @@ def estimate_training_time(
     """Steps, wall time, GPU-hours and cost of a run.
 
     ``total_steps = ceil(num_samples / (batch_size * num_gpus)) * num_epochs``: data parallel,
-    each of the ``num_gpus`` GPUs takes ``batch_size`` samples per step (gradient all-reduce
-    time is not modelled). Without ``gpu`` a step takes ``ms_per_step``; with one, the step
-    time comes from :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is
-    then ignored), with ``plan`` and ``**settings`` (``seq_len``, ``precision``, ...: as for
-    ``estimate_memory``) describing the step. ``gpu_hours = total_hours * num_gpus``;
+    each of the ``num_gpus`` GPUs takes ``batch_size`` samples per step. Without ``gpu`` a step
+    takes ``ms_per_step``; with one, the step time comes from
+    :func:`layerscope.estimate.time.estimate_step_time` (``ms_per_step`` is then ignored), with
+    ``plan`` and ``**settings`` (``seq_len``, ``precision``, ``distributed``, ...: as for
+    ``estimate_memory``) describing the step; on more than one GPU it includes the strategy's
+    communication that compute waits for (DDP when no strategy is named).
+    ``gpu_hours = total_hours * num_gpus``;
     ``cost = gpu_hours * price``, the price being ``price_per_hour`` or the catalogue's (None
     when neither is known). ``num_gpus`` (a setting, 1 by default) may be given without a
     ``gpu``.

@@ -21,6 +21,11 @@ from typing import Any
 
 from layerscope.errors import StructureError
 from layerscope.estimate.band import BAND_COVERAGE
+from layerscope.estimate.choose import GPU_COUNTS as GPU_COUNTS_TRIED
+from layerscope.estimate.choose import OFFLOADS as OFFLOADS_TRIED
+from layerscope.estimate.choose import STRATEGIES as STRATEGIES_TRIED
+from layerscope.estimate.choose import GpuChoice, Tried, choose_gpus
+from layerscope.estimate.comm import CommTime
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.memory import (
@@ -148,7 +153,7 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
 
 def gpu_dict(gpu: GPU) -> dict[str, Any]:
     return {"name": gpu.name, "full_name": gpu.full_name, "memory_bytes": gpu.memory_bytes,
-            "price_per_hour": gpu.price_per_hour}
+            "price_per_hour": gpu.price_per_hour, "fabric": gpu.fabric}
 
 
 def assumptions_dict() -> dict[str, Any]:
@@ -156,6 +161,25 @@ def assumptions_dict() -> dict[str, Any]:
         "cuda_context_bytes": CUDA_CONTEXT_BYTES,
         "rule": "fits when the memory the caching allocator reserves (simulated) + "
                 f"{CUDA_CONTEXT_BYTES >> 20} MiB (CUDA context) <= the GPU's total memory (nvidia-smi)",
+    }
+
+
+def communication_dict(comm: CommTime | None) -> dict[str, Any] | None:
+    """A step's communication (None on one GPU): the setting, what compute waited for, and per
+    kind of transfer its bytes (full tensor sizes, summed), its seconds (overlapped or not)
+    and the seconds compute waited for it."""
+    if comm is None:
+        return None
+    return {
+        "strategy": comm.strategy, "num_gpus": comm.num_gpus, "nodes": comm.nodes,
+        "offload": comm.offload, "intra_node": comm.intra_node,
+        "fabric": comm.fabric if comm.nodes > 1 else None,
+        "exposed_seconds": comm.exposed_seconds, "compute_seconds": comm.compute_seconds,
+        "optimizer_seconds": comm.optimizer_seconds, "cpu_optimizer": comm.cpu_optimizer,
+        "transfers": {kind: {"bytes": comm.bytes_of(kind), "seconds": comm.seconds_of(kind),
+                             "exposed_seconds": comm.exposed_of(kind),
+                             "count": sum(t.op == kind for t in comm.transfers)}
+                      for kind in comm.kinds},
     }
 
 
@@ -170,6 +194,7 @@ def step_dict(step: StepTime | None) -> dict[str, Any] | None:
         "backward_seconds": step.backward.seconds, "recompute_seconds": step.recompute.seconds,
         "optimizer_seconds": step.optimizer.seconds, "flops": step.flops, "tokens": step.tokens,
         "tokens_per_second": step.tokens_per_second, "gpu": step.assumptions.gpu,
+        "communication": communication_dict(step.communication),
     }
 
 
@@ -282,6 +307,7 @@ class Alternative:
     margin_bytes: int
     step_seconds: float | None
     time_per_token_ratio: float | None
+    communication_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -291,6 +317,7 @@ class Alternative:
             "required_bytes": self.estimate.required_bytes(), "fits": self.fits,
             "margin_bytes": self.margin_bytes, "step_seconds": self.step_seconds,
             "time_per_token_ratio": self.time_per_token_ratio,
+            "exposed_communication_seconds": self.communication_seconds,
         }
 
 
@@ -361,16 +388,25 @@ def _single_changes(setup: TrainingSetup) -> list[Change]:
     return out
 
 
+def _step_time(setup: TrainingSetup, gpu: GPU) -> StepTime | None:
+    """The step's time, or None for a multi-GPU setup on a GPU whose links are unknown (a
+    hand-made ``GPU`` without NVLink or PCIe figures): its memory is still estimated."""
+    if setup.num_gpus != 1 and (gpu.intra_node_bandwidth is None or gpu.pcie_bandwidth is None):
+        return None
+    return step_time_of(setup, gpu)
+
+
 def _alternative(ctx: Context, change: Change, gpu: GPU, base_step: StepTime | None,
                  note: str = "") -> Alternative:
     e = ctx.memory(change.setup)
-    step = step_time_of(change.setup, gpu)
+    step = _step_time(change.setup, gpu)
     slowdown = None
     if step is not None and base_step is not None:
         slowdown = base_step.tokens_per_second / step.tokens_per_second
     return Alternative(change.label + note, change.kind, change.setup, e,
                        e.fits(gpu.memory_bytes), gpu.memory_bytes - e.required_bytes(),
-                       None if step is None else step.seconds, slowdown)
+                       None if step is None else step.seconds, slowdown,
+                       0.0 if step is None else step.exposed_communication_seconds)
 
 
 def _smaller_batch(ctx: Context, change: Change, gpu: GPU, base_step: StepTime | None,
@@ -636,6 +672,70 @@ def fit_document(ctx: Context, setup: TrainingSetup, gpu: GPU) -> FitDocument:
     if not best:
         found = tuple(suggestions(ctx, setup.replace(batch_size=1), gpu))
     return FitDocument(ctx.header("fit", setup), gpu, best, at, above, step, found)
+
+
+def tried_dict(t: Tried) -> dict[str, Any]:
+    """One setting the GPU search tried: its flags, whether it fits, what it needs."""
+    return {"change": t.label, "distributed": t.setup.distributed, "num_gpus": t.setup.num_gpus,
+            "offload": t.setup.offload, "gradient_checkpointing": t.setup.gradient_checkpointing,
+            "fits": t.fits, "estimated": t.memory is not None,
+            "required_bytes": t.required_bytes,
+            "step_seconds": None if t.step is None else t.step.seconds}
+
+
+def choice_dict(c: GpuChoice) -> dict[str, Any]:
+    """A GPU type's answer: the setting chosen (None when nothing fits), why, its per-GPU
+    memory, its step, throughput of all its GPUs, cost, and what else was tried."""
+    chosen = c.chosen
+    run = c.run
+    return {
+        "gpu": gpu_dict(c.gpu),
+        "fits": chosen is not None,
+        "num_gpus": c.num_gpus,
+        "change": None if chosen is None else chosen.label,
+        "settings": None if chosen is None else chosen.setup.to_dict(),
+        "reason": c.reason,
+        "estimate": None if chosen is None or chosen.memory is None
+        else estimate_dict(chosen.memory),
+        "step": None if chosen is None else step_dict(chosen.step),
+        "tokens_per_second": c.tokens_per_second,
+        "cost_per_million_tokens": c.cost_per_million_tokens,
+        "run": None if run is None else {
+            "samples": run.num_samples, "epochs": run.epochs, "steps_per_epoch": run.steps_per_epoch,
+            "total_steps": run.total_steps, "total_seconds": run.total_seconds,
+            "gpu_hours": run.gpu_hours, "price_per_hour": run.price_per_hour, "cost": run.cost},
+        "closest_below": None if c.fewer is None else tried_dict(c.fewer),
+        "tried": [tried_dict(t) for t in c.tried],
+    }
+
+
+@dataclass(frozen=True)
+class GpusDocument:
+    """``layerscope gpus``: for every GPU type, the fewest GPUs and the setting that fit,
+    cheapest first."""
+
+    header: Header
+    choices: tuple[GpuChoice, ...]
+    samples: int | None
+    epochs: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.header.to_dict(),
+            "assumptions": {**assumptions_dict(), "gpu_counts": list(GPU_COUNTS_TRIED),
+                            "strategies": list(STRATEGIES_TRIED),
+                            "offloads": [list(o) for o in OFFLOADS_TRIED]},
+            "run": None if self.samples is None else {"samples": self.samples,
+                                                      "epochs": self.epochs},
+            "gpus": [choice_dict(c) for c in self.choices],
+        }
+
+
+def gpus_document(ctx: Context, setup: TrainingSetup, samples: int | None, epochs: int | None,
+                  fabric: str | None = None) -> GpusDocument:
+    choices = choose_gpus(setup, num_samples=samples, num_epochs=epochs, fabric=fabric,
+                          progress=ctx.progress)
+    return GpusDocument(ctx.header("gpus", setup), choices, samples, epochs)
 
 
 def structure(setup: TrainingSetup) -> list[dict[str, Any]]:

@@ -17,17 +17,20 @@ from layerscope.estimate.comm import (
     TORCH_CPU_ADAMW_PARAMS_PER_S,
     TREE_ALGBW_RATIO,
     TREE_STEP_LATENCY_S,
-    CommSettings,
     RankWork,
     Topology,
     Unit,
+    Wire,
     collective,
     communication_time,
+    cpu_optimizer_of,
     cpu_optimizer_seconds,
     rank_work,
     topology,
 )
 from layerscope.estimate.hardware import Fabric
+from layerscope.estimate.sharding import DdpSettings, FsdpSettings, Sharding, ZeroSettings
+from layerscope.estimate.states import TensorInfo
 
 US = 1e-6
 NVL, NET = RING_STEP_LATENCY_S["nvlink"], RING_STEP_LATENCY_S["net"]
@@ -121,15 +124,25 @@ ROOT = 50_000_000
 FWD, BWD = 0.010, 0.020  # seconds of one block's compute
 
 
-def two_blocks(trainable: int = P, root_trainable: int = ROOT, opt: float = 0.004) -> RankWork:
-    return rank_work(2 * FWD, 2 * BWD, opt, 0.001, [P, P], [trainable, trainable], ROOT,
-                     root_trainable)
+BF16 = Wire(param_bytes=2, grad_bytes=2, offload_param_bytes=4)
+"""bf16 gathers and reductions, fp32 CPU copies (FSDP's sharded parameters)."""
+
+
+def two_blocks(trainable: int = P, root_trainable: int = ROOT, opt: float = 0.005) -> RankWork:
+    blocks = tuple(Unit(f"block {i}", P, trainable, FWD, BWD) for i in range(2))
+    return RankWork(Unit("root", ROOT, root_trainable, 0.0, 0.0), blocks, opt)
+
+
+def comm(work: RankWork, strategy: str, gpus: int, topo: Topology, wire: Wire = BF16,
+         **knobs: object) -> object:
+    sharding = Sharding(strategy, gpus, topo.gpus_per_node, **knobs)  # type: ignore[arg-type]
+    return communication_time(work, sharding, topo, wire,
+                              cpu_optimizer=cpu_optimizer_of(sharding, "adamw"))
 
 
 def test_fsdp_exposes_the_first_gathers_and_the_last_reductions() -> None:
     topo = node()
-    work = two_blocks()
-    r = communication_time(work, CommSettings("fsdp", 4), topo)
+    r = comm(two_blocks(), "fsdp", 4, topo)
 
     def t(kind: str, elements: int) -> float:
         return collective(kind, elements * 2, topo, 4).seconds  # bf16
@@ -142,16 +155,19 @@ def test_fsdp_exposes_the_first_gathers_and_the_last_reductions() -> None:
                + t("reduce-scatter", P) + t("reduce-scatter", ROOT))
     assert r.exposed_seconds == pytest.approx(exposed)
     assert r.compute_seconds == pytest.approx(2 * FWD + 2 * BWD)
-    assert r.optimizer_seconds == pytest.approx(0.004 / 4 + 0.001)  # a quarter of the state
+    assert r.optimizer_seconds == pytest.approx(0.005)  # the rank's shard, as given
     assert r.seconds == pytest.approx(r.compute_seconds + exposed + r.optimizer_seconds)
     assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2 + 2 * P * 2  # forward + backward
     assert r.bytes_of("reduce-scatter") == (ROOT + 2 * P) * 2
     assert sum(x.exposed for x in r.transfers) == pytest.approx(exposed)
+    assert r.exposed_of("all-gather") + r.exposed_of("reduce-scatter") == pytest.approx(exposed)
+    assert r.kinds == ("all-gather", "reduce-scatter")
+    assert (r.intra_node, r.fabric, r.cpu_optimizer) == ("nvlink", "test", None)
 
 
 def test_grad_op_keeps_parameters_from_forward_to_backward() -> None:
     topo = node()
-    r = communication_time(two_blocks(), CommSettings("fsdp-grad-op", 4), topo)
+    r = comm(two_blocks(), "fsdp-grad-op", 4, topo)
     assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2  # forward only
     ag = collective("all-gather", P * 2, topo, 4).seconds
     rs = collective("reduce-scatter", P * 2, topo, 4).seconds
@@ -160,43 +176,66 @@ def test_grad_op_keeps_parameters_from_forward_to_backward() -> None:
     assert r.exposed_seconds == pytest.approx(root_ag + ag + rs + root_rs)
 
 
-def test_gathers_without_prefetch_are_all_exposed() -> None:
+def test_resharding_the_root_gathers_it_again_before_backward() -> None:
     topo = node()
-    r = communication_time(two_blocks(), CommSettings("zero3", 4, prefetch=False), topo)
+    kept = comm(two_blocks(), "fsdp", 4, topo)
+    again = comm(two_blocks(), "fsdp", 4, topo, fsdp=FsdpSettings(reshard_root=True))
+    root_ag = collective("all-gather", ROOT * 2, topo, 4).seconds
+    assert again.bytes_of("all-gather") == kept.bytes_of("all-gather") + ROOT * 2
+    assert again.exposed_seconds == pytest.approx(kept.exposed_seconds + root_ag)
+
+
+def test_zero3_gathers_without_prefetch_are_all_exposed() -> None:
+    topo = node()
+    r = comm(two_blocks(), "zero3", 4, topo, zero=ZeroSettings(prefetch_bucket_size=0))
     ag = collective("all-gather", P * 2, topo, 4).seconds
     root_ag = collective("all-gather", ROOT * 2, topo, 4).seconds
     rs = collective("reduce-scatter", P * 2, topo, 4).seconds
     root_rs = collective("reduce-scatter", ROOT * 2, topo, 4).seconds
     # every block's gather, forward and backward, is issued when it is needed
     assert r.exposed_seconds == pytest.approx(root_ag + 4 * ag + rs + root_rs)
+    prefetched = comm(two_blocks(), "zero3", 4, topo)  # stage3_prefetch_bucket_size 5e7
+    assert prefetched.exposed_seconds == pytest.approx(root_ag + 2 * ag + rs + root_rs)
+
+
+def test_fsdp1_without_backward_prefetch_waits_for_each_backward_gather() -> None:
+    topo = node()
+    r = comm(two_blocks(), "fsdp", 4, topo, fsdp=FsdpSettings(version=1, backward_prefetch=False))
+    ag = collective("all-gather", P * 2, topo, 4).seconds
+    root_ag = collective("all-gather", ROOT * 2, topo, 4).seconds
+    rs = collective("reduce-scatter", P * 2, topo, 4).seconds
+    root_rs = collective("reduce-scatter", ROOT * 2, topo, 4).seconds
+    # forward gathers still overlap (the CPU issues them ahead); backward ones do not
+    assert r.exposed_seconds == pytest.approx(root_ag + ag + 2 * ag + rs + root_rs)
 
 
 def test_lora_gathers_every_parameter_but_reduces_only_adapters() -> None:
     topo = node()
     adapters = 1_000_000
-    r = communication_time(two_blocks(adapters, 0), CommSettings("fsdp", 4), topo)
+    r = comm(two_blocks(adapters, 0), "fsdp", 4, topo)
     assert r.bytes_of("reduce-scatter") == 2 * adapters * 2
     assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2 + 2 * P * 2
-    ddp = communication_time(two_blocks(adapters, 0), CommSettings("ddp", 4), topo)
+    ddp = comm(two_blocks(adapters, 0), "ddp", 4, topo)
     assert ddp.bytes_of("all-reduce") == 2 * adapters * 2 and ddp.bytes_of("all-gather") == 0
 
 
 def test_ddp_hides_all_but_the_last_bucket() -> None:
     topo = node()
-    settings = CommSettings("ddp", 4, grad_bytes=4, bucket_bytes=4 * P)  # a bucket per block
-    r = communication_time(two_blocks(root_trainable=0), settings, topo)
+    fp32 = Wire(4, 4, 4)
+    r = comm(two_blocks(root_trainable=0), "ddp", 4, topo, fp32,
+             ddp=DdpSettings(bucket_cap_mb=4 * P / 2**20))  # a bucket per block
     ar = collective("all-reduce", 4 * P, topo, 4).seconds
     assert ar == pytest.approx(RING_BASE_LATENCY_S + 6 * NVL + 2 * 3 / 4 * 4 * P / (
         100e9 * BUS_EFFICIENCY))
     assert ar < BWD  # block 1's all-reduce hides behind block 0's backward
     assert r.exposed_seconds == pytest.approx(ar)
-    assert r.optimizer_seconds == pytest.approx(0.004 + 0.001)  # DDP: every rank steps it all
+    assert r.optimizer_seconds == pytest.approx(0.005)
     assert [t.unit for t in r.transfers] == ["bucket 0", "bucket 1"]
 
 
 def test_ddp_buckets_of_25_mib() -> None:
     topo = node()
-    r = communication_time(two_blocks(root_trainable=0), CommSettings("ddp", 4), topo)
+    r = comm(two_blocks(root_trainable=0), "ddp", 4, topo)
     grads = 2 * P * 2
     assert len(r.transfers) == math.ceil(grads / (25 * 2**20))
     assert r.bytes_of("all-reduce") == grads
@@ -204,24 +243,26 @@ def test_ddp_buckets_of_25_mib() -> None:
 
 def test_zero2_without_overlap_waits_for_each_reduction_and_the_final_gather() -> None:
     topo = node()
-    settings = CommSettings("zero2", 4, reduce_bucket_elements=P)  # a bucket per block
-    r = communication_time(two_blocks(root_trainable=0), settings, topo)
+    buckets = ZeroSettings(reduce_bucket_size=P)  # a bucket per block; overlap_comm off
+    r = comm(two_blocks(root_trainable=0), "zero2", 4, topo, zero=buckets)
     rs = collective("reduce-scatter", P * 2, topo, 4).seconds
     ag = collective("all-gather", 2 * P * 2, topo, 4).seconds  # updated parameters, one bucket
     assert r.exposed_seconds == pytest.approx(2 * rs + ag)
-    overlapped = communication_time(two_blocks(root_trainable=0), CommSettings(
-        "zero2", 4, reduce_bucket_elements=P, overlap_comm=True), topo)
+    overlapped = comm(two_blocks(root_trainable=0), "zero2", 4, topo,
+                      zero=ZeroSettings(reduce_bucket_size=P, overlap_comm=True))
     assert overlapped.exposed_seconds == pytest.approx(rs + ag)
+    split = comm(two_blocks(root_trainable=0), "zero2", 4, topo,
+                 zero=ZeroSettings(reduce_bucket_size=P, allgather_bucket_size=P))
+    assert [t.nbytes for t in split.transfers if t.phase == "step"] == [P * 2, P * 2]
 
 
 def test_zero_offload_copies_gradients_out_and_parameters_back() -> None:
     topo = node()
-    settings = CommSettings("zero2", 4, offload="optimizer", reduce_bucket_elements=P,
-                            overlap_comm=True)
-    r = communication_time(two_blocks(root_trainable=0), settings, topo)
+    r = comm(two_blocks(root_trainable=0), "zero2", 4, topo, offload="optimizer",
+             zero=ZeroSettings(reduce_bucket_size=P, overlap_comm=True))
     shard = 2 * P // 4  # this rank's trainable elements
     cpu = shard * 4 / CPU_ADAM_PARAMS_PER_S  # four ranks share the node's CPU
-    assert r.optimizer_seconds == pytest.approx(cpu)
+    assert r.optimizer_seconds == pytest.approx(cpu) and r.cpu_optimizer == "deepspeed-cpu-adam"
     rs = collective("reduce-scatter", P * 2, topo, 4).seconds
     d2h = P * 2 / 4 / (10e9 * HOST_COPY_EFFICIENCY)
     h2d = shard * 2 / (10e9 * HOST_COPY_EFFICIENCY)
@@ -233,95 +274,122 @@ def test_zero_offload_copies_gradients_out_and_parameters_back() -> None:
 
 def test_fsdp_parameter_offload_copies_every_shard_before_its_gather() -> None:
     topo = node()
-    r = communication_time(two_blocks(), CommSettings("fsdp", 4, offload="params"), topo)
+    r = comm(two_blocks(), "fsdp", 4, topo, offload="params")
     copies = [t for t in r.transfers if t.op == "host-to-device"]
     assert len(copies) == 3 + 2  # root and two blocks in forward, two blocks in backward
     assert copies[0].nbytes == ROOT // 4 * 4  # fp32 shard of the root
     trainable = ROOT + 2 * P
     assert r.optimizer_seconds == pytest.approx(trainable / 4 * 4 / TORCH_CPU_ADAMW_PARAMS_PER_S)
+    assert r.cpu_optimizer == "torch-adamw"
     assert r.bytes_of("device-to-host") == (ROOT + 2 * P) * 2 // 4
 
 
 def test_hsdp_reduces_within_the_node_then_across_nodes() -> None:
     topo = node(8, 4)
-    r = communication_time(two_blocks(), CommSettings("hsdp", 8, gpus_per_node=4), topo)
+    r = comm(two_blocks(), "hsdp", 8, topo)
     replica = [t for t in r.transfers if t.op == "all-reduce"]
     assert [t.nbytes for t in replica] == [P * 2 // 4, P * 2 // 4, ROOT * 2 // 4]
     ar = collective("all-reduce", P * 2 // 4, topo, 2, ranks_per_node=1)
     assert replica[0].seconds == pytest.approx(ar.seconds)
     assert ar.bus_bandwidth == pytest.approx(4 * 10e9 / 4 * BUS_EFFICIENCY)
-    assert r.optimizer_seconds == pytest.approx(0.004 / 4 + 0.001)  # sharded over the node
     ag = [t for t in r.transfers if t.op == "all-gather"]
     assert ag[0].seconds == pytest.approx(collective("all-gather", ROOT * 2, topo, 4).seconds)
 
 
 def test_one_gpu_is_compute_and_optimizer_only() -> None:
-    r = communication_time(two_blocks(), CommSettings("zero3", 1), node(1, 8))
+    r = comm(two_blocks(), "zero3", 1, node(1, 8))
     assert r.exposed_seconds == pytest.approx(0.0)
-    assert r.seconds == pytest.approx(2 * FWD + 2 * BWD + 0.004 + 0.001)
+    assert r.seconds == pytest.approx(2 * FWD + 2 * BWD + 0.005)
+
+
+def test_inference_gathers_forward_only() -> None:
+    topo = node()
+    sharding = Sharding("zero3", 4, 8)
+    r = communication_time(two_blocks(0, 0), sharding, topo, BF16, inference=True)
+    assert r.bytes_of("all-gather") == (ROOT + 2 * P) * 2 and r.bytes_of("reduce-scatter") == 0
+    assert r.compute_seconds == pytest.approx(2 * FWD) and r.optimizer_seconds == 0.0
 
 
 def test_slow_network_is_exposed_beyond_compute() -> None:
     slow = Topology(16, 8, 100e9, "nvlink", Fabric("slow", 0.1e9, 1), 10e9)
-    work = two_blocks()
-    r = communication_time(work, CommSettings("fsdp", 16), slow)
+    r = comm(two_blocks(), "fsdp", 16, slow)
     ag = collective("all-gather", P * 2, slow, 16).seconds
     assert ag > 10 * FWD  # 0.1 GB/s for the whole node
     assert r.exposed_seconds > 4 * ag  # forward and backward wait on most gathers
 
 
+# -- what a strategy moves, from the setup ----------------------------------------------------
+def test_wire_follows_each_strategys_mixed_precision() -> None:
+    from layerscope.setup import PRECISIONS
+
+    mixed, pure = PRECISIONS["bf16-mixed"], PRECISIONS["bf16-true"]
+    assert Wire.of(Sharding("ddp", 8), mixed) == Wire(4, 4, 4)  # fp32 .grad all-reduced
+    assert Wire.of(Sharding("fsdp", 8), mixed) == Wire(2, 4, 4)  # FSDP2: fp32 reduce_dtype
+    assert Wire.of(Sharding("fsdp", 8, fsdp=FsdpSettings(version=1)), mixed) == Wire(2, 2, 4)
+    assert Wire.of(Sharding("zero3", 8), mixed) == Wire(2, 2, 2)  # DeepSpeed's 16-bit module
+    assert Wire.of(Sharding("fsdp", 8), pure) == Wire(2, 2, 2)
+    assert Wire.of(Sharding("ddp", 8), PRECISIONS["32-true"]) == Wire(4, 4, 4)
+    zero = Sharding("zero3", 8, offload="optimizer")
+    assert cpu_optimizer_of(zero, "adamw") == "deepspeed-cpu-adam"
+    assert cpu_optimizer_of(Sharding("fsdp", 8, offload="params"), "adamw-fused") == (
+        "torch-adamw-fused")
+
+
 # -- bad settings -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"strategy": "fsdp3", "num_gpus": 8}, "unknown strategy 'fsdp3'; known: ddp, fsdp"),
-    ({"strategy": "fsdp", "num_gpus": 0}, "num_gpus must be an int >= 1, got 0"),
-    ({"strategy": "hsdp", "num_gpus": 12}, "num_gpus=12 must be a multiple of gpus_per_node=8"),
-    ({"strategy": "fsdp", "num_gpus": 8, "offload": "disk"}, "unknown offload 'disk'"),
-    ({"strategy": "fsdp", "num_gpus": 8, "offload": "optimizer"}, "ZeRO-Offload"),
-    ({"strategy": "ddp", "num_gpus": 8, "offload": "params"}, "needs sharded parameters"),
-    ({"strategy": "zero2", "num_gpus": 8, "offload": "params"}, "not zero2"),
-    ({"strategy": "ddp", "num_gpus": 8, "grad_bytes": 0}, "grad_bytes must be an int >= 1"),
-    ({"strategy": "zero3", "num_gpus": 8, "overlap_comm": 1}, "overlap_comm must be a bool"),
-    ({"strategy": "zero3", "num_gpus": 8, "cpu_optimizer": "sgd"}, "unknown cpu_optimizer"),
-])  # fmt: skip
-def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(EstimateError, match=message):
-        CommSettings(**kwargs)  # type: ignore[arg-type]
-
-
-def test_zero3_on_one_gpu_is_allowed() -> None:
-    assert CommSettings("zero3", 1).shard_ranks == 1
-
-
-def test_bad_units_and_mismatched_topology() -> None:
+def test_bad_units_work_and_mismatched_topology() -> None:
     with pytest.raises(EstimateError, match="trainable=5 exceeds params=4"):
         Unit("block 0", 4, 5, 0.0, 0.0)
     with pytest.raises(EstimateError, match="forward_seconds"):
         Unit("block 0", 4, 4, -1.0, 0.0)
-    with pytest.raises(EstimateError, match="one length"):
-        rank_work(1.0, 1.0, 0.0, 0.0, [1, 2], [1], 0, 0)
+    with pytest.raises(EstimateError, match="one time per block"):
+        rank_work([], 2, forward=[1.0], backward=[1.0, 1.0])
+    with pytest.raises(EstimateError, match=r"outside 0\.\.1"):
+        rank_work([TensorInfo(4, (4,), 2, True, 5)], 2, forward=[0.0, 0.0], backward=[0.0, 0.0])
     with pytest.raises(EstimateError, match="topology has 4 GPUs"):
-        communication_time(two_blocks(), CommSettings("fsdp", 8), node())
+        communication_time(two_blocks(), Sharding("fsdp", 8), node(), BF16)
+    with pytest.raises(EstimateError, match="needs a data-parallel Sharding"):
+        communication_time(two_blocks(), Sharding(), node(1), BF16)
+    with pytest.raises(EstimateError, match="unknown CPU optimizer"):
+        communication_time(two_blocks(), Sharding("fsdp", 4), node(), BF16, cpu_optimizer="sgd")
     with pytest.raises(EstimateError, match="unknown fabric"):
         topology("h100", 16, fabric="token-ring")
     with pytest.raises(EstimateError, match="gpus_per_node"):
         topology("h100", 16, gpus_per_node=0)
 
 
-def test_parameter_units_of_a_tiny_llama() -> None:
+def test_rank_work_sums_the_tensors_of_each_block() -> None:
+    params = [TensorInfo(10, (10,), 2, True, None), TensorInfo(7, (7,), 2, False, 0),
+              TensorInfo(5, (5,), 2, True, 0), TensorInfo(3, (3,), 2, True, 1),
+              TensorInfo(2, (2,), 2, False, None)]
+    work = rank_work(params, 2, forward=[0.1, 0.2], backward=[0.3, 0.4], root_forward=0.5,
+                     root_backward=0.6, optimizer_seconds=0.7)
+    assert [(u.params, u.trainable) for u in work.blocks] == [(12, 5), (3, 3)]
+    assert (work.root.params, work.root.trainable) == (12, 10)
+    assert work.compute_seconds == pytest.approx(0.1 + 0.2 + 0.3 + 0.4 + 0.5 + 0.6)
+    assert work.optimizer_seconds == 0.7
+
+
+def test_scan_tensors_of_a_tiny_llama_with_adapters() -> None:
     from conftest import LLAMA, build
 
-    from layerscope.estimate.comm import parameter_units
+    from layerscope.estimate.states import scan_tensors
     from layerscope.scan import scan
+    from layerscope.setup import TrainingSetup
 
-    s = scan(build("llama", "meta"))
+    model = build("llama", "meta")
+    s = scan(model)
     d, ff, layers, vocab = 64, 128, 4, 100  # tests/conftest.py LLAMA
     assert (LLAMA["hidden_size"], LLAMA["intermediate_size"]) == (d, ff)
     kv = 2 * (d // 4)  # two of four heads for k and v
     block = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o, k, v, MLP, two norms
     trainable = set(s.block_names(1)) | {"model.norm.weight"}
-    params, grads, root, root_grads = parameter_units(s, trainable, adapters_per_block=10)
-    assert params == [block + 10] * layers
-    assert grads == [10, block + 10, 10, 10]
-    assert root == 2 * vocab * d + d and root_grads == d  # embedding, untied head, final norm
+    lora = TrainingSetup(model, lora=2, seq_len=64).lora
+    adapters = 2 * ((d + d) * 2 + (d + kv) * 2 + (d + ff) * 3)  # r * (in + out), 7 Linears
+    params = scan_tensors(s, trainable, lora)
+    work = rank_work(params, layers, forward=[0.0] * 4, backward=[0.0] * 4)
+    assert [u.params for u in work.blocks] == [block + adapters] * layers
+    assert [u.trainable for u in work.blocks] == [adapters, block + adapters, adapters, adapters]
+    assert work.root.params == 2 * vocab * d + d and work.root.trainable == d
+    assert sum(p.itemsize == 4 for p in params) == len(params)  # fp32 base and adapters
     with pytest.raises(EstimateError, match="not in the model"):
-        parameter_units(s, {"nope"})
+        scan_tensors(s, {"nope"})

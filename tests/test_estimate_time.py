@@ -213,7 +213,10 @@ def test_training_time_with_gpu_price_and_data_parallel_gpus():
     model = build("llama", "meta")
     out = estimate_training_time(model, 1000, 4, 2, seq_len=S, gpu="h100", num_gpus=4,
                                  price_per_hour=2.0, precision="bf16-true")
-    step_s = estimate_step_time(model, batch_size=4, seq_len=S, precision="bf16-true").seconds
+    step_s = estimate_step_time(model, batch_size=4, seq_len=S, precision="bf16-true",
+                                num_gpus=4).seconds
+    one = estimate_step_time(model, batch_size=4, seq_len=S, precision="bf16-true").seconds
+    assert step_s > one  # four GPUs (DDP) all-reduce the gradients; the last bucket waits
     steps = 2 * 63  # ceil(1000 / (4 samples x 4 GPUs)) per epoch
     assert out["total_steps"] == steps and out["ms_per_step"] == pytest.approx(step_s * 1e3)
     assert out["cost"] == pytest.approx(steps * step_s / 3600 * 4 * 2.0)
@@ -270,3 +273,111 @@ def test_training_time_passes_every_step_setting_through():
     assert lora["step_time"].trainable_params < plain["step_time"].trainable_params
     with pytest.raises(EstimateError, match="estimated only when gpu is given"):
         estimate_training_time(model, 100, 4, 1, optimizer="sgd")
+
+
+# -- data-parallel steps -------------------------------------------------------------------------
+# conftest LLAMA, every tensor: a block has its matmuls and two norms; the root the embedding,
+# the untied head and the final norm
+LLAMA_BLOCK_PARAMS = LLAMA_BLOCK + 2 * 64
+LLAMA_ROOT_PARAMS = 2 * 100 * 64 + 64
+LLAMA_PARAMS = 4 * LLAMA_BLOCK_PARAMS + LLAMA_ROOT_PARAMS
+
+
+def test_fsdp_step_is_the_ranks_compute_plus_exposed_transfers_plus_its_shard_optimizer():
+    from layerscope.estimate.time import _optimizer
+    from layerscope.setup import PRECISIONS
+
+    model = build("llama", "meta")
+    t = step(model, distributed="fsdp", num_gpus=4)
+    c = t.communication
+    assert c is not None and (c.strategy, c.num_gpus, c.nodes) == ("fsdp", 4, 1)
+    # FSDP2's mixed precision: bf16 gathers (forward, then every block again for backward),
+    # fp32 reduce-scatters of every trainable parameter
+    assert c.bytes_of("all-gather") == 2 * LLAMA_PARAMS + 2 * 4 * LLAMA_BLOCK_PARAMS
+    assert c.bytes_of("reduce-scatter") == 4 * LLAMA_PARAMS
+    # the matmuls get bf16 weights from the gather: the step computes as bf16-true does
+    pure = step(model, precision="bf16-true")
+    assert t.fwd_bwd_seconds == pytest.approx(pure.fwd_bwd_seconds)
+    assert t.forward.bytes < step(model).forward.bytes  # no autocast casts
+    # the optimizer steps each fp32 tensor's quarter (dim 0 split in 4)
+    tensors = 4 * 9 + 3
+    shard, _ = _optimizer(t_gpu(), PRECISIONS["bf16-mixed"], "adamw", LLAMA_PARAMS // 4, tensors)
+    assert t.optimizer.seconds == pytest.approx(shard)
+    assert t.seconds == pytest.approx(c.compute_seconds + c.exposed_seconds + t.optimizer.seconds)
+    assert c.compute_seconds == pytest.approx(t.fwd_bwd_seconds)
+    assert t.exposed_communication_seconds == c.exposed_seconds > 0
+    assert t.low_seconds < t.seconds < t.high_seconds
+    assert any(n.startswith("fsdp x 4 GPUs") for n in t.assumptions.notes)
+
+
+def t_gpu():
+    from layerscope.estimate.hardware import get_gpu
+
+    return get_gpu("h100-sxm")
+
+
+def test_ddp_and_zero_move_what_their_source_says():
+    model = build("llama", "meta")
+    ddp = step(model, distributed="ddp", num_gpus=2).communication
+    assert ddp.kinds == ("all-reduce",) and ddp.bytes_of("all-reduce") == 4 * LLAMA_PARAMS
+    zero2 = step(model, distributed="zero2", num_gpus=2).communication
+    # bf16 module: bf16 reduce-scatter during backward, bf16 all-gather of the update after
+    assert zero2.bytes_of("reduce-scatter") == 2 * LLAMA_PARAMS
+    assert [t.phase for t in zero2.transfers if t.op == "all-gather"] == ["step"]
+    zero3 = step(model, distributed="zero3", num_gpus=2)
+    assert zero3.communication.bytes_of("reduce-scatter") == 2 * LLAMA_PARAMS
+    # ZeRO-3 steps a flat fp32 partition: one tensor of half the elements
+    from layerscope.estimate.time import _optimizer
+    from layerscope.setup import PRECISIONS
+
+    part, _ = _optimizer(t_gpu(), PRECISIONS["32-true"], "adamw", LLAMA_PARAMS // 2, 1)
+    assert zero3.optimizer.seconds == pytest.approx(part)
+
+
+def test_lora_under_fsdp_gathers_the_base_and_reduces_the_adapters():
+    model = build("llama", "meta")
+    t = step(model, lora=2, distributed="fsdp", num_gpus=2)
+    adapters = 4 * 2 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # r (in + out) x 7
+    c = t.communication
+    assert c.bytes_of("reduce-scatter") == 4 * adapters  # fp32 adapters, fp32 reduce
+    assert c.bytes_of("all-gather") == 2 * (LLAMA_PARAMS + adapters) + 2 * (
+        4 * LLAMA_BLOCK_PARAMS + adapters)
+
+
+def test_offload_steps_on_the_cpu_and_copies_over_pcie():
+    from layerscope.estimate.comm import TORCH_CPU_ADAMW_PARAMS_PER_S
+
+    model = build("llama", "meta")
+    t = step(model, distributed="fsdp", num_gpus=2, offload="params")
+    c = t.communication
+    assert c.cpu_optimizer == "torch-adamw" and t.optimizer.host_seconds > 0
+    shard = sum(-(-n // 2) for n in [LLAMA_PARAMS])  # elements of this rank
+    assert t.optimizer.seconds == pytest.approx(shard * 2 / TORCH_CPU_ADAMW_PARAMS_PER_S,
+                                                rel=1e-3)
+    assert c.bytes_of("host-to-device") > 0 and c.bytes_of("device-to-host") == 4 * (
+        -(-LLAMA_PARAMS // 2))  # fp32 gradient shards
+
+
+def test_a_slower_fabric_between_nodes_exposes_more():
+    from layerscope.estimate.hardware import get_gpu
+
+    model = build("llama", "meta")
+    h100 = get_gpu("h100")
+    fast = step(model, distributed="fsdp", num_gpus=16, gpu=h100)
+    slow = step(model, distributed="fsdp", num_gpus=16, gpu=h100.with_fabric("ethernet-25g"))
+    assert fast.communication.nodes == 2 and fast.communication.fabric == "infiniband-ndr"
+    assert slow.communication.fabric == "ethernet-25g"
+    assert slow.communication.exposed_seconds > fast.communication.exposed_seconds
+    one_node = step(model, distributed="fsdp", num_gpus=8, gpu=h100.with_fabric("ethernet-25g"))
+    assert one_node.communication.exposed_seconds == pytest.approx(
+        step(model, distributed="fsdp", num_gpus=8).communication.exposed_seconds)
+    with pytest.raises(EstimateError, match="unknown fabric"):
+        h100.with_fabric("token-ring")
+
+
+def test_sharded_inference_gathers_in_forward_only():
+    model = build("llama", "meta")
+    t = step(model, inference=True, distributed="zero3", num_gpus=2)
+    c = t.communication
+    assert c.kinds == ("all-gather",) and c.bytes_of("all-gather") == 2 * LLAMA_PARAMS
+    assert t.optimizer.seconds == 0.0

@@ -242,3 +242,16 @@ def test_report_renders_in_chromium(report, tmp_path):
     assert count_color(pixels, "#ffe3e3") > 10000  # the red "does not fit" verdict box
     # content reaches down the page: the lower half is not empty
     assert (~white[height // 2:]).mean() > 0.01
+
+
+def test_report_of_a_sharded_run_shows_its_communication(tmp_path):
+    target = tmp_path / "sharded.html"
+    assert cli.main(["report", "llama-3.2-1b", "--seq-len", "128", "--distributed", "zero3",
+                     "--num-gpus", "4", "--html", str(target)]) == 0
+    html = target.read_text()
+    data = embedded(html)
+    comm = data["training"]["full_finetune"]["step"]["communication"]
+    assert comm["strategy"] == "zero3" and comm["num_gpus"] == 4
+    assert "reduce-scatter" in comm["transfers"] and "all-gather" in comm["transfers"]
+    assert "exposed of" in html and "NVLink within a node" in html
+    assert "not modelled" not in html

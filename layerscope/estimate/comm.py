@@ -35,26 +35,31 @@ for the last gradient reduction. What the GPU waits for is *exposed*: the first 
 the last reduce-scatter, the all-gather after a ZeRO-1/2 step, gathers without prefetch, and
 with offload the PCIe copies and the CPU optimizer step. Everything else hides behind compute
 unless the network is slower than the compute it overlaps.
+
+The strategy and its knobs are the setup's :class:`~layerscope.estimate.sharding.Sharding`,
+the one place they are defined and validated: DDP's ``bucket_cap_mb``; ZeRO's
+``reduce_bucket_size``, ``allgather_bucket_size``, ``overlap_comm`` and
+``stage3_prefetch_bucket_size``; FSDP's version, backward prefetch and root resharding; the
+offload. What a unit holds comes from the same per-tensor description as the memory states
+(:class:`~layerscope.estimate.states.TensorInfo`), and the bytes per element each collective
+moves from the precision (:class:`Wire`).
+
+Not modelled: the SMs and memory bandwidth NCCL's kernels take from the compute they overlap;
+ZeRO-3's persisted small parameters (``stage3_param_persistence_threshold``: norms and biases)
+are counted as gathered like the rest.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from layerscope.errors import EstimateError
-from layerscope.estimate.hardware import GPU, Fabric, get_fabric, get_gpu
-from layerscope.scan import ModelScan
-
-STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp", "zero1", "zero2", "zero3")
-"""Data-parallel strategies: DDP, FSDP full shard / SHARD_GRAD_OP / hybrid (shard within a node,
-replicate across nodes), DeepSpeed ZeRO stages 1-3."""
-
-OFFLOADS = (None, "optimizer", "params")
-"""``"optimizer"``: ZeRO-Offload of optimizer state and step (ZeRO 1-3); ``"params"``: FSDP
-``CPUOffload(offload_params=True)`` / ZeRO-3 ``offload_param``, which also moves gradients and
-the optimizer step to the CPU."""
+from layerscope.estimate.hardware import GPU, Fabric, fabrics, get_fabric, get_gpu
+from layerscope.estimate.sharding import Sharding
+from layerscope.estimate.states import TensorInfo
+from layerscope.setup import Precision
 
 # -- constants, each with its source ----------------------------------------------------------
 BUS_EFFICIENCY = 235.0 / 300.0
@@ -97,13 +102,6 @@ CPU_OPTIMIZERS = {"deepspeed-cpu-adam": CPU_ADAM_PARAMS_PER_S,
                   "torch-adamw": TORCH_CPU_ADAMW_PARAMS_PER_S,
                   "torch-adamw-fused": TORCH_CPU_FUSED_ADAMW_PARAMS_PER_S}
 """CPU optimizers for offload, with the parameters one node steps per second."""
-
-DDP_BUCKET_BYTES = 25 * 2**20
-"""``DistributedDataParallel(bucket_cap_mb=25)``, the default."""
-
-ZERO_BUCKET_ELEMENTS = 500_000_000
-"""DeepSpeed ``reduce_bucket_size`` and ``allgather_bucket_size`` defaults (5e8 elements)."""
-
 
 # -- the network ------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -159,13 +157,16 @@ def topology(gpu: str | GPU, num_gpus: int, gpus_per_node: int = 8,
     gpus_per_node = _positive_int(gpus_per_node, "gpus_per_node")
     intra = device.intra_node_bandwidth
     if intra is None or device.pcie_bandwidth is None:
-        raise EstimateError(f"{device.name}: the catalogue has no NVLink or PCIe bandwidth")
+        raise EstimateError(f"{device.name}: no NVLink or PCIe bandwidth known (GPU fields "
+                            "nvlink_bandwidth, pcie_bandwidth); communication cannot be timed")
     name = fabric if fabric is not None else device.fabric
-    if name is None:
-        raise EstimateError(f"{device.name}: no default fabric; pass fabric=")
+    if name is None and num_gpus > gpus_per_node:
+        raise EstimateError(f"{device.name}: no network between nodes known for {num_gpus} GPUs "
+                            f"of {gpus_per_node} per node; name a fabric (known: "
+                            f"{', '.join(fabrics())})")
+    net = get_fabric(name) if name is not None else Fabric("none", 0.0, 1, "one node")
     return Topology(num_gpus, gpus_per_node, intra,
-                    "nvlink" if device.nvlink_bandwidth else "pcie", get_fabric(name),
-                    device.pcie_bandwidth)
+                    "nvlink" if device.nvlink_bandwidth else "pcie", net, device.pcie_bandwidth)
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,52 @@ def cpu_optimizer_seconds(elements_per_rank: float, ranks_per_node: int, optimiz
     return elements_per_rank * ranks_per_node / CPU_OPTIMIZERS[optimizer]
 
 
+# -- what the strategy sends, from the setup ---------------------------------------------------
+@dataclass(frozen=True)
+class Wire:
+    """Bytes per element a strategy moves.
+
+    Attributes:
+        param_bytes: a parameter as all-gathered: FSDP's ``param_dtype`` (the autocast dtype
+            under ``*-mixed``: FSDP2's ``MixedPrecisionPolicy``, FSDP1's ``MixedPrecision``),
+            DeepSpeed's 16-bit module, else the parameter dtype.
+        grad_bytes: a gradient as reduced: DDP reduces the ``.grad`` tensors (the parameter
+            dtype, fp32 under autocast); FSDP2 under ``*-mixed`` reduces in fp32 (the policy
+            the trace uses, :func:`~layerscope.estimate.fsdp.mixed_precision_policy`); FSDP1
+            in its ``reduce_dtype`` (accelerate sets the autocast dtype); DeepSpeed in its
+            ``communication_data_type`` (default: the module's 16-bit dtype).
+        offload_param_bytes: a parameter's CPU copy, copied to the GPU before each gather
+            under ``offload="params"``: FSDP keeps its sharded parameters in their own dtype
+            (fp32 under ``*-mixed``), ZeRO-3 its 16-bit partitions.
+    """
+
+    param_bytes: int
+    grad_bytes: int
+    offload_param_bytes: int
+
+    @classmethod
+    def of(cls, sharding: Sharding, precision: Precision) -> Wire:
+        """What ``sharding`` moves under ``precision``."""
+        stored = precision.weight_bytes
+        compute = (precision.autocast_dtype.itemsize if precision.autocast_dtype is not None
+                   else stored)
+        if sharding.stage:
+            return cls(compute, compute, compute)
+        if sharding.is_fsdp:
+            reduce = compute if sharding.fsdp.version == 1 else stored
+            return cls(compute, reduce, stored)
+        return cls(stored, stored, stored)
+
+
+def cpu_optimizer_of(sharding: Sharding, optimizer: str) -> str:
+    """The CPU optimizer an offloading run steps with: DeepSpeed replaces the optimizer with
+    its ``DeepSpeedCPUAdam`` (``zero_force_ds_cpu_optimizer``, on by default); FSDP runs the
+    run's own torch optimizer on the CPU shards (fused when ``adamw-fused`` is asked)."""
+    if sharding.stage:
+        return "deepspeed-cpu-adam"
+    return "torch-adamw-fused" if optimizer == "adamw-fused" else "torch-adamw"
+
+
 # -- what one rank computes and holds ---------------------------------------------------------
 @dataclass(frozen=True)
 class Unit:
@@ -305,9 +352,14 @@ class Unit:
                                 f"params={self.params}")
         for label, secs in (("forward_seconds", self.forward_seconds),
                             ("backward_seconds", self.backward_seconds)):
-            if not (isinstance(secs, (int, float)) and math.isfinite(secs) and secs >= 0):
-                raise EstimateError(f"{self.name}: {label} must be a finite number >= 0, "
-                                    f"got {secs!r}")
+            _seconds(secs, f"{self.name}: {label}")
+
+
+def _seconds(value: object, label: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise EstimateError(f"{label} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -316,18 +368,16 @@ class RankWork:
 
     Attributes:
         root: what sits outside the blocks (embeddings, final norm, an untied head): gathered
-            first, its gradients reduced last.
+            first, its gradients reduced last; its forward (head and loss) runs after the
+            blocks, its backward before them.
         blocks: the blocks in forward order.
-        optimizer_device_seconds: GPU time of the optimizer over *every* trainable parameter
-            (a sharded strategy runs ``1/n`` of it).
-        optimizer_host_seconds: CPU time to launch the optimizer (per tensor; not sharded, as
-            every rank still steps a shard of every tensor).
+        optimizer_seconds: this rank's optimizer step on the GPU (its shard under a sharded
+            strategy); replaced by the CPU step under offload.
     """
 
     root: Unit
     blocks: tuple[Unit, ...]
-    optimizer_device_seconds: float = 0.0
-    optimizer_host_seconds: float = 0.0
+    optimizer_seconds: float = 0.0
 
     @property
     def units(self) -> tuple[Unit, ...]:
@@ -338,146 +388,42 @@ class RankWork:
         return sum(u.forward_seconds + u.backward_seconds for u in self.units)
 
 
-def rank_work(forward_seconds: float, backward_seconds: float, optimizer_device_seconds: float,
-              optimizer_host_seconds: float, block_params: Collection[int],
-              block_trainable: Collection[int], root_params: int,
-              root_trainable: int) -> RankWork:
-    """A :class:`RankWork` from a step's phase times (e.g. a ``StepTime``'s ``forward``,
-    ``backward + recompute`` and ``optimizer``) and the parameter counts of the blocks and
-    the root.
-
-    The blocks are taken as equal in compute (the phase times split evenly over them; the
-    head's and embeddings' share goes with the blocks, so the root computes nothing of its
-    own): what matters for overlap is how long each block's compute is against its transfers.
-    """
-    params, trainable = list(block_params), list(block_trainable)
-    if not params or len(params) != len(trainable):
-        raise EstimateError(f"block_params and block_trainable must be non-empty and of one "
-                            f"length, got {len(params)} and {len(trainable)}")
-    for label, secs in (("forward_seconds", forward_seconds),
-                        ("backward_seconds", backward_seconds),
-                        ("optimizer_device_seconds", optimizer_device_seconds),
-                        ("optimizer_host_seconds", optimizer_host_seconds)):
-        if not (isinstance(secs, (int, float)) and math.isfinite(secs) and secs >= 0):
-            raise EstimateError(f"{label} must be a finite number >= 0, got {secs!r}")
-    layers = len(params)
-    blocks = tuple(Unit(f"block {i}", p, t, forward_seconds / layers, backward_seconds / layers)
-                   for i, (p, t) in enumerate(zip(params, trainable)))
-    return RankWork(Unit("root", root_params, root_trainable, 0.0, 0.0), blocks,
-                    optimizer_device_seconds, optimizer_host_seconds)
-
-
-def parameter_units(scan: ModelScan, trainable: Collection[str],
-                    adapters_per_block: int = 0) -> tuple[list[int], list[int], int, int]:
-    """Parameter counts of the blocks of the main stack and of the rest (the FSDP root):
-    ``(block_params, block_trainable, root_params, root_trainable)``, each tensor once.
-
-    Args:
-        scan: the model's scan.
-        trainable: names of the trainable parameters.
-        adapters_per_block: LoRA adapter elements added to each block (trainable).
+def rank_work(params: Sequence[TensorInfo], num_blocks: int, *,
+              forward: Sequence[float], backward: Sequence[float], root_forward: float = 0.0,
+              root_backward: float = 0.0, optimizer_seconds: float = 0.0) -> RankWork:
+    """A :class:`RankWork` from the model's tensors (:func:`~layerscope.estimate.states.
+    scan_tensors`; elements summed per block, the rest the root) and one rank's compute per
+    block (``forward[i]``, ``backward[i]`` with its recomputation) and outside the blocks.
 
     Raises:
-        EstimateError: a name that is not a parameter of the model.
+        EstimateError: per-block times that do not match ``num_blocks``, a tensor outside
+            ``0..num_blocks - 1``, or a negative or infinite time.
     """
-    unknown = set(trainable) - set(scan.by_name)
-    if unknown:
-        raise EstimateError(f"trainable names not in the model: {sorted(unknown)[:5]}")
-    if isinstance(adapters_per_block, bool) or not isinstance(adapters_per_block, int) or (
-            adapters_per_block < 0):
-        raise EstimateError(f"adapters_per_block must be an int >= 0, got {adapters_per_block!r}")
-    wanted = set(trainable)
-    params, grads = [], []
-    inside: set[str] = set()
-    for i in range(scan.num_layers):
-        names = set(scan.block_names(i))
-        inside |= names
-        params.append(scan.numel(names) + adapters_per_block)
-        grads.append(scan.numel(names & wanted) + adapters_per_block)
-    outside = {p.name for p in scan.params} - inside
-    return params, grads, scan.numel(outside), scan.numel(outside & wanted)
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+        raise EstimateError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+    if len(forward) != num_blocks or len(backward) != num_blocks:
+        raise EstimateError(f"forward and backward need one time per block ({num_blocks}), got "
+                            f"{len(forward)} and {len(backward)}")
+    sizes = [0] * (num_blocks + 1)  # the last: the root
+    grads = [0] * (num_blocks + 1)
+    for p in params:
+        if not isinstance(p, TensorInfo):
+            raise EstimateError(f"params must be TensorInfo values, got {type(p).__name__}")
+        i = num_blocks if p.block is None else p.block
+        if not 0 <= i <= num_blocks:
+            raise EstimateError(f"a tensor's block {p.block} is outside 0..{num_blocks - 1}")
+        sizes[i] += p.numel
+        grads[i] += p.numel if p.trainable else 0
+    blocks = tuple(Unit(f"block {i}", sizes[i], grads[i], forward[i], backward[i])
+                   for i in range(num_blocks))
+    root = Unit("root", sizes[-1], grads[-1], root_forward, root_backward)
+    return RankWork(root, blocks, _seconds(optimizer_seconds, "optimizer_seconds"))
 
 
-# -- settings and results ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class CommSettings:
-    """How a strategy communicates.
-
-    Attributes:
-        strategy: one of :data:`STRATEGIES`.
-        num_gpus: GPUs in the job.
-        gpus_per_node: GPUs per node (``hsdp`` shards within a node).
-        offload: one of :data:`OFFLOADS`.
-        param_bytes: bytes per parameter element as gathered (the compute dtype: 2 under bf16
-            mixed precision, 4 in fp32).
-        grad_bytes: bytes per gradient element as reduced (FSDP ``reduce_dtype``, DeepSpeed's
-            communication dtype).
-        offload_param_bytes: bytes per element of a parameter's CPU copy, copied to the GPU
-            before each gather under ``offload="params"`` (4 for FSDP's fp32 sharded
-            parameters, 2 for ZeRO-3's 16-bit parameters).
-        bucket_bytes: DDP ``bucket_cap_mb`` in bytes.
-        reduce_bucket_elements, allgather_bucket_elements: DeepSpeed bucket sizes.
-        prefetch: FSDP forward/backward prefetch; ZeRO-3 ``stage3_prefetch_bucket_size > 0``.
-        overlap_comm: ZeRO's ``overlap_comm``; None takes DeepSpeed's default (True for stage
-            3 only). DDP and FSDP always overlap.
-        cpu_optimizer: a key of :data:`CPU_OPTIMIZERS` for offload; None takes DeepSpeed's CPU
-            Adam for ZeRO and torch's (unfused) AdamW for FSDP.
-    """
-
-    strategy: str
-    num_gpus: int
-    gpus_per_node: int = 8
-    offload: str | None = None
-    param_bytes: int = 2
-    grad_bytes: int = 2
-    offload_param_bytes: int = 4
-    bucket_bytes: int = DDP_BUCKET_BYTES
-    reduce_bucket_elements: int = ZERO_BUCKET_ELEMENTS
-    allgather_bucket_elements: int = ZERO_BUCKET_ELEMENTS
-    prefetch: bool = True
-    overlap_comm: bool | None = None
-    cpu_optimizer: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise EstimateError(f"unknown strategy {self.strategy!r}; known: "
-                                f"{', '.join(STRATEGIES)}")
-        _positive_int(self.num_gpus, "num_gpus")
-        _positive_int(self.gpus_per_node, "gpus_per_node")
-        for name in ("param_bytes", "grad_bytes", "offload_param_bytes", "bucket_bytes",
-                     "reduce_bucket_elements", "allgather_bucket_elements"):
-            _positive_int(getattr(self, name), name)
-        if self.strategy == "hsdp" and self.num_gpus % self.gpus_per_node:
-            raise EstimateError(f"hsdp shards within a node and replicates across nodes: "
-                                f"num_gpus={self.num_gpus} must be a multiple of "
-                                f"gpus_per_node={self.gpus_per_node}")
-        if self.offload not in OFFLOADS:
-            raise EstimateError(f"unknown offload {self.offload!r}; known: None, 'optimizer', "
-                                "'params'")
-        if self.offload == "optimizer" and not self.strategy.startswith("zero"):
-            raise EstimateError(f"offload='optimizer' is DeepSpeed's ZeRO-Offload (zero1-3); "
-                                f"{self.strategy} offloads parameters, gradients and optimizer "
-                                "together (offload='params') or nothing")
-        if self.offload == "params" and self.strategy in ("ddp", "zero1", "zero2"):
-            raise EstimateError(f"offload='params' needs sharded parameters (fsdp, "
-                                f"fsdp-grad-op, hsdp, zero3), not {self.strategy}")
-        for name in ("prefetch",):
-            if not isinstance(getattr(self, name), bool):
-                raise EstimateError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.overlap_comm is not None and not isinstance(self.overlap_comm, bool):
-            raise EstimateError(f"overlap_comm must be a bool or None, got {self.overlap_comm!r}")
-        if self.cpu_optimizer is not None and self.cpu_optimizer not in CPU_OPTIMIZERS:
-            raise EstimateError(f"unknown cpu_optimizer {self.cpu_optimizer!r}; known: "
-                                f"{', '.join(CPU_OPTIMIZERS)}")
-
-    @property
-    def shard_ranks(self) -> int:
-        """GPUs one parameter is sharded over (1 for DDP: nothing is sharded)."""
-        if self.strategy == "ddp":
-            return 1
-        if self.strategy == "hsdp":
-            return min(self.num_gpus, self.gpus_per_node)
-        return self.num_gpus
+# -- results ----------------------------------------------------------------------------------
+TRANSFER_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "host-to-device",
+                  "device-to-host")
+"""The kinds of :class:`Transfer`, in the order they are reported."""
 
 
 @dataclass(frozen=True)
@@ -485,8 +431,7 @@ class Transfer:
     """One collective or PCIe copy of a step.
 
     Attributes:
-        op: ``"all-gather"``, ``"reduce-scatter"``, ``"all-reduce"``, ``"host-to-device"`` or
-            ``"device-to-host"``.
+        op: one of :data:`TRANSFER_KINDS`.
         unit: what it moves (``"block 3"``, ``"root"``, ``"bucket 2"``, ``"parameters"``).
         phase: ``"forward"``, ``"backward"`` or ``"step"`` (after backward).
         nbytes: bytes of the full tensor (a copy: bytes copied).
@@ -509,13 +454,16 @@ class CommTime:
     """One training step of one rank under a data-parallel strategy.
 
     Attributes:
-        seconds: the step: compute, exposed communication and the optimizer.
+        seconds: the step: compute, exposed transfers and the optimizer.
         compute_seconds: forward and backward (with recomputation) on the GPU.
         optimizer_seconds: the optimizer step (this rank's shard on the GPU, or on the CPU with
             offload), not counting transfers.
         exposed_seconds: transfers the GPU waited for (``seconds - compute - optimizer``).
         transfers: every collective and copy, in issue order.
         strategy, num_gpus, nodes, offload: the setting.
+        intra_node: ``"nvlink"`` or ``"pcie"``; fabric: the network between nodes (used only
+            when ``nodes > 1``).
+        cpu_optimizer: the CPU optimizer under offload (a key of :data:`CPU_OPTIMIZERS`).
     """
 
     seconds: float
@@ -527,6 +475,9 @@ class CommTime:
     num_gpus: int
     nodes: int
     offload: str | None
+    intra_node: str = "nvlink"
+    fabric: str = ""
+    cpu_optimizer: str | None = None
 
     def bytes_of(self, op: str) -> int:
         """Total bytes of one kind of transfer (full tensor sizes)."""
@@ -535,6 +486,16 @@ class CommTime:
     def seconds_of(self, op: str) -> float:
         """Total duration of one kind of transfer, overlapped or not."""
         return sum(t.seconds for t in self.transfers if t.op == op)
+
+    def exposed_of(self, op: str) -> float:
+        """Seconds the GPU waited for one kind of transfer."""
+        return sum(t.exposed for t in self.transfers if t.op == op)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of transfer this step has, in :data:`TRANSFER_KINDS` order."""
+        present = {t.op for t in self.transfers}
+        return tuple(k for k in TRANSFER_KINDS if k in present)
 
 
 # -- the schedule -----------------------------------------------------------------------------
@@ -590,7 +551,10 @@ class _Schedule:
 
 def _buckets(sizes: list[tuple[int, float]], cap: int) -> list[tuple[int, float]]:
     """Gradients become ready in ``(bytes, time)`` order; each bucket of ``cap`` bytes is
-    reduced when its last gradient is ready, the remainder when backward ends."""
+    reduced when its last gradient is ready, the remainder when backward ends (``cap`` 0: a
+    bucket per ready gradient)."""
+    if cap <= 0:
+        return [(b, t) for b, t in sizes if b]
     out: list[tuple[int, float]] = []
     pending = 0
     for nbytes, ready in sizes:
@@ -603,31 +567,77 @@ def _buckets(sizes: list[tuple[int, float]], cap: int) -> list[tuple[int, float]
     return out
 
 
-def communication_time(work: RankWork, settings: CommSettings, topo: Topology) -> CommTime:
+@dataclass(frozen=True)
+class _Knobs:
+    """What the schedule needs of a :class:`Sharding`, resolved once."""
+
+    strategy: str
+    shard: int  # GPUs a parameter is sharded over (1 for DDP)
+    replicas: int  # HSDP's replica groups
+    forward_prefetch: bool
+    backward_prefetch: bool
+    overlap: bool
+    reshard_root: bool
+    ddp_bucket_bytes: int
+    reduce_bucket_elements: int
+    allgather_bucket_elements: int
+
+    @classmethod
+    def of(cls, s: Sharding) -> _Knobs:
+        d = s.distributed
+        assert d is not None
+        zero_prefetch = s.zero.prefetch_bucket_size > 0
+        if s.is_fsdp:
+            # FSDP issues the next unit's all-gather as the CPU reaches it, ahead of the GPU
+            # (implicit forward prefetch); backward prefetch is explicit (FSDP2 always, FSDP1
+            # with BACKWARD_PRE)
+            forward, backward = True, s.fsdp.version == 2 or s.fsdp.backward_prefetch
+        else:
+            forward = backward = zero_prefetch
+        return cls(
+            strategy=d, shard=s.shard_size,
+            replicas=s.num_gpus // s.shard_size if d == "hsdp" else 1,
+            forward_prefetch=forward, backward_prefetch=backward,
+            overlap=s.zero.overlap(s.stage) if s.stage else True,
+            reshard_root=bool(s.is_fsdp and s.fsdp.reshard_root),
+            ddp_bucket_bytes=int(s.ddp.bucket_cap_mb * 2**20),
+            reduce_bucket_elements=s.zero.reduce_bucket_size,
+            allgather_bucket_elements=s.zero.allgather_bucket_size,
+        )
+
+
+def communication_time(work: RankWork, sharding: Sharding, topo: Topology, wire: Wire, *,
+                       cpu_optimizer: str = "torch-adamw",
+                       inference: bool = False) -> CommTime:
     """Step time of one rank: compute, the strategy's transfers (overlapped where the strategy
     overlaps them), and the optimizer (sharded, or on the CPU with offload).
 
     Args:
         work: the rank's units and optimizer (:func:`rank_work`), computed on its own batch.
-        settings: strategy, GPU count, dtypes, buckets, prefetch, offload.
+        sharding: the strategy, GPU count, buckets, prefetch and offload (a ``distributed``
+            strategy, not None).
         topo: the links (:func:`topology`); its ``num_gpus`` and ``gpus_per_node`` must match
-            the settings'.
+            the sharding's.
+        wire: bytes per element gathered, reduced and copied (:meth:`Wire.of`).
+        cpu_optimizer: the CPU optimizer under offload (:func:`cpu_optimizer_of`).
+        inference: a forward only: gathers, no reduction, no optimizer.
 
     Raises:
-        EstimateError: settings and topology disagree.
+        EstimateError: one GPU without a strategy, settings and topology that disagree, an
+            unknown CPU optimizer.
     """
-    if (topo.num_gpus, topo.gpus_per_node) != (settings.num_gpus, settings.gpus_per_node):
+    if not isinstance(sharding, Sharding) or sharding.distributed is None:
+        raise EstimateError(f"communication_time needs a data-parallel Sharding, got {sharding!r}")
+    if (topo.num_gpus, topo.gpus_per_node) != (sharding.num_gpus, sharding.gpus_per_node):
         raise EstimateError(f"topology has {topo.num_gpus} GPUs, {topo.gpus_per_node} per node; "
-                            f"settings say {settings.num_gpus} and {settings.gpus_per_node}")
-    s, n = settings, settings.shard_ranks
-    strategy = s.strategy
+                            f"the sharding says {sharding.num_gpus} and {sharding.gpus_per_node}")
+    if cpu_optimizer not in CPU_OPTIMIZERS:
+        raise EstimateError(f"unknown CPU optimizer {cpu_optimizer!r}; known: "
+                            f"{', '.join(CPU_OPTIMIZERS)}")
+    k = _Knobs.of(sharding)
+    n, strategy, offload = k.shard, k.strategy, sharding.offload
     sharded_params = strategy in ("fsdp", "fsdp-grad-op", "hsdp", "zero3")
     reshards = strategy in ("fsdp", "hsdp", "zero3")  # gather again for backward
-    per_node = min(s.num_gpus, s.gpus_per_node)
-    replicas = s.num_gpus // n if strategy == "hsdp" else 1
-    overlap = s.overlap_comm if s.overlap_comm is not None else strategy == "zero3"
-    if strategy in ("ddp", "fsdp", "fsdp-grad-op", "hsdp"):
-        overlap = True
     sched = _Schedule()
 
     def cost(kind: str, nbytes: int, ranks: int, ranks_per_node: int | None = None) -> float:
@@ -637,12 +647,12 @@ def communication_time(work: RankWork, settings: CommSettings, topo: Topology) -
         """(Copy the shard to the GPU, then) all-gather the unit's parameters."""
         if not sharded_params or unit.params == 0:
             return None
-        if s.offload == "params":
-            shard = math.ceil(unit.params / n) * s.offload_param_bytes
+        if offload == "params":
+            shard = math.ceil(unit.params / n) * wire.offload_param_bytes
             copy = sched.issue("h2d", "host-to-device", unit.name, phase, shard,
                                host_copy_seconds(shard, topo), ready)
             ready = sched.end(copy)
-        nbytes = unit.params * s.param_bytes
+        nbytes = unit.params * wire.param_bytes
         return sched.issue("net", "all-gather", unit.name, phase, nbytes,
                            cost("all-gather", nbytes, n), ready)
 
@@ -650,37 +660,71 @@ def communication_time(work: RankWork, settings: CommSettings, topo: Topology) -
         """Reduce-scatter the unit's gradients (+ HSDP's replica all-reduce, + offload copy)."""
         if unit.trainable == 0:
             return []
-        nbytes = unit.trainable * s.grad_bytes
+        nbytes = unit.trainable * wire.grad_bytes
         done = [sched.issue("net", "reduce-scatter", unit.name, "backward", nbytes,
                             cost("reduce-scatter", nbytes, n), ready)]
-        shard = math.ceil(unit.trainable / n) * s.grad_bytes
-        if replicas > 1:
+        shard = math.ceil(unit.trainable / n) * wire.grad_bytes
+        if k.replicas > 1:
             done.append(sched.issue("replica", "all-reduce", unit.name, "backward", shard,
-                                    cost("all-reduce", shard, replicas, 1), sched.end(done[-1])))
-        if s.offload is not None:
+                                    cost("all-reduce", shard, k.replicas, 1),
+                                    sched.end(done[-1])))
+        if offload is not None:
             done.append(sched.issue("d2h", "device-to-host", unit.name, "backward", shard,
                                     host_copy_seconds(shard, topo), sched.end(done[-1])))
         return done
 
-    units = work.units
+    def buckets(ready: list[tuple[int, float]], final: bool) -> list[int]:
+        """Reduce every full bucket (and, at the end, the remainder); the issued gradient bytes
+        are taken off ``ready``."""
+        if strategy == "ddp":
+            cap, kind, ranks = k.ddp_bucket_bytes, "all-reduce", sharding.num_gpus
+        else:
+            cap, kind, ranks = k.reduce_bucket_elements * wire.grad_bytes, "reduce-scatter", n
+        pending = sum(b for b, _ in ready)
+        if not pending or (not final and cap > 0 and pending < cap):
+            return []
+        full = _buckets(ready, cap)
+        if not final and cap > 0 and full and full[-1][0] < cap:
+            ready[:] = [full.pop()]
+        else:
+            ready.clear()
+        issued = []
+        count = sum(1 for e in sched.log if e.unit.startswith("bucket") and e.phase == "backward"
+                    and e.op == kind)
+        for b, (nbytes, when) in enumerate(full):
+            issued.append(sched.issue("net", kind, f"bucket {count + b}", "backward", nbytes,
+                                      cost(kind, nbytes, ranks), when))
+            if offload is not None:
+                shard = math.ceil(nbytes / n)
+                issued.append(sched.issue("d2h", "device-to-host", f"bucket {count + b}",
+                                          "backward", shard, host_copy_seconds(shard, topo),
+                                          sched.end(issued[-1])))
+        return issued
+
+    blocks, root = work.blocks, work.root
     # -- forward: the root first, each block after its gather; prefetch one unit ahead ----------
-    gathers: dict[str, int | None] = {}
-    blocks = work.blocks
-    gathers["root"] = gather(work.root, "forward", 0.0)
+    gathers: dict[str, int | None] = {"root": gather(root, "forward", 0.0)}
     if blocks:  # needed at once: issued with the root's
         gathers[blocks[0].name] = gather(blocks[0], "forward", 0.0)
     sched.wait(gathers["root"])
     for i, block in enumerate(blocks):
         sched.wait(gathers[block.name])
-        if s.prefetch and i + 1 < len(blocks):
+        if k.forward_prefetch and i + 1 < len(blocks):
             gathers[blocks[i + 1].name] = gather(blocks[i + 1], "forward", sched.now)
         sched.compute(block.forward_seconds)
-        if not s.prefetch and i + 1 < len(blocks):
+        if not k.forward_prefetch and i + 1 < len(blocks):
             gathers[blocks[i + 1].name] = gather(blocks[i + 1], "forward", sched.now)
-    sched.compute(work.root.forward_seconds)
+    sched.compute(root.forward_seconds)
+    if inference:
+        compute = sum(u.forward_seconds for u in work.units)
+        return CommTime(sched.now, compute, 0.0, sched.now - compute, sched.result(), strategy,
+                        sharding.num_gpus, topo.nodes, offload, topo.intra_kind,
+                        topo.fabric.name)
 
     # -- backward: blocks in reverse; gather before (resharding strategies), reduce after ------
-    sched.compute(work.root.backward_seconds)
+    if k.reshard_root:
+        sched.wait(gather(root, "backward", sched.now))
+    sched.compute(root.backward_seconds)
     reductions: list[int] = []
     ready: list[tuple[int, float]] = []  # (gradient bytes, ready time) for bucketed reductions
     bucketed = strategy in ("ddp", "zero1", "zero2")
@@ -691,88 +735,52 @@ def communication_time(work: RankWork, settings: CommSettings, topo: Topology) -
         block = blocks[i]
         if reshards:
             sched.wait(back[block.name])
-            if s.prefetch and i > 0:
+            if k.backward_prefetch and i > 0:
                 back[blocks[i - 1].name] = gather(blocks[i - 1], "backward", sched.now)
         sched.compute(block.backward_seconds)
-        if reshards and not s.prefetch and i > 0:
+        if reshards and not k.backward_prefetch and i > 0:
             back[blocks[i - 1].name] = gather(blocks[i - 1], "backward", sched.now)
         if bucketed:
-            ready.append((block.trainable * s.grad_bytes, sched.now))
-            if not overlap:  # reduced on the compute stream as each bucket fills
-                for index in _reduce_buckets(sched, s, topo, ready, n, final=False):
+            ready.append((block.trainable * wire.grad_bytes, sched.now))
+            if not k.overlap:  # reduced on the compute stream as each bucket fills
+                for index in buckets(ready, final=False):
                     sched.wait(index)
         else:
             reductions += reduce(block, sched.now)
     if bucketed:
-        ready.append((work.root.trainable * s.grad_bytes, sched.now))
-        indices = _reduce_buckets(sched, s, topo, ready, n, final=True)
-        if not overlap:
+        ready.append((root.trainable * wire.grad_bytes, sched.now))
+        indices = buckets(ready, final=True)
+        if not k.overlap:
             for index in indices:
                 sched.wait(index)
         reductions += indices
     else:
-        reductions += reduce(work.root, sched.now)
-    last = max(reductions, key=sched.end, default=None)
-    sched.wait(last)
+        reductions += reduce(root, sched.now)
+    sched.wait(max(reductions, key=sched.end, default=None))
 
     # -- optimizer ------------------------------------------------------------------------------
-    trainable = sum(u.trainable for u in units)
+    trainable = sum(u.trainable for u in work.units)
     shard = math.ceil(trainable / n)
-    if s.offload is None:
-        optimizer = work.optimizer_device_seconds / n + work.optimizer_host_seconds
+    used: str | None = None
+    if offload is None:
+        optimizer = work.optimizer_seconds
         sched.compute(optimizer)
     else:
-        cpu = s.cpu_optimizer or ("deepspeed-cpu-adam" if strategy.startswith("zero")
-                                  else "torch-adamw")
-        optimizer = cpu_optimizer_seconds(shard, per_node, cpu)
+        used = cpu_optimizer
+        optimizer = cpu_optimizer_seconds(shard, sharding.ranks_per_node, cpu_optimizer)
         sched.compute(optimizer)
-        if s.offload == "optimizer":  # updated 16-bit parameters back to the GPU
-            nbytes = shard * s.param_bytes
+        if offload == "optimizer":  # updated 16-bit parameters back to the GPU
+            nbytes = shard * wire.param_bytes
             sched.wait(sched.issue("h2d", "host-to-device", "parameters", "step", nbytes,
                                    host_copy_seconds(nbytes, topo), sched.now))
     if strategy in ("zero1", "zero2") and trainable:  # every rank gets the updated parameters
-        elements = s.allgather_bucket_elements
-        for b, (_, size) in enumerate(_chunks(trainable, elements)):
-            nbytes = size * s.param_bytes
+        size = k.allgather_bucket_elements or trainable
+        for b, start in enumerate(range(0, trainable, size)):
+            nbytes = min(size, trainable - start) * wire.param_bytes
             sched.wait(sched.issue("net", "all-gather", f"bucket {b}", "step", nbytes,
                                    cost("all-gather", nbytes, n), sched.now))
-    compute = sum(u.forward_seconds + u.backward_seconds for u in units)
+    compute = work.compute_seconds
     seconds = sched.now
     return CommTime(seconds, compute, optimizer, seconds - compute - optimizer, sched.result(),
-                    strategy, s.num_gpus, topo.nodes, s.offload)
-
-
-def _chunks(total: int, size: int) -> list[tuple[int, int]]:
-    return [(start, min(size, total - start)) for start in range(0, total, size)]
-
-
-def _reduce_buckets(sched: _Schedule, s: CommSettings, topo: Topology,
-                    ready: list[tuple[int, float]], n: int, final: bool) -> list[int]:
-    """Issue the reductions of every full bucket (and, at the end, the remainder); the issued
-    gradient bytes are taken off ``ready``."""
-    if s.strategy == "ddp":
-        cap, kind, ranks = s.bucket_bytes, "all-reduce", s.num_gpus
-    else:
-        cap, kind, ranks = s.reduce_bucket_elements * s.grad_bytes, "reduce-scatter", n
-    pending = sum(b for b, _ in ready)
-    if not final and pending < cap:
-        return []
-    buckets = _buckets(ready, cap)
-    if not final and buckets and buckets[-1][0] < cap:
-        keep = buckets.pop()
-        ready[:] = [(keep[0], keep[1])]
-    else:
-        ready.clear()
-    issued = []
-    count = sum(1 for e in sched.log if e.unit.startswith("bucket") and e.phase == "backward"
-                and e.op == kind)
-    for b, (nbytes, when) in enumerate(buckets):
-        seconds = collective(kind, nbytes, topo, ranks).seconds
-        issued.append(sched.issue("net", kind, f"bucket {count + b}", "backward", nbytes,
-                                  seconds, when))
-        if s.offload is not None:
-            shard = math.ceil(nbytes / n)
-            issued.append(sched.issue("d2h", "device-to-host", f"bucket {count + b}",
-                                      "backward", shard, host_copy_seconds(shard, topo),
-                                      sched.end(issued[-1])))
-    return issued
+                    strategy, sharding.num_gpus, topo.nodes, offload, topo.intra_kind,
+                    topo.fabric.name, used)

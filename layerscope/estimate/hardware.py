@@ -90,6 +90,17 @@ class GPU:
         """
         return dataclasses.replace(self, price_per_hour=check_price(price_per_hour))
 
+    def with_fabric(self, fabric: str | Fabric | None) -> GPU:
+        """The same GPU in nodes joined by another network (a name from :func:`fabrics`);
+        None keeps the catalogue's default.
+
+        Raises:
+            EstimateError: an unknown fabric.
+        """
+        if fabric is None:
+            return self
+        return dataclasses.replace(self, fabric=get_fabric(fabric).name)
+
 
 @dataclass(frozen=True)
 class Fabric:

@@ -296,6 +296,20 @@ class Work:
         ))
 
 
+def _play(items: list[Kernels]) -> Iterator[float]:
+    """Each item's share of the wall time, in issue order (see :func:`run`)."""
+    host_t = gpu_t = 0.0
+    for k in items:
+        before = max(host_t, gpu_t)
+        if k.sync:
+            host_t = max(host_t, gpu_t)
+        if k.count:
+            gpu_t = max(gpu_t + k.device, host_t + k.host / k.count + k.device,
+                        host_t + k.host + k.device / k.count)
+        host_t += k.host
+        yield max(host_t, gpu_t) - before
+
+
 def run(items: list[Kernels]) -> tuple[float, dict[str, Phase]]:
     """Play the host and the GPU against each other, in issue order.
 
@@ -311,19 +325,13 @@ def run(items: list[Kernels]) -> tuple[float, dict[str, Phase]]:
         The wall time until both the host and the GPU are done (the sync that ends a
         measured step), and one :class:`Phase` per label, whose ``seconds`` add up to it.
     """
-    host_t = gpu_t = 0.0
     acc: dict[str, dict[str, float]] = {}
-    for k in items:
+    total = 0.0
+    for k, seconds in zip(items, _play(items)):
         a = acc.setdefault(k.label, dict.fromkeys(
             ("seconds", "flops", "bytes", "kernels", "device", "host", "compute", "memory"), 0.0))
-        before = max(host_t, gpu_t)
-        if k.sync:
-            host_t = max(host_t, gpu_t)
-        if k.count:
-            gpu_t = max(gpu_t + k.device, host_t + k.host / k.count + k.device,
-                        host_t + k.host + k.device / k.count)
-        host_t += k.host
-        a["seconds"] += max(host_t, gpu_t) - before
+        total += seconds
+        a["seconds"] += seconds
         a["flops"] += k.flops
         a["bytes"] += k.bytes
         a["kernels"] += k.count
@@ -333,7 +341,24 @@ def run(items: list[Kernels]) -> tuple[float, dict[str, Phase]]:
         a["memory"] += k.memory
     phases = {label: Phase(a["seconds"], a["flops"], a["bytes"], int(a["kernels"]), a["device"],
                            a["host"], a["compute"], a["memory"]) for label, a in acc.items()}
-    return max(host_t, gpu_t), phases
+    return total, phases
+
+
+def spans(items: list[Kernels],
+          marks: list[tuple[int, str, int | None]]) -> dict[tuple[str, int | None], float]:
+    """Wall time of each marked part of ``items`` (as :func:`run` plays them): ``marks`` are
+    ``(first item, phase, block)``, each part running to the next mark; parts marked alike
+    add up. Items before the first mark are not counted."""
+    out: dict[tuple[str, int | None], float] = {}
+    bounds = sorted(marks, key=lambda m: m[0])
+    pos = -1
+    for i, seconds in enumerate(_play(items)):
+        while pos + 1 < len(bounds) and bounds[pos + 1][0] <= i:
+            pos += 1
+        if pos >= 0:
+            key = (bounds[pos][1], bounds[pos][2])
+            out[key] = out.get(key, 0.0) + seconds
+    return out
 
 
 def waves(m: float, n: int, k: float, sms: int, batch: float = 1) -> tuple[int, int]:

@@ -27,6 +27,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerscope.checks import whole
 from layerscope.errors import EstimateError
 
 STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp", "zero1", "zero2", "zero3")
@@ -195,9 +196,7 @@ class Sharding:
                 )
             object.__setattr__(self, "distributed", key)
         for name in ("num_gpus", "gpus_per_node"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise EstimateError(f"{name} must be an int >= 1, got {value!r}")
+            whole(getattr(self, name), name, EstimateError, minimum=1)
         if self.distributed is None and self.num_gpus > 1:
             raise EstimateError(
                 f"num_gpus={self.num_gpus} needs a distributed strategy (distributed=None is one "

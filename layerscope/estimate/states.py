@@ -36,13 +36,18 @@ Sizes are bytes as the CUDA caching allocator counts them (:func:`~.trace.rounde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.optimizers import OPTIMIZERS
 from layerscope.estimate.sharding import DDP_FIRST_BUCKET_BYTES, Sharding
 from layerscope.estimate.trace import rounded
+
+if TYPE_CHECKING:
+    from layerscope.scan import ModelScan
+    from layerscope.setup import Lora
 
 ZERO_ALIGNMENT = 2
 """DeepSpeed ZeRO-1/2 pads a flat group to a multiple of ``2 * world_size`` elements
@@ -128,6 +133,68 @@ class RankStates:
             return held[index] if index < len(held) else 0
         pair = self.embed_extra if part == "embed" else self.head_extra
         return pair[0] if phase == "fwd" else pair[1]
+
+
+def scan_tensors(scan: ModelScan, trainable: Collection[str], lora: Lora | None = None, *,
+                 itemsize: int = 4, adapter_itemsize: int = 4) -> list[TensorInfo]:
+    """Every parameter tensor of a scanned model once (a tied tensor under its first name),
+    with the tensors peft adds: each targeted module's adapters ``A`` (``r x in``) and ``B``
+    (``out x r``), and a trainable copy of each of ``modules_to_save``'s parameters. A block's
+    added tensors come after its own. Read from the scan, without a trace: the description
+    the communication model (:mod:`layerscope.estimate.comm`) shares with the states above.
+
+    Args:
+        scan: the model's scan.
+        trainable: names of the trainable base parameters.
+        lora: the adapters, or None.
+        itemsize: bytes per element of a floating-point base tensor (integer tensors keep
+            their own).
+        adapter_itemsize: bytes per element of an adapter (peft makes them fp32).
+
+    Raises:
+        EstimateError: a trainable name or LoRA target that is not in the model.
+    """
+    unknown = set(trainable) - set(scan.by_name)
+    if unknown:
+        raise EstimateError(f"trainable names not in the model: {sorted(unknown)[:5]}")
+    wanted = set(trainable)
+
+    def block(name: str) -> int | None:
+        where = scan.block_of(name)
+        return where[1] if where is not None and where[0] == scan.primary else None
+
+    base: list[TensorInfo] = []
+    for group in scan.tensors:
+        p = group[0]
+        size = itemsize if p.dtype.is_floating_point else p.dtype.itemsize
+        base.append(TensorInfo(p.numel, p.shape, size, any(a.name in wanted for a in group),
+                               block(p.name)))
+    added: dict[int | None, list[TensorInfo]] = {}
+    if lora is not None:
+        for target in sorted(lora.targets):
+            weight = scan.by_name.get(f"{target}.weight")
+            if weight is None or len(weight.shape) < 2:
+                raise EstimateError(f"LoRA target {target!r} has no matrix weight in the model")
+            out, inner = weight.shape[0], weight.numel // weight.shape[0]
+            added.setdefault(block(weight.name), []).extend([
+                TensorInfo(lora.rank * inner, (lora.rank, inner), adapter_itemsize, True,
+                           block(weight.name)),
+                TensorInfo(out * lora.rank, (out, lora.rank), adapter_itemsize, True,
+                           block(weight.name))])
+        for module in sorted(lora.modules_to_save):
+            for p in scan.params:
+                if p.module == module or p.module.startswith(module + "."):
+                    added.setdefault(block(p.name), []).append(
+                        TensorInfo(p.numel, p.shape, itemsize, True, block(p.name)))
+    out_list: list[TensorInfo] = []
+    for i, t in enumerate(base):
+        out_list.append(t)
+        following = base[i + 1].block if i + 1 < len(base) else object()
+        if t.block != following:
+            out_list += added.pop(t.block, [])
+    for rest in added.values():
+        out_list += rest
+    return out_list
 
 
 def _check(params: Sequence[TensorInfo], num_blocks: int) -> None:

@@ -21,21 +21,40 @@ vocabulary) and the optimizer's passes over its tensors. Then:
 Backward reaches the earliest block a gradient must flow through (see
 :mod:`layerscope.estimate.walk`): input gradients there and above, weight gradients only for
 trainable weights.
+
+A data-parallel setup (``distributed``: DDP, FSDP, HSDP, ZeRO) is timed per GPU: this GPU's
+batch (``batch_size`` is per GPU) computed as above, in the dtype the strategy hands the
+matmuls (FSDP's mixed-precision policy and DeepSpeed's 16-bit module gather weights already in
+the autocast dtype: no autocast casts), the optimizer on this GPU's shard, and the strategy's
+collectives and copies scheduled against that compute by :mod:`layerscope.estimate.comm` over
+the GPU's links (NVLink or PCIe within a node, the GPU's fabric between nodes). What compute
+waits for is the step's exposed communication; with offload, the PCIe copies and the CPU
+optimizer step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from typing_extensions import Unpack
 
-from layerscope.errors import EstimateError
+from layerscope.errors import EstimateError, StructureError
 from layerscope.estimate import attention as attn
 from layerscope.estimate import experts
 from layerscope.estimate.band import Regime, band, regime_of
 from layerscope.estimate.cache import model_cache
+from layerscope.estimate.comm import (
+    CommTime,
+    Topology,
+    Wire,
+    communication_time,
+    cpu_optimizer_of,
+    rank_work,
+    topology,
+)
 from layerscope.estimate.hardware import GPU, get_gpu
 from layerscope.estimate.quant import WeightTraffic
 from layerscope.estimate.roofline import (
@@ -53,12 +72,15 @@ from layerscope.estimate.roofline import (
     Work,
     foreach_launches,
     run,
+    spans,
 )
+from layerscope.estimate.sharding import Sharding
+from layerscope.estimate.states import TensorInfo, scan_tensors
 from layerscope.estimate.structure import ModelShape, analyse
 from layerscope.estimate.walk import Walk
 from layerscope.plan import FreezePlan
 from layerscope.scan import ModelScan
-from layerscope.setup import Lora, Precision, Settings, TrainingSetup, make_setup
+from layerscope.setup import PRECISIONS, Lora, Precision, Settings, TrainingSetup, make_setup
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -88,10 +110,14 @@ class StepTime:
     ``seconds`` is their sum. For ``inference=True`` only ``forward`` is non-zero.
 
     Attributes:
-        regime: what bounds the step: ``"compute-bound"``, ``"memory-bound"`` or
+        regime: what bounds the step's compute: ``"compute-bound"``, ``"memory-bound"`` or
             ``"host-bound"`` (see :mod:`layerscope.estimate.band`).
         low_seconds, high_seconds: the range the measured step time fell in for 80% of the
             calibration steps of the same regime, scaled to this estimate.
+        parts: forward and backward (with recomputation) seconds per block and outside them.
+        communication: under a data-parallel strategy, every collective and copy of the step
+            and what compute waited for (``seconds`` then includes the exposed transfers, and
+            ``optimizer`` is this GPU's shard, or the CPU step under offload); None on one GPU.
     """
 
     seconds: float
@@ -106,6 +132,13 @@ class StepTime:
     regime: Regime
     low_seconds: float
     high_seconds: float
+    parts: PartTimes | None = None
+    communication: CommTime | None = None
+
+    @property
+    def exposed_communication_seconds(self) -> float:
+        """Seconds compute waited for transfers (0 on one GPU)."""
+        return 0.0 if self.communication is None else self.communication.exposed_seconds
 
     @property
     def flops(self) -> float:
@@ -118,6 +151,30 @@ class StepTime:
     @property
     def fwd_bwd_seconds(self) -> float:
         return self.forward.seconds + self.backward.seconds + self.recompute.seconds
+
+
+@dataclass(frozen=True)
+class PartTimes:
+    """Wall seconds of a step's parts, as the step plays them.
+
+    Attributes:
+        forward: each block's forward, in order.
+        backward: each block's backward, its recomputation included (0 for a block backward
+            does not reach).
+        outside_forward: embeddings, final norm, head and loss in forward.
+        outside_backward: loss, head and embeddings in backward.
+    """
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    outside_forward: float
+    outside_backward: float
+
+    @classmethod
+    def of(cls, seconds: dict[tuple[str, int | None], float], blocks: int) -> PartTimes:
+        return cls(tuple(seconds.get(("forward", b), 0.0) for b in range(blocks)),
+                   tuple(seconds.get(("backward", b), 0.0) for b in range(blocks)),
+                   seconds.get(("forward", None), 0.0), seconds.get(("backward", None), 0.0))
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -181,6 +238,7 @@ class StepTimer:
     weights: WeightTraffic | None = None
     lora_bytes: int = 4
     input_grads: bool = False
+    sharded: ShardedRun | None = None
 
     def at(self, batch_size: int, seq_len: int, padded: bool = False) -> StepTime:
         """The step of ``batch_size`` sequences of ``seq_len`` tokens.
@@ -196,10 +254,136 @@ class StepTimer:
         """
         batch_size = _check_positive_int(batch_size, "batch_size")
         seq_len = _check_positive_int(seq_len, "seq_len")
-        return _estimate(self.shape, set(self.trainable), self.gpu, self.precision,
+        prec = self.precision if self.sharded is None else self.sharded.compute
+        lora_bytes = self.lora_bytes if self.sharded is None else self.sharded.lora_bytes
+        step = _estimate(self.shape, set(self.trainable), self.gpu, prec,
                          self.optimizer, batch_size, seq_len, self.gradient_checkpointing,
-                         self.adapters, self.inference, padded, self.weights, self.lora_bytes,
+                         self.adapters, self.inference, padded, self.weights, lora_bytes,
                          self.input_grads)
+        return step if self.sharded is None else self.sharded.step(step, self.gpu,
+                                                                     self.optimizer)
+
+
+@dataclass(frozen=True)
+class ShardedRun:
+    """What a data-parallel step adds to one GPU's compute (see the module's docstring).
+
+    Attributes:
+        sharding: the strategy and its knobs.
+        topology: the links between the run's GPUs.
+        wire: bytes per element gathered, reduced and copied.
+        params: the model's tensors, adapters included, with their blocks.
+        num_blocks: blocks in the stack (FSDP units besides the root).
+        precision: the setup's precision (the optimizer's states).
+        compute: the precision forward and backward compute in.
+        inference: a forward only.
+        lora_bytes: bytes per adapter element in the compute (a strategy that casts the
+            parameters casts the adapters with them).
+    """
+
+    sharding: Sharding
+    topology: Topology
+    wire: Wire
+    params: tuple[TensorInfo, ...] = dataclasses.field(repr=False)
+    num_blocks: int
+    precision: Precision
+    compute: Precision
+    inference: bool
+    lora_bytes: int = 4
+
+    def step(self, one: StepTime, gpu: GPU, optimizer: str) -> StepTime:
+        """``one`` (this GPU's compute, timed in :attr:`compute`) with the strategy's
+        transfers, and the optimizer on this GPU's shard (or the CPU)."""
+        parts = one.parts
+        blocks = self.num_blocks
+        if parts is None or len(parts.forward) != blocks:  # blocks the time model sees apart
+            fwd = one.forward.seconds
+            bwd = one.backward.seconds + one.recompute.seconds
+            parts = PartTimes((fwd / blocks,) * blocks, (bwd / blocks,) * blocks, 0.0, 0.0) \
+                if blocks else PartTimes((), (), fwd, bwd)
+        opt_s, optim = (0.0, Phase()) if self.inference else self.shard_optimizer(gpu, optimizer)
+        work = rank_work(self.params, blocks, forward=parts.forward, backward=parts.backward,
+                         root_forward=parts.outside_forward,
+                         root_backward=parts.outside_backward, optimizer_seconds=opt_s)
+        comm = communication_time(work, self.sharding, self.topology, self.wire,
+                                  cpu_optimizer=cpu_optimizer_of(self.sharding, optimizer),
+                                  inference=self.inference)
+        if comm.cpu_optimizer is not None:  # the step runs on the host
+            optim = Phase(seconds=comm.optimizer_seconds, host_seconds=comm.optimizer_seconds)
+        phases = (one.forward, one.backward, one.recompute, optim)
+        regime = regime_of(comm.seconds - comm.exposed_seconds,
+                           sum(p.compute_seconds for p in phases),
+                           sum(p.memory_seconds for p in phases))
+        low, high = band(comm.seconds, regime)
+        notes = (*one.assumptions.notes, self.note(comm))
+        return dataclasses.replace(
+            one, seconds=comm.seconds, optimizer=optim, regime=regime, low_seconds=low,
+            high_seconds=high, communication=comm,
+            assumptions=dataclasses.replace(one.assumptions, precision=self.precision.name,
+                                            notes=notes))
+
+    def shard_optimizer(self, gpu: GPU, optimizer: str) -> tuple[float, Phase]:
+        """``optimizer.step()`` on this GPU's share of the trainable parameters: ZeRO's flat
+        fp32 master partition (stage 3: one tensor per ``sub_group_size`` elements), FSDP's
+        per-parameter shards, DDP's whole replica."""
+        s, n = self.sharding, self.sharding.shard_size
+        trainable = [p for p in self.params if p.trainable]
+        if s.stage:
+            part = -(-sum(p.numel for p in trainable) // n)
+            groups = -(-part // s.zero.sub_group_size) if s.stage == 3 and s.zero.sub_group_size \
+                else 1
+            return _optimizer(gpu, PRECISIONS["32-true"], optimizer, part, min(groups, part))
+        numel = sum(-(-p.numel // n) for p in trainable)
+        return _optimizer(gpu, self.precision, optimizer, numel, len(trainable))
+
+    def note(self, comm: CommTime) -> str:
+        """One line for the assumptions: the strategy, its links, what it moved."""
+        s = self.sharding
+        links = f"{comm.intra_node} within a node"
+        if comm.nodes > 1:
+            links += f", {comm.fabric} between {comm.nodes} nodes"
+        moved = ", ".join(f"{kind} {comm.bytes_of(kind) / 2**30:.2f} GiB"
+                          for kind in comm.kinds)
+        return (f"{s.describe()}: per GPU, its batch computed in {self.compute.name}; "
+                f"{moved or 'nothing'} per step over {links}; "
+                f"{comm.exposed_seconds * 1000:.1f} ms of it exposed (NCCL's ring/tree cost "
+                "model, overlapped as the strategy schedules it)")
+
+
+def compute_precision(prec: Precision, sharding: Sharding | None) -> Precision:
+    """The precision a rank's forward and backward run in: FSDP's mixed-precision policy and
+    DeepSpeed's 16-bit module hand the matmuls weights already in the autocast dtype, and the
+    residual stream follows them (``bf16-true``'s step, without autocast's casts); one GPU and
+    DDP run the precision as set."""
+    if sharding is None or sharding.distributed in (None, "ddp") or prec.autocast_dtype is None:
+        return prec
+    return PRECISIONS["bf16-true" if prec.autocast_dtype == PRECISIONS["bf16-true"].param_dtype
+                      else "16-true"]
+
+
+def sharded_run(setup: TrainingSetup, gpu: GPU) -> ShardedRun | None:
+    """The :class:`ShardedRun` of ``setup`` on ``gpu`` (None on one GPU).
+
+    Raises:
+        EstimateError: a GPU without interconnect figures, or an unknown fabric.
+    """
+    sharding = setup.sharding
+    if sharding is None or sharding.distributed is None:
+        return None
+    s = setup.scan
+    try:
+        blocks = s.num_layers
+    except StructureError:
+        blocks = 0
+    prec = setup.precision_info
+    params = scan_tensors(s, setup.trainable, setup.lora, itemsize=prec.weight_bytes)
+    if blocks == 0:  # no stack: the whole model is the root unit
+        params = [dataclasses.replace(p, block=None) for p in params]
+    compute = compute_precision(prec, sharding)
+    return ShardedRun(sharding, topology(gpu, sharding.num_gpus, sharding.gpus_per_node),
+                      Wire.of(sharding, prec), tuple(params), blocks, prec, compute,
+                      setup.inference,
+                      compute.weight_bytes if compute != prec else setup.adapter_dtype.itemsize)
 
 
 def step_timer(setup: TrainingSetup, gpu: GPU) -> StepTimer:
@@ -220,7 +404,7 @@ def step_timer(setup: TrainingSetup, gpu: GPU) -> StepTimer:
     return StepTimer(shape, setup.trainable, gpu, prec, setup.optimizer,
                      setup.gradient_checkpointing, setup.lora, setup.inference,
                      WeightTraffic.of(setup), setup.adapter_dtype.itemsize,
-                     setup.kbit_prepared and setup.gradient_checkpointing)
+                     setup.kbit_prepared and setup.gradient_checkpointing, sharded_run(setup, gpu))
 
 
 def _shape(setup: TrainingSetup) -> ModelShape:
@@ -260,18 +444,22 @@ def _estimate(m: ModelShape, trainable: set[str], gpu: GPU, prec: Precision, opt
     if inference:
         seconds, phases = run(w.items)
         zero = Phase()
-        return _step(seconds, phases["forward"], zero, zero, zero, tokens, 0, None, assumptions)
+        parts = PartTimes.of(spans(w.items, walk.marks), len(m.prefixes))
+        return dataclasses.replace(_step(seconds, phases["forward"], zero, zero, zero, tokens, 0,
+                                         None, assumptions), parts=parts)
     earliest = walk.backward()
     fwd_bwd, phases = run(w.items)
     forward, backward = phases["forward"], phases.get("backward", Phase())
     recompute = phases.get("recompute", Phase())
+    parts = PartTimes.of(spans(w.items, walk.marks), len(m.prefixes))
 
     # -- optimizer: memory-bound passes over the trainable tensors ---------------------------
     numel, tensors = _trainable_tensors(s, trainable, walk)
     opt_s, optim = _optimizer(gpu, prec, opt, numel, tensors)
     trainable_params = numel
-    return _step(fwd_bwd + opt_s, forward, backward, recompute, optim, tokens, trainable_params,
-                 earliest, assumptions)
+    return dataclasses.replace(
+        _step(fwd_bwd + opt_s, forward, backward, recompute, optim, tokens, trainable_params,
+              earliest, assumptions), parts=parts)
 
 
 def _optimizer(gpu: GPU, prec: Precision, opt: str, numel: int,

@@ -79,6 +79,10 @@ class Walk:
     input_grads: bool = False
     heads: attn.Heads = field(init=False)
     traffic: WeightTraffic = field(init=False)
+    marks: list[tuple[int, str, int | None]] = field(init=False, default_factory=list)
+    """Where each part of the step starts in ``w.items``: ``(index, phase, block)``, block
+    None for what lies outside the blocks (embeddings, head, loss); a recomputation is marked
+    as its block's backward. Read by :func:`~layerscope.estimate.roofline.spans`."""
 
     def __post_init__(self) -> None:
         m = self.m
@@ -122,6 +126,10 @@ class Walk:
     def rank(self) -> int:
         return self.adapters.rank if self.adapters is not None else 0
 
+    def mark(self, phase: str, block: int | None) -> None:
+        """What follows belongs to ``block`` (None: outside the blocks) in ``phase``."""
+        self.marks.append((len(self.w.items), phase, block))
+
     def _phase(self, label: str) -> None:
         self.w.label = label
         self.w.host_s_per_kernel = (HOST_BACKWARD_S_PER_KERNEL if label == "backward"
@@ -153,12 +161,14 @@ class Walk:
     def forward(self) -> None:
         """The whole forward (and the loss, in training)."""
         self._phase("forward")
+        self.mark("forward", None)
         self.embeddings_forward()
         windows = set(self.m.sliding) or {None}
         if self.m.heads:
             attn.mask_creation(self.w, self.m.attn_implementation, self.batch, self.seq,
                                windows, self.padded)
         for b in range(len(self.m.prefixes)):
+            self.mark("forward", b)
             if self.ckpt and self.training:
                 self.w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
             before = len(self.w.items)
@@ -166,6 +176,7 @@ class Walk:
             if self.ckpt and self.training:  # the saved-tensor pack hooks, in Python
                 kernels = sum(k.count for k in self.w.items[before:])
                 self.w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED / 3)
+        self.mark("forward", None)
         self.outside_forward()
         if self.training and self.m.has_loss:
             self.w.stream(self.tokens * self.m.vocab * (self.prec.act_bytes + 12),
@@ -300,6 +311,7 @@ class Walk:
         floor = self.gradient_floor()
         upstream = floor is not None  # gradients flow below the head
         self._phase("backward")
+        self.mark("backward", None)
         if m.has_loss:
             w.stream(tokens * m.vocab * (20 + ab), LOSS_BACKWARD_KERNELS)
             if m.logit_softcap:
@@ -318,6 +330,7 @@ class Walk:
         for b in reversed(range(len(m.prefixes))):
             if floor is None or b < floor:
                 continue
+            self.mark("backward", b)
             if self.ckpt:
                 self._phase("recompute")
                 w.host(HOST_CHECKPOINT_S_PER_BLOCK / 2)
@@ -327,6 +340,7 @@ class Walk:
                 self._phase("backward")
                 w.host(kernels * HOST_CHECKPOINT_S_PER_SAVED * 2 / 3)  # recompute pack, unpack
             self.block_backward(b)
+        self.mark("backward", None)
         for name, rows, width in m.embeddings:
             if name in self.trainable:  # embedding_dense_backward: zero-fill, sort, scatter-add
                 w.stream(rows * width * wb + tokens * width * (prec.stream_bytes + 8), 5)

@@ -223,17 +223,42 @@ def _gpu_line(doc: Mapping[str, Any]) -> str:
     return f"GPU: {t['num_gpus']} x {g['name']}, {g['full_name']}, {cost}"
 
 
+LINKS = {"nvlink": "NVLink", "pcie": "PCIe"}
+
+
+def communication_text(comm: Mapping[str, Any] | None) -> str | None:
+    """One line on a step's communication (None on one GPU): what compute waited for, what
+    moved over which links, and the CPU optimizer under offload."""
+    if comm is None:
+        return None
+    moved = ", ".join(f"{kind} {gib(t['bytes'])}" for kind, t in comm["transfers"].items())
+    total = sum(t["seconds"] for t in comm["transfers"].values())
+    links = f"{LINKS.get(comm['intra_node'], comm['intra_node'])} within a node"
+    if comm["nodes"] > 1:
+        links += f", {comm['fabric']} between {comm['nodes']} nodes"
+    text = (f"{_seconds(comm['exposed_seconds'])} exposed of {_seconds(total)} of transfers "
+            f"({moved or 'none'}; {links})")
+    if comm["cpu_optimizer"]:
+        text += (f"; optimizer on the CPU ({comm['cpu_optimizer']}): "
+                 f"{_seconds(comm['optimizer_seconds'])}")
+    return text
+
+
 def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
     """``layerscope time``: steps, step time, wall time, GPU-hours, cost, memory per GPU."""
     t, step, v = doc["training"], doc["training"]["step"], doc["verdict"]
     phases = [("forward", step["forward_seconds"]), ("backward", step["backward_seconds"]),
               ("recompute", step["recompute_seconds"]), ("optimizer", step["optimizer_seconds"])]
+    comm = step.get("communication")
+    if comm:
+        phases.append(("communication", comm["exposed_seconds"]))
     split = ", ".join(f"{name} {_seconds(s)}" for name, s in phases if s)
     fits = _paint("fits", GREEN, color) if v["fits"] else _paint("does not fit", RED, color)
     rows = [
         ("samples x epochs", f"{t['samples']:,} x {t['epochs']}"),
         ("steps", f"{t['total_steps']:,} ({t['steps_per_epoch']:,} per epoch)"),
         ("step time", f"{_seconds(step['seconds'])} ({split})"),
+        *([("communication", communication_text(comm))] if comm else []),
         ("likely range", f"{_seconds(step['low_seconds'])} - {_seconds(step['high_seconds'])} "
                          f"per step ({step['regime']})"),
         *([("average step", f"{_seconds(t['total_seconds'] / t['total_steps'])} "
@@ -250,8 +275,11 @@ def time_text(doc: Mapping[str, Any], color: bool = False) -> str:
     ]
     note = ("Step time: a roofline estimate from the kernels' FLOPs and bytes against the GPU's "
             f"datasheet peaks;\nthe likely range is where {step['band_coverage']:.0%} of measured "
-            "steps of the same regime fell around the estimate;\ncommunication between GPUs is "
-            "not modelled.")
+            "steps of the same regime fell around the estimate (one-GPU steps).")
+    if comm:
+        note += ("\nCommunication: NCCL's cost model for each collective over the links, "
+                 "scheduled against this GPU's\ncompute as the strategy overlaps it; "
+                 "'exposed' is what compute waited for.")
     parts = [header_text(doc, per_gpu=True), _gpu_line(doc),
              tabulate(rows, tablefmt="plain", disable_numparse=True)]
     if t.get("lengths"):
@@ -301,3 +329,59 @@ def fit_text(doc: Mapping[str, Any], color: bool = False) -> str:
     if doc["suggestions"]:
         lines += ["", suggestions_text(doc)]
     return "\n".join(lines)
+
+
+def _setting(c: Mapping[str, Any]) -> str:
+    """A chosen setting in a few words: ``zero3 + checkpointing``, ``one GPU``."""
+    s = c["settings"]
+    words = [s["distributed"] or "one GPU"]
+    if s["offload"]:
+        words.append(f"offload {s['offload']}")
+    if s["gradient_checkpointing"]:
+        words.append("checkpointing")
+    return " + ".join(words)
+
+
+def gpus_text(doc: Mapping[str, Any], color: bool = False) -> str:
+    """``layerscope gpus``: per GPU type the fewest GPUs that fit, how, and what it costs."""
+    run = doc["run"]
+    offloads = any(c["fits"] and c["settings"]["offload"] for c in doc["gpus"])
+    rows = []
+    for c in doc["gpus"]:
+        g = c["gpu"]
+        if not c["fits"]:
+            rows.append((g["name"], _paint("none", RED, color), "nothing fits", "", "", "", "",
+                         *([""] if offloads else [])))
+            continue
+        e, step = c["estimate"], c["step"]
+        memory = f"{gib(e['required_bytes'])} of {gib(g['memory_bytes'])}"
+        tail: tuple[str, ...]
+        if run is not None:
+            r = c["run"]
+            money = ("no price" if r["cost"] is None else f"${r['cost']:,.2f}")
+            tail = (format_duration(r["total_seconds"]), money)
+        else:
+            per = c["cost_per_million_tokens"]
+            tail = ("no price" if per is None else f"${per:,.2f}",)
+        rows.append((g["name"], str(c["num_gpus"]), _setting(c), memory,
+                     _seconds(step["seconds"]), f"{c['tokens_per_second']:,.0f}", *tail,
+                     *([gib(e["host_bytes"]) if e["host_bytes"] else ""] if offloads else [])))
+    money_headers = (("wall time", "cost") if run is not None else ("per 1M tokens",))
+    headers = ("GPU", "GPUs", "setting", "memory per GPU (needed)", "step", "tokens/s",
+               *money_headers, *(["CPU per node"] if offloads else []))
+    table = tabulate(rows, headers=headers, disable_numparse=True)
+    size = (f" for {run['samples']:,} samples x {run['epochs']} epoch(s)" if run is not None
+            else "; cost of a million training tokens")
+    why = "\n".join(f"  {c['gpu']['name']}: {c['reason']}" for c in doc["gpus"])
+    a = doc["assumptions"]
+    tried = (f"Tried: one GPU, then {', '.join(a['strategies'])} on "
+             f"{', '.join(str(n) for n in a['gpu_counts'][1:])} GPUs, each without and with "
+             "gradient checkpointing;\noffload (" + ", ".join(f"{s} {o}" for s, o in a["offloads"])
+             + ") only where nothing else fits. At the fewest count that fits, the fastest step "
+             "wins.")
+    return "\n\n".join([
+        header_text(doc, per_gpu=True),
+        f"Fewest GPUs of each type that fit, cheapest first{size}:\n{table}",
+        f"Why:\n{why}",
+        tried + "\n" + rule_text(doc),
+    ])

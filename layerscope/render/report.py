@@ -15,6 +15,7 @@ from typing import Any
 
 from layerscope.render import svg
 from layerscope.render.console import (
+    communication_text,
     component_rows,
     header_text,
     plan_label,
@@ -179,13 +180,15 @@ def _time_section(doc: Mapping[str, Any]) -> str:
             return f"{r['tokens_per_second']:,.0f}"
         if key == "time":
             return format_duration(r["total_seconds"])
+        if key == "comm":
+            return escape(communication_text(r["step"].get("communication")) or "none (one GPU)")
         if key == "hours":
             return f"{r['gpu_hours']:,.2f}"
         return "unknown (no price)" if r["cost"] is None else f"${r['cost']:,.2f}"
 
-    labels = (("step time", "step"), ("likely range", "range"), ("tokens/s", "tps"),
-              ("wall time", "time"),
-              ("GPU-hours", "hours"), ("cost", "cost"))
+    labels = (("step time", "step"), ("likely range", "range"), ("communication", "comm"),
+              ("tokens/s", "tps"), ("wall time", "time"), ("GPU-hours", "hours"),
+              ("cost", "cost"))
     rows = [(label, *(col(r, key) for _, r in runs)) for label, key in labels]
     price = some["price_per_hour"]
     return ("<h2>Time and cost</h2>"
@@ -196,7 +199,8 @@ def _time_section(doc: Mapping[str, Any]) -> str:
             + ". Step times are roofline estimates; the likely range is where "
             + f"{some['step']['band_coverage']:.0%} of measured steps of the same regime "
               "(compute-, memory- or host-bound) fell around the estimate; communication "
-              "between GPUs is not modelled.</p>"
+              "between GPUs: NCCL's cost model for each collective, scheduled against the "
+              "compute as the strategy overlaps it ('exposed': what compute waited for).</p>"
             + _table(("", *(n for n, _ in runs)), rows))
 
 
