@@ -71,7 +71,8 @@ class CudaKernels(TorchFunctionMode):
         """
         self._weight_cache = None
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if self.autocast_dtype is not None:
@@ -84,7 +85,7 @@ class CudaKernels(TorchFunctionMode):
         if name == "dropout":
             return _fused_dropout(func, args, kwargs)
         if name in ("grouped_mm", "_grouped_mm") and _needs_grouped_fallback(args, kwargs):
-            return _GroupedMatmul.apply(args[0], args[1])
+            return _GroupedMatmul.apply(args[0], args[1])  # type: ignore[no-untyped-call]
         return func(*args, **kwargs)
 
     def _cast(self, value: Any, dtype: torch.dtype, low_only: bool) -> Any:
@@ -101,14 +102,15 @@ class CudaKernels(TorchFunctionMode):
             return self._weight_cache[key]
         return value.to(dtype)
 
-    def _cast_all(self, args: tuple, kwargs: dict, dtype: torch.dtype, low_only: bool = False) -> tuple:
+    def _cast_all(self, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype,
+                  low_only: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (
             tuple(self._cast(a, dtype, low_only) for a in args),
             {k: self._cast(v, dtype, low_only) for k, v in kwargs.items()},
         )
 
 
-def _fused_dropout(func: Any, args: tuple, kwargs: dict) -> Any:
+def _fused_dropout(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``F.dropout`` as CUDA runs it: the fused ``native_dropout``, which saves a bool mask.
 
     On CPU, ``at::dropout`` takes the composite path (a mask of the input's dtype, multiplied
@@ -125,12 +127,12 @@ def _fused_dropout(func: Any, args: tuple, kwargs: dict) -> Any:
     return func(*args, **kwargs)
 
 
-def _needs_grouped_fallback(args: tuple, kwargs: dict) -> bool:
+def _needs_grouped_fallback(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """A non-bf16 grouped matmul, which the fake kernel of ``torch._grouped_mm`` rejects."""
     if len(args) < 2 or kwargs.get("bias") is not None or kwargs.get("out_dtype") is not None:
         return False
     a, b = args[0], args[1]
-    return a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16
+    return bool(a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16)
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -149,7 +151,7 @@ class _GroupedMatmul(torch.autograd.Function):
         return a.new_empty((a.shape[0], b.shape[-1]))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a_shape, b_shape = ctx.shapes
         grad_a = grad.new_empty(a_shape) if ctx.needs_input_grad[0] else None
         grad_b = grad.new_empty(b_shape) if ctx.needs_input_grad[1] else None
@@ -193,9 +195,10 @@ def cuda_sdpa(
     """``F.scaled_dot_product_attention`` through the kernel a CUDA GPU would run."""
     backend = sdpa_backend(query, key, attn_mask is not None, enable_gqa, value)
     if backend == "flash":
-        return torch.ops.aten._scaled_dot_product_flash_attention(
+        out: torch.Tensor = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, is_causal, False, scale=scale
         )[0]
+        return out
     if backend == "efficient":
         bias = attn_mask
         if bias is not None:
@@ -204,12 +207,14 @@ def cuda_sdpa(
             shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
             bias = bias.expand(shape)
         needs_grad = any(t.requires_grad for t in (query, key, value))
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, bias, needs_grad, dropout_p, is_causal, scale=scale
         )[0]
-    return torch.ops.aten._scaled_dot_product_attention_math(
+        return out
+    out = torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa
     )[0]
+    return out
 
 
 def flash_attention_forward(
