@@ -68,7 +68,8 @@ def lora_config(rank: int):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj"])
 
 
 def baselines(model: torch.nn.Module, trainable: frozenset[str], row: dict) -> tuple[int, int]:
@@ -80,7 +81,7 @@ def baselines(model: torch.nn.Module, trainable: frozenset[str], row: dict) -> t
     """
     dtype_bytes = 4 if row["regime"] in ("fp32", "amp_bf16") else 2
     seen, total, train = set(), 0, 0
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for _name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
@@ -110,7 +111,8 @@ def main() -> int:
     parser.add_argument("--filter", default="", help="only rows whose label contains this text")
     args = parser.parse_args()
     configs = json.loads((CALIBRATION / "model_configs.json").read_text())
-    rows = [json.loads(line) for line in (CALIBRATION / "h100_training_steps.jsonl").read_text().splitlines() if line]
+    lines = (CALIBRATION / "h100_training_steps.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line]
     models: dict[str, torch.nn.Module] = {}
     table, errs, errs_acc, errs_naive, errs_reserved, errs_flat = [], [], [], [], [], []
     for row in rows:
@@ -138,7 +140,8 @@ def main() -> int:
         errs.append(err)
         errs_acc.append(100 * (acc - measured) / measured)
         errs_naive.append(100 * (naive - measured) / measured)
-        trainable_note = "" if est.trainable_params == row["trainable_params"] or row["inference"] else " (!params)"
+        same = est.trainable_params == row["trainable_params"] or row["inference"]
+        trainable_note = "" if same else " (!params)"
         fwd = ""
         if "peak_forward_bytes" in row:  # first forward: weights only, no optimizer state yet
             first = est.forward_peak_bytes - est.optimizer_state_bytes

@@ -42,7 +42,7 @@ def main() -> int:
         "estimate, does not fit (--gpu h100)": [*cli, "--gpu", "h100"],
     }
     times: dict[str, list[float]] = {name: [] for name in commands}
-    for name, argv in commands.items():  # warm-up: file caches, bytecode
+    for _name, argv in commands.items():  # warm-up: file caches, bytecode
         wall(argv)
     for _ in range(args.repeat):
         for name, argv in commands.items():

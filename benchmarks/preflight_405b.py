@@ -9,7 +9,8 @@ each process found.
   ``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``, sum ``numel``.
 * ``preflight``: ``import layerscope``, ``empty_model(preset)``, then every step in ``STEPS``.
 
-To extend the pre-flight, add a ``(name, function)`` pair to ``STEPS``: the function takes the model and returns a dict of
+To extend the pre-flight, add a ``(name, function)`` pair to ``STEPS``: the function takes the model
+and returns a dict of
 results for the table; an ``ImportError`` marks the step skipped. ``--steps`` picks a subset.
 
     PYTHONPATH=. python benchmarks/preflight_405b.py [--preset llama-3.1-405b] [--repeat 5]

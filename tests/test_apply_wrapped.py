@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Block, PlainNet
 from torch import nn
 
-from conftest import Block, PlainNet
 from layerscope import (
     FreezePlan,
     GradualUnfreezer,

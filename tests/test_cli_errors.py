@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import LLAMA
+
 from layerscope import cli
 
 HUGE = "9" * 400

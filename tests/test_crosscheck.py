@@ -4,8 +4,8 @@ from the structure. They must agree, and agree on what freezing removes. (bf16: 
 trace runs MoE experts through a memory-only stand-in that counts no FLOPs.)"""
 
 import pytest
-
 from conftest import build
+
 from layerscope import FreezePlan, estimate_memory, estimate_step_time
 
 

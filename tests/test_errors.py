@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import LLAMA, build
 from torch import nn
 
 import layerscope
-from conftest import LLAMA, build
 from layerscope import LayerscopeError
 from layerscope.setup import SETTINGS
 

@@ -17,7 +17,7 @@ from layerscope.estimate.memory import (
     max_batch_size,
 )
 
-H, I, L, V, HEADS, KV = 64, 128, 4, 256, 4, 2
+H, FF, L, V, HEADS, KV = 64, 128, 4, 256, 4, 2
 
 
 def _round(nbytes: int) -> int:  # the CUDA caching allocator's 512-byte blocks
@@ -32,7 +32,7 @@ def _build(model_type: str, **extra) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    return _build("llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    return _build("llama", hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
                   num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
                   max_position_embeddings=1024, tie_word_embeddings=False)
 
@@ -44,21 +44,21 @@ def gpt2() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def mixtral() -> torch.nn.Module:
-    return _build("mixtral", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    return _build("mixtral", hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
                   num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
                   num_local_experts=4, num_experts_per_tok=2)
 
 
 @pytest.fixture(scope="module")
 def qwen2() -> torch.nn.Module:  # q/k/v biases
-    return _build("qwen2", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    return _build("qwen2", hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
                   num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V)
 
 
 def _llama_tensors() -> list[int]:
     """Element counts of every tensor of the tiny untied llama, by hand."""
     head_dim = H // HEADS
-    block = [H * H, H * KV * head_dim, H * KV * head_dim, H * H, I * H, I * H, H * I, H, H]
+    block = [H * H, H * KV * head_dim, H * KV * head_dim, H * H, FF * H, FF * H, H * FF, H, H]
     return [V * H] + block * L + [H, V * H]
 
 
@@ -191,10 +191,11 @@ def test_a_names_plan(llama):
 def test_caller_model_untouched(llama):
     for i, (_, p) in enumerate(llama.named_parameters()):
         p.requires_grad_(i % 3 != 0)
-    before = [(n, id(p), p.requires_grad, p.dtype, p.device) for n, p in llama.named_parameters(remove_duplicate=False)]
+    named = llama.named_parameters
+    before = [(n, id(p), p.requires_grad, p.dtype, p.device) for n, p in named(remove_duplicate=False)]
     modules = [(n, id(m), m.training) for n, m in llama.named_modules()]
     estimate_memory(llama, batch_size=2, seq_len=32, gradient_checkpointing=True, precision="bf16")
-    after = [(n, id(p), p.requires_grad, p.dtype, p.device) for n, p in llama.named_parameters(remove_duplicate=False)]
+    after = [(n, id(p), p.requires_grad, p.dtype, p.device) for n, p in named(remove_duplicate=False)]
     assert after == before
     assert [(n, id(m), m.training) for n, m in llama.named_modules()] == modules
     assert not getattr(llama.model, "gradient_checkpointing", False)

@@ -3,13 +3,13 @@
 
 import pytest
 import torch
+from conftest import build, flags
 from torch import nn
 
-from conftest import build, flags
 from layerscope import FreezePlan, GradualUnfreezer, estimate_training_time
 from layerscope.errors import EstimateError
-from layerscope.estimate.schedule import estimate_unfreezing_schedule
 from layerscope.estimate.roofline import OPTIMIZER_PASSES
+from layerscope.estimate.schedule import estimate_unfreezing_schedule
 from layerscope.estimate.time import estimate_step_time
 
 B, S = 2, 16

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import GPT2, LLAMA, PlainNet, build, flags
 from torch import nn
 
-from conftest import GPT2, LLAMA, PlainNet, build, flags
 from layerscope import FreezePlan, LayerscopeWarning, PlanError, apply_plan, freeze_by_name, scan
 from layerscope.fingerprint import ModelFingerprint
 

@@ -2,8 +2,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import build, flags
+
 from layerscope import FreezePlan, GradualUnfreezer, LayerscopeWarning, scan
 
 

@@ -1,7 +1,8 @@
 import warnings
 
-import layerscope as ls
 from conftest import build
+
+import layerscope as ls
 
 # The reference's layout; the counts are the tiny llama's (36,992 parameters per block).
 LLAMA_STATUS = """\

@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import PlainNet, build
 from torch import nn
 
-from conftest import PlainNet, build
 from layerscope import ModelTypeError, StructureError, scan
 
 # Tiny GPT-2 (n_embd 64, 4 blocks, vocab 100, 32 positions), by hand:

@@ -7,9 +7,9 @@ import inspect
 
 import pytest
 import torch
+from conftest import build
 from peft import LoraConfig
 
-from conftest import build
 from layerscope import (
     EstimateError,
     FreezePlan,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build
+
 from layerscope import FreezePlan, apply_plan, estimate_memory
 
 dist = pytest.importorskip("torch.distributed")

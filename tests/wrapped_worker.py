@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from conftest import Block, PlainNet
 from torch import nn
 
-from conftest import Block, PlainNet
 from layerscope import (
     FreezePlan,
     GradualUnfreezer,
