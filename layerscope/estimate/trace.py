@@ -114,11 +114,11 @@ offset, 0-dim int64 tensors made without a device (``at::empty({}, at::dtype(at:
 made on the GPU, ``.device(at::kCUDA)``, and is counted.)"""
 
 
-class _Tracker(TorchDispatchMode):
+class _Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Counts live storages (allocator-rounded) and attributes changes to the current segment."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.live = 0
         self.current: tuple[Any, str] = ("embed", "fwd")
         self._start: dict[tuple[Any, str], int] = {}
@@ -133,7 +133,7 @@ class _Tracker(TorchDispatchMode):
         self.passed: set[tuple[tuple[Any, str], int]] = set()
         self.recording = True
         # storage -> [bytes, allocating segment, passed on as a block's output, index in segment]
-        self._info: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._info: weakref.WeakKeyDictionary[Any, list[Any] | None] = weakref.WeakKeyDictionary()
         self._finalizers: list[Any] = []  # weakref.finalize objects
         self.switch(self.current)
 
@@ -163,7 +163,7 @@ class _Tracker(TorchDispatchMode):
             info[2] = True
             self.passed.add((info[1], info[3]))
 
-    def _free(self, info: list) -> None:
+    def _free(self, info: list[Any]) -> None:
         nbytes, allocated_in, passed_on, index = info
         if self.recording:
             self._events.setdefault(self.current, []).append(("f", allocated_in, index))
@@ -174,7 +174,8 @@ class _Tracker(TorchDispatchMode):
             per_kind = self._freed_per_block.setdefault(self.current, {})
             per_kind[allocated_in[0]] = per_kind.get(allocated_in[0], 0) + nbytes
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         seg = self.current
         flop_fn = _FLOP_REGISTRY.get(func._overloadpacket)
@@ -276,9 +277,9 @@ def reduced_copy(
         if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
             config.layer_types = [layer_types[i] for i in representatives]
     for position, block in enumerate(kept):
-        for module in block.modules():  # the KV cache is indexed by layer_idx
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = position
+        for sub in block.modules():  # the KV cache is indexed by layer_idx
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = position  # type: ignore[assignment]
     return reduced, kept, memo
 
 
@@ -353,7 +354,7 @@ def run_step(
 
         return hook
 
-    def on_block_pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def on_block_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if state["phase"] != "fwd":
             return  # a recomputation under gradient checkpointing
         p = block_ids[id(module)]
@@ -363,7 +364,8 @@ def run_step(
             if hidden is not None and hidden.grad_fn is not None:
                 hidden.grad_fn.register_prehook(entering(("embed", "bwd")))
 
-    def on_block_post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def on_block_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      output: Any) -> None:
         if state["phase"] != "fwd":
             return
         p = block_ids[id(module)]
@@ -378,7 +380,7 @@ def run_step(
         if p == len(blocks) - 1:
             state["after_blocks"] = True
 
-    def on_other_pre(module: nn.Module, args: tuple) -> None:
+    def on_other_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
         part, phase = tracker.current
         if state["phase"] == "fwd" and state["after_blocks"] and phase == "fwd" and part != "head":
             tracker.switch(("head", "fwd"))
