@@ -381,6 +381,7 @@ class StepSettings(TypedDict, total=False):
     base_dtype: Any
     lora_dtype: Any
     prepare_kbit: bool | None
+    gradient_accumulation_steps: int | None
 
 
 class Settings(StepSettings, total=False):
@@ -463,6 +464,13 @@ class TrainingSetup:
             parameters (norms, embeddings, the head) upcast to fp32, and with gradient
             checkpointing the embedding output made to require grad. None: on for a quantized
             base, off otherwise.
+        gradient_accumulation_steps: micro-batches of ``batch_size`` per optimizer step (1: no
+            accumulation). The gradients a strategy keeps between micro-steps (autograd's
+            ``.grad``, ZeRO-2's gradient partition, FSDP's unsharded gradients under
+            ``no_sync``) are then alive during the next micro-step's forward and backward
+            (:mod:`layerscope.estimate.accumulation`); the optimizer step and a strategy's
+            boundary-only communication happen once per ``gradient_accumulation_steps``
+            micro-steps.
 
     Attributes:
         trainable: the base parameter names that train (every alias of a tied tensor).
@@ -489,6 +497,7 @@ class TrainingSetup:
     base_dtype: torch.dtype | None = None
     lora_dtype: torch.dtype | None = None
     prepare_kbit: bool | None = None
+    gradient_accumulation_steps: int = 1
     trainable: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -509,6 +518,12 @@ class TrainingSetup:
         _bool(self.inference, "inference")
         if self.prepare_kbit is not None:
             _bool(self.prepare_kbit, "prepare_kbit")
+        _positive_int(self.gradient_accumulation_steps, "gradient_accumulation_steps")
+        if self.inference and self.gradient_accumulation_steps > 1:
+            raise EstimateError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} with "
+                "inference=True: a forward only has no gradients to accumulate; use 1"
+            )
         values = {
             "model": model,
             "precision": resolve_precision(self.precision).name,
@@ -714,6 +729,7 @@ class TrainingSetup:
             "base_dtype": str(self.loaded_dtype).removeprefix("torch."),
             "lora_dtype": None if self.lora is None else str(self.adapter_dtype).removeprefix("torch."),
             "prepare_kbit": self.kbit_prepared,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
         }
 
     def describe(self) -> str:
@@ -726,6 +742,8 @@ class TrainingSetup:
             parts.insert(0, f"{str(self.base_dtype).removeprefix('torch.')} base")
         if self.gradient_checkpointing:
             parts.append("checkpointing")
+        if self.gradient_accumulation_steps > 1:
+            parts.append(f"{self.gradient_accumulation_steps} accumulated micro-batches")
         if self.distributed is not None:
             assert self.sharding is not None
             parts.append(self.sharding.describe())

@@ -155,7 +155,42 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
             cache[key] = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
         trace = cache[key]
     rep = replay(trace, pre.block_kinds, setup.inference, extra=states.extra)
-    return _assemble(setup, trace, rep, states, pre.block_kinds, params)
+    result = _assemble(setup, trace, rep, states, pre.block_kinds, params)
+    if setup.gradient_accumulation_steps == 1 or setup.inference:
+        return result
+    return _accumulated(setup, pre, trace, states, params, result, compute)
+
+
+def _accumulated(
+    setup: TrainingSetup, pre: Prepared, trace: StepTrace, states: RankStates,
+    params: list[TensorInfo], one: MemoryEstimate, compute_itemsize: int,
+) -> MemoryEstimate:
+    """``one`` (the one-micro-batch step) with the gradients the strategy keeps between
+    micro-steps held through the next micro-step's forward and backward
+    (:mod:`layerscope.estimate.accumulation`)."""
+    import dataclasses
+
+    from layerscope.estimate.accumulation import (
+        accumulated_reserved,
+        embedding_grad_numel,
+        sharded_kept,
+    )
+
+    sharding = setup.sharding
+    assert sharding is not None
+    grad_itemsize = max((p.itemsize for p in params if p.trainable), default=4)
+    embedding = embedding_grad_numel(setup.model, lambda p: pre.is_trainable.get(id(p), False))
+    reduce_itemsize = 4 if setup.precision_info.autocast else compute_itemsize  # FSDP2 policy
+    kept = sharded_kept(sharding, states, params, len(pre.block_kinds),
+                        rounded(embedding * grad_itemsize), compute_itemsize, reduce_itemsize)
+
+    def extra(part: str, phase: str, index: int | None) -> int:
+        return states.extra(part, phase, index) + kept.held(part, phase, index)
+
+    rep = replay(trace, pre.block_kinds, False, extra=extra)
+    acc = _assemble(setup, trace, rep, states, pre.block_kinds, params)
+    reserved = accumulated_reserved(one.reserved_bytes, one.peak_bytes, acc.peak_bytes)
+    return dataclasses.replace(acc, reserved_bytes=max(reserved, acc.peak_bytes))
 
 
 def _trace(

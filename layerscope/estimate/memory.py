@@ -29,6 +29,13 @@ from typing_extensions import Unpack
 from layerscope.checks import MAX_SIZE, whole
 from layerscope.compat import use_attention, use_experts
 from layerscope.errors import EstimateError
+from layerscope.estimate.accumulation import (
+    NONE,
+    KeptGradients,
+    accumulated_reserved,
+    embedding_grad_numel,
+    traced_grads,
+)
 from layerscope.estimate.allocator import Op, StepEvents, build_ops, simulate_loop, step_events
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU
@@ -36,6 +43,7 @@ from layerscope.estimate.optimizers import OPTIMIZERS, OptimizerMemory
 from layerscope.estimate.trace import (
     Replay,
     Segment,
+    StepTrace,
     fake_parameters,
     reduced_copy,
     replay,
@@ -221,6 +229,9 @@ class _Step:
     backward_flops: int
     events: StepEvents
     build: tuple[Op, ...]
+    trace: StepTrace
+    block_kinds: tuple[int, ...]
+    kept: KeptGradients
 
 
 def memory_of(setup: TrainingSetup) -> MemoryEstimate:
@@ -245,6 +256,11 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
         step.build, step.events, inference=setup.inference,
         optimizer_state=opt.state_blocks, optimizer_temporaries=opt.temporary_blocks,
     ).reserved_peak
+    if setup.gradient_accumulation_steps > 1:  # the gradients kept from the micro-step before
+        one = max(rep.forward_peak, rep.backward_peak, rep.end + opt_temp)
+        rep = replay(step.trace, step.block_kinds, False, extra=step.kept.held)
+        reserved = accumulated_reserved(
+            reserved, one, max(rep.forward_peak, rep.backward_peak, rep.end + opt_temp))
     optimizer_peak = 0 if setup.inference else persistent + rep.end + opt_temp
     backward_peak = 0 if setup.inference else persistent + rep.backward_peak
     peak, phase = max(
@@ -489,6 +505,12 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
     parts = ["embed", "head", *block_kinds]
+    from layerscope.estimate.distributed import _param_infos
+
+    embedding = embedding_grad_numel(model, lambda p: pre.is_trainable.get(id(p), False))
+    kept = NONE if setup.inference else traced_grads(
+        _param_infos(pre, pbytes, int(dtype_bytes(setup.adapter_dtype)), False),
+        len(block_kinds), rounded(embedding * pbytes))
     return _Step(
         replay=rep,
         weights=weights,
@@ -502,6 +524,9 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         backward_flops=sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
         events=events,
         build=tuple(build),
+        trace=trace,
+        block_kinds=tuple(block_kinds),
+        kept=kept,
     )
 
 

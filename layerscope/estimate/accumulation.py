@@ -1,0 +1,245 @@
+"""Gradient accumulation: what one micro-step leaves alive for the next, and the step it makes.
+
+With ``gradient_accumulation_steps = k`` a training step runs ``k`` forward/backward passes of
+``batch_size`` sequences and one ``optimizer.step()``. Between micro-steps the gradients are
+kept where the strategy accumulates them, so from the second micro-step on they are alive
+during the forward and the backward, on top of the activations (the one-micro-batch step has
+them only from its backward to the optimizer step). Where each strategy keeps them, read from
+its source (PyTorch 2.13, DeepSpeed 0.16):
+
+- one GPU, DDP without ``gradient_as_bucket_view``, ZeRO-1 (with or without offload):
+  autograd's ``.grad`` tensors, whole. ``AccumulateGrad`` adds each new gradient into the
+  existing one in place (``variable.grad += new_grad``) and frees the new one, so in backward
+  the traced step's own gradients are allocated again only as temporaries: at a backward
+  segment the gradients not yet re-made by the trace are the ones held besides it. DDP under
+  ``no_sync`` (what the HF Trainer and accelerate do on every micro-step but the last) and
+  ZeRO-1 (``reduce_gradients`` at the accumulation boundary only) keep them so.
+- DDP with ``gradient_as_bucket_view=True``: the gradients are views of the buckets, which
+  are kept for the whole run anyway: nothing more.
+- ZeRO-2: each micro-step reduces through the IPG bucket into ``grads_in_partition`` (this
+  rank's partition, kept until the step): during the next forward the partition is held
+  (backward already holds it, :mod:`layerscope.estimate.states`). With offload the partition
+  is accumulated in CPU memory (``async_accumulate_grad_in_cpu_via_gpu``): nothing more.
+- ZeRO-3: every micro-step reduce-scatters into ``grad_partitions_flat_buffer``, allocated at
+  initialisation and already counted: nothing more.
+- FSDP1 under ``no_sync()``: ``_post_backward_hook`` returns before the reduce-scatter, so each
+  unit's unsharded flat gradient (``flat_param.grad``, the compute dtype) stays until the
+  micro-step that synchronises. FSDP2 under ``set_requires_gradient_sync(False)``
+  (accelerate's ``no_sync`` for ``fully_shard``): each parameter's unsharded gradient stays,
+  upcast to the ``reduce_dtype`` when one is set (``to_accumulated_grad_if_needed``: fp32
+  under a ``*-mixed`` precision). They are held through the next micro-steps' forward and
+  backward. With ``CPUOffload`` (``offload="params"``) as well.
+
+Time: every micro-step runs forward and backward; the optimizer runs once per step; the
+gradient reduction of DDP, ZeRO-1 and FSDP under ``no_sync`` only on the last micro-step
+(ZeRO-2 and ZeRO-3 reduce on every one), while FSDP's and ZeRO-3's all-gathers repeat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from layerscope.estimate.states import RankStates, TensorInfo, ceil_div
+from layerscope.estimate.trace import rounded
+
+if TYPE_CHECKING:
+    from layerscope.estimate.comm import CommTime
+    from layerscope.estimate.sharding import Sharding
+    from layerscope.estimate.time import StepTime
+
+BOUNDARY_ONLY_REDUCTION = ("ddp", "zero1", "fsdp", "fsdp-grad-op", "hsdp")
+"""Strategies whose gradient reduction runs only on the last micro-step of an accumulated
+step: DDP and FSDP under ``no_sync`` (the HF Trainer and accelerate use it on the other
+micro-steps), ZeRO-1 (DeepSpeed reduces at ``is_gradient_accumulation_boundary``)."""
+
+REDUCTIONS = ("reduce-scatter", "all-reduce")
+"""The transfer kinds that reduce gradients (:data:`layerscope.estimate.comm.TRANSFER_KINDS`)."""
+
+
+@dataclass(frozen=True)
+class KeptGradients:
+    """Gradients a micro-step leaves alive for the next one, in bytes.
+
+    Attributes:
+        kept: bytes alive from one micro-step's backward through the next one's forward.
+        head, blocks, embed: the part of ``kept`` the traced backward makes again itself in
+            the head's, each block's and the embedding's backward segment (autograd's
+            ``.grad``: the traced step allocates them as if they were new); all zero when the
+            trace makes none of them (a partition, FSDP's unsharded gradients).
+        in_backward: whether ``kept`` is held besides the trace in backward as well (False
+            where the strategy's own backward figures already hold it: ZeRO-2's partition).
+    """
+
+    kept: int
+    head: int = 0
+    blocks: tuple[int, ...] = ()
+    embed: int = 0
+    in_backward: bool = True
+
+    def held(self, part: str, phase: str, index: int | None) -> int:
+        """:data:`~layerscope.estimate.trace.Extra`: bytes held besides the traced step.
+
+        Forward: all of ``kept``. Backward: ``kept`` less what the trace has made again by
+        then (the head's, then the blocks' from the last, then the embedding's).
+        """
+        if phase in ("fwd", "release"):
+            return self.kept
+        if phase != "bwd" or not self.in_backward:
+            return 0
+        if part == "head":
+            made = 0
+        elif part == "block" and index is not None:
+            made = self.head + sum(self.blocks[index + 1:])
+        else:
+            made = self.head + sum(self.blocks)
+        return max(0, self.kept - made)
+
+
+NONE = KeptGradients(0)
+
+
+def accumulated_reserved(reserved: int, one: int, accumulated: int) -> int:
+    """``torch.cuda.max_memory_reserved()`` with accumulation: the one-micro-batch loop's
+    ``reserved``, raised by what the kept gradients add to the step's highest point (``one``
+    without them, ``accumulated`` with them, in bytes from the same origin). The kept
+    gradients stay allocated through the micro-steps, so the allocator cannot hand their
+    blocks to the activations: the segments grow by what they add to the peak (an
+    approximation of the allocator's simulation, which replays one micro-step)."""
+    return reserved + max(0, accumulated - one)
+
+
+def traced_grads(params: Sequence[TensorInfo], num_blocks: int, embedding: int) -> KeptGradients:
+    """The whole ``.grad`` tensors of ``params``' trainable tensors, kept between micro-steps
+    and made again by the traced backward segment that owns each (``embedding``: the bytes of
+    the trainable, untied input embedding's gradient, made last; the other tensors outside the
+    blocks are made in the head's backward)."""
+    blocks = [0] * num_blocks
+    outside = 0
+    for p in params:
+        if not p.trainable:
+            continue
+        size = rounded(p.numel * p.itemsize)
+        if p.block is None or p.block >= num_blocks:
+            outside += size
+        else:
+            blocks[p.block] += size
+    embed = min(embedding, outside)
+    return KeptGradients(outside + sum(blocks), head=outside - embed, blocks=tuple(blocks),
+                         embed=embed)
+
+
+def embedding_grad_numel(model: nn.Module, trainable: Any) -> int:
+    """Elements of the input embedding's gradient when it trains and is not tied to the output
+    head (a tied one's gradient is first made in the head's backward); else 0.
+
+    ``trainable(p)``: whether tensor ``p`` trains."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    weight = getattr(emb, "weight", None)
+    if not isinstance(weight, nn.Parameter) or not trainable(weight):
+        return 0
+    if weight is getattr(head, "weight", None):
+        return 0
+    return weight.numel()
+
+
+def sharded_kept(
+    sharding: Sharding, states: RankStates, params: Sequence[TensorInfo], num_blocks: int,
+    embedding: int, compute_itemsize: int, reduce_itemsize: int,
+) -> KeptGradients:
+    """What ``sharding`` keeps between micro-steps on the busiest GPU (see the module's notes).
+
+    Args:
+        states: the strategy's states (:func:`~layerscope.estimate.states.rank_states`).
+        params: the model's tensors as the strategy sees them.
+        embedding: bytes of the trainable, untied input embedding's gradient (or 0).
+        compute_itemsize: bytes per element of autograd's gradients (FSDP1's flat gradient).
+        reduce_itemsize: bytes per element FSDP2 accumulates unsharded gradients in.
+    """
+    strategy, stage = sharding.distributed, sharding.stage
+    if strategy is None or states.trace_keeps_grads:  # one GPU, DDP (no bucket views), ZeRO-1
+        return traced_grads(params, num_blocks, embedding)
+    if strategy == "ddp" or stage == 3:
+        return NONE
+    if stage == 2:
+        if sharding.offload is not None:
+            return NONE
+        part = sum(p.numel for p in params if p.trainable)
+        itemsize = max((p.itemsize for p in params), default=2)  # the module's dtype
+        # grads_in_partition: the partition the states hold in backward (alignment aside)
+        return KeptGradients(rounded(ceil_div(part, sharding.shard_size) * itemsize),
+                             in_backward=False)
+    if sharding.is_fsdp and sharding.fsdp.version == 2:
+        return KeptGradients(sum(rounded(p.numel * reduce_itemsize)
+                                 for p in params if p.trainable))
+    return KeptGradients(sum(rounded(n * compute_itemsize)
+                             for n in fsdp1_grad_numel(params, num_blocks,
+                                                       sharding.fsdp.use_orig_params)))
+
+
+def fsdp1_grad_numel(params: Sequence[TensorInfo], num_blocks: int,
+                     use_orig_params: bool) -> list[int]:
+    """Elements of each FSDP1 unit's unsharded flat gradient (the blocks, then the root), as
+    :mod:`layerscope.estimate.states` models the units: with ``use_orig_params=True`` a unit
+    with any trainable tensor gets a gradient of its whole flat parameter; with ``False``
+    adapters are units of their own (peft's ``fsdp_auto_wrap_policy``), so a unit's gradient is
+    its trainable tensors'."""
+    units: list[list[TensorInfo]] = [[] for _ in range(num_blocks + 1)]
+    for p in params:
+        units[num_blocks if p.block is None or p.block >= num_blocks else p.block].append(p)
+    out = []
+    for u in units:
+        flat = sum(p.numel for p in u)
+        if use_orig_params:
+            out.append(flat if any(p.trainable for p in u) else 0)
+        else:
+            out.append(sum(p.numel for p in u if p.trainable))
+    return out
+
+
+def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> StepTime:
+    """``step`` (one micro-batch and the optimizer) as an optimizer step of ``steps``
+    micro-batches: ``steps`` forwards and backwards, one optimizer step, the gradient reduction
+    of :data:`BOUNDARY_ONLY_REDUCTION` strategies once; tokens ``steps`` times one's."""
+    if steps == 1:
+        return step
+    optimizer = step.optimizer.seconds
+    comm = step.communication
+    boundary = 0.0
+    if comm is not None and sharding is not None and sharding.distributed in BOUNDARY_ONLY_REDUCTION:
+        boundary = sum(comm.exposed_of(op) for op in REDUCTIONS)
+    micro = step.seconds - optimizer - boundary  # a micro-step that neither reduces nor steps
+    seconds = (steps - 1) * micro + step.seconds
+    scale = seconds / step.seconds if step.seconds else 1.0
+    changes: dict[str, Any] = dict(
+        seconds=seconds, tokens=step.tokens * steps,
+        forward=_times(step.forward, steps), backward=_times(step.backward, steps),
+        recompute=_times(step.recompute, steps),
+        low_seconds=step.low_seconds * scale, high_seconds=step.high_seconds * scale,
+    )
+    if comm is not None:
+        changes["communication"] = _accumulated_comm(comm, steps, seconds, boundary)
+    return dataclasses.replace(step, **changes)
+
+
+def _times(phase: Any, steps: int) -> Any:
+    """A phase repeated on each of ``steps`` micro-steps (seconds and FLOPs ``steps`` times)."""
+    scaled = {f.name: getattr(phase, f.name) * steps for f in dataclasses.fields(phase)
+              if isinstance(getattr(phase, f.name), (int, float))
+              and not isinstance(getattr(phase, f.name), bool)}
+    return dataclasses.replace(phase, **scaled)
+
+
+def _accumulated_comm(comm: CommTime, steps: int, seconds: float, boundary: float) -> CommTime:
+    exposed = comm.exposed_seconds - boundary
+    return dataclasses.replace(
+        comm, seconds=seconds, compute_seconds=comm.compute_seconds * steps,
+        exposed_seconds=exposed * steps + boundary,
+    )
