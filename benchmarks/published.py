@@ -618,7 +618,14 @@ def throughput(p: dict[str, Any], metric: str, value: float) -> tuple[float, lis
     if metric == "train_samples_per_second" and seq is not None:
         return value * seq / gpus, ["the Trainer's samples/s over every GPU, x seq_len tokens"]
     if metric.startswith("step_time_s_per_iter"):
-        return "an iteration of 8 accumulated micro-batches (pending: gradient_accumulation)"
+        steps, batch = _accumulation(p) or 1, p["batch_per_gpu"]
+        if seq is None or not isinstance(batch, int):
+            return "an iteration's tokens are not stated (batch or sequence length)"
+        if not supported("gradient_accumulation"):
+            return f"an iteration of {steps} accumulated micro-batches (pending: gradient_accumulation)"
+        return batch * steps * seq / value, [
+            f"s/iter taken as one optimizer step (the HF Trainer's progress bar) of {steps} "
+            f"micro-batches of {batch}x{seq} tokens per GPU"]
     return f"no throughput understood ({metric})"
 
 
@@ -642,10 +649,15 @@ def time_run(p: dict[str, Any], metric: str, value: float) -> tuple[float, float
         return f"GPU not in the catalogue ({p['gpu']})"
     from layerscope.estimate.time import estimate_step_time
 
+    from layerscope.errors import LayerscopeError
+
     model = skeleton(run.preset, run.architecture)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        step = estimate_step_time(model, gpu=run.gpu, **settings(run))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step = estimate_step_time(model, gpu=run.gpu, **settings(run))
+    except LayerscopeError as exc:  # a setting layerscope refuses: pending, as in memory
+        return f"pending: layerscope: {str(exc).splitlines()[0][:90]}"
     if not isinstance(p["seq_len"], int):  # e.g. "<=512": batches padded to their longest
         return (f"batches padded to their longest, under {run.seq_len} tokens: the mean length, "
                 f"which sets the throughput, is not stated (at {run.seq_len} tokens: "

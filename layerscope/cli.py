@@ -210,6 +210,8 @@ def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None 
         optimizer=pick(args.optimizer, run and run.optimizer, "adamw"),
         gradient_checkpointing=pick(args.gradient_checkpointing,
                                     run and run.gradient_checkpointing, False),
+        gradient_accumulation_steps=pick(getattr(args, "gradient_accumulation_steps", None),
+                                         run and run.gradient_accumulation_steps, 1),
         lora=args.lora_rank, attn_implementation=args.attn,
         experts_implementation=args.experts, quantization=_quantization(args),
         base_dtype=args.base_dtype, lora_dtype=args.lora_dtype,
@@ -442,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "adafactor (default adamw)")
         p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute each block's forward during backward")
+        p.add_argument("--gradient-accumulation-steps", type=_positive_int, default=None,
+                       metavar="K", help="micro-batches of --batch-size per optimizer step "
+                       "(default 1): the kept gradients add to the peak, the optimizer runs "
+                       "once per K")
         p.add_argument("--lora-rank", type=_positive_int, metavar="R",
                        help="LoRA adapters of rank R on every Linear of the blocks, base frozen "
                        "(with --plan: the base parameters the plan leaves trainable train too)")

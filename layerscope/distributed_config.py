@@ -56,6 +56,7 @@ class RunConfig:
         batch_size: sequences per GPU per step, or None.
         gradient_checkpointing: True/False, or None.
         source: the file read.
+        gradient_accumulation_steps: micro-batches per optimizer step, or None.
     """
 
     sharding: Sharding
@@ -64,6 +65,7 @@ class RunConfig:
     batch_size: int | None = None
     gradient_checkpointing: bool | None = None
     source: str = field(default="", compare=False)
+    gradient_accumulation_steps: int | None = None
 
 
 def _load(path: Any, kind: str) -> tuple[Any, Path | None]:
@@ -239,6 +241,12 @@ def read_deepspeed_config(
         batch_size = _count(batch, "train_micro_batch_size_per_gpu", source)
     if batch_size == 0:
         raise ConfigFileError(f"{source}: train_micro_batch_size_per_gpu must be >= 1")
+    steps = data.get("gradient_accumulation_steps")
+    accumulation = None
+    if steps is not None and not _is_auto(steps):
+        accumulation = _count(steps, "gradient_accumulation_steps", source)
+        if accumulation == 0:
+            raise ConfigFileError(f"{source}: gradient_accumulation_steps must be >= 1")
     ckpt = data.get("activation_checkpointing")
     try:
         zero_settings = ZeroSettings(**knobs)
@@ -252,7 +260,7 @@ def read_deepspeed_config(
     return RunConfig(
         sharding=sharding, precision=precision, optimizer=optimizer, batch_size=batch_size,
         gradient_checkpointing=True if isinstance(ckpt, Mapping) and ckpt else None,
-        source=source,
+        source=source, gradient_accumulation_steps=accumulation,
     )
 
 
@@ -311,7 +319,8 @@ def read_accelerate_config(config: Any, *, hidden_size: int | None = None) -> Ru
             read = read_deepspeed_config(target, hidden_size=hidden_size, num_gpus=processes,
                                          gpus_per_node=per_node)
             return RunConfig(read.sharding, read.precision or precision, read.optimizer,
-                             read.batch_size, read.gradient_checkpointing, source)
+                             read.batch_size, read.gradient_checkpointing, source,
+                             read.gradient_accumulation_steps)
         stage = ds.get("zero_stage", 2)
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ConfigFileError(

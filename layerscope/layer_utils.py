@@ -257,6 +257,7 @@ def estimate_training_time(
                                            plan, num_gpus, price_per_hour, seq_lens, settings)
     step = None
     price = price_per_hour
+    per_step = batch_size  # samples per GPU per optimizer step
     if gpu is not None:
         from layerscope.estimate.time import step_time_of
 
@@ -264,6 +265,7 @@ def estimate_training_time(
         setup = make_setup(model, plan, batch_size=batch_size, **settings)
         step = step_time_of(setup, device)
         ms_per_step = step.seconds * 1000.0
+        per_step = batch_size * setup.gradient_accumulation_steps
         if price is None:
             price = device.price_per_hour
     else:
@@ -275,7 +277,7 @@ def estimate_training_time(
                 "estimated only when gpu is given"
             )
     finite(ms_per_step, "ms_per_step", EstimateError)
-    run = run_cost(ms_per_step / 1000.0, num_samples, batch_size, num_epochs, num_gpus=num_gpus,
+    run = run_cost(ms_per_step / 1000.0, num_samples, per_step, num_epochs, num_gpus=num_gpus,
                    price_per_hour=price)
     return {
         "steps_per_epoch": run.steps_per_epoch,

@@ -586,8 +586,9 @@ def training(setup: TrainingSetup, gpu: GPU, samples: int, epochs: int, num_gpus
     padded, length-grouped and packed (:mod:`layerscope.estimate.lengths`), with ``memory``
     estimating each strategy's longest batch."""
     step = step_time_of(setup, gpu)
-    if seq_lens is None:
-        cost = run_cost(step.seconds, samples, setup.batch_size, epochs, num_gpus=num_gpus,
+    if seq_lens is None:  # a step: gradient_accumulation_steps micro-batches on each GPU
+        cost = run_cost(step.seconds, samples, setup.batch_size * setup.gradient_accumulation_steps,
+                        epochs, num_gpus=num_gpus,
                         price_per_hour=gpu.price_per_hour)
         return Training(step, cost, gpu.name)
     timer = step_timer(setup, gpu)

@@ -313,7 +313,8 @@ def _choose(search: _Search, gpu: GPU, samples: int | None, epochs: int | None) 
                        key=lambda t: t.step.seconds if t.step else math.inf)
             run = None
             if samples is not None and epochs is not None and best.step is not None:
-                run = run_cost(best.step.seconds, samples, setup.batch_size, epochs,
+                run = run_cost(best.step.seconds, samples,
+                               setup.batch_size * setup.gradient_accumulation_steps, epochs,
                                num_gpus=_count(best.setup), price_per_hour=gpu.price_per_hour)
             return GpuChoice(gpu, best, tuple(tried), fewer if count > 1 or offload else None,
                              run, _reason(gpu, best, tried, fewer, count, offload))

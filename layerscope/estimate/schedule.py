@@ -89,7 +89,8 @@ def estimate_unfreezing_schedule(
         setup = base.replace(plan=schedule.plan(epoch))
         memory = memory_of(setup)
         step = step_time_of(setup, device)
-        cost = run_cost(step.seconds, num_samples, base.batch_size, 1, num_gpus=num_gpus,
+        cost = run_cost(step.seconds, num_samples,
+                        base.batch_size * base.gradient_accumulation_steps, 1, num_gpus=num_gpus,
                         price_per_hour=price)
         costs.append(cost)
         epochs.append(EpochEstimate(epoch, setup.plan or FreezePlan.none(),

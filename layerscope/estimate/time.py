@@ -211,11 +211,16 @@ def estimate_step_time(
 
 
 def step_time_of(setup: TrainingSetup, gpu: GPU) -> StepTime:
-    """The :class:`StepTime` of ``setup`` on ``gpu`` (cached per model, setup and GPU)."""
+    """The :class:`StepTime` of ``setup`` on ``gpu`` (cached per model, setup and GPU): one
+    optimizer step, of ``gradient_accumulation_steps`` micro-batches
+    (:func:`~layerscope.estimate.accumulation.accumulated_step`)."""
+    from layerscope.estimate.accumulation import accumulated_step
+
     cache = model_cache(setup.model, "time")
     key = (setup, gpu)
     if key not in cache:
-        cache[key] = step_timer(setup, gpu).at(setup.batch_size, setup.seq_len)
+        one = step_timer(setup, gpu).at(setup.batch_size, setup.seq_len)
+        cache[key] = accumulated_step(one, setup.gradient_accumulation_steps, setup.sharding)
     return cache[key]  # type: ignore[no-any-return]
 
 
