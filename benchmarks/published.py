@@ -647,9 +647,8 @@ def time_run(p: dict[str, Any], metric: str, value: float) -> tuple[float, float
         return "pending: " + ", ".join(missing)
     if run.gpu is None:
         return f"GPU not in the catalogue ({p['gpu']})"
-    from layerscope.estimate.time import estimate_step_time
-
     from layerscope.errors import LayerscopeError
+    from layerscope.estimate.time import estimate_step_time
 
     model = skeleton(run.preset, run.architecture)
     try:

@@ -40,7 +40,8 @@ SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": st
             "inference": bool, "distributed": (str, type(None)),
             "num_gpus": int, "gpus_per_node": int, "offload": (str, type(None)),
             "quantization": (dict, type(None)), "base_dtype": str,
-            "lora_dtype": (str, type(None)), "prepare_kbit": bool}
+            "lora_dtype": (str, type(None)), "prepare_kbit": bool,
+            "gradient_accumulation_steps": int}
 HEADER = {
     "layerscope_version": str, "schema_version": int, "command": str,
     "model": {"name": str, "class": str, "total_params": int, "num_layers": OPTIONAL_INT},
@@ -165,7 +166,8 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
                                "experts_implementation": None, "inference": False,
                                "distributed": None, "num_gpus": 1, "gpus_per_node": 8,
                                "offload": None, "quantization": None, "base_dtype": "float32",
-                               "lora_dtype": None, "prepare_kbit": False}
+                               "lora_dtype": None, "prepare_kbit": False,
+                               "gradient_accumulation_steps": 1}
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]

@@ -150,7 +150,7 @@ def test_setup_is_validated_immutable_and_hashable():
                            "experts_implementation": None, "inference": False,
                            "distributed": None, "num_gpus": 1, "gpus_per_node": 8, "offload": None,
                            "quantization": None, "base_dtype": "bfloat16", "lora_dtype": None,
-                           "prepare_kbit": False}
+                           "prepare_kbit": False, "gradient_accumulation_steps": 1}
 
 
 def test_make_setup_takes_a_setup_and_replaces_what_is_given():
@@ -186,7 +186,8 @@ def test_every_command_takes_the_same_settings():
     flags = {"batch_size": "--batch-size", "seq_len": "--seq-len", "precision": "--precision",
              "optimizer": "--optimizer", "gradient_checkpointing": "--gradient-checkpointing",
              "lora": "--lora-rank", "attn_implementation": "--attn",
-             "experts_implementation": "--experts"}
+             "experts_implementation": "--experts",
+             "gradient_accumulation_steps": "--gradient-accumulation-steps"}
     sub = next(a for a in parser._actions if a.dest == "command")
     for command in ("estimate", "time", "fit", "report"):
         options = {o for a in sub.choices[command]._actions for o in a.option_strings}

@@ -508,7 +508,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     from layerscope.estimate.distributed import _param_infos
 
     embedding = embedding_grad_numel(model, lambda p: pre.is_trainable.get(id(p), False))
-    kept = NONE if setup.inference else traced_grads(
+    kept_grads = NONE if setup.inference else traced_grads(
         _param_infos(pre, pbytes, int(dtype_bytes(setup.adapter_dtype)), False),
         len(block_kinds), rounded(embedding * pbytes))
     return _Step(
@@ -526,7 +526,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         build=tuple(build),
         trace=trace,
         block_kinds=tuple(block_kinds),
-        kept=kept,
+        kept=kept_grads,
     )
 
 

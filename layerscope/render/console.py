@@ -106,6 +106,9 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
     attention = s.get("attn_implementation")
     tokens = f"{s['seq_len']} tokens" + (" per GPU" if per_gpu else "")
     batch = f"batch {s['batch_size']} x {tokens}" if doc["command"] != "fit" else f"sequences of {tokens}"
+    steps = s.get("gradient_accumulation_steps", 1)
+    if steps > 1:
+        batch += f", {steps} micro-batches accumulated per optimizer step"
     total = m["total_params"]
     if plan["lora_rank"] is not None:
         base = (f"the {format_count(total)} base parameters frozen" if plan["json"] is None

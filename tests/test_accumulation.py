@@ -1,0 +1,157 @@
+"""Gradient accumulation (``gradient_accumulation_steps``): the gradients kept between
+micro-steps, per strategy, the accumulated step's time, validation and the command line.
+
+Hand arithmetic for the tiny Llama of ``conftest.LLAMA`` (hidden 64, MLP 128, 4 blocks, 4 heads
+of 16 with 2 KV heads, vocabulary 100, untied head), allocator blocks of 512 bytes:
+
+- a block: q, o 64 x 64 = 4096; k, v 64 x 32 = 2048; gate, up, down 64 x 128 = 8192; two
+  norms of 64. In fp32: 16384 + 8192 + 8192 + 16384 + 3 x 32768 + 2 x 512 (256 rounded)
+  = 148480 bytes; in bf16: 8192 + 4096 + 4096 + 8192 + 3 x 16384 + 2 x 512 = 74752 bytes.
+- outside the blocks: embedding and head 100 x 64 = 6400 each, final norm 64. In fp32:
+  25600 + 25600 + 512 = 51712; in bf16: 12800 + 12800 + 512 = 26112.
+- every gradient: fp32 4 x 148480 + 51712 = 645632; bf16 4 x 74752 + 26112 = 325120;
+  elements 4 x 36992 + 12864 = 160832.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layerscope import cli, estimate_memory, estimate_step_time
+from layerscope.distributed_config import read_deepspeed_config
+from layerscope.errors import EstimateError
+from layerscope.estimate.accumulation import KeptGradients, accumulated_step
+from layerscope.estimate.sharding import DdpSettings, make_sharding
+from layerscope.setup import TrainingSetup
+from tests.conftest import LLAMA, build
+
+FP32_GRADS = 4 * 148480 + 51712
+BF16_GRADS = 4 * 74752 + 26112
+STEP = dict(batch_size=2, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build("llama", "meta")
+
+
+def test_hand_arithmetic_of_the_gradients(llama):
+    assert FP32_GRADS == 645632 and BF16_GRADS == 325120
+    assert sum(p.numel() for p in llama.parameters()) == 4 * 36992 + 12864 == 160832
+    assert estimate_memory(llama, **STEP).gradient_bytes == FP32_GRADS
+
+
+def test_one_gpu_keeps_every_gradient_through_the_next_forward(llama):
+    one = estimate_memory(llama, **STEP)
+    two = estimate_memory(llama, **STEP, gradient_accumulation_steps=2)
+    # the second micro-step's forward runs with all fp32 gradients of the first alive
+    assert two.forward_peak_bytes == one.forward_peak_bytes + FP32_GRADS
+    # in backward, AccumulateGrad adds into them in place: at most all of them more
+    assert one.backward_peak_bytes <= two.backward_peak_bytes <= one.backward_peak_bytes + FP32_GRADS
+    # the optimizer steps once, after the last backward, as without accumulation
+    assert two.optimizer_peak_bytes == one.optimizer_peak_bytes
+    assert two.gradient_bytes == one.gradient_bytes
+    assert two.reserved_bytes >= two.peak_bytes
+    # more micro-steps keep the same gradients: the same peak
+    assert estimate_memory(llama, **STEP, gradient_accumulation_steps=8).peak_bytes == two.peak_bytes
+
+
+def test_held_gradients_shrink_as_the_trace_makes_them_again():
+    kept = KeptGradients(100, head=10, blocks=(20, 30, 40), embed=0)
+    assert kept.held("embed", "fwd", None) == kept.held("block", "fwd", 2) == 100
+    assert kept.held("head", "release", None) == 100
+    assert kept.held("head", "bwd", None) == 100  # the head's own are counted by the trace
+    assert kept.held("block", "bwd", 2) == 100 - 10
+    assert kept.held("block", "bwd", 1) == 100 - 10 - 40
+    assert kept.held("block", "bwd", 0) == 100 - 10 - 40 - 30
+    assert kept.held("embed", "bwd", None) == 0
+    assert kept.held("head", "end", None) == 0
+    partition = KeptGradients(64, in_backward=False)  # ZeRO-2's: backward holds it already
+    assert partition.held("block", "fwd", 0) == 64 and partition.held("block", "bwd", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "knobs", "kept"),
+    [
+        ("ddp", {}, FP32_GRADS),  # autograd's .grad under no_sync
+        ("ddp", {"ddp": DdpSettings(gradient_as_bucket_view=True)}, 0),  # views of the buckets
+        ("zero1", {}, BF16_GRADS),  # the module's bf16 .grad until the boundary
+        ("zero2", {}, 161280),  # this rank's half: 160832 / 2 x 2 bytes, rounded up to 512
+        ("zero3", {}, 0),  # reduce-scattered into the partition buffer every micro-step
+        ("fsdp", {}, FP32_GRADS),  # FSDP2's unsharded gradients, upcast to the fp32 reduce dtype
+    ],
+)
+def test_each_strategy_keeps_what_its_source_keeps(llama, strategy, knobs, kept):
+    sharding = make_sharding(strategy, 2, **knobs)
+    one = estimate_memory(llama, **STEP, sharding=sharding)
+    two = estimate_memory(llama, **STEP, sharding=sharding, gradient_accumulation_steps=2)
+    assert two.forward_peak_bytes - one.forward_peak_bytes == kept
+    assert two.optimizer_peak_bytes == one.optimizer_peak_bytes
+
+
+def test_an_accumulated_step_runs_the_optimizer_once(llama):
+    one = estimate_step_time(llama, **STEP)
+    four = estimate_step_time(llama, **STEP, gradient_accumulation_steps=4)
+    opt = one.optimizer.seconds
+    assert four.tokens == 4 * one.tokens == 4 * 2 * 32
+    assert four.seconds == pytest.approx(4 * (one.seconds - opt) + opt)
+    assert four.optimizer == one.optimizer
+    assert four.forward.seconds == pytest.approx(4 * one.forward.seconds)
+    assert four.tokens_per_second > one.tokens_per_second
+    assert accumulated_step(one, 1, None) is one
+
+
+def test_ddp_reduces_once_per_accumulated_step(llama):
+    one = estimate_step_time(llama, **STEP, distributed="ddp", num_gpus=2, gpu="h100")
+    four = estimate_step_time(llama, **STEP, distributed="ddp", num_gpus=2, gpu="h100",
+                              gradient_accumulation_steps=4)
+    c = one.communication
+    assert c is not None
+    reduce = c.exposed_of("all-reduce") + c.exposed_of("reduce-scatter")
+    micro = one.seconds - one.optimizer.seconds - reduce
+    assert four.seconds == pytest.approx(3 * micro + one.seconds)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_bad_steps_are_refused_by_name(llama, bad):
+    with pytest.raises(EstimateError, match=r"gradient_accumulation_steps must be an int >= 1"):
+        TrainingSetup(llama, gradient_accumulation_steps=bad)
+
+
+def test_inference_has_nothing_to_accumulate(llama):
+    with pytest.raises(EstimateError, match="gradient_accumulation_steps=2 with inference=True"):
+        estimate_memory(llama, inference=True, gradient_accumulation_steps=2)
+    setup = TrainingSetup(llama, **STEP, gradient_accumulation_steps=3)
+    assert setup.to_dict()["gradient_accumulation_steps"] == 3
+    assert "3 accumulated micro-batches" in setup.describe()
+    assert setup.replace(gradient_accumulation_steps=1) == TrainingSetup(llama, **STEP)
+
+
+def test_deepspeed_config_gives_the_steps(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "gradient_accumulation_steps": 4}))
+    assert read_deepspeed_config(path, num_gpus=2).gradient_accumulation_steps == 4
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                                "gradient_accumulation_steps": "auto"}))
+    assert read_deepspeed_config(path, num_gpus=2).gradient_accumulation_steps is None
+
+
+def test_the_flag_on_the_command_line(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                  **LLAMA}))
+    args = ["estimate", str(config), "--batch-size", "2", "--seq-len", "32", "--json"]
+    assert cli.main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert cli.main([*args, "--gradient-accumulation-steps", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["settings"]["gradient_accumulation_steps"] == 2
+    assert (two["estimate"]["forward_peak_bytes"]
+            == one["estimate"]["forward_peak_bytes"] + FP32_GRADS)
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--gradient-accumulation-steps", "0"])
+    assert exc.value.code == 2
+    assert "--gradient-accumulation-steps" in capsys.readouterr().err
