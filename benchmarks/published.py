@@ -673,6 +673,7 @@ def time_run(p: dict[str, Any], metric: str, value: float) -> tuple[float, float
 @dataclass
 class Tally:
     errors: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    kinds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     status: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     pending: Counter[str] = field(default_factory=Counter)
@@ -698,6 +699,14 @@ def _setting(run: Run) -> str:
     if run.offload:
         parts.append(f"offload {run.offload}")
     return " ".join(parts)
+
+
+def _kind(run: Run) -> str:
+    """The point's kind for the second summary: its strategy and offload."""
+    kind = run.distributed or "one GPU"
+    if run.fsdp1_use_orig_params is not None:
+        kind += " (FSDP1)"
+    return kind + (f" + offload {run.offload}" if run.offload else "")
 
 
 def main() -> int:
@@ -748,6 +757,7 @@ def main() -> int:
             err = 100 * (value - p["value"]) / p["value"]
             tally.status["compared"] += 1
             tally.errors[p["group"]].append(err)
+            tally.kinds[_kind(verdict)].append(err)
             rows.append([i, p["group"], _setting(verdict),
                          f"{published} {verdict.unit} {verdict.statistic}"
                          + (" (sum)" if verdict.summed else ""), f"{value:.2f}", f"{err:+.1f}%",
@@ -761,6 +771,13 @@ def main() -> int:
         summary.append(["overall", *_summary(all_errors)])
     print(tabulate(summary, headers=["group", "points", "median |error|", "worst |error|",
                                      "within 10%", "within 25%"]))
+    print()
+    kinds = [[k, *_summary(e)] for k, e in sorted(tally.kinds.items())]
+    sharded = [e for k, errs in tally.kinds.items() if k != "one GPU" for e in errs]
+    if sharded:
+        kinds.append(["data parallel and offload (all above but one GPU)", *_summary(sharded)])
+    print(tabulate(kinds, headers=["kind", "points", "median |error|", "worst |error|",
+                                   "within 10%", "within 25%"]))
     print()
     print("points:", ", ".join(f"{n} {s}" for s, n in tally.status.most_common()))
     print()

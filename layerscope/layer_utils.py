@@ -301,6 +301,7 @@ def _training_time_with_lengths(model: nn.Module, num_samples: int, batch_size: 
                                 price_per_hour: float | None, seq_lens: Sequence[int],
                                 settings: StepSettings) -> dict[str, Any]:
     """``estimate_training_time`` over real data lengths (see its docstring)."""
+    from layerscope.estimate.accumulation import micro_batch_seconds
     from layerscope.estimate.lengths import check_lengths, run_times
     from layerscope.estimate.memory import estimate_memory
     from layerscope.estimate.time import step_timer
@@ -317,8 +318,7 @@ def _training_time_with_lengths(model: nn.Module, num_samples: int, batch_size: 
     timer = step_timer(setup, device)
 
     def times(length: int, masked: bool) -> tuple[float, float, float]:
-        t = timer.at(batch_size, length, padded=masked)
-        return t.seconds, t.low_seconds, t.high_seconds
+        return micro_batch_seconds(timer.at(batch_size, length, padded=masked), setup)
 
     def memory(length: int) -> tuple[int, int]:
         e = estimate_memory(setup.replace(seq_len=length))
@@ -328,8 +328,9 @@ def _training_time_with_lengths(model: nn.Module, num_samples: int, batch_size: 
                            memory)
     padded = strategies["padded"]
     price = device.price_per_hour if price_per_hour is None else price_per_hour
-    per_step = padded.seconds / (padded.batching.steps * num_epochs) if num_epochs else 0.0
-    run = run_cost(per_step, num_samples, batch_size, num_epochs, num_gpus=num_gpus,
+    steps = setup.gradient_accumulation_steps  # micro-batches per optimizer step
+    per_step = steps * padded.seconds / (padded.batching.steps * num_epochs) if num_epochs else 0.0
+    run = run_cost(per_step, num_samples, batch_size * steps, num_epochs, num_gpus=num_gpus,
                    price_per_hour=price)
     return {
         "steps_per_epoch": run.steps_per_epoch,

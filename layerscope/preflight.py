@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerscope.errors import StructureError
+from layerscope.estimate.accumulation import micro_batch_seconds
 from layerscope.estimate.band import BAND_COVERAGE
 from layerscope.estimate.choose import GPU_COUNTS as GPU_COUNTS_TRIED
 from layerscope.estimate.choose import OFFLOADS as OFFLOADS_TRIED
@@ -594,8 +595,7 @@ def training(setup: TrainingSetup, gpu: GPU, samples: int, epochs: int, num_gpus
     timer = step_timer(setup, gpu)
 
     def times(length: int, masked: bool) -> tuple[float, float, float]:
-        t = timer.at(setup.batch_size, length, padded=masked)
-        return t.seconds, t.low_seconds, t.high_seconds
+        return micro_batch_seconds(timer.at(setup.batch_size, length, padded=masked), setup)
 
     def longest(length: int) -> tuple[int, int]:
         e = (memory or memory_of)(setup.replace(seq_len=length))
@@ -604,8 +604,9 @@ def training(setup: TrainingSetup, gpu: GPU, samples: int, epochs: int, num_gpus
     runs = run_times(seq_lens, setup.batch_size, setup.seq_len, epochs, times, num_gpus,
                      longest)
     padded = runs["padded"]
-    per_step = padded.seconds / (padded.batching.steps * epochs) if epochs else 0.0
-    cost = run_cost(per_step, samples, setup.batch_size, epochs, num_gpus=num_gpus,
+    steps = setup.gradient_accumulation_steps  # micro-batches per optimizer step
+    per_step = steps * padded.seconds / (padded.batching.steps * epochs) if epochs else 0.0
+    cost = run_cost(per_step, samples, setup.batch_size * steps, epochs, num_gpus=num_gpus,
                     price_per_hour=gpu.price_per_hour)
     return Training(step, cost, gpu.name, runs)
 

@@ -155,3 +155,16 @@ def test_the_flag_on_the_command_line(tmp_path, capsys):
         cli.main([*args, "--gradient-accumulation-steps", "0"])
     assert exc.value.code == 2
     assert "--gradient-accumulation-steps" in capsys.readouterr().err
+
+
+def test_a_run_over_real_lengths_steps_the_optimizer_once_per_accumulated_step(llama):
+    from layerscope import estimate_training_time
+
+    kw = dict(num_samples=8, batch_size=2, num_epochs=1, gpu="h100", seq_lens=[32] * 8, seq_len=32)
+    one = estimate_training_time(llama, **kw)
+    four = estimate_training_time(llama, **kw, gradient_accumulation_steps=4)
+    opt = estimate_step_time(llama, **STEP, gpu="h100").optimizer.seconds
+    # 4 micro-batches of 2: one optimizer step instead of 4, and the step is 4 micro-batches
+    assert (one["total_steps"], four["total_steps"]) == (4, 1)
+    assert four["total_seconds"] == pytest.approx(one["total_seconds"] - 3 * opt)
+    assert four["ms_per_step"] == pytest.approx(1000 * four["total_seconds"])

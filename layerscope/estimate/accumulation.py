@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from layerscope.estimate.comm import CommTime
     from layerscope.estimate.sharding import Sharding
     from layerscope.estimate.time import StepTime
+    from layerscope.setup import TrainingSetup
 
 BOUNDARY_ONLY_REDUCTION = ("ddp", "zero1", "fsdp", "fsdp-grad-op", "hsdp")
 """Strategies whose gradient reduction runs only on the last micro-step of an accumulated
@@ -227,6 +228,16 @@ def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> S
     if comm is not None:
         changes["communication"] = _accumulated_comm(comm, steps, seconds, boundary)
     return dataclasses.replace(step, **changes)
+
+
+def micro_batch_seconds(step: StepTime, setup: TrainingSetup) -> tuple[float, float, float]:
+    """(seconds, low, high) per micro-batch of ``step`` (one micro-batch and the optimizer)
+    in a run of ``setup.gradient_accumulation_steps`` micro-batches per optimizer step: the
+    accumulated step's share, the optimizer and boundary reductions spread over its
+    micro-batches (what a run timed batch by batch adds up)."""
+    steps = setup.gradient_accumulation_steps
+    t = accumulated_step(step, steps, setup.sharding)
+    return t.seconds / steps, t.low_seconds / steps, t.high_seconds / steps
 
 
 def _times(phase: Any, steps: int) -> Any:
