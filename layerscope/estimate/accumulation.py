@@ -86,7 +86,10 @@ class KeptGradients:
         """:data:`~layerscope.estimate.trace.Extra`: bytes held besides the traced step.
 
         Forward: all of ``kept``. Backward: ``kept`` less what the trace has made again by
-        then (the head's, then the blocks' from the last, then the embedding's).
+        then (the head's, then the blocks' from the last, then the embedding's). Inside a
+        segment the trace counts its own gradients as they are made, so its high point is
+        over by at most that segment's gradients less one tensor's (``AccumulateGrad``'s
+        temporary): an upper bound, exact at the segment's ends.
         """
         if phase in ("fwd", "release"):
             return self.kept
