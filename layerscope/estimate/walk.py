@@ -283,8 +283,8 @@ class Walk:
         q = self.traffic.quantization
         if quantized and q is not None and q.four_bit:
             w.stream(t * g.n_out * 2 * ab, 1)
-        w.gemm(t, r, g.n_in, dtype_bytes=lb)
-        w.gemm(t, g.n_out, r, dtype_bytes=lb)
+        w.gemm(t, r, g.n_in, dtype_bytes=lb, matmul=self._adapter_matmul())
+        w.gemm(t, g.n_out, r, dtype_bytes=lb, matmul=self._adapter_matmul())
         cast = lb != ab
         w.stream(t * g.n_in * (ab + lb) * cast + t * g.n_out * (2 * lb + ab + 2 * lb)
                  + t * g.n_out * (lb + ab) * cast, 2 + 2 * cast)
@@ -378,15 +378,27 @@ class Walk:
                          ROTARY_KERNELS)
 
     def lora_backward(self, g: Gemm) -> None:
+        """The backward of :meth:`lora_forward`'s ops, each counted once: the output cast's
+        (grad back to the adapter dtype), the add's (the base output's share cast to its
+        dtype; the adapter's share is the same tensor), the scaling's multiply, the GEMMs
+        through B and A, the input cast's, and the sum of the adapter's input gradient with
+        the base layer's."""
         w, r, ab, lb = self.w, self.rank, self.prec.act_bytes, self.adapter_bytes
         t = self.tokens * g.share
-        w.gemm(t, r, g.n_out, dtype_bytes=lb)  # dX through B
-        w.gemm(t, g.n_in, r, dtype_bytes=lb)  # dX through A
-        w.gemm(r, g.n_out, int(t), dtype_bytes=lb)  # dB
-        w.gemm(g.n_in, r, int(t), dtype_bytes=lb)  # dA
+        mm = self._adapter_matmul()
+        w.gemm(t, r, g.n_out, dtype_bytes=lb, matmul=mm)  # dX through B
+        w.gemm(t, g.n_in, r, dtype_bytes=lb, matmul=mm)  # dX through A
+        w.gemm(r, g.n_out, int(t), dtype_bytes=lb, matmul=mm)  # dB
+        w.gemm(g.n_in, r, int(t), dtype_bytes=lb, matmul=mm)  # dA
         cast = lb != ab
-        nbytes = t * g.n_out * (4 * lb + ab) + t * (g.n_in + g.n_out) * (lb + ab) * cast
-        w.stream(nbytes * BACKWARD_ELEMENTWISE_RATIO, 3 + 2 * cast)
+        nbytes = (t * g.n_out * (2 * lb + 2 * (lb + ab) * cast)
+                  + t * g.n_in * ((lb + ab) * cast + 3 * ab))
+        w.stream(nbytes, 2 + 3 * cast)
+
+    def _adapter_matmul(self) -> str | None:
+        """The catalogue dtype of the adapters' matmuls: fp32 adapters outside autocast run on
+        CUDA cores (None: the precision's own)."""
+        return "fp32" if self.adapter_bytes == 4 and self.prec.matmul != "fp32" else None
 
 
 def _elementwise(w: Work, part: Part, tokens: int, hidden: int, prec: Precision,
