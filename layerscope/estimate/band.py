@@ -25,9 +25,9 @@ BAND_COVERAGE = 0.85
 """Share of a regime's calibration rows whose measured step time lies inside the band."""
 
 BAND: dict[Regime, tuple[float, float]] = {
-    "compute-bound": (0.94, 1.20),
+    "compute-bound": (0.94, 1.19),
     "memory-bound": (0.86, 1.29),
-    "host-bound": (0.87, 1.26),
+    "host-bound": (0.86, 1.23),
 }
 """Per regime: (low, high) ratios of measured to estimated step time, the 7.5% and 92.5%
 quantiles of the 72 H100 calibration rows of that regime (33 compute-, 19 memory-, 20

@@ -66,6 +66,17 @@ the dispatcher and the launch, e.g. the per-group ``mm_out`` calls of PyTorch's
 ``_grouped_mm`` fallback (``aten/src/ATen/native/GroupedMMUtils.h``). An estimate: a CUDA
 launch costs a few microseconds of host time."""
 
+HOST_AUTOCAST_CAST_S = 15e-6
+"""Host time of a cast CUDA autocast issues inside a matmul's op for a tensor that requires
+grad (a trainable weight, or an activation gradients flow through): besides the dispatch and
+launch of :data:`HOST_ATEN_S_PER_KERNEL`, the cast passes the Autograd dispatch key, which
+allocates and wires a ``ToCopyBackward0`` node (``torch/csrc/autograd/generated/
+VariableType``); a frozen weight's cast records none and costs :data:`HOST_ATEN_S_PER_KERNEL`.
+An estimate of the code path (about twice a bare launch, half a backward node's
+:data:`HOST_BACKWARD_S_PER_KERNEL`), checked on the bf16-mixed calibration rows:
+``benchmarks/time_accuracy.py`` gives a median |error| of 7.9% with every cast at 5 us and
+7.6-7.7% anywhere from 10 to 25 us (not sensitive to the value within that range)."""
+
 HOST_CHECKPOINT_S_PER_BLOCK = 60e-6
 """Host time per block of non-reentrant gradient checkpointing besides its kernels: capturing
 the CPU and CUDA RNG states and the autocast state in forward, restoring them

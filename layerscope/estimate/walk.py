@@ -29,6 +29,7 @@ from layerscope.estimate.quant import WeightTraffic
 from layerscope.estimate.roofline import (
     BACKWARD_ELEMENTWISE_RATIO,
     HOST_ATEN_S_PER_KERNEL,
+    HOST_AUTOCAST_CAST_S,
     HOST_BACKWARD_S_PER_KERNEL,
     HOST_CHECKPOINT_S_PER_BLOCK,
     HOST_CHECKPOINT_S_PER_SAVED,
@@ -195,26 +196,44 @@ class Walk:
         quantized (cached for the forward, recomputed by checkpointing), the
         fp32 residual-stream input of the projections reading it (not cached: q, k and v
         each cast it); backward casts those inputs' gradients and the trainable weights'
-        gradients back to fp32. Issued from C++ inside the matmul's op (forward) or as
-        autograd nodes (backward)."""
+        gradients back to fp32. Issued from C++ inside the matmul's op (forward: a cast of a
+        tensor that requires grad also records its autograd node,
+        :data:`~layerscope.estimate.roofline.HOST_AUTOCAST_CAST_S`) or as autograd nodes
+        (backward)."""
         w, prec, tokens = self.w, self.prec, self.tokens
         if not prec.autocast:
             return
         ab, wb, sb = prec.act_bytes, prec.weight_bytes, prec.stream_bytes
         stream = reads_stream(part, self.hidden)
-        rate = w.host_s_per_kernel if backward else HOST_ATEN_S_PER_KERNEL
-        with w.host_rate(rate):
-            for g, from_stream in zip(part.gemms, stream):
-                if g.share < 1 or g is skip:
-                    continue  # grouped_mm / batched_mm are not autocast ops
-                if from_stream:
+
+        def rate(requires_grad: bool) -> float:
+            if backward:
+                return w.host_s_per_kernel
+            return HOST_AUTOCAST_CAST_S if requires_grad and self.training else \
+                HOST_ATEN_S_PER_KERNEL
+
+        for g, from_stream in zip(part.gemms, stream):
+            if g.share < 1 or g is skip:
+                continue  # grouped_mm / batched_mm are not autocast ops
+            if from_stream:
+                with w.host_rate(rate(self.stream_requires_grad(b))):
                     w.stream(tokens * g.n_in * (sb + ab), 1)
+            with w.host_rate(rate(trainable(g))):
                 if backward and trainable(g):  # the weight gradient back to fp32
                     w.stream(g.count * g.n_in * g.n_out * (wb + ab), g.count + bool(g.bias))
                 elif not backward:
                     nbytes = self.traffic.cast_bytes(self.module_of(b, g),
                                                      g.count * g.n_in * g.n_out, trainable(g))
                     w.stream(nbytes, (g.count + bool(g.bias)) * bool(nbytes))
+
+    def stream_requires_grad(self, b: int | None) -> bool:
+        """The residual stream entering block ``b`` (None: the head) requires a gradient:
+        something at or below it trains, or checkpointing makes the embedding output require
+        one (see :meth:`gradient_floor`)."""
+        floor = self.gradient_floor()
+        if b is None:
+            return floor is not None or bool(self.trainable)
+        return floor is not None and b >= floor
 
     def stops_early(self, b: int) -> Gemm | None:
         """The GEMM a recomputation of block ``b`` skips, if any.
