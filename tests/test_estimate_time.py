@@ -381,3 +381,48 @@ def test_sharded_inference_gathers_in_forward_only():
     c = t.communication
     assert c.kinds == ("all-gather",) and c.bytes_of("all-gather") == 2 * LLAMA_PARAMS
     assert t.optimizer.seconds == 0.0
+
+
+def _walk(model, precision, lora=None):
+    """A Walk over the tiny model's step (nothing issued yet) and its Work."""
+    from layerscope.estimate.hardware import get_gpu
+    from layerscope.estimate.roofline import HOST_FORWARD_S_PER_KERNEL, Work
+    from layerscope.estimate.structure import analyse
+    from layerscope.estimate.walk import Walk
+    from layerscope.setup import make_setup
+
+    setup = make_setup(model, batch_size=B, seq_len=S, precision=precision, lora=lora)
+    prec = setup.precision_info
+    w = Work(get_gpu("h100-sxm"), prec, HOST_FORWARD_S_PER_KERNEL)
+    shape = analyse(setup.model, training=True)
+    walk = Walk(w, shape, prec, B, S, set(setup.trainable), setup.lora)
+    return walk, w
+
+
+def test_lora_backward_counts_each_op_once():
+    # bf16 base, fp32 adapters: the output cast's backward (2 + 4 bytes per output element),
+    # the add's cast of the base output's share (4 + 2), the scaling multiply (4 + 4), the
+    # input cast's backward (4 + 2 per input element) and the sum with the base layer's input
+    # gradient (3 x 2); the four skinny GEMMs are not stream kernels
+    walk, w = _walk(build("llama", "meta"), "bf16-true", lora=8)
+    q = walk.m.blocks[0].gemms[0]  # q_proj: 64 -> 64
+    walk.lora_backward(q)
+    streams = [k for k in w.items if k.flops == 0]
+    assert sum(k.bytes for k in streams) == T * 64 * (6 + 6 + 8) + T * 64 * (6 + 6)
+    assert sum(k.count for k in streams) == 5
+
+
+def test_autocast_casts_of_tensors_that_require_grad_record_an_autograd_node():
+    from layerscope.estimate.roofline import HOST_ATEN_S_PER_KERNEL, HOST_AUTOCAST_CAST_S
+
+    model = build("llama", "meta")
+    walk, w = _walk(model, "bf16-mixed")
+    walk.autocast_casts(walk.m.blocks[0], False, lambda g: True, b=0)
+    # every weight trains and the stream requires grad: every cast records a node
+    assert all(k.host == pytest.approx(k.count * HOST_AUTOCAST_CAST_S) for k in w.items)
+    frozen, w2 = _walk(model, "bf16-mixed")
+    frozen.autocast_casts(frozen.m.blocks[0], False, lambda g: False, b=0)
+    # frozen weights: their 7 casts (q, k, v, o, gate, up, down) are bare launches; the 5
+    # casts of the stream input (q, k, v, gate, up read it) still record a node
+    hosts = sorted(k.host for k in w2.items)
+    assert hosts == pytest.approx([HOST_ATEN_S_PER_KERNEL] * 7 + [HOST_AUTOCAST_CAST_S] * 5)
