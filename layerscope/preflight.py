@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerscope.errors import StructureError
+from layerscope.errors import EstimateError, StructureError
 from layerscope.estimate.accumulation import micro_batch_seconds
 from layerscope.estimate.band import BAND_COVERAGE
 from layerscope.estimate.choose import GPU_COUNTS as GPU_COUNTS_TRIED
@@ -425,6 +425,16 @@ def _smaller_batch(ctx: Context, change: Change, gpu: GPU, base_step: StepTime |
     return _alternative(ctx, smaller, gpu, base_step, note)
 
 
+def _shardable(setup: TrainingSetup, strategy: str) -> bool:
+    """Whether ``setup`` can run under ``strategy`` at all (a quantized base that FSDP or
+    ZeRO-3 cannot shard, such as int8, is refused by the setup)."""
+    try:
+        setup.replace(distributed=strategy, num_gpus=2)
+    except EstimateError:
+        return False
+    return True
+
+
 def _fewest_gpus(ctx: Context, setup: TrainingSetup, gpu: GPU, strategy: str,
                  base_step: StepTime | None, start: int = 8) -> Alternative | None:
     """``setup`` sharded with ``strategy`` on the fewest of :data:`GPU_COUNTS` GPUs that fit
@@ -459,9 +469,9 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
     AdamW, deeper freezes, LoRA: least change to the training first); if none fits, gradient
     checkpointing combined with each other change; if still none fits, checkpointing, the
     last change and 8-bit AdamW at once. A run on one GPU is also tried sharded
-    (:data:`SHARDING_ALTERNATIVES`) on the fewest GPUs that fit (not one on a quantized or
-    16-bit base, which is modelled on one GPU only). Those that fit are listed
-    first, order kept.
+    (:data:`SHARDING_ALTERNATIVES`) on the fewest GPUs that fit, with a strategy that can
+    shard its base (:func:`_shardable`: not an int8 base under FSDP or ZeRO-3, say). Those
+    that fit are listed first, order kept.
     """
     base_step = step_time_of(setup, gpu)
     singles = _single_changes(setup)
@@ -483,9 +493,11 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
             found.append(_alternative(ctx, everything, gpu, base_step))
             batch = _smaller_batch(ctx, everything, gpu, base_step, setup.batch_size)
             found += [batch] if batch else []
-    if setup.distributed is None and not setup.inference and not setup.base_settings:
+    if setup.distributed is None and not setup.inference:
         start = 8
         for strategy in SHARDING_ALTERNATIVES:
+            if not _shardable(setup, strategy):
+                continue
             sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step, start)
             found += [sharded] if sharded else []
             needs = sharded.setup.num_gpus or 1 if sharded else 0

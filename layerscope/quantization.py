@@ -71,7 +71,10 @@ class Quantization:
             matmul runs in. ``None`` (the ``"nf4"``/``"fp4"`` shorthand): the training
             precision's compute dtype, as QLoRA scripts set it (``torch.bfloat16`` under
             ``bf16-mixed``); a ``BitsAndBytesConfig`` without one means fp32, as in transformers.
-        quant_storage: ``bnb_4bit_quant_storage``.
+        quant_storage: ``bnb_4bit_quant_storage``; ``None`` (the shorthands): what the run
+            needs, ``torch.uint8`` (bitsandbytes' and transformers' default) on one GPU, DDP and
+            ZeRO-1/2, the base's dtype under FSDP and ZeRO-3, which shard float storage only
+            (resolved by :class:`~layerscope.setup.TrainingSetup`; :attr:`storage` reads it).
         skip_modules: ``llm_int8_skip_modules`` (names or regexes of modules kept in full
             precision; replaces the defaults), or ``None`` for transformers' defaults.
         int8_threshold: ``llm_int8_threshold``.
@@ -80,7 +83,7 @@ class Quantization:
     method: str
     double_quant: bool = False
     compute_dtype: torch.dtype | None = None
-    quant_storage: torch.dtype = torch.uint8
+    quant_storage: torch.dtype | None = None
     skip_modules: tuple[str, ...] | None = None
     int8_threshold: float = INT8_THRESHOLD
 
@@ -97,7 +100,7 @@ class Quantization:
                 f"bnb_4bit_compute_dtype must be one of {_names(COMPUTE_DTYPES)}, got "
                 f"{self.compute_dtype!r}"
             )
-        if self.quant_storage not in QUANT_STORAGE_DTYPES:
+        if self.quant_storage is not None and self.quant_storage not in QUANT_STORAGE_DTYPES:
             raise EstimateError(
                 f"bnb_4bit_quant_storage must be one of {_names(QUANT_STORAGE_DTYPES)}, got "
                 f"{self.quant_storage!r}"
@@ -117,6 +120,16 @@ class Quantization:
     @property
     def four_bit(self) -> bool:
         return self.method != "int8"
+
+    @property
+    def storage(self) -> torch.dtype:
+        """The dtype the packed 4-bit weights are viewed as (``uint8`` when not given)."""
+        return self.quant_storage or torch.uint8
+
+    def with_storage(self, storage: torch.dtype) -> Quantization:
+        """The same with ``quant_storage`` set (a strategy that shards the packed weights)."""
+        return Quantization(self.method, self.double_quant, self.compute_dtype, storage,
+                            self.skip_modules, self.int8_threshold)
 
     @classmethod
     def of(cls, value: object) -> Quantization | None:
@@ -186,7 +199,7 @@ class Quantization:
         return {
             "method": self.method, "double_quant": self.double_quant,
             "compute_dtype": None if self.compute_dtype is None else _name(self.compute_dtype),
-            "quant_storage": _name(self.quant_storage),
+            "quant_storage": _name(self.storage),
             "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
         }
 

@@ -541,12 +541,8 @@ class TrainingSetup:
                       offload=sharding.offload, fsdp_version=sharding.fsdp.version)
         for key, value in values.items():
             object.__setattr__(self, key, value)
-        if self.distributed is not None and self.base_settings:
-            raise EstimateError(
-                f"{', '.join(self.base_settings)} with distributed={self.distributed!r}: a "
-                "quantized or 16-bit base is modelled on one GPU only so far (FSDP-QLoRA's "
-                "sharded 4-bit storage is not); drop the strategy or these settings"
-            )
+        if self.distributed is not None and self.quantization is not None:
+            object.__setattr__(self, "quantization", self._sharded_quantization(self.quantization))
         config = getattr(model, "config", None)
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if isinstance(max_pos, int) and self.seq_len > max_pos:
@@ -588,6 +584,46 @@ class TrainingSetup:
             given["fsdp"] = dataclasses.replace(base.fsdp, version=version)
         return base.replace(**given) if given else base
 
+    def _sharded_quantization(self, q: Quantization) -> Quantization:
+        """``q`` under the setup's strategy: DDP and ZeRO-1/2 keep a whole quantized base on
+        every GPU as one GPU does; FSDP and ZeRO-3 shard it, which they do for float storage
+        only (bitsandbytes' FSDP-QLoRA guide: ``bnb_4bit_quant_storage`` must match the dtype
+        of the rest of the model so FSDP flattens the packed weights with it; peft's DeepSpeed
+        ZeRO-3 QLoRA guide sets the same). Storage not given becomes the base's dtype, as those
+        guides and answer.ai's ``fsdp_qlora`` set it; anything else is refused, as is int8
+        (``Int8Params`` is int8 storage, and its row scales are not a parameter to shard)."""
+        sharding = self.sharding
+        assert sharding is not None
+        if not (sharding.is_fsdp or sharding.stage == 3):
+            return q
+        where = f"distributed={sharding.distributed!r}"
+        if not q.four_bit:
+            raise EstimateError(
+                f"quantization='int8' with {where}: FSDP and ZeRO-3 shard float parameters only, "
+                "and bitsandbytes' int8 weights are int8; use nf4/fp4 (FSDP-QLoRA) or a "
+                "strategy that keeps the whole base on each GPU (ddp, zero1, zero2)"
+            )
+        if self.prepare_kbit:
+            raise EstimateError(
+                f"prepare_kbit=True with {where}: prepare_model_for_kbit_training upcasts the "
+                "norms to fp32 beside the 16-bit packed weights, and FSDP flattens one dtype per "
+                "unit (TRL and the FSDP-QLoRA guides skip it for a sharded QLoRA base); drop "
+                "prepare_kbit"
+            )
+        base = self.loaded_dtype
+        if q.quant_storage is None:
+            return q.with_storage(base)
+        if q.quant_storage != base:
+            name = str(q.quant_storage).removeprefix("torch.")
+            raise EstimateError(
+                f"bnb_4bit_quant_storage={name} with {where} and a "
+                f"{str(base).removeprefix('torch.')} base: FSDP and ZeRO-3 shard the packed "
+                "4-bit weights only when their storage is the float dtype of the rest of the "
+                f"model; set bnb_4bit_quant_storage={str(base).removeprefix('torch.')} (or "
+                "base_dtype to match)"
+            )
+        return q
+
     def _without_quantized(self, trainable: frozenset[str]) -> frozenset[str]:
         """``trainable`` less the quantized weights: an error when a plan asks to train one,
         dropped when they came from the model's flags (transformers freezes them)."""
@@ -625,16 +661,20 @@ class TrainingSetup:
     @property
     def base_settings(self) -> tuple[str, ...]:
         """The base settings given (``quantization``, ``base_dtype``, ``lora_dtype``,
-        ``prepare_kbit=True``): modelled on one GPU only, never with ``distributed``."""
+        ``prepare_kbit=True``)."""
         given = tuple(k for k in ("quantization", "base_dtype", "lora_dtype")
                       if getattr(self, k) is not None)
         return given + (("prepare_kbit",) if self.prepare_kbit else ())
 
     @property
     def kbit_prepared(self) -> bool:
-        """Whether ``prepare_model_for_kbit_training`` ran (default: with a quantized base)."""
+        """Whether ``prepare_model_for_kbit_training`` ran (default: with a quantized base,
+        unless FSDP or ZeRO-3 shards it: TRL's ``SFTTrainer`` skips it for a sharded QLoRA
+        base, whose fp32 norms FSDP could not flatten with the 16-bit storage)."""
         if self.prepare_kbit is None:
-            return self.quantization is not None
+            sharding = self.sharding
+            sharded = sharding is not None and (sharding.is_fsdp or sharding.stage == 3)
+            return self.quantization is not None and not sharded
         return self.prepare_kbit
 
     @property

@@ -155,11 +155,15 @@ def test_bad_quantized_setups_change_nothing():
     with pytest.raises(EstimateError, match="bnb_4bit_quant_type must be 'nf4' or 'fp4'"):
         estimate_memory(model, lora=8, quantization=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="int4"))
-    # a sharded quantized or 16-bit base is not modelled yet: said, not estimated wrongly
-    with pytest.raises(EstimateError, match=r"quantization with distributed='fsdp'.*one GPU only"):
-        estimate_memory(model, lora=8, quantization="nf4", distributed="fsdp", num_gpus=2)
-    with pytest.raises(EstimateError, match=r"base_dtype, lora_dtype with distributed='zero3'"):
-        estimate_memory(model, lora=8, base_dtype="bf16", lora_dtype="bf16", distributed="zero3",
+    # what FSDP and ZeRO-3 cannot shard is refused, saying why
+    with pytest.raises(EstimateError, match=r"quantization='int8' with distributed='fsdp'.*float"):
+        estimate_memory(model, lora=8, quantization="int8", distributed="fsdp", num_gpus=2)
+    with pytest.raises(EstimateError, match=r"bnb_4bit_quant_storage=uint8 with distributed="
+                       r"'zero3' and a float32 base.*set bnb_4bit_quant_storage=float32"):
+        estimate_memory(model, lora=8, distributed="zero3", num_gpus=2, quantization=
+                        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    with pytest.raises(EstimateError, match=r"prepare_kbit=True with distributed='fsdp'"):
+        estimate_memory(model, lora=8, quantization="nf4", prepare_kbit=True, distributed="fsdp",
                         num_gpus=2)
     with pytest.raises(EstimateError, match="llm_int8_skip_modules must be a list"):
         Quantization("int8", skip_modules="lm_head")

@@ -102,12 +102,16 @@ class Linear4bit(nn.Module):
     """Stand-in for bitsandbytes ``Linear4bit`` (forward as in 0.50.1)."""
 
     def __init__(self, n_in: int, n_out: int, bias: nn.Parameter | None, q: Quantization,
-                 compute_dtype: torch.dtype, loaded_dtype: torch.dtype) -> None:
+                 compute_dtype: torch.dtype, loaded_dtype: torch.dtype,
+                 as_parameter: bool = False) -> None:
         super().__init__()
-        item = q.quant_storage.itemsize
+        item = q.storage.itemsize
         n = n_out * n_in
-        self.register_buffer(
-            "weight", torch.empty(((n + 1) // (2 * item), 1), dtype=q.quant_storage, device="meta"))
+        packed = torch.empty(((n + 1) // (2 * item), 1), dtype=q.storage, device="meta")
+        if as_parameter:  # Params4bit is a frozen parameter: FSDP shards and gathers it
+            self.weight = nn.Parameter(packed, requires_grad=False)
+        else:
+            self.register_buffer("weight", packed)
         self.bias = bias
         self.compute_dtype = compute_dtype
         self.spec = _Spec(n_out, n_in, -(-n // BLOCKSIZE_4BIT), q.double_quant, loaded_dtype, 0.0)
@@ -220,11 +224,14 @@ def _lora_forward(autocast: bool, clone: bool) -> Callable[..., torch.Tensor]:
 
 def quantize_copy(
     model: nn.Module, names: Iterable[str], q: Quantization, *, compute_dtype: torch.dtype,
-    loaded_dtype: torch.dtype, autocast: bool,
+    loaded_dtype: torch.dtype, autocast: bool, packed_parameters: bool = False,
 ) -> set[int]:
     """Replace the modules ``names`` of ``model`` (a reduced copy: ``nn.Linear``/``Conv1D``, or
     peft's LoRA layer wrapping one) by the stand-ins. Returns the ids of their bias parameters
-    (bitsandbytes casts a bias to the input's dtype on the first forward and keeps it so)."""
+    (bitsandbytes casts a bias to the input's dtype on the first forward and keeps it so).
+    ``packed_parameters``: a 4-bit stand-in's packed weight is a frozen parameter, as
+    ``Params4bit`` is, for a trace where FSDP shards and gathers it (else a buffer: the one-GPU
+    trace never reads it)."""
     biases: set[int] = set()
     for name in names:
         module = model.get_submodule(name)
@@ -237,7 +244,8 @@ def quantize_copy(
             biases.add(id(bias))
         stand_in: nn.Module
         if q.four_bit:
-            stand_in = Linear4bit(n_in, n_out, bias, q, compute_dtype, loaded_dtype)
+            stand_in = Linear4bit(n_in, n_out, bias, q, compute_dtype, loaded_dtype,
+                                  packed_parameters)
         else:
             stand_in = Linear8bitLt(n_in, n_out, bias, q, loaded_dtype)
         if wrapper is not None:

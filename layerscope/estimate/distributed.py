@@ -19,6 +19,7 @@ Then :mod:`layerscope.estimate.states` adds what the strategy keeps and holds ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -130,14 +131,16 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
                 grads.update(j for j in ids if pre.tensors[j].is_floating_point())
         return grads
 
+    # DeepSpeed casts the module to its dtype, FSDP1 computes in its MixedPrecision dtype; else
+    # each tensor is traced in its own dtype (trainable, frozen base, adapters)
+    cast = deepspeed or fsdp1_mp
     pre = prepare(
-        setup, param_dtype=param_dtype,
-        lora_dtype=param_dtype if deepspeed or fsdp1_mp else None,
+        setup, param_dtype=param_dtype if cast else None,
+        lora_dtype=param_dtype if cast else None,
         trace_trainable=trace_trainable, refine_kinds=neighbour_kinds if fsdp2 else None,
+        packed_parameters=fsdp2,
     )
-    stored = int(dtype_bytes(param_dtype if deepspeed else prec.param_dtype))
-    # peft's adapters are fp32; DeepSpeed casts the whole module to its dtype
-    params = _param_infos(pre, stored, stored if deepspeed else 4, setup.inference)
+    params = _param_infos(pre, stored_sizes(setup, deepspeed, param_dtype), setup.inference)
     compute = int(dtype_bytes(autocast_dtype or param_dtype))
     states = rank_states(params, num_blocks=len(pre.blocks), sharding=sharding,
                          optimizer=setup.optimizer, compute_itemsize=compute,
@@ -149,7 +152,8 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
         key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
                setup.precision, setup.gradient_checkpointing, setup.attention, setup.inference,
                param_dtype, autocast_dtype, states.trace_keeps_grads,
-               mixed_units, fsdp1_mp)
+               mixed_units, fsdp1_mp, setup.quantization, setup.frozen_dtype,
+               setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared)
         cache = model_cache(setup.model, "sharded-step")
         if key not in cache:
             cache[key] = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
@@ -222,11 +226,84 @@ def _trace(
         raise traced_step_error(setup, exc, f" under {sharding.describe()}") from exc
 
 
-def _param_infos(
-    pre: Prepared, itemsize: int, adapter_itemsize: int, inference: bool
-) -> list[TensorInfo]:
+@dataclass(frozen=True)
+class StoredSizes:
+    """How a strategy stores each kind of tensor of a (possibly quantized) base.
+
+    Attributes:
+        trainable, frozen, adapter: bytes per element of trainable base parameters, frozen
+            floating ones and LoRA adapters.
+        packed: the id of each quantized weight of the full model -> its packed storage as
+            ``(elements, bytes per element)``.
+    """
+
+    trainable: int
+    frozen: int
+    adapter: int
+    packed: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def stored_sizes(setup: TrainingSetup, deepspeed: bool, param_dtype: torch.dtype) -> StoredSizes:
+    """What the sharded copies of ``setup``'s tensors are stored in: DeepSpeed casts every
+    floating tensor to its 16-bit dtype; otherwise trainable parameters are in the precision's
+    dtype, frozen ones in the base's (:attr:`~layerscope.setup.TrainingSetup.frozen_dtype`),
+    adapters in theirs. A quantized weight is its packed storage, elements of
+    ``bnb_4bit_quant_storage`` (or int8), as bitsandbytes' ``Params4bit``/``Int8Params``
+    hold it: what FSDP flattens and ZeRO-3 partitions."""
+    from layerscope.estimate.quant import layer_storage
+
+    q = setup.quantization
+    packed: dict[int, tuple[int, int]] = {}
+    if q is not None:
+        item = q.storage.itemsize if q.four_bit else 1
+        weights = {f"{m.name}.weight": m for m in setup.quantized_layers}
+        for name, p in setup.model.named_parameters(remove_duplicate=False):
+            m = weights.get(name)
+            if m is not None:
+                nbytes = layer_storage(q, m.n_out, m.n_in).weight_bytes
+                packed[id(p)] = (nbytes // item, item)
+    if deepspeed:
+        size = int(dtype_bytes(param_dtype))
+        return StoredSizes(size, size, size, packed)
+    return StoredSizes(int(dtype_bytes(setup.precision_info.param_dtype)),
+                       int(dtype_bytes(setup.frozen_dtype)), int(dtype_bytes(setup.adapter_dtype)),
+                       packed)
+
+
+def quant_state_sizes(setup: TrainingSetup) -> list[int]:
+    """The quantisation state of every quantized layer (absmax, code tables, offsets, int8 row
+    scales), allocator-rounded: on every rank whole, whatever the strategy. It is not a
+    parameter (``Linear4bit`` keeps it as ``weight.quant_state`` and on the module), so FSDP and
+    ZeRO-3 neither shard nor gather it; bitsandbytes rebuilds ``Params4bit`` around each
+    gathered weight from the module's copy (bitsandbytes' FSDP-QLoRA support, PR #970)."""
+    from layerscope.estimate.quant import layer_storage
+
+    q = setup.quantization
+    if q is None:
+        return []
+    return [rounded(b) for m in setup.quantized_layers
+            for _, b in layer_storage(q, m.n_out, m.n_in).tensors[1:]]
+
+
+def packed_resident(params: list[TensorInfo], num_blocks: int, sharding: Sharding) -> int:
+    """The packed quantized weights' share of what the rank keeps between steps: the whole
+    packed base where it is replicated (DDP, ZeRO-1/2), its shards under FSDP and ZeRO-3 (the
+    rank's flat shards prorated by bytes under FSDP1), none when offloaded."""
+    packed = [p for p in params if p.quantized]
+    if not packed:
+        return 0
+    n = sharding.shard_size
+    if sharding.offload == "params" and (sharding.is_fsdp or sharding.stage == 3):
+        return 0
+    if sharding.is_fsdp or sharding.stage == 3:
+        return sum(rounded(-(-p.numel // n) * p.itemsize) for p in packed)
+    return sum(rounded(p.numel * p.itemsize) for p in packed)
+
+
+def _param_infos(pre: Prepared, sizes: StoredSizes, inference: bool) -> list[TensorInfo]:
     """Every tensor of the full model once, in registration order, each block's adapters after
-    its own tensors (read from the reduced copy: a block has its kind's adapters)."""
+    its own tensors (read from the reduced copy: a block has its kind's adapters); a quantized
+    weight as its packed storage (``(elements, 1)``, frozen, as ``Params4bit`` is shaped)."""
     block_of = {id(p): i for i, b in enumerate(pre.blocks) for p in b.parameters()}
     position_of_kind = {pre.kinds[r]: pos for pos, r in enumerate(pre.reps)}
     in_kept = {id(p) for b in pre.kept for p in b.parameters()}
@@ -238,18 +315,23 @@ def _param_infos(
         else:
             kept = pre.kept[position_of_kind[pre.kinds[block]]]
             found = [p for p in kept.parameters() if id(p) in pre.lora_ids]
-        return [TensorInfo(p.numel(), tuple(p.shape), adapter_itemsize, not inference, block)
+        return [TensorInfo(p.numel(), tuple(p.shape), sizes.adapter, not inference, block)
                 for p in found]
 
     out: list[TensorInfo] = []
     last: int | None = None
-    for p in pre.tensors.values():
-        b = block_of.get(id(p))
+    for i, p in pre.tensors.items():
+        b = block_of.get(i)
         if last is not None and b != last:
             out += adapters(last)
-        size = itemsize if p.is_floating_point() else p.element_size()
-        out.append(TensorInfo(p.numel(), tuple(p.shape), size,
-                             pre.is_trainable[id(p)] and not inference, b))
+        if i in sizes.packed:
+            elements, item = sizes.packed[i]
+            out.append(TensorInfo(elements, (elements, 1), item, False, b, quantized=True))
+        else:
+            size = ((sizes.trainable if pre.is_trainable[i] else sizes.frozen)
+                    if p.is_floating_point() else p.element_size())
+            out.append(TensorInfo(p.numel(), tuple(p.shape), size,
+                                  pre.is_trainable[i] and not inference, b))
         last = b
     if last is not None:
         out += adapters(last)
@@ -280,7 +362,10 @@ def _assemble(
 
     sharding, prec, inference = setup.sharding, setup.precision_info, setup.inference
     assert sharding is not None
+    # the model's buffers and a quantized base's state: whole on every rank
+    quant_state = sum(quant_state_sizes(setup))
     buffers = sum(rounded(b.numel() * b.element_size()) for b in setup.model.buffers())
+    buffers += quant_state
     persistent = states.persistent + buffers
     optimizer_peak = 0 if inference else persistent + rep.end + states.optimizer_extra
     backward_peak = 0 if inference else persistent + rep.backward_peak
@@ -338,6 +423,8 @@ def _assemble(
         buffer_bytes=states.buffers,
         held_bytes=held,
         host_bytes=states.host * sharding.ranks_per_node,
+        quantization=None if setup.quantization is None else setup.quantization.method,
+        quantized_base_bytes=quant_state + packed_resident(params, len(block_kinds), sharding),
     )
 
 
@@ -365,6 +452,7 @@ def _reserved(
     assert sharding is not None
     tensors = resident_tensors(params, num_blocks=len(block_kinds), sharding=sharding)
     buffers = [rounded(b.numel() * b.element_size()) for b in setup.model.buffers()]
+    buffers += quant_state_sizes(setup)
     build = build_ops([(size, False) for size in [*tensors, *buffers] if size])
     kept = [b for b in (states.master_weights, states.optimizer_state, states.buffers) if b]
     temporaries = [states.optimizer_extra] if states.optimizer_extra and not setup.inference else []

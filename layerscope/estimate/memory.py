@@ -363,6 +363,7 @@ def prepare(
     lora_dtype: torch.dtype | None = None,
     trace_trainable: Callable[[Prepared], set[int]] | None = None,
     refine_kinds: KindRefiner | None = None,
+    packed_parameters: bool = False,
 ) -> Prepared:
     """The reduced fake copy of ``setup``'s model: blocks grouped into kinds, LoRA injected,
     checkpointing and attention set, parameters replaced by fake tensors.
@@ -373,6 +374,8 @@ def prepare(
         trace_trainable: ids of the full model's tensors that get gradients in the trace
             (default: the trainable ones); a sharding strategy may compute more.
         refine_kinds: regroups the blocks (FSDP's segments depend on their neighbours).
+        packed_parameters: a quantized layer's packed 4-bit weight is a parameter of the copy,
+            in its storage dtype (FSDP2's trace shards and gathers it).
     """
     model, lora, prec = setup.model, setup.lora, setup.precision_info
     config = getattr(model, "config", None)
@@ -409,14 +412,17 @@ def prepare(
     if lora is not None:
         lora_ids = _inject_lora(reduced, lora, lora_targets, blocks_name, reps)
     compute_biases: set[int] = set()
+    packed: set[int] = set()  # packed 4-bit weights kept in their storage dtype
     if setup.quantization is not None:
-        from layerscope.estimate.bnb import quantize_copy
+        from layerscope.estimate.bnb import Linear4bit, quantize_copy
 
         compute_biases = quantize_copy(
             reduced, _to_reduced(quantized, blocks_name, reps), setup.quantization,
             compute_dtype=setup.compute_dtype, loaded_dtype=setup.loaded_dtype,
-            autocast=prec.autocast,
+            autocast=prec.autocast, packed_parameters=packed_parameters,
         )
+        packed = {id(m.weight) for m in reduced.modules()
+                  if isinstance(m, Linear4bit) and isinstance(m.weight, nn.Parameter)}
     if input_grads:  # prepare_model_for_kbit_training's enable_input_require_grads()
         embeddings: nn.Module = reduced.get_input_embeddings()  # type: ignore[operator]
         embeddings.register_forward_hook(
@@ -439,7 +445,7 @@ def prepare(
     adapters_dtype = lora_dtype or setup.adapter_dtype
 
     def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
-        if not p.is_floating_point():
+        if not p.is_floating_point() or id(p) in packed:
             return p.dtype
         if id(p) in lora_ids:
             return adapters_dtype

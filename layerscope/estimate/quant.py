@@ -95,7 +95,7 @@ def layer_storage(q: Quantization, n_out: int, n_in: int) -> LayerStorage:
     """:func:`linear4bit_storage` or :func:`linear8bit_storage` for ``q``."""
     if q.four_bit:
         return linear4bit_storage(n_out, n_in, double_quant=q.double_quant,
-                                  quant_storage=q.quant_storage)
+                                  quant_storage=q.storage)
     return linear8bit_storage(n_out, n_in)
 
 

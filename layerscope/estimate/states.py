@@ -70,6 +70,7 @@ class TensorInfo:
         trainable: whether the optimizer updates it.
         block: the index of the block (FSDP unit) that holds it; None outside the block stack
             (embeddings, final norm, head: the FSDP root).
+        quantized: a bitsandbytes weight, ``numel`` elements of its packed storage (frozen).
     """
 
     numel: int
@@ -77,6 +78,7 @@ class TensorInfo:
     itemsize: int
     trainable: bool
     block: int | None
+    quantized: bool = False
 
 
 @dataclass(frozen=True)
