@@ -35,7 +35,12 @@ from typing import Any
 from typing_extensions import Unpack
 
 from layerscope.errors import EstimateError, StructureError
-from layerscope.estimate.distributed import trace_dtypes
+from layerscope.estimate.distributed import (
+    packed_weights,
+    quant_state_sizes,
+    stored_sizes,
+    trace_dtypes,
+)
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
 from layerscope.estimate.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, memory_of
 from layerscope.estimate.run import RunCost, run_cost
@@ -152,14 +157,26 @@ def candidates(setup: TrainingSetup, count: int,
     one = setup.replace(distributed=None)
     if offload:
         plain = [one.replace(distributed=strategy, num_gpus=count, offload=what)
-                 for strategy, what in OFFLOADS]
+                 for strategy, what in OFFLOADS if _allows(one, strategy)]
     elif count == 1:
         plain = [one]
     else:
-        plain = [one.replace(distributed=strategy, num_gpus=count) for strategy in STRATEGIES]
+        plain = [one.replace(distributed=strategy, num_gpus=count) for strategy in STRATEGIES
+                 if _allows(one, strategy)]
     if setup.gradient_checkpointing:
         return [(s, None) for s in plain]
     return [(s, s.replace(gradient_checkpointing=True)) for s in plain]
+
+
+def _allows(setup: TrainingSetup, strategy: str) -> bool:
+    """Whether ``setup``'s base can run under ``strategy`` (FSDP and ZeRO-3 refuse an int8
+    base, a 4-bit storage other than the base's dtype, ``prepare_kbit=True``: see
+    :class:`~layerscope.setup.TrainingSetup`)."""
+    try:
+        setup.replace(distributed=strategy, num_gpus=2)
+    except EstimateError:
+        return False
+    return True
 
 
 def choose_gpus(model: Any, plan: FreezePlan | None = None, *,
@@ -279,20 +296,21 @@ def persistent_bytes(setup: TrainingSetup) -> int:
     prec = setup.precision_info
     param_dtype, autocast_dtype = trace_dtypes(prec, sharding)
     deepspeed = sharding.stage > 0
-    stored = int(dtype_bytes(param_dtype if deepspeed else prec.param_dtype))
+    sizes = stored_sizes(setup, deepspeed, param_dtype)
     try:
         blocks = setup.scan.num_layers
     except StructureError:
         blocks = 0
-    params = scan_tensors(setup.scan, setup.trainable, setup.lora, itemsize=stored,
-                          adapter_itemsize=stored if deepspeed else 4)
+    params = scan_tensors(setup.scan, setup.trainable, setup.lora, itemsize=sizes.trainable,
+                          adapter_itemsize=sizes.adapter, packed=packed_weights(setup),
+                          frozen_itemsize=sizes.frozen)
     if blocks == 0:
         params = [dataclasses.replace(p, block=None) for p in params]
     states = rank_states(params, num_blocks=blocks, sharding=sharding, optimizer=setup.optimizer,
                          compute_itemsize=int(dtype_bytes(autocast_dtype or param_dtype)),
                          inference=setup.inference,
                          gradient_checkpointing=setup.gradient_checkpointing)
-    return states.persistent
+    return states.persistent + sum(quant_state_sizes(setup))
 
 
 def _choose(search: _Search, gpu: GPU, samples: int | None, epochs: int | None) -> GpuChoice:

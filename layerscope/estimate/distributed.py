@@ -250,24 +250,28 @@ def stored_sizes(setup: TrainingSetup, deepspeed: bool, param_dtype: torch.dtype
     adapters in theirs. A quantized weight is its packed storage, elements of
     ``bnb_4bit_quant_storage`` (or int8), as bitsandbytes' ``Params4bit``/``Int8Params``
     hold it: what FSDP flattens and ZeRO-3 partitions."""
-    from layerscope.estimate.quant import layer_storage
-
-    q = setup.quantization
-    packed: dict[int, tuple[int, int]] = {}
-    if q is not None:
-        item = q.storage.itemsize if q.four_bit else 1
-        weights = {f"{m.name}.weight": m for m in setup.quantized_layers}
-        for name, p in setup.model.named_parameters(remove_duplicate=False):
-            m = weights.get(name)
-            if m is not None:
-                nbytes = layer_storage(q, m.n_out, m.n_in).weight_bytes
-                packed[id(p)] = (nbytes // item, item)
+    by_name = packed_weights(setup)
+    packed = {id(p): by_name[name] for name, p in setup.model.named_parameters(
+        remove_duplicate=False) if name in by_name}
     if deepspeed:
         size = int(dtype_bytes(param_dtype))
         return StoredSizes(size, size, size, packed)
     return StoredSizes(int(dtype_bytes(setup.precision_info.param_dtype)),
                        int(dtype_bytes(setup.frozen_dtype)), int(dtype_bytes(setup.adapter_dtype)),
                        packed)
+
+
+def packed_weights(setup: TrainingSetup) -> dict[str, tuple[int, int]]:
+    """Each quantized weight by name -> ``(elements, bytes per element)`` of its packed
+    storage: ``bnb_4bit_quant_storage`` elements for 4-bit, int8 for ``Linear8bitLt``."""
+    from layerscope.estimate.quant import layer_storage
+
+    q = setup.quantization
+    if q is None:
+        return {}
+    item = q.storage.itemsize if q.four_bit else 1
+    return {f"{m.name}.weight": (layer_storage(q, m.n_out, m.n_in).weight_bytes // item, item)
+            for m in setup.quantized_layers}
 
 
 def quant_state_sizes(setup: TrainingSetup) -> list[int]:

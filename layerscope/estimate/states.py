@@ -36,7 +36,7 @@ Sizes are bytes as the CUDA caching allocator counts them (:func:`~.trace.rounde
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -138,7 +138,9 @@ class RankStates:
 
 
 def scan_tensors(scan: ModelScan, trainable: Collection[str], lora: Lora | None = None, *,
-                 itemsize: int = 4, adapter_itemsize: int = 4) -> list[TensorInfo]:
+                 itemsize: int = 4, adapter_itemsize: int = 4,
+                 packed: Mapping[str, tuple[int, int]] | None = None,
+                 frozen_itemsize: int | None = None) -> list[TensorInfo]:
     """Every parameter tensor of a scanned model once (a tied tensor under its first name),
     with the tensors peft adds: each targeted module's adapters ``A`` (``r x in``) and ``B``
     (``out x r``), and a trainable copy of each of ``modules_to_save``'s parameters. A block's
@@ -152,6 +154,10 @@ def scan_tensors(scan: ModelScan, trainable: Collection[str], lora: Lora | None 
         itemsize: bytes per element of a floating-point base tensor (integer tensors keep
             their own).
         adapter_itemsize: bytes per element of an adapter (peft makes them fp32).
+        packed: a quantized base's weights by name -> ``(elements, bytes per element)`` of
+            their packed storage (:func:`layerscope.estimate.distributed.stored_sizes`).
+        frozen_itemsize: bytes per element of a frozen floating base tensor (a 16-bit base
+            under fp32 trainable parameters); None: ``itemsize``.
 
     Raises:
         EstimateError: a trainable name or LoRA target that is not in the model.
@@ -166,11 +172,18 @@ def scan_tensors(scan: ModelScan, trainable: Collection[str], lora: Lora | None 
         return where[1] if where is not None and where[0] == scan.primary else None
 
     base: list[TensorInfo] = []
+    packed = packed or {}
     for group in scan.tensors:
         p = group[0]
-        size = itemsize if p.dtype.is_floating_point else p.dtype.itemsize
-        base.append(TensorInfo(p.numel, p.shape, size, any(a.name in wanted for a in group),
-                               block(p.name)))
+        quantized = next((packed[a.name] for a in group if a.name in packed), None)
+        if quantized is not None:
+            elements, size = quantized
+            base.append(TensorInfo(elements, (elements, 1), size, False, block(p.name), True))
+            continue
+        trains = any(a.name in wanted for a in group)
+        floating = itemsize if trains or frozen_itemsize is None else frozen_itemsize
+        size = floating if p.dtype.is_floating_point else p.dtype.itemsize
+        base.append(TensorInfo(p.numel, p.shape, size, trains, block(p.name)))
     added: dict[int | None, list[TensorInfo]] = {}
     if lora is not None:
         for target in sorted(lora.targets):

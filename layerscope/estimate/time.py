@@ -381,12 +381,19 @@ def sharded_run(setup: TrainingSetup, gpu: GPU) -> ShardedRun | None:
     except StructureError:
         blocks = 0
     prec = setup.precision_info
-    params = scan_tensors(s, setup.trainable, setup.lora, itemsize=prec.weight_bytes)
+    from layerscope.estimate.distributed import packed_weights
+
+    # a quantized weight is gathered as its packed storage: elements of the wire's dtype
+    wire = Wire.of(sharding, prec)
+    packed = {name: (-(-elements * item // wire.param_bytes), wire.param_bytes)
+              for name, (elements, item) in packed_weights(setup).items()}
+    params = scan_tensors(s, setup.trainable, setup.lora, itemsize=prec.weight_bytes,
+                          packed=packed)
     if blocks == 0:  # no stack: the whole model is the root unit
         params = [dataclasses.replace(p, block=None) for p in params]
     compute = compute_precision(prec, sharding)
     return ShardedRun(sharding, topology(gpu, sharding.num_gpus, sharding.gpus_per_node),
-                      Wire.of(sharding, prec), tuple(params), blocks, prec, compute,
+                      wire, tuple(params), blocks, prec, compute,
                       setup.inference,
                       compute.weight_bytes if compute != prec else setup.adapter_dtype.itemsize)
 
