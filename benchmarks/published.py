@@ -157,6 +157,7 @@ class Run:
     summed: bool  # a total over the GPUs
     assumptions: tuple[str, ...] = ()
     fsdp1_use_orig_params: bool | None = None  # FSDP1 (its flat-parameter setting); None: FSDP2
+    double_quant: bool = False  # bnb_4bit_use_double_quant
 
     def features(self) -> list[str]:
         out = []
@@ -293,7 +294,10 @@ def _statistic(metric: str) -> tuple[str, str, bool, list[str]]:
 def _precision(text: str, lora: bool) -> tuple[str | None, str | None, str | None, list[str]]:
     """(precision, base_dtype, lora_dtype, notes); precision None when not stated."""
     t = text.lower()
-    if t.startswith(("bf16 (pure", "bf16; quant_storage")) or t == "bf16 (pure)":
+    if t.startswith("bf16; quant_storage"):  # peft's sft script, launched with --bf16 True
+        return "bf16-mixed", "bf16", None, [("the Trainer's --bf16 (the launch in the notes) "
+                                            "over a bf16 base")]
+    if t.startswith("bf16 (pure") or t == "bf16 (pure)":
         return "bf16-true", None, "bf16" if lora else None, [
             "bf16 parameters, gradients and optimizer state (torchtune dtype=bf16)"]
     if t.startswith("fp32"):
@@ -304,7 +308,8 @@ def _precision(text: str, lora: bool) -> tuple[str | None, str | None, str | Non
         return "bf16-mixed", "bf16", None, [("base loaded in bf16, peft adapters fp32, "
                                             "Trainer bf16 autocast")]
     if t.startswith(("bf16 mixed", "bf16 (mixed")):
-        return "bf16-mixed", None, None, []
+        loaded = re.search(r"torch_dtype = (?:\w+ = )*(?:bf16|bfloat16)\b", t)
+        return "bf16-mixed", "bf16" if loaded else None, None, []
     if t.startswith("bf16 (trainingarguments"):
         return "bf16-mixed", "bf16", None, []
     return None, None, None, []
@@ -482,10 +487,11 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     assert seq is not None
     orig_params, fsdp1_notes = _fsdp1(p)
     assumptions += fsdp1_notes
+    double_quant = bool(re.search(r"(?i)double quant|use_nested_quant true", str(p["quant"])))
     return Run(preset, architecture, int(p["batch_per_gpu"]), seq, precision, optimizer,
                bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]), 8,
                offload, accumulation, attn, gpu, stat, unit, summed, tuple(assumptions),
-               orig_params)
+               orig_params, double_quant)
 
 
 def judge(p: dict[str, Any]) -> Run | Verdict:
@@ -545,7 +551,9 @@ def settings(run: Run) -> dict[str, Any]:
         kw["sharding"] = make_sharding(**flat, fsdp=FsdpSettings(
             version=1, use_orig_params=run.fsdp1_use_orig_params))
     if run.quantization:
-        kw["quantization"] = run.quantization
+        from layerscope.quantization import Quantization
+
+        kw["quantization"] = Quantization(run.quantization, double_quant=run.double_quant)
     if run.base_dtype:
         kw["base_dtype"] = run.base_dtype
     if run.lora_dtype:
@@ -692,7 +700,7 @@ def _setting(run: Run) -> str:
     if run.lora:
         parts.append(f"lora{run.lora.rank}")
     if run.quantization:
-        parts.append(run.quantization)
+        parts.append(run.quantization + ("+dq" if run.double_quant else ""))
     if run.distributed:
         fsdp1 = "(fsdp1)" if run.fsdp1_use_orig_params is not None else ""
         parts.append(f"{run.distributed}x{run.num_gpus}{fsdp1}")
