@@ -697,8 +697,18 @@ class TrainingSetup:
 
     @property
     def adapter_dtype(self) -> torch.dtype:
-        """The LoRA adapters' dtype (``lora_dtype``, fp32 when not given)."""
-        return self.lora_dtype or torch.float32
+        """The LoRA adapters' dtype: ``lora_dtype``; when not given fp32 (peft upcasts them),
+        except on a 4-bit base that FSDP or ZeRO-3 shards, whose adapters stay in the base's
+        float storage dtype so FSDP can flatten them with it (TRL's SFTTrainer makes them with
+        ``autocast_adapter_dtype=False`` for a sharded QLoRA base; older peft made adapters in
+        the base weight's float dtype)."""
+        if self.lora_dtype is not None:
+            return self.lora_dtype
+        q, sharding = self.quantization, self.sharding
+        if (q is not None and q.four_bit and sharding is not None
+                and (sharding.is_fsdp or sharding.stage == 3)):
+            return q.storage
+        return torch.float32
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -56,6 +56,7 @@ def test_the_packed_weights_and_state_per_rank(model):
     for strategy in ("fsdp", "zero3"):
         e = estimate_memory(model, quantization="nf4", distributed=strategy, num_gpus=2, **STEP)
         assert e.quantized_base_bytes == shards + STATE == 65_536, strategy
+        assert e.total_params == one.total_params  # weights, not packed elements
     # FSDP with the parameters offloaded: only the state stays on the GPU
     off = estimate_memory(model, quantization="nf4", distributed="fsdp", num_gpus=2,
                           offload="params", **STEP)
@@ -86,11 +87,12 @@ def test_fsdp_and_zero3_take_the_base_dtype_as_storage(model):
     assert bf16.quantization is not None and bf16.quantization.storage == torch.bfloat16
     assert not bf16.kbit_prepared  # TRL skips prepare_model_for_kbit_training when sharded
     assert bf16.frozen_dtype == torch.bfloat16
+    assert bf16.adapter_dtype == torch.bfloat16  # TRL: autocast_adapter_dtype=False
     # the elements each strategy moves: q_proj's 2048 packed bytes are 1024 bf16 elements
     assert packed_weights(bf16)["model.layers.0.self_attn.q_proj.weight"] == (1024, 2)
     one = TrainingSetup(model, quantization="nf4", **STEP)
     assert one.quantization is not None and one.quantization.storage == torch.uint8
-    assert one.kbit_prepared
+    assert one.kbit_prepared and one.adapter_dtype == torch.float32
     ddp = TrainingSetup(model, quantization="nf4", distributed="ddp", num_gpus=2, **STEP)
     assert ddp.kbit_prepared and ddp.quantization == one.quantization
     zero3 = TrainingSetup(model, quantization="nf4", distributed="zero3", num_gpus=2, **STEP)
@@ -121,8 +123,10 @@ def test_the_scan_and_the_wire_see_the_packed_storage(model):
 def test_the_floor_of_the_gpu_search_counts_the_packed_base(model):
     s = TrainingSetup(model, quantization="nf4", base_dtype="bf16", distributed="fsdp",
                       num_gpus=2, **STEP)
-    plain = TrainingSetup(model, base_dtype="bf16", distributed="fsdp", num_gpus=2, **STEP)
-    # the quantized base's floor is the bf16 base's, less the 147,456 bf16 weights' shards
+    plain = TrainingSetup(model, base_dtype="bf16", lora_dtype="bf16", distributed="fsdp",
+                          num_gpus=2, **STEP)
+    # the quantized base's floor is the bf16 base's (bf16 adapters too, as a sharded QLoRA base
+    # keeps them), less the 147,456 bf16 weights' shards
     # (ceil(n / 2) elements x 2 bytes, each at least 512), plus the packed shards and state
     bf16_shards = 4 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
     assert persistent_bytes(s) == persistent_bytes(plain) - bf16_shards + PACKED // 2 + STATE

@@ -409,7 +409,8 @@ def _assemble(
         backward_peak_bytes=backward_peak,
         optimizer_peak_bytes=optimizer_peak,
         trainable_params=0 if inference else sum(p.numel for p in params if p.trainable),
-        total_params=sum(p.numel for p in params),
+        total_params=(sum(p.numel for p in params if not p.quantized)  # packed: the weights
+                      + sum(m.n_out * m.n_in for m in setup.quantized_layers)),
         batch_size=setup.batch_size,
         seq_len=setup.seq_len,
         precision=setup.precision,
