@@ -183,3 +183,18 @@ def test_70b_qlora_with_fsdp_on_two_80gb_gpus_fits():
     assert abs(e.quantized_base_bytes - expected) / expected < 0.01
     # LoRA on the bf16 base (141 GB of weights) does not fit on the same two GPUs
     assert not estimate_memory(model, base_dtype="bf16", **setup).fits("h100-sxm")
+
+
+def test_fsdp1_wraps_adapters_apart_on_a_quantized_base(model):
+    # the HF Trainer applies peft's wrap policy for a quantized base: whatever use_orig_params,
+    # no flat parameter mixes packed weights and adapters, so none gets a whole-block gradient
+    from layerscope.estimate.sharding import FsdpSettings, make_sharding
+
+    def fsdp1(orig: bool, **kw):
+        sharding = make_sharding(distributed="fsdp", num_gpus=2,
+                                 fsdp=FsdpSettings(version=1, use_orig_params=orig))
+        return estimate_memory(model, sharding=sharding, **STEP, **kw)
+
+    assert fsdp1(True, quantization="nf4").peak_bytes == fsdp1(False, quantization="nf4").peak_bytes
+    # on an unquantized base use_orig_params=True still mixes them (issue 12's model)
+    assert fsdp1(True).gradient_bytes > fsdp1(False).gradient_bytes

@@ -19,6 +19,7 @@ Then :mod:`layerscope.estimate.states` adds what the strategy keeps and holds ar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,12 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
     """
     sharding = setup.sharding
     assert sharding is not None and sharding.distributed is not None
+    if (sharding.is_fsdp and sharding.fsdp.version == 1 and setup.quantization is not None
+            and setup.lora is not None):
+        # the HF Trainer wraps peft's adapters in FSDP units of their own on a quantized base,
+        # whatever use_orig_params (transformers' _fsdp_qlora_plugin_updates applies peft's
+        # fsdp_auto_wrap_policy): no flat parameter mixes the packed weights with adapters
+        sharding = sharding.replace(fsdp=dataclasses.replace(sharding.fsdp, use_orig_params=False))
     fsdp2 = sharding.is_fsdp and sharding.fsdp.version == 2
     if fsdp2:
         from layerscope.estimate.fsdp import in_fresh_process, process_group_in_use
