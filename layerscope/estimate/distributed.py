@@ -169,26 +169,22 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
     result = _assemble(setup, trace, rep, states, pre.block_kinds, params)
     if setup.gradient_accumulation_steps == 1 or setup.inference:
         return result
-    return _accumulated(setup, pre, trace, states, params, result, compute)
+    return _accumulated(setup, sharding, pre, trace, states, params, result, compute)
 
 
 def _accumulated(
-    setup: TrainingSetup, pre: Prepared, trace: StepTrace, states: RankStates,
-    params: list[TensorInfo], one: MemoryEstimate, compute_itemsize: int,
+    setup: TrainingSetup, sharding: Sharding, pre: Prepared, trace: StepTrace,
+    states: RankStates, params: list[TensorInfo], one: MemoryEstimate, compute_itemsize: int,
 ) -> MemoryEstimate:
     """``one`` (the one-micro-batch step) with the gradients the strategy keeps between
     micro-steps held through the next micro-step's forward and backward
     (:mod:`layerscope.estimate.accumulation`)."""
-    import dataclasses
-
     from layerscope.estimate.accumulation import (
         accumulated_reserved,
         embedding_grad_numel,
         sharded_kept,
     )
 
-    sharding = setup.sharding
-    assert sharding is not None
     grad_itemsize = max((p.itemsize for p in params if p.trainable), default=4)
     embedding = embedding_grad_numel(setup.model, lambda p: pre.is_trainable.get(id(p), False))
     reduce_itemsize = 4 if setup.precision_info.autocast else compute_itemsize  # FSDP2 policy

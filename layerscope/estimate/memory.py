@@ -511,11 +511,11 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     head_fwd = seg.get(("head", "fwd"), Segment())
     head_bwd = seg.get(("head", "bwd"), Segment())
     parts = ["embed", "head", *block_kinds]
-    from layerscope.estimate.distributed import _param_infos
+    from layerscope.estimate.distributed import _param_infos, stored_sizes
 
     embedding = embedding_grad_numel(model, lambda p: pre.is_trainable.get(id(p), False))
     kept_grads = NONE if setup.inference else traced_grads(
-        _param_infos(pre, pbytes, int(dtype_bytes(setup.adapter_dtype)), False),
+        _param_infos(pre, stored_sizes(setup, False, param_dtype), False),
         len(block_kinds), rounded(embedding * pbytes))
     return _Step(
         replay=rep,
