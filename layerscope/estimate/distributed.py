@@ -281,8 +281,9 @@ def quant_state_sizes(setup: TrainingSetup) -> list[int]:
     """The quantisation state of every quantized layer (absmax, code tables, offsets, int8 row
     scales), allocator-rounded: on every rank whole, whatever the strategy. It is not a
     parameter (``Linear4bit`` keeps it as ``weight.quant_state`` and on the module), so FSDP and
-    ZeRO-3 neither shard nor gather it; bitsandbytes rebuilds ``Params4bit`` around each
-    gathered weight from the module's copy (bitsandbytes' FSDP-QLoRA support, PR #970)."""
+    ZeRO-3 neither shard nor gather it; ``Linear4bit.forward`` rebuilds ``Params4bit`` around
+    each gathered weight from the module's copy (bitsandbytes'
+    ``fix_4bit_weight_quant_state_from_module``, its FSDP-QLoRA support of PR #970)."""
     from layerscope.estimate.quant import layer_storage
 
     q = setup.quantization
