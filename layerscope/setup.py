@@ -659,14 +659,6 @@ class TrainingSetup:
         return quantized_modules(self.model, self.quantization)
 
     @property
-    def base_settings(self) -> tuple[str, ...]:
-        """The base settings given (``quantization``, ``base_dtype``, ``lora_dtype``,
-        ``prepare_kbit=True``)."""
-        given = tuple(k for k in ("quantization", "base_dtype", "lora_dtype")
-                      if getattr(self, k) is not None)
-        return given + (("prepare_kbit",) if self.prepare_kbit else ())
-
-    @property
     def kbit_prepared(self) -> bool:
         """Whether ``prepare_model_for_kbit_training`` ran (default: with a quantized base,
         unless FSDP or ZeRO-3 shards it: TRL's ``SFTTrainer`` skips it for a sharded QLoRA

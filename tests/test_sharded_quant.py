@@ -183,6 +183,11 @@ def test_70b_qlora_with_fsdp_on_two_80gb_gpus_fits():
     assert abs(e.quantized_base_bytes - expected) / expected < 0.01
     # LoRA on the bf16 base (141 GB of weights) does not fit on the same two GPUs
     assert not estimate_memory(model, base_dtype="bf16", **setup).fits("h100-sxm")
+    # on two 24 GB GPUs it needs the parameters offloaded (answer.ai's setting); then only the
+    # quantisation state of the base stays on each GPU
+    assert not e.fits("rtx-4090")
+    offloaded = estimate_memory(model, quantization="nf4", offload="params", **setup)
+    assert offloaded.fits("rtx-4090") and offloaded.quantized_base_bytes < base.state_bytes * 1.01
 
 
 def test_fsdp1_wraps_adapters_apart_on_a_quantized_base(model):
