@@ -682,6 +682,7 @@ def time_run(p: dict[str, Any], metric: str, value: float) -> tuple[float, float
 class Tally:
     errors: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     kinds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    methods: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     status: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     pending: Counter[str] = field(default_factory=Counter)
@@ -715,6 +716,13 @@ def _kind(run: Run) -> str:
     if run.fsdp1_use_orig_params is not None:
         kind += " (FSDP1)"
     return kind + (f" + offload {run.offload}" if run.offload else "")
+
+
+def _method(run: Run) -> str:
+    """The point's fine-tuning method for the third summary, one GPU or sharded."""
+    method = ("QLoRA (4-bit base, LoRA)" if run.quantization and run.lora else
+              "LoRA" if run.lora else "full or partial")
+    return f"{method}, {'sharded' if run.distributed else 'one GPU'}"
 
 
 def main() -> int:
@@ -766,6 +774,7 @@ def main() -> int:
             tally.status["compared"] += 1
             tally.errors[p["group"]].append(err)
             tally.kinds[_kind(verdict)].append(err)
+            tally.methods[_method(verdict)].append(err)
             rows.append([i, p["group"], _setting(verdict),
                          f"{published} {verdict.unit} {verdict.statistic}"
                          + (" (sum)" if verdict.summed else ""), f"{value:.2f}", f"{err:+.1f}%",
@@ -786,6 +795,13 @@ def main() -> int:
         kinds.append(["data parallel and offload (all above but one GPU)", *_summary(sharded)])
     print(tabulate(kinds, headers=["kind", "points", "median |error|", "worst |error|",
                                    "within 10%", "within 25%"]))
+    print()
+    methods = [[m, *_summary(e)] for m, e in sorted(tally.methods.items())]
+    adapters = [e for m, errs in tally.methods.items() if "LoRA" in m for e in errs]
+    if adapters:
+        methods.append(["LoRA and QLoRA (the rows above with adapters)", *_summary(adapters)])
+    print(tabulate(methods, headers=["method", "points", "median |error|", "worst |error|",
+                                     "within 10%", "within 25%"]))
     print()
     print("points:", ", ".join(f"{n} {s}" for s, n in tally.status.most_common()))
     print()
