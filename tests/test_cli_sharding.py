@@ -55,7 +55,7 @@ def test_estimate_text_shows_the_sharding_and_host_memory():
         cli.main(["estimate", MODEL, "--distributed", "zero3", "--num-gpus", "4", "--offload",
                   "optimizer", "--seq-len", "128"])
     text = out.getvalue()
-    assert "Sharding: zero3 over 4 GPUs (8 per node), optimizer offloaded to the CPU" in text
+    assert "Sharding: zero3 over 4 GPUs (one node), optimizer offloaded to the CPU" in text
     assert "CPU memory per node" in text and "fp32 master weights" not in text
 
 

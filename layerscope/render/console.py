@@ -129,8 +129,10 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
     ]
     if s.get("distributed"):
         offload = f", {s['offload']} offloaded to the CPU" if s.get("offload") else ""
-        lines.append(f"Sharding: {s['distributed']} over {s['num_gpus']} GPU"
-                     f"{'s' if s['num_gpus'] > 1 else ''} ({s['gpus_per_node']} per node)"
+        n, per_node = s["num_gpus"], s["gpus_per_node"]
+        nodes = -(-n // per_node)
+        where = f"{nodes} nodes of {per_node}" if nodes > 1 else "one node"
+        lines.append(f"Sharding: {s['distributed']} over {n} GPU{'s' if n > 1 else ''} ({where})"
                      f"{offload}; memory below is per GPU (the busiest)")
     base_line = base_text(s)
     if base_line:
