@@ -263,6 +263,7 @@ def estimate_training_time(
 
         device = get_gpu(gpu)
         setup = make_setup(model, plan, batch_size=batch_size, **settings)
+        num_gpus = setup.num_gpus or num_gpus  # a strategy without a count: one node
         step = step_time_of(setup, device)
         ms_per_step = step.seconds * 1000.0
         per_step = batch_size * setup.gradient_accumulation_steps
@@ -315,6 +316,7 @@ def _training_time_with_lengths(model: nn.Module, num_samples: int, batch_size: 
                             f"has {len(lengths)} lengths (one per example)")
     device = get_gpu(gpu)
     setup = make_setup(model, plan, batch_size=batch_size, **settings)
+    num_gpus = setup.num_gpus or num_gpus  # a strategy without a count: one node
     timer = step_timer(setup, device)
 
     def times(length: int, masked: bool) -> tuple[float, float, float]:

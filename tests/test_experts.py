@@ -105,3 +105,17 @@ def test_memory_traces_the_experts_setting():
     with pytest.warns(LayerscopeWarning, match="traced with grouped_mm"):
         eager = estimate_memory(model, experts_implementation="eager", **kw)
     assert eager.peak_bytes == grouped.peak_bytes
+
+
+def test_sharded_memory_is_traced_per_experts_implementation():
+    # the sharded trace is cached across GPU counts; the implementation is part of its key, so
+    # the second implementation asked of the same model gets its own trace, not the first one's
+    kw = dict(batch_size=2, seq_len=16, distributed="zero2", num_gpus=2)
+    fresh = {impl: estimate_memory(build("mixtral", "meta"), experts_implementation=impl, **kw)
+             for impl in ("batched_mm", "grouped_mm")}
+    model = build("mixtral", "meta")
+    for impl in ("batched_mm", "grouped_mm"):
+        shared = estimate_memory(model, experts_implementation=impl, **kw)
+        assert shared.peak_bytes == fresh[impl].peak_bytes
+    # batched_mm gathers each (token, expert) pair's weights: more memory than grouped_mm
+    assert fresh["batched_mm"].peak_bytes > fresh["grouped_mm"].peak_bytes

@@ -231,3 +231,16 @@ def test_memory_savings_of_a_model_the_estimator_cannot_step():
     out = ls.get_memory_savings_estimate(PlainNet())
     assert out["peak_saved_bytes"] is None and "vocab_size" in out["estimate_note"]
     assert out["gradient_saved_bytes"] == 0
+
+
+def test_training_time_of_a_strategy_without_a_count_runs_on_one_node():
+    # distributed= without num_gpus is one node (gpus_per_node, 8): 8 GPUs share the samples
+    from layerscope import estimate_training_time
+
+    model = build("llama", "meta")
+    kw = dict(num_samples=800, batch_size=1, num_epochs=1, gpu="h100", distributed="zero3")
+    implied = estimate_training_time(model, **kw)
+    stated = estimate_training_time(model, num_gpus=8, **kw)
+    assert implied["num_gpus"] == stated["num_gpus"] == 8
+    assert implied["total_steps"] == stated["total_steps"] == 800 // (1 * 8)
+    assert implied["total_seconds"] == stated["total_seconds"]

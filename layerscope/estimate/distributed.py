@@ -157,8 +157,8 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
         trace = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
     else:  # the same step for any GPU count: traced once per family of strategies
         key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
-               setup.precision, setup.gradient_checkpointing, setup.attention, setup.inference,
-               param_dtype, autocast_dtype, states.trace_keeps_grads,
+               setup.precision, setup.gradient_checkpointing, setup.attention, setup.experts,
+               setup.inference, param_dtype, autocast_dtype, states.trace_keeps_grads,
                mixed_units, fsdp1_mp, setup.quantization, setup.frozen_dtype,
                setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared)
         cache = model_cache(setup.model, "sharded-step")
