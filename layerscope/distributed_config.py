@@ -99,13 +99,13 @@ def _is_auto(value: Any) -> bool:
 
 
 def _count(value: Any, key: str, source: str) -> int:
-    """An element count as DeepSpeed accepts it (``5e8``, ``500000000``, ``"5e8"``)."""
+    """A whole count as DeepSpeed accepts it (``5e8``, ``500000000``, ``"5e8"``)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigFileError(f"{source}: {key} must be a number, got {value!r}") from None
-    if number < 0 or number != number:
-        raise ConfigFileError(f"{source}: {key} must be >= 0, got {value!r}")
+    if isinstance(value, bool) or not number.is_integer() or number < 0:
+        raise ConfigFileError(f"{source}: {key} must be a whole number >= 0, got {value!r}")
     return int(number)
 
 
@@ -340,7 +340,15 @@ def read_accelerate_config(config: Any, *, hidden_size: int | None = None) -> Ru
             sharding = Sharding(f"zero{stage}", processes, per_node, offload)
         except EstimateError as exc:
             raise fail(exc) from exc
-        return RunConfig(sharding, precision, source=source)
+        steps = ds.get("gradient_accumulation_steps")
+        accumulation = None
+        if steps is not None and not _is_auto(steps):
+            accumulation = _count(steps, "deepspeed_config.gradient_accumulation_steps", source)
+            if accumulation == 0:
+                raise ConfigFileError(
+                    f"{source}: deepspeed_config.gradient_accumulation_steps must be >= 1")
+        return RunConfig(sharding, precision, source=source,
+                         gradient_accumulation_steps=accumulation)
     if kind == "FSDP":
         fsdp = data.get("fsdp_config") or {}
         if not isinstance(fsdp, Mapping):

@@ -62,6 +62,11 @@ def test_deepspeed_defaults_and_spellings():
     ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, "pass hidden_size"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs ZeRO stage 3"),
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}, "must be a number"),
+    ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2.5},
+     r"gradient_accumulation_steps must be a whole number >= 0, got 2\.5"),
+    ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": True},
+     "train_micro_batch_size_per_gpu must be a whole number"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": float("inf")}}, "whole number"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "none, cpu or nvme"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}, "zero_optimization": {"stage": 2}},
      "both enabled"),
@@ -136,6 +141,11 @@ def test_accelerate_deepspeed_and_ddp(tmp_path):
                                      "deepspeed_config": {"zero_stage": 3, "offload_param_device": "cpu",
                                                           "offload_optimizer_device": "cpu"}})
     assert (inline.sharding.distributed, inline.sharding.offload) == ("zero3", "params")
+    assert inline.gradient_accumulation_steps is None
+    accumulated = read_accelerate_config({"distributed_type": "DEEPSPEED", "num_processes": 2,
+                                          "deepspeed_config": {"zero_stage": 2,
+                                                               "gradient_accumulation_steps": 8}})
+    assert accumulated.gradient_accumulation_steps == 8
     ddp = read_accelerate_config({"distributed_type": "MULTI_GPU", "num_processes": 2,
                                   "mixed_precision": "fp16"})
     assert (ddp.sharding.distributed, ddp.precision) == ("ddp", "16-mixed")
@@ -150,6 +160,8 @@ def test_accelerate_deepspeed_and_ddp(tmp_path):
     ({"distributed_type": "MULTI_GPU", "num_processes": 3, "num_machines": 2}, "not a multiple"),
     ({"distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": {"zero_stage": 0}},
      "zero_stage=0"),
+    ({"distributed_type": "DEEPSPEED", "num_processes": 2,
+      "deepspeed_config": {"zero_stage": 2, "gradient_accumulation_steps": 0}}, "must be >= 1"),
     ({"distributed_type": "MULTI_GPU", "num_processes": 2, "mixed_precision": "fp8"}, "fp8"),
 ])
 def test_accelerate_errors(config, message):
