@@ -27,7 +27,7 @@ from layerscope.estimate.choose import OFFLOADS as OFFLOADS_TRIED
 from layerscope.estimate.choose import STRATEGIES as STRATEGIES_TRIED
 from layerscope.estimate.choose import GpuChoice, Tried, choose_gpus
 from layerscope.estimate.comm import CommTime
-from layerscope.estimate.hardware import GPU, get_gpu, gpus
+from layerscope.estimate.hardware import GPU, Fabric, get_gpu, gpus
 from layerscope.estimate.lengths import StrategyTime, run_times
 from layerscope.estimate.memory import (
     CUDA_CONTEXT_BYTES,
@@ -154,7 +154,8 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
 
 def gpu_dict(gpu: GPU) -> dict[str, Any]:
     return {"name": gpu.name, "full_name": gpu.full_name, "memory_bytes": gpu.memory_bytes,
-            "price_per_hour": gpu.price_per_hour, "fabric": gpu.fabric}
+            "price_per_hour": gpu.price_per_hour,
+            "fabric": gpu.fabric.name if isinstance(gpu.fabric, Fabric) else gpu.fabric}
 
 
 def assumptions_dict() -> dict[str, Any]:

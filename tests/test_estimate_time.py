@@ -373,6 +373,18 @@ def test_a_slower_fabric_between_nodes_exposes_more():
         step(model, distributed="fsdp", num_gpus=8).communication.exposed_seconds)
     with pytest.raises(EstimateError, match="unknown fabric"):
         h100.with_fabric("token-ring")
+    # a Fabric of your own is used as given, even under a catalogue name
+    import dataclasses
+
+    from layerscope.estimate.hardware import get_fabric
+
+    mine = dataclasses.replace(get_fabric("ethernet-25g"), name="my-net")
+    custom = step(model, distributed="fsdp", num_gpus=16, gpu=h100.with_fabric(mine))
+    assert custom.communication.fabric == "my-net"
+    assert custom.communication.exposed_seconds == pytest.approx(slow.communication.exposed_seconds)
+    renamed = dataclasses.replace(get_fabric("ethernet-25g"), name="infiniband-ndr")
+    assert step(model, distributed="fsdp", num_gpus=16, gpu=h100.with_fabric(renamed)
+                ).communication.exposed_seconds == pytest.approx(slow.communication.exposed_seconds)
 
 
 def test_sharded_inference_gathers_in_forward_only():

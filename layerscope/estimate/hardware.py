@@ -45,7 +45,8 @@ class GPU:
             bidirectional total), or None where the node's GPUs are not all joined by NVLink.
         pcie_generation: PCIe generation of the host link (4, 5), or None when unknown.
         pcie_bandwidth: bytes/s of the x16 host link in one direction, or None when unknown.
-        fabric: name of the default inter-node network (:func:`get_fabric`), or None.
+        fabric: the default inter-node network: a catalogue name (:func:`get_fabric`), a
+            :class:`Fabric` of your own, or None.
         compute_capability: CUDA compute capability (major, minor), e.g. (9, 0) for Hopper.
     """
 
@@ -60,7 +61,7 @@ class GPU:
     nvlink_bandwidth: float | None = None
     pcie_generation: int | None = None
     pcie_bandwidth: float | None = None
-    fabric: str | None = None
+    fabric: str | Fabric | None = None
     compute_capability: tuple[int, int] = (8, 0)
 
     @property
@@ -99,7 +100,8 @@ class GPU:
         """
         if fabric is None:
             return self
-        return dataclasses.replace(self, fabric=get_fabric(fabric).name)
+        net = get_fabric(fabric)  # a Fabric of your own is kept whole, not looked up by name
+        return dataclasses.replace(self, fabric=net if isinstance(fabric, Fabric) else net.name)
 
 
 @dataclass(frozen=True)
