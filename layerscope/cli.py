@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "such as fp32, bf16 (default bf16-mixed)")
         p.add_argument("--optimizer", default=None, metavar="O",
                        help="adamw, adamw-fused, adam, sgd, sgd-momentum, adamw-8bit, "
-                       "adafactor (default adamw)")
+                       "paged-adamw-8bit, paged-adamw-32bit, adafactor (default adamw)")
         p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute each block's forward during backward")
         p.add_argument("--gradient-accumulation-steps", type=_positive_int, default=None,
@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: what transformers picks for the model, grouped_mm)")
         p.add_argument("--quantization", metavar="Q",
                        help="a bitsandbytes-quantized frozen base: nf4, fp4 or int8 (QLoRA: "
-                       "with --lora-rank); prepare_model_for_kbit_training is assumed")
+                       "with --lora-rank); prepare_model_for_kbit_training is assumed on one GPU, DDP "
+                       "and ZeRO-1/2, not under FSDP or ZeRO-3 (as TRL does)")
         p.add_argument("--double-quant", action="store_true",
                        help="with --quantization nf4/fp4: bnb_4bit_use_double_quant")
         p.add_argument("--base-dtype", metavar="D",

@@ -289,8 +289,7 @@ def full_finetune(setup: TrainingSetup) -> TrainingSetup:
 class Change:
     """One alternative run: the command-line flags that make it, and its setup.
 
-    ``kind`` names the change (``checkpointing``, ``batch``, ``optimizer``, ``freeze``,
-    ``lora``, joined by ``+`` when combined)."""
+    ``kind`` names the change (one of :data:`CHANGE_KINDS`, joined by ``+`` when combined)."""
 
     label: str
     kind: str

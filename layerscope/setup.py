@@ -444,10 +444,6 @@ class TrainingSetup:
         sharding: a whole :class:`~layerscope.estimate.sharding.Sharding` (the ZeRO, FSDP and
             DDP knobs too, e.g. from :mod:`layerscope.distributed_config`); the five settings
             above, when given, replace its values.
-
-    A model wrapped for data parallelism (``fully_shard``, FSDP1, DDP, a DeepSpeed engine) is
-    estimated on a skeleton of its config with the same trainable names, never touched; its
-    wrapper gives the strategy and GPU count unless they are given.
         quantization: a quantized frozen base: ``"nf4"``, ``"fp4"``, ``"int8"``, a transformers
             ``BitsAndBytesConfig`` or a :class:`~layerscope.quantization.Quantization` (see
             there for what is quantized and the defaults); None is an unquantized base. The
@@ -459,11 +455,14 @@ class TrainingSetup:
             ``bf16-mixed``, as the calibration runs load it). Trainable parameters are always in
             the precision's parameter dtype.
         lora_dtype: the adapters' dtype: None is fp32 (peft upcasts bf16/fp16 adapters,
-            ``autocast_adapter_dtype=True``); ``"bf16"`` for scripts that keep them in bf16.
+            ``autocast_adapter_dtype=True``), except on a quantized base sharded by FSDP or
+            ZeRO-3, where they follow the base's dtype (TRL's ``autocast_adapter_dtype=False``);
+            ``"bf16"`` for scripts that keep them in bf16.
         prepare_kbit: peft's ``prepare_model_for_kbit_training``: frozen non-quantized bf16/fp16
             parameters (norms, embeddings, the head) upcast to fp32, and with gradient
             checkpointing the embedding output made to require grad. None: on for a quantized
-            base, off otherwise.
+            base on one GPU, DDP or ZeRO-1/2, off under FSDP or ZeRO-3 (TRL skips it there) and
+            for an unquantized base.
         gradient_accumulation_steps: micro-batches of ``batch_size`` per optimizer step (1: no
             accumulation). The gradients a strategy keeps between micro-steps (autograd's
             ``.grad``, ZeRO-2's gradient partition, FSDP's unsharded gradients under
@@ -471,6 +470,10 @@ class TrainingSetup:
             (:mod:`layerscope.estimate.accumulation`); the optimizer step and a strategy's
             boundary-only communication happen once per ``gradient_accumulation_steps``
             micro-steps.
+
+    A model wrapped for data parallelism (``fully_shard``, FSDP1, DDP, a DeepSpeed engine) is
+    estimated on a skeleton of its config with the same trainable names, never touched; its
+    wrapper gives the strategy and GPU count unless they are given.
 
     Attributes:
         trainable: the base parameter names that train (every alias of a tied tensor).

@@ -246,6 +246,8 @@ def test_persistent_states_are_a_lower_bound_of_the_estimate(wide):
     ({"distributed": "zero3"}, "searches the strategy, GPU count and offload"),
     ({"num_gpus": 8}, r"do not give them \(got num_gpus=8\)"),
     ({"num_samples": 10}, "give num_samples and num_epochs together"),
+    ({"num_samples": 0, "num_epochs": 1}, "num_samples must be an int >= 1, got 0"),
+    ({"num_samples": 10, "num_epochs": 0}, "num_epochs must be an int >= 1, got 0"),
     ({"gpu_types": "h100"}, "gpu_types must be a list"),
     ({"gpu_types": []}, "gpu_types is empty"),
     ({"gpu_types": ["h1000"]}, "unknown GPU 'h1000'"),

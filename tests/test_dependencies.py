@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from layerscope.preflight import CHANGE_KINDS
+
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,4 +89,5 @@ def test_every_alternative_builds_without_the_optional_extras() -> None:
     kinds = set(json.loads(done.stdout.strip().splitlines()[-1]))
     singles = {"checkpointing", "batch", "optimizer", "freeze", "lora"}
     assert singles <= kinds
+    assert {part for k in kinds for part in k.split("+")} <= set(CHANGE_KINDS)
     assert {f"checkpointing+{k}" for k in ("optimizer", "freeze", "lora")} <= kinds

@@ -34,6 +34,7 @@ from typing import Any
 
 from typing_extensions import Unpack
 
+from layerscope.checks import whole
 from layerscope.errors import EstimateError, StructureError
 from layerscope.estimate.distributed import (
     packed_weights,
@@ -226,7 +227,9 @@ def choose_gpus(model: Any, plan: FreezePlan | None = None, *,
                             f"setup already has {setup.sharding.describe() if setup.sharding else ''}")
     if setup.inference:
         raise EstimateError("choose_gpus sizes a training run; inference=True has none")
-    if num_samples is not None:  # validated once, before minutes of work
+    if num_samples is not None:  # validated once, before minutes of work (as the CLI: >= 1)
+        whole(num_samples, "num_samples", EstimateError, minimum=1)
+        whole(num_epochs, "num_epochs", EstimateError, minimum=1)
         run_cost(0.0, num_samples, setup.batch_size, num_epochs or 0)
     search = _Search(setup, progress or (lambda _: None))
     choices = []

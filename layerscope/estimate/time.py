@@ -190,7 +190,9 @@ def estimate_step_time(
     gpu: str | GPU = "h100-sxm",
     **settings: Unpack[Settings],
 ) -> StepTime:
-    """Time of one step on one GPU: forward, backward, recomputation and optimizer.
+    """Time of one optimizer step: forward, backward and recomputation of each of the
+    ``gradient_accumulation_steps`` micro-batches, then the optimizer; under a data-parallel
+    strategy, on one GPU of the run with the communication its compute waits for.
 
     Args:
         model: an ``nn.Module`` (a meta skeleton is enough; never modified), a model source
