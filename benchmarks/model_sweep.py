@@ -1,0 +1,415 @@
+"""Every Hugging Face model type, built tiny, through the whole pre-flight.
+
+Run: ``PYTHONPATH=. python benchmarks/model_sweep.py [--filter TEXT] [--jobs N] [--out FILE]``
+
+For every model type of the installed transformers that has a causal-LM, seq2seq,
+classification (sequence, image, audio), image-text, speech-seq2seq or CTC head, and for each
+such head class of the type:
+
+1. a *tiny config* is made from the type's default config (:func:`tiny_config`): widths,
+   experts and depth shrunk, in the type's sub-configs too; where transformers rejects the
+   shrunk values, gentler shrinks are tried (depth only, then the default config);
+2. transformers builds the head class from it on the meta device; a type it cannot build is
+   reported as such and not counted against layerscope;
+3. transformers saves the config (``save_pretrained``), and layerscope goes from that
+   ``config.json`` through every step a user takes: ``build`` (``empty_model``), ``scan``
+   (the block stack), ``plan`` (``lp-lora`` resolved against the scan), ``memory``
+   (``estimate_memory`` with that plan, batch 2), ``time`` (``estimate_step_time``, same
+   setup) and ``summary`` (``layerscope summary`` on the command line, in-process).
+
+A type passes when every head class tried passes every step. The table (markdown) gives per
+type the verdict, the heads tried, and for a failure the step and the first line of the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+HEADS = (
+    ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("image-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+    ("seq2seq", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("speech-seq2seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
+    ("ctc", "MODEL_FOR_CTC_MAPPING_NAMES"),
+    ("sequence-classification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("image-classification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    ("audio-classification", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
+)
+"""The head families swept, with transformers' auto mapping (model type -> class name)."""
+
+STEPS = ("build", "scan", "plan", "memory", "time", "summary")
+BATCH = 2
+"""Sequences per step: more than one, so per-sequence and per-token labels differ."""
+SEQ_LEN = 256
+"""Tokens per sequence asked for (less where the model's text config allows fewer positions)."""
+TASK_TIMEOUT_S = 180
+
+# -- tiny configs -----------------------------------------------------------------------------
+WIDTH = 64
+SIZES = {
+    # widths
+    "hidden_size": WIDTH, "n_embd": WIDTH, "d_model": WIDTH, "embed_dim": WIDTH,
+    "word_embed_proj_dim": WIDTH, "projection_dim": WIDTH,
+    # heads: 4 x 16
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "head_dim": 16, "attention_head_dim": 16, "n_heads": 4,
+    # feed-forward
+    "intermediate_size": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
+    "ffn_hidden_size": 128, "mlp_dim": 128,
+}
+KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+EXPERTS = {"num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4}
+TOP_K = ("num_experts_per_tok", "moe_topk", "top_k", "moe_k")
+DEPTHS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
+          "num_decoder_layers", "depth", "num_encoder_layers", "n_layers")
+MAX_DEPTH = 2
+"""Blocks per stack, unless more are needed for every layer type to appear once."""
+
+
+def _fields(cls: type) -> set[str]:
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+
+
+def _depth(config: Any) -> tuple[str | None, int]:
+    for name in DEPTHS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None, 0
+
+
+def _needed_depth(config: Any, depth: int) -> int:
+    """Blocks needed for every distinct per-layer value (layer types, block types) to appear."""
+    needed = MAX_DEPTH
+    for name in dir(config):
+        if name.startswith("_"):
+            continue
+        try:
+            value = getattr(config, name)
+        except Exception:
+            continue
+        if isinstance(value, (list, tuple, str)) and len(value) == depth and depth > 1:
+            try:
+                distinct = set(value)
+            except TypeError:
+                continue
+            seen: set[Any] = set()
+            for i, item in enumerate(value):
+                seen.add(item)
+                if seen == distinct:
+                    needed = max(needed, i + 1)
+                    break
+    return min(depth, needed)
+
+
+def _overrides(config: Any, level: int) -> dict[str, Any]:
+    """Constructor arguments that shrink ``config`` (level 0: widths, experts and depth;
+    1: experts and depth; 2: depth only), sub-configs included."""
+    cls = type(config)
+    names = _fields(cls)
+    out: dict[str, Any] = {}
+    if level == 0:
+        for name, value in SIZES.items():
+            old = getattr(config, name, None)
+            if name in names and isinstance(old, int) and not isinstance(old, bool) and old > value:
+                out[name] = value
+        heads = out.get("num_attention_heads", getattr(config, "num_attention_heads", None))
+        for name in KV_HEADS:
+            old = getattr(config, name, None)
+            if name in names and isinstance(old, int) and isinstance(heads, int) and old > 0:
+                out[name] = max(1, min(old, heads // 2 if old < getattr(config, "num_attention_heads", old) else heads))
+    if level <= 1:
+        for name, value in EXPERTS.items():
+            old = getattr(config, name, None)
+            if name in names and isinstance(old, int) and not isinstance(old, bool) and old > value:
+                out[name] = value
+        for name in TOP_K:
+            old = getattr(config, name, None)
+            if name in names and isinstance(old, int) and not isinstance(old, bool) and old > 2:
+                out[name] = 2
+    name, depth = _depth(config)
+    if name is not None and name in names:
+        new = _needed_depth(config, depth)
+        if new < depth:
+            for other in DEPTHS:
+                if other in names and getattr(config, other, None) == depth:
+                    out[other] = new
+            for field in names:  # per-layer lists given explicitly: cut to the new depth
+                value = getattr(config, field, None)
+                if isinstance(value, list) and len(value) == depth:
+                    out[field] = value[:new]
+    for key in getattr(cls, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            data = sub.to_dict()
+            data.update(_overrides(sub, level))
+            for drop in ("transformers_version", "architectures", "_name_or_path"):
+                data.pop(drop, None)
+            out[key] = data
+    return out
+
+
+def tiny_config(model_type: str, head: str | None = None) -> tuple[Any, str]:
+    """The smallest config of ``model_type`` that transformers accepts and can build ``head``
+    from, and how small it is (``tiny``, ``shallow``, ``depth-only`` or ``default``)."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    errors = []
+    for level, label in ((0, "tiny"), (1, "shallow"), (2, "depth-only"), (3, "default")):
+        try:
+            config = default if level == 3 else cls(**_overrides(default, level))
+            if head is not None:
+                _transformers_build(head, config)
+            return config, label
+        except Exception as exc:  # transformers refused: try a gentler shrink
+            errors.append(f"{label}: {type(exc).__name__}: {exc}")
+    raise RuntimeError(errors[-1])
+
+
+def _transformers_build(class_name: str, config: Any) -> Any:
+    import copy
+
+    import torch
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    with torch.device("meta"):
+        return cls._from_config(copy.deepcopy(config))
+
+
+# -- one head --------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Timeout(f"over {TASK_TIMEOUT_S} s")
+
+
+def run_head(model_type: str, family: str, class_name: str) -> dict[str, Any]:
+    """Run one head class of one type through every step; the first failing step stops it."""
+    result: dict[str, Any] = {"type": model_type, "family": family, "class": class_name,
+                              "size": None, "status": "pass", "step": None, "error": None,
+                              "seconds": 0.0}
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(TASK_TIMEOUT_S)
+    try:
+        try:
+            config, size = tiny_config(model_type, class_name)
+        except Exception as exc:
+            result.update(status="transformers", step="config", error=_first_line(exc))
+            return result
+        result["size"] = size
+        config.architectures = [class_name]
+        with tempfile.TemporaryDirectory() as folder:
+            config.save_pretrained(folder)
+            _pipeline(folder, result)
+    except _Timeout as exc:
+        result.update(status="fail", error=f"timeout: {exc}")
+    finally:
+        signal.alarm(0)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _pipeline(folder: str, result: dict[str, Any]) -> None:
+    from layerscope import FreezePlan, empty_model, estimate_memory, estimate_step_time, scan
+    from layerscope.cli import main as cli_main
+
+    state: dict[str, Any] = {}
+
+    def build() -> None:
+        state["model"] = empty_model(folder)
+
+    def scan_() -> None:
+        state["scan"] = scan(state["model"])
+        state["scan"].num_layers
+
+    def plan() -> None:
+        state["plan"] = FreezePlan.parse("lp-lora")
+        state["plan"].resolve(state["scan"])
+
+    def settings() -> dict[str, Any]:
+        config = state["model"].config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
+        seq = min(SEQ_LEN, positions) if isinstance(positions, int) and positions > 8 else SEQ_LEN
+        return {"batch_size": BATCH, "seq_len": seq}
+
+    def memory() -> None:
+        state["memory"] = estimate_memory(state["model"], state["plan"], **settings())
+
+    def time_() -> None:
+        estimate_step_time(state["model"], state["plan"], **settings())
+
+    def summary() -> None:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli_main(["summary", folder])
+        if code != 0:
+            raise RuntimeError(err.getvalue().strip().splitlines()[-1] if err.getvalue() else
+                               f"exit code {code}")
+
+    for step, func in zip(STEPS, (build, scan_, plan, memory, time_, summary)):
+        try:
+            func()
+        except _Timeout:
+            raise
+        except Exception as exc:
+            result.update(status="fail", step=step, error=_first_line(exc))
+            if os.environ.get("SWEEP_TRACEBACK"):
+                result["traceback"] = traceback.format_exc()
+            return
+    result["peak_bytes"] = state["memory"].peak_bytes
+
+
+def _init_worker() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run(task: tuple[str, str, str]) -> dict[str, Any]:
+    return run_head(*task)
+
+
+def tasks(filter_text: str | None = None) -> list[tuple[str, str, str]]:
+    """(model type, head family, class name) for every head swept, one per class and type."""
+    from transformers.models.auto import modeling_auto
+
+    found: dict[tuple[str, str], str] = {}
+    for family, mapping_name in HEADS:
+        for model_type, names in getattr(modeling_auto, mapping_name).items():
+            name = names[0] if isinstance(names, (tuple, list)) else names
+            found.setdefault((model_type, name), family)
+    out = [(t, fam, name) for (t, name), fam in found.items()]
+    if filter_text:
+        out = [task for task in out if filter_text in task[0] or filter_text in task[2]]
+    return sorted(out)
+
+
+# -- the table -------------------------------------------------------------------------------
+def per_type(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model type: ``pass`` (every head passes), ``fail``, or ``transformers`` (transformers
+    builds none of its heads from a tiny config)."""
+    types: dict[str, dict[str, Any]] = {}
+    for r in sorted(results, key=lambda r: (r["type"], r["class"])):
+        t = types.setdefault(r["type"], {"heads": [], "status": None, "size": set()})
+        t["heads"].append(r)
+        if r["size"]:
+            t["size"].add(r["size"])
+    for t in types.values():
+        statuses = {h["status"] for h in t["heads"]}
+        built = [h for h in t["heads"] if h["status"] != "transformers"]
+        t["status"] = ("transformers" if not built else
+                       "pass" if all(h["status"] == "pass" for h in built) else "fail")
+    return types
+
+
+def table(results: list[dict[str, Any]], seconds: float, command: str) -> str:
+    import torch
+    import transformers
+
+    types = per_type(results)
+    counts = Counter(t["status"] for t in types.values())
+    buildable = counts["pass"] + counts["fail"]
+    heads = [r for r in results if r["status"] != "transformers"]
+    head_pass = sum(r["status"] == "pass" for r in heads)
+    lines = [
+        "# Model sweep",
+        "",
+        f"`{command}` — transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"{len(results)} head classes of {len(types)} model types, {seconds / 60:.1f} min.",
+        "",
+        f"**{counts['pass']} of {buildable} model types pass every step** "
+        f"({100 * counts['pass'] / max(buildable, 1):.1f}%); {counts['transformers']} types "
+        f"transformers itself cannot build from a tiny config (not counted). Head classes: "
+        f"{head_pass} of {len(heads)} pass.",
+        "",
+        "Steps: build (`empty_model` of the saved config.json), scan, plan (`lp-lora`), memory "
+        f"(`estimate_memory`, batch {BATCH}), time (`estimate_step_time`), summary (`layerscope "
+        "summary`). Size: how far the default config could be shrunk (`tiny`: widths, experts "
+        "and depth; `shallow`: experts and depth; `depth-only`; `default`).",
+        "",
+        "| type | verdict | head classes | size | failing step: reason |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in sorted(types.items()):
+        classes = ", ".join(h["class"] for h in t["heads"])
+        failures = [h for h in t["heads"] if h["status"] != "pass"]
+        why = "; ".join(
+            f"{h['class']} {h['step'] or ''}: {h['error']}".replace("|", "\\|") for h in failures
+        )
+        verdict = {"pass": "pass", "fail": "**fail**", "transformers": "transformers cannot build"}
+        lines.append(f"| {name} | {verdict[t['status']]} | {classes} | "
+                     f"{'/'.join(sorted(t['size'])) or '-'} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filter", help="only model types or classes containing this text")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", help="write the markdown table here (default: print it)")
+    parser.add_argument("--json", help="write every head's result here")
+    args = parser.parse_args(argv)
+    todo = tasks(args.filter)
+    start = time.perf_counter()
+    results = []
+    context = multiprocessing.get_context("fork")
+    with context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=20) as pool:
+        for i, r in enumerate(pool.imap_unordered(_run, todo), 1):
+            results.append(r)
+            mark = {"pass": ".", "fail": "F", "transformers": "t"}[r["status"]]
+            print(f"[{i}/{len(todo)}] {mark} {r['type']} {r['class']} {r['step'] or ''} "
+                  f"{r['error'] or ''}"[:200], file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    command = "PYTHONPATH=. python benchmarks/model_sweep.py" + (
+        f" --filter {args.filter}" if args.filter else "")
+    text = table(results, seconds, command)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.out:
+        Path(args.out).write_text(text)
+        print(text.split("\n\n")[2])
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
