@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -220,7 +221,7 @@ def config_from_dict(data: Mapping[str, Any], label: str) -> PretrainedConfig:
             f"{label}: unknown model_type {model_type!r} for transformers {__version__}{hint} "
             "(a newer transformers may know it)"
         )
-    fields = {k: v for k, v in data.items() if k != "auto_map"}
+    fields = {k: decode_special_floats(v) for k, v in data.items() if k != "auto_map"}
     try:
         config = CONFIG_MAPPING[model_type].from_dict(fields)
     except Exception as exc:
@@ -228,6 +229,23 @@ def config_from_dict(data: Mapping[str, Any], label: str) -> PretrainedConfig:
             f"{label}: transformers rejected this {model_type} config: {exc}"
         ) from exc
     return config
+
+
+SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+"""How transformers (5.x) writes floats JSON has no literal for: ``{"__float__": "Infinity"}``
+(``PreTrainedConfig._encode_special_floats``; Falcon-H1's and Bamba's ``time_step_limit``)."""
+
+
+def decode_special_floats(value: Any) -> Any:
+    """``value`` with every ``{"__float__": "Infinity" | "-Infinity" | "NaN"}`` object replaced
+    by the float, as ``AutoConfig.from_pretrained`` reads it; anything else unchanged."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in SPECIAL_FLOATS:
+            return SPECIAL_FLOATS[value["__float__"]]
+        return {k: decode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_special_floats(v) for v in value]
+    return value
 
 
 def _remote_config(folder: Path, label: str) -> PretrainedConfig:
