@@ -61,7 +61,11 @@ class ModuleInfo:
 
 @dataclass(frozen=True)
 class BlockStack:
-    """A run of repeated blocks, e.g. ``model.layers`` with 32 ``LlamaDecoderLayer``s."""
+    """A run of repeated blocks, e.g. ``model.layers`` with 32 ``LlamaDecoderLayer``s.
+
+    ``block_type`` names the blocks' class, or their classes joined by ``/`` in order of first
+    appearance for a hybrid stack (``"JambaMambaDecoderLayer/JambaAttentionDecoderLayer"``).
+    """
 
     path: str
     block_type: str
@@ -154,7 +158,7 @@ class ModelScan:
         seen = ", ".join(self.candidates) if self.candidates else "no submodules"
         return StructureError(
             f"{self.model_type}: no block stack found (a ModuleList or Sequential of "
-            f"same-type blocks holding parameters); candidates found: {seen}"
+            f"blocks holding parameters); candidates found: {seen}"
         )
 
     @property
@@ -487,15 +491,15 @@ def _holding(entries: list[_Entry]) -> set[str]:
 
 def _is_stack(path: str, module: nn.Module, holding: set[str], fsdp2: type | None,
               allow_leaves: bool) -> bool:
-    """A list of same-type blocks that hold parameters (leaf layers only as a fallback)."""
+    """A list of blocks that hold parameters: composite modules of one class, or of several
+    (hybrid stacks: Jamba's attention and Mamba layers, OLMo-hybrid's attention and
+    linear-attention layers); lists of same-type leaf layers only as a fallback."""
     children = [(name, _unwrap(c)) for name, c in module._modules.items() if c is not None]
-    if not children or len({_class_name(c, fsdp2) for _, c in children}) != 1:
+    if not children or not all(f"{path}.{name}" in holding for name, _ in children):
         return False
-    if not all(f"{path}.{name}" in holding for name, _ in children):
-        return False
-    if not _is_leaf(children[0][1]):
+    if not any(_is_leaf(c) for _, c in children):
         return True
-    return allow_leaves and len(children) > 1
+    return allow_leaves and len(children) > 1 and len({_class_name(c, fsdp2) for _, c in children}) == 1
 
 
 def _find_stacks(
@@ -517,9 +521,11 @@ def _find_stacks(
             if any(path.startswith(s.path + ".") for s in stacks):
                 continue  # inside a block already found: experts, sub-layers
             if _is_stack(path, m, holding, fsdp2, allow_leaves):
-                blocks = tuple(f"{path}.{child}" for child, c in m._modules.items() if c is not None)
-                first = next(c for c in m._modules.values() if c is not None)
-                stacks.append(BlockStack(path, _class_name(_unwrap(first), fsdp2), blocks))
+                kids = [(child, _unwrap(c)) for child, c in m._modules.items() if c is not None]
+                blocks = tuple(f"{path}.{child}" for child, _ in kids)
+                types = dict.fromkeys(_class_name(c, fsdp2) for _, c in kids)
+                block_type = "/".join(types)  # several classes: a hybrid stack
+                stacks.append(BlockStack(path, block_type, blocks))
         if stacks:
             return stacks, []
     described = [f"{path} ({len(m)} x {_child_types(m, fsdp2)})" for path, m in lists]
