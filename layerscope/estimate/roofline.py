@@ -234,7 +234,7 @@ class Work:
         ``dtype_bytes`` and ``matmul`` (a catalogue dtype key) override the precision's, for
         matmuls that run in another dtype (fp32 adapters, fp32 expert weights under autocast).
         """
-        if m <= 0 or count <= 0:
+        if m <= 0 or n <= 0 or k <= 0 or count <= 0:  # an empty matrix: no kernel's work
             return
         a = dtype_bytes or self.precision.act_bytes
         dtype = matmul or self.precision.matmul
@@ -251,7 +251,7 @@ class Work:
         """One kernel running ``batch`` GEMMs (m x k) @ (k x n): ``torch.bmm`` over (batch,
         head) pairs, or CUTLASS's grouped GEMM over experts (``torch._grouped_mm``), whose
         output tiles all share the GPU's SMs in one launch."""
-        if m <= 0 or batch <= 0 or k <= 0:
+        if m <= 0 or n <= 0 or batch <= 0 or k <= 0:
             return
         a = dtype_bytes or self.precision.act_bytes
         dtype = matmul or self.precision.matmul

@@ -192,11 +192,38 @@ class ModelShape:
 
 
 def _config_int(config: Any, *names: str) -> int:
+    """The first of ``names`` the config sets to an int (0 if none). A value that varies per
+    layer (a heterogeneous config, e.g. Gemma-4's ``head_dim``, refuses a global read) is the
+    one most layers have (:func:`per_layer_value`)."""
     for name in names:
-        value = getattr(config, name, None)
+        value = _config_get(config, name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return 0
+
+
+def _config_get(config: Any, name: str) -> Any:
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return per_layer_value(config, name)
+
+
+def per_layer_value(config: Any, name: str) -> Any:
+    """The value of ``name`` that most layers of a heterogeneous config have
+    (``config.per_layer_config[i].<name>``, transformers >= 5.20), the first layer's on a tie;
+    None when the config has no per-layer view."""
+    try:
+        values = [getattr(layer, name, None) for layer in config.per_layer_config]
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
 
 
 def analyse(model: nn.Module, training: bool, attn_implementation: str | None = None,
@@ -209,7 +236,8 @@ def analyse(model: nn.Module, training: bool, attn_implementation: str | None = 
     """
     s = scan(model)
     config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    get_text = getattr(config, "get_text_config", None)
+    config = get_text() if callable(get_text) else config  # a VLM's sizes are its text model's
     num_experts = _config_int(config, "num_local_experts", "num_experts", "n_routed_experts")
     top_k = _config_int(config, "num_experts_per_tok", "moe_topk", "top_k")
     prefixes: tuple[str, ...] = s.layers.blocks if s.primary is not None else ()
@@ -226,8 +254,8 @@ def analyse(model: nn.Module, training: bool, attn_implementation: str | None = 
     head_dim = _config_int(config, "head_dim") or (hidden // heads if heads else 0)
     has_attention = heads > 0 and any(ATTENTION_NAMES.search(m.name[len(first):])
                                       for m in in_block)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
-    layer_types = getattr(config, "layer_types", None) or ()
+    rope = _config_get(config, "rope_parameters") or _config_get(config, "rope_theta")
+    layer_types = _config_get(config, "layer_types") or ()
     window = _config_int(config, "sliding_window")
     # with layer_types, the layers marked sliding; without, every layer when a window is set
     # (Mistral v0.1, Phi-3 build create_sliding_window_causal_mask for the whole stack)
@@ -251,10 +279,10 @@ def analyse(model: nn.Module, training: bool, attn_implementation: str | None = 
         scan=s, blocks=blocks, outside=rest, prefixes=prefixes,
         heads=heads if has_attention else 0, kv_heads=kv_heads, head_dim=head_dim,
         rotary=bool(rope) and has_attention, sliding=sliding,
-        logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
+        logit_softcap=bool(_config_get(config, "final_logit_softcapping")),
         attn_implementation=(attn_implementation
                              or getattr(config, "_attn_implementation", None) or "sdpa"),
-        attn_softcap=bool(getattr(config, "attn_logit_softcapping", None)),
+        attn_softcap=bool(_config_get(config, "attn_logit_softcapping")),
         vocab=vocab, has_loss=vocab > 0, embeddings=tuple(embeddings),
         experts_implementation=_experts(
             next((b for b in blocks if b.experts), block), config, experts_implementation),
@@ -273,7 +301,7 @@ def _causal(model: nn.Module, first: str) -> bool:
 
 
 def _config_float(config: Any, name: str) -> float:
-    value = getattr(config, name, None)
+    value = _config_get(config, name)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
