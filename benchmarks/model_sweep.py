@@ -31,6 +31,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -56,8 +57,9 @@ HEADS = (
 STEPS = ("build", "scan", "plan", "memory", "time", "summary")
 BATCH = 2
 """Sequences per step: more than one, so per-sequence and per-token labels differ."""
-SEQ_LEN = 256
-"""Tokens per sequence asked for (less where the model's text config allows fewer positions)."""
+SEQ_LEN = 64
+"""Tokens per sequence asked for (less where the model's text config allows fewer positions;
+more where the images of a vision-language model need more)."""
 TASK_TIMEOUT_S = 180
 
 # -- tiny configs -----------------------------------------------------------------------------
@@ -74,12 +76,31 @@ SIZES = {
     "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "expert_intermediate_size": 32,
     "ffn_hidden_size": 128, "mlp_dim": 128,
+    # a vision (or audio) projector's output: the text model's width
+    "out_hidden_size": WIDTH, "text_hidden_size": WIDTH, "output_hidden_size": WIDTH,
 }
 KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 EXPERTS = {"num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4}
 TOP_K = ("num_experts_per_tok", "moe_topk", "top_k", "moe_k")
 DEPTHS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
           "num_decoder_layers", "depth", "num_encoder_layers", "n_layers")
+TYPE_FIXES: dict[str, dict[str, Any]] = {
+    # transformers' default config pairs a 224-pixel SigLIP tower with 256 tokens per image,
+    # which its own pooling cannot make; the published checkpoints use 896 pixels, 14-pixel
+    # patches (google/gemma-3-4b-it)
+    "gemma3": {"vision_config": {"image_size": 896, "patch_size": 14}},
+    "shieldgemma2": {"vision_config": {"image_size": 896, "patch_size": 14}},
+    # default 384-pixel tower: 27 patches per side, which the 2 x 2 pixel shuffle cannot
+    # split; CohereLabs/aya-vision-8b uses 364 pixels (26 patches)
+    "aya_vision": {"vision_config": {"image_size": 364}},
+    # default 224-pixel, 32-pixel-patch tower: 49 patches, not a size its projector has
+    # queries for; rhymes-ai/Aria uses 980 pixels and 14-pixel patches
+    "aria": {"vision_config": {"image_size": 980, "patch_size": 14}},
+}
+"""Config values taken from a published checkpoint where transformers' default config
+contradicts itself (an image its own vision tower cannot turn into the number of tokens the
+rest of the config expects). Applied at every size."""
+
 MAX_DEPTH = 2
 """Blocks per stack, unless more are needed for every layer type to appear once."""
 
@@ -108,25 +129,30 @@ def _needed_depth(config: Any, depth: int) -> int:
             continue
         try:
             value = getattr(config, name)
-        except Exception:
+        except Exception:  # noqa: BLE001  (a sweep records every failure)
             continue
         if isinstance(value, (list, tuple, str)) and len(value) == depth and depth > 1:
             try:
                 distinct = set(value)
             except TypeError:
                 continue
-            seen: set[Any] = set()
+            # every value once, and twice where it recurs (Zamba ties its shared block
+            # across the hybrid layers: one of them alone cannot be built)
+            total = {v: list(value).count(v) for v in distinct}
+            count: dict[Any, int] = {}
             for i, item in enumerate(value):
-                seen.add(item)
-                if seen == distinct:
+                count[item] = count.get(item, 0) + 1
+                if all(count.get(v, 0) >= min(2, n) for v, n in total.items()):
                     needed = max(needed, i + 1)
                     break
     return min(depth, needed)
 
 
-def _overrides(config: Any, level: int) -> dict[str, Any]:
+def _overrides(config: Any, level: int, widths: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Constructor arguments that shrink ``config`` (level 0: widths, experts and depth;
-    1: experts and depth; 2: depth only), sub-configs included."""
+    1: experts and depth; 2: depth only), sub-configs included. ``widths``: the text model's
+    default width; a sub-config size equal to it (a vision projector's output width) is that
+    width too, and shrinks with it."""
     cls = type(config)
     names = _fields(cls)
     out: dict[str, Any] = {}
@@ -135,11 +161,17 @@ def _overrides(config: Any, level: int) -> dict[str, Any]:
             old = getattr(config, name, None)
             if name in names and isinstance(old, int) and not isinstance(old, bool) and old > value:
                 out[name] = value
+        for name in names - set(SIZES):
+            old = getattr(config, name, None)
+            if (isinstance(old, int) and not isinstance(old, bool) and old in widths
+                    and re.search(r"hidden|dim|size|width", name)):
+                out[name] = WIDTH
         heads = out.get("num_attention_heads", getattr(config, "num_attention_heads", None))
         for name in KV_HEADS:
             old = getattr(config, name, None)
             if name in names and isinstance(old, int) and isinstance(heads, int) and old > 0:
-                out[name] = max(1, min(old, heads // 2 if old < getattr(config, "num_attention_heads", old) else heads))
+                grouped = old < getattr(config, "num_attention_heads", old)  # fewer KV heads
+                out[name] = max(1, min(old, heads // 2 if grouped else heads))
     if level <= 1:
         for name, value in EXPERTS.items():
             old = getattr(config, name, None)
@@ -164,30 +196,55 @@ def _overrides(config: Any, level: int) -> dict[str, Any]:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
             data = sub.to_dict()
-            data.update(_overrides(sub, level))
+            data.update(_overrides(sub, level, widths))
             for drop in ("transformers_version", "architectures", "_name_or_path"):
                 data.pop(drop, None)
             out[key] = data
     return out
 
 
-def tiny_config(model_type: str, head: str | None = None) -> tuple[Any, str]:
-    """The smallest config of ``model_type`` that transformers accepts and can build ``head``
-    from, and how small it is (``tiny``, ``shallow``, ``depth-only`` or ``default``)."""
+LEVELS = ((0, "tiny"), (1, "shallow"), (2, "depth-only"), (3, "default"))
+
+
+def small_configs(model_type: str, head: str | None = None) -> list[tuple[Any, str]]:
+    """The configs of ``model_type`` that transformers accepts and can build ``head`` from,
+    smallest first, each with how small it is (``tiny``, ``shallow``, ``depth-only`` or
+    ``default``).
+
+    Raises:
+        RuntimeError: transformers builds none of them (the last refusal).
+    """
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     default = cls()
-    errors = []
-    for level, label in ((0, "tiny"), (1, "shallow"), (2, "depth-only"), (3, "default")):
+    fixes = TYPE_FIXES.get(model_type, {})
+    if fixes:
+        data = {}
+        for key, value in fixes.items():
+            sub = getattr(default, key, None)
+            data[key] = {**sub.to_dict(), **value} if hasattr(sub, "to_dict") else value
+        default = cls(**data)
+    text = default.get_text_config() if hasattr(default, "get_text_config") else default
+    width = getattr(text, "hidden_size", None)
+    widths = frozenset({width}) if isinstance(width, int) else frozenset()
+    found, errors = [], []
+    for level, label in LEVELS:
         try:
-            config = default if level == 3 else cls(**_overrides(default, level))
+            config = default if level == 3 else cls(**_overrides(default, level, widths))
             if head is not None:
                 _transformers_build(head, config)
-            return config, label
-        except Exception as exc:  # transformers refused: try a gentler shrink
+            found.append((config, label))
+        except Exception as exc:  # noqa: BLE001  transformers refused: try a gentler shrink
             errors.append(f"{label}: {type(exc).__name__}: {exc}")
-    raise RuntimeError(errors[-1])
+    if not found:
+        raise RuntimeError(errors[-1])
+    return found
+
+
+def tiny_config(model_type: str, head: str | None = None) -> tuple[Any, str]:
+    """The smallest of :func:`small_configs`."""
+    return small_configs(model_type, head)[0]
 
 
 def _transformers_build(class_name: str, config: Any) -> Any:
@@ -225,15 +282,32 @@ def run_head(model_type: str, family: str, class_name: str) -> dict[str, Any]:
     signal.alarm(TASK_TIMEOUT_S)
     try:
         try:
-            config, size = tiny_config(model_type, class_name)
-        except Exception as exc:
+            configs = small_configs(model_type, class_name)
+        except Exception as exc:  # noqa: BLE001  (a sweep records every failure)
             result.update(status="transformers", step="config", error=_first_line(exc))
             return result
-        result["size"] = size
-        config.architectures = [class_name]
-        with tempfile.TemporaryDirectory() as folder:
-            config.save_pretrained(folder)
-            _pipeline(folder, result)
+        # the smallest; then, if the model's own forward fails there, the default widths:
+        # shrunk widths can contradict each other where transformers' defaults do not
+        tries = [configs[0]] + [c for c in configs[1:] if c[1] in ("depth-only", "default")]
+        reference = None
+        first: dict[str, Any] = {}
+        for config, size in tries:
+            attempt = dict(result, size=size)
+            config.architectures = [class_name]
+            with tempfile.TemporaryDirectory() as folder:
+                config.save_pretrained(folder)
+                _pipeline(folder, attempt)
+            if attempt["status"] == "pass" and size != configs[0][1]:
+                attempt["note"] = f"{configs[0][1]}: {first['step']}: {first['error']}"
+            if attempt["status"] == "pass" or "its forward failed" not in (attempt["error"] or ""):
+                break
+            if size == "tiny" and reference is None:
+                reference = real_step(config, class_name, attempt.get("seq_len", SEQ_LEN))
+            first = attempt
+        result.update(attempt)
+        if result["status"] == "fail" and reference:
+            result.update(status="transformers", error=f"{result['error']} — the real tiny "
+                          f"model fails too, on the CPU: {reference}")
     except _Timeout as exc:
         result.update(status="fail", error=f"timeout: {exc}")
     finally:
@@ -242,8 +316,72 @@ def run_head(model_type: str, family: str, class_name: str) -> dict[str, Any]:
     return result
 
 
+def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
+    """Train the *real* model of ``config`` one step on the CPU with the inputs layerscope
+    builds for it (counting image tokens with the real model); the error, or None when it
+    trains. Tells a config transformers itself cannot train from a fault of layerscope's."""
+    import copy
+    import inspect
+
+    import torch
+    import transformers
+
+    from layerscope.estimate.inputs import (
+        Sizes,
+        StepInputs,
+        count_features,
+        features_function,
+        prepare_copy,
+        step_inputs,
+    )
+
+    def realize(specs: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for t in specs:
+            if t.same_as is not None:
+                out[t.name] = out[t.same_as]
+            elif t.value is not None:
+                out[t.name] = t.value.clone()
+            elif t.dtype.is_floating_point:
+                out[t.name] = torch.randn(t.shape, dtype=t.dtype)
+            else:
+                out[t.name] = torch.zeros(t.shape, dtype=t.dtype)
+        return out
+
+    try:
+        torch.manual_seed(0)
+        model = getattr(transformers, class_name)._from_config(copy.deepcopy(config))
+        model.train()
+        sizes = Sizes(batch_size=BATCH, seq_len=seq_len)
+        prepare_copy(model, sizes)
+
+        def count(name: str, specs: Any) -> int:
+            get = features_function(model, name)
+            accepted = inspect.signature(get).parameters
+            with torch.no_grad():
+                out = get(**{k: v for k, v in realize(specs).items() if k in accepted})
+            return count_features(out)
+
+        inputs: StepInputs = step_inputs(model, sizes, count)
+        extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+            else {}
+        out = model(**realize(inputs.tensors), **extra)
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        loss.backward()
+    except Exception as exc:  # noqa: BLE001  (a sweep records every failure)
+        return _first_line(exc)
+    return None
+
+
 def _pipeline(folder: str, result: dict[str, Any]) -> None:
-    from layerscope import FreezePlan, empty_model, estimate_memory, estimate_step_time, scan
+    from layerscope import (
+        EstimateError,
+        FreezePlan,
+        empty_model,
+        estimate_memory,
+        estimate_step_time,
+        scan,
+    )
     from layerscope.cli import main as cli_main
 
     state: dict[str, Any] = {}
@@ -253,7 +391,7 @@ def _pipeline(folder: str, result: dict[str, Any]) -> None:
 
     def scan_() -> None:
         state["scan"] = scan(state["model"])
-        state["scan"].num_layers
+        state["layers"] = state["scan"].num_layers  # raises without a block stack
 
     def plan() -> None:
         state["plan"] = FreezePlan.parse("lp-lora")
@@ -264,10 +402,17 @@ def _pipeline(folder: str, result: dict[str, Any]) -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         positions = getattr(text, "max_position_embeddings", None)
         seq = min(SEQ_LEN, positions) if isinstance(positions, int) and positions > 8 else SEQ_LEN
-        return {"batch_size": BATCH, "seq_len": seq}
+        return {"batch_size": BATCH, "seq_len": state.get("seq_len", seq)}
 
     def memory() -> None:
-        state["memory"] = estimate_memory(state["model"], state["plan"], **settings())
+        try:
+            state["memory"] = estimate_memory(state["model"], state["plan"], **settings())
+        except EstimateError as exc:  # a vision-language model's images need a longer sequence
+            found = re.search(r"use seq_len >= (\d+)", str(exc))
+            if found is None:
+                raise
+            state["seq_len"] = result["seq_len"] = int(found.group(1)) + SEQ_LEN
+            state["memory"] = estimate_memory(state["model"], state["plan"], **settings())
 
     def time_() -> None:
         estimate_step_time(state["model"], state["plan"], **settings())
@@ -285,7 +430,7 @@ def _pipeline(folder: str, result: dict[str, Any]) -> None:
             func()
         except _Timeout:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a sweep records every failure)
             result.update(status="fail", step=step, error=_first_line(exc))
             if os.environ.get("SWEEP_TRACEBACK"):
                 result["traceback"] = traceback.format_exc()
@@ -333,7 +478,6 @@ def per_type(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if r["size"]:
             t["size"].add(r["size"])
     for t in types.values():
-        statuses = {h["status"] for h in t["heads"]}
         built = [h for h in t["heads"] if h["status"] != "transformers"]
         t["status"] = ("transformers" if not built else
                        "pass" if all(h["status"] == "pass" for h in built) else "fail")
@@ -374,6 +518,9 @@ def table(results: list[dict[str, Any]], seconds: float, command: str) -> str:
         why = "; ".join(
             f"{h['class']} {h['step'] or ''}: {h['error']}".replace("|", "\\|") for h in failures
         )
+        notes = [f"{h['class']} passes at {h['size']} widths ({h['note']})".replace("|", "\\|")
+                 for h in t["heads"] if h.get("note") and h["status"] == "pass"]
+        why = "; ".join(x for x in (why, *notes) if x)
         verdict = {"pass": "pass", "fail": "**fail**", "transformers": "transformers cannot build"}
         lines.append(f"| {name} | {verdict[t['status']]} | {classes} | "
                      f"{'/'.join(sorted(t['size'])) or '-'} | {why} |")
@@ -383,20 +530,36 @@ def table(results: list[dict[str, Any]], seconds: float, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--filter", help="only model types or classes containing this text")
+    parser.add_argument("--family", choices=[f for f, _ in HEADS], help="only this head family")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", help="write the markdown table here (default: print it)")
     parser.add_argument("--json", help="write every head's result here")
     args = parser.parse_args(argv)
-    todo = tasks(args.filter)
+    todo = [t for t in tasks(args.filter) if args.family in (None, t[1])]
     start = time.perf_counter()
-    results = []
-    context = multiprocessing.get_context("fork")
-    with context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=20) as pool:
-        for i, r in enumerate(pool.imap_unordered(_run, todo), 1):
+    results: list[dict[str, Any]] = []
+    # spawned workers: a forked one can inherit a lock held by a torch thread and hang
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=40)
+    pending = {task: pool.apply_async(_run, (task,)) for task in todo}
+    last = time.perf_counter()
+    while pending:
+        finished = [task for task, job in pending.items() if job.ready()]
+        for task in finished:
+            r = pending.pop(task).get()
             results.append(r)
+            last = time.perf_counter()
             mark = {"pass": ".", "fail": "F", "transformers": "t"}[r["status"]]
-            print(f"[{i}/{len(todo)}] {mark} {r['type']} {r['class']} {r['step'] or ''} "
-                  f"{r['error'] or ''}"[:200], file=sys.stderr, flush=True)
+            print(f"[{len(results)}/{len(todo)}] {mark} {r['type']} {r['class']} "
+                  f"{r['step'] or ''} {r['error'] or ''}"[:200], file=sys.stderr, flush=True)
+        if pending and time.perf_counter() - last > 2 * TASK_TIMEOUT_S:
+            for task in pending:  # a worker hung where the alarm cannot reach (native code)
+                results.append({"type": task[0], "family": task[1], "class": task[2],
+                                "size": None, "status": "fail", "step": None,
+                                "error": "timeout: the worker hung", "seconds": 0.0})
+            break
+        time.sleep(0.2)
+    pool.terminate()
     seconds = time.perf_counter() - start
     command = "PYTHONPATH=. python benchmarks/model_sweep.py" + (
         f" --filter {args.filter}" if args.filter else "")

@@ -14,6 +14,7 @@ from layerscope.errors import (
     ModelTypeError,
     PlanError,
     StructureError,
+    UnsupportedModelError,
 )
 from layerscope.estimate.choose import choose_gpus
 from layerscope.estimate.hardware import GPU, get_gpu, gpus
@@ -81,6 +82,7 @@ __all__ = [
     "StepTime",
     "StructureError",
     "TrainingSetup",
+    "UnsupportedModelError",
     "__version__",
     "apply_plan",
     "choose_gpus",

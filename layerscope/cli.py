@@ -97,6 +97,16 @@ def _plan(args: argparse.Namespace) -> Any:
     return None if plan is None else FreezePlan.parse(plan)  # "" is an error, not "none"
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
 def _price(text: str) -> float:
     try:
         value = float(text)
@@ -219,6 +229,9 @@ def _setup(args: argparse.Namespace, progress: Progress, batch_size: int | None 
         distributed=getattr(args, "distributed", None), num_gpus=getattr(args, "num_gpus", None),
         gpus_per_node=getattr(args, "gpus_per_node", None), offload=getattr(args, "offload", None),
         fsdp_version=getattr(args, "fsdp_version", None),
+        target_len=getattr(args, "target_len", None), images=getattr(args, "images", None),
+        image_size=getattr(args, "image_size", None),
+        audio_seconds=getattr(args, "audio_seconds", None),
     )
     return Context(args.model, progress), setup
 
@@ -470,6 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lora-dtype", metavar="D",
                        help="dtype of the LoRA adapters: fp32 (default, as peft upcasts them) or "
                        "bf16")
+        inputs = p.add_argument_group(
+            "inputs of models that are not causal LMs (default: the model's config)")
+        inputs.add_argument("--target-len", type=_positive_int, metavar="T",
+                            help="decoder tokens per sequence of an encoder-decoder (default: "
+                            "--seq-len, at most the decoder's maximum length)")
+        inputs.add_argument("--images", type=_non_negative_int, metavar="N",
+                            help="images per sequence of a vision-language model, their tokens "
+                            "counted in --seq-len (default 1; 0: text only)")
+        inputs.add_argument("--image-size", type=_positive_int, metavar="PX",
+                            help="pixels per image side (default: the vision config's)")
+        inputs.add_argument("--audio-seconds", type=_positive_seconds, metavar="SEC",
+                            help="seconds of audio per sample of a speech model (default: "
+                            "what the model takes, else 30)")
 
     def add_gpu(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
         p.add_argument("--gpu", metavar="GPU", required=required,

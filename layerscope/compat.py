@@ -25,16 +25,22 @@ from torch import nn
 
 # torch.utils._python_dispatch.TorchDispatchMode: the base of every dispatch mode (private
 # module, stable since torch 1.13; the trace's storage counter subclasses it).
+from torch._subclasses.fake_tensor import (  # stable torch 2.0-2.13
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map  # private, stable since torch 1.12
 
 from layerscope.errors import EstimateError, LayerscopeWarning, StructureError
 from layerscope.process import import_once
 
 __all__ = [
+    "DATA_DEPENDENT_ERRORS",
     "TorchDispatchMode",
     "clear_hooks",
     "ddp_reducer_size",
+    "disable_dispatch_modes",
     "fake_tensor_mode",
     "flop_registry",
     "fsdp1_flat_param",
@@ -46,6 +52,7 @@ __all__ = [
     "register_attention",
     "run_backward",
     "tree_leaves",
+    "tree_map",
     "unpacked_sequences",
     "use_attention",
     "use_experts",
@@ -57,6 +64,24 @@ def fake_tensor_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode()
+
+
+DATA_DEPENDENT_ERRORS = (DataDependentOutputException, DynamicOutputShapeException)
+"""What ``FakeTensorMode`` raises for an operator whose result depends on tensor values
+(``.item()``, ``nonzero``...)."""
+
+
+@contextlib.contextmanager
+def disable_dispatch_modes() -> Iterator[None]:
+    """A context in which no dispatch mode is active, fake tensors' included, so operators run
+    on real tensors: ``torch.utils._python_dispatch._disable_current_modes`` and, for the fake
+    mode kept in its own slot, ``torch._subclasses.fake_tensor.unset_fake_temporarily``
+    (private, stable torch 2.1-2.13)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with unset_fake_temporarily(), _disable_current_modes():
+        yield
 
 
 def flop_registry() -> dict[Any, Callable[..., Any]]:

@@ -51,5 +51,11 @@ class ConfigFileError(LayerscopeError, ValueError):
     layerscope cannot express."""
 
 
+class UnsupportedModelError(EstimateError):
+    """The model cannot be estimated: it needs something layerscope does not know how to
+    provide (the message names it). An :class:`EstimateError`, so ``except EstimateError``
+    catches it too."""
+
+
 class LayerscopeWarning(UserWarning):
     """Something worth knowing that does not stop the operation (e.g. a tied weight)."""

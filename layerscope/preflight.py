@@ -149,6 +149,7 @@ def estimate_dict(e: MemoryEstimate) -> dict[str, Any]:
         "host_bytes": e.host_bytes,
         "quantized_base_bytes": e.quantized_base_bytes,
         "paged_optimizer_bytes": e.paged_optimizer_bytes,
+        "inputs": list(e.inputs.describe()) if e.inputs is not None else [],
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, cast
@@ -382,6 +383,10 @@ class StepSettings(TypedDict, total=False):
     lora_dtype: Any
     prepare_kbit: bool | None
     gradient_accumulation_steps: int | None
+    target_len: int | None
+    images: int | None
+    image_size: int | None
+    audio_seconds: float | None
 
 
 class Settings(StepSettings, total=False):
@@ -393,10 +398,27 @@ class Settings(StepSettings, total=False):
 
 SETTINGS = ("batch_size", *StepSettings.__annotations__)
 """The names of :class:`Settings`."""
+INPUT_SETTINGS = ("target_len", "images", "image_size", "audio_seconds")
+"""The settings that size the inputs of models that are not causal LMs (``None``: the model's
+default, see :class:`TrainingSetup`)."""
 
 
 def _positive_int(value: object, name: str) -> int:
     return whole(value, name, EstimateError, minimum=1, maximum=MAX_SIZE)
+
+
+def _optional_int(value: object, name: str, minimum: int) -> int | None:
+    return None if value is None else whole(value, name, EstimateError, minimum=minimum,
+                                            maximum=MAX_SIZE)
+
+
+def _optional_seconds(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise EstimateError(f"{name} must be None or a finite number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 def _bool(value: object, name: str) -> bool:
@@ -470,6 +492,16 @@ class TrainingSetup:
             (:mod:`layerscope.estimate.accumulation`); the optimizer step and a strategy's
             boundary-only communication happen once per ``gradient_accumulation_steps``
             micro-steps.
+        target_len: decoder tokens per sequence of an encoder-decoder (T5, BART, Whisper);
+            None: ``seq_len``, capped at the decoder's maximum length (Whisper: 448).
+        images: images per sequence of a vision-language model; their tokens count in
+            ``seq_len``; 0 trains on text only. None: 1.
+        image_size: pixels per image side; None: the vision config's ``image_size`` (models
+            that take any size: :data:`~layerscope.estimate.inputs.IMAGE_SIZE`).
+        audio_seconds: seconds of audio per sample of a speech model; None: what the model
+            takes (Whisper: 30 s), else :data:`~layerscope.estimate.inputs.AUDIO_SECONDS`.
+
+    What each kind of model is fed is in :mod:`layerscope.estimate.inputs`.
 
     A model wrapped for data parallelism (``fully_shard``, FSDP1, DDP, a DeepSpeed engine) is
     estimated on a skeleton of its config with the same trainable names, never touched; its
@@ -501,6 +533,10 @@ class TrainingSetup:
     lora_dtype: torch.dtype | None = None
     prepare_kbit: bool | None = None
     gradient_accumulation_steps: int = 1
+    target_len: int | None = None
+    images: int | None = None
+    image_size: int | None = None
+    audio_seconds: float | None = None
     trainable: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -527,7 +563,11 @@ class TrainingSetup:
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps} with "
                 "inference=True: a forward only has no gradients to accumulate; use 1"
             )
+        _optional_int(self.target_len, "target_len", 1)
+        _optional_int(self.images, "images", 0)
+        _optional_int(self.image_size, "image_size", 1)
         values = {
+            "audio_seconds": _optional_seconds(self.audio_seconds, "audio_seconds"),
             "model": model,
             "precision": resolve_precision(self.precision).name,
             "optimizer": resolve_optimizer(self.optimizer),
@@ -547,7 +587,9 @@ class TrainingSetup:
         if self.distributed is not None and self.quantization is not None:
             object.__setattr__(self, "quantization", self._sharded_quantization(self.quantization))
         config = getattr(model, "config", None)
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        get_text = getattr(config, "get_text_config", None)
+        text = get_text() if callable(get_text) else config
+        max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
         if isinstance(max_pos, int) and self.seq_len > max_pos:
             warnings.warn(
                 f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={max_pos}",
@@ -775,6 +817,8 @@ class TrainingSetup:
             "lora_dtype": None if self.lora is None else str(self.adapter_dtype).removeprefix("torch."),
             "prepare_kbit": self.kbit_prepared,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "target_len": self.target_len, "images": self.images,
+            "image_size": self.image_size, "audio_seconds": self.audio_seconds,
         }
 
     def describe(self) -> str:

@@ -33,6 +33,7 @@ ESTIMATE = {
     "forward_peak_bytes": int, "backward_peak_bytes": int, "optimizer_peak_bytes": int,
     "trainable_params": int, "total_params": int, "forward_flops": int, "backward_flops": int,
     "quantized_base_bytes": int, "paged_optimizer_bytes": int,
+    "inputs": [str],
 }
 SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": str,
             "gradient_checkpointing": bool, "lora_rank": OPTIONAL_INT,
@@ -41,7 +42,8 @@ SETTINGS = {"batch_size": int, "seq_len": int, "precision": str, "optimizer": st
             "num_gpus": int, "gpus_per_node": int, "offload": (str, type(None)),
             "quantization": (dict, type(None)), "base_dtype": str,
             "lora_dtype": (str, type(None)), "prepare_kbit": bool,
-            "gradient_accumulation_steps": int}
+            "gradient_accumulation_steps": int,
+            "target_len": OPTIONAL_INT, "images": OPTIONAL_INT, "image_size": OPTIONAL_INT}
 HEADER = {
     "layerscope_version": str, "schema_version": int, "command": str,
     "model": {"name": str, "class": str, "total_params": int, "num_layers": OPTIONAL_INT},
@@ -167,7 +169,8 @@ def test_estimate_json_schema_and_arithmetic(not_fitting):
                                "distributed": None, "num_gpus": 1, "gpus_per_node": 8,
                                "offload": None, "quantization": None, "base_dtype": "float32",
                                "lora_dtype": None, "prepare_kbit": False,
-                               "gradient_accumulation_steps": 1}
+                               "gradient_accumulation_steps": 1, "target_len": None,
+                               "images": None, "image_size": None, "audio_seconds": None}
     assert doc["plan"]["text"] == "lp-lora:0.5"
     assert doc["plan"]["json"]["rules"] == [{"kind": "lp-lora", "ratio": 0.5, "freeze_embed": True}]
     e, full, v = doc["estimate"], doc["full_finetune"], doc["verdict"]

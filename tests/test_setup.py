@@ -150,7 +150,9 @@ def test_setup_is_validated_immutable_and_hashable():
                            "experts_implementation": None, "inference": False,
                            "distributed": None, "num_gpus": 1, "gpus_per_node": 8, "offload": None,
                            "quantization": None, "base_dtype": "bfloat16", "lora_dtype": None,
-                           "prepare_kbit": False, "gradient_accumulation_steps": 1}
+                           "prepare_kbit": False, "gradient_accumulation_steps": 1,
+                           "target_len": None, "images": None, "image_size": None,
+                           "audio_seconds": None}
 
 
 def test_make_setup_takes_a_setup_and_replaces_what_is_given():

@@ -28,7 +28,7 @@ from typing_extensions import Unpack
 
 from layerscope.checks import MAX_SIZE, whole
 from layerscope.compat import use_attention, use_experts
-from layerscope.errors import EstimateError
+from layerscope.errors import EstimateError, UnsupportedModelError
 from layerscope.estimate.accumulation import (
     NONE,
     KeptGradients,
@@ -39,9 +39,11 @@ from layerscope.estimate.accumulation import (
 from layerscope.estimate.allocator import Op, StepEvents, build_ops, simulate_loop, step_events
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU
+from layerscope.estimate.inputs import Sizes, StepInputs, prepare_copy, step_inputs, text_config
 from layerscope.estimate.optimizers import OPTIMIZERS, OptimizerMemory
 from layerscope.estimate.trace import (
     Replay,
+    ReshapingBlocks,
     Segment,
     StepTrace,
     fake_parameters,
@@ -49,6 +51,7 @@ from layerscope.estimate.trace import (
     replay,
     rounded,
     run_step,
+    token_counter,
 )
 from layerscope.plan import FreezePlan
 from layerscope.process import deferred_interrupts, quiet_warnings
@@ -107,6 +110,8 @@ class MemoryEstimate:
             ``peak_bytes`` (nor in ``torch.cuda.max_memory_allocated()``); paged onto the GPU
             during ``optimizer.step()`` when there is room and evicted to host RAM under
             pressure, so it does not decide whether the step fits.
+        inputs: what the step fed the model (:mod:`layerscope.estimate.inputs`): its task,
+            tensors and the image tokens counted in each sequence.
     """
 
     peak_bytes: int
@@ -144,6 +149,7 @@ class MemoryEstimate:
     quantization: str | None = None
     quantized_base_bytes: int = 0
     paged_optimizer_bytes: int = 0
+    inputs: StepInputs | None = None
 
     def required_bytes(self, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
         """GPU memory needed: what the caching allocator reserves (``reserved_bytes``) plus the
@@ -232,6 +238,7 @@ class _Step:
     trace: StepTrace
     block_kinds: tuple[int, ...]
     kept: KeptGradients
+    inputs: StepInputs
 
 
 def memory_of(setup: TrainingSetup) -> MemoryEstimate:
@@ -297,6 +304,7 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
         quantization=None if setup.quantization is None else setup.quantization.method,
         quantized_base_bytes=step.quantized_base,
         paged_optimizer_bytes=opt.paged,
+        inputs=step.inputs,
     )
     cache[setup] = result
     return result
@@ -307,7 +315,8 @@ def _step_of(setup: TrainingSetup) -> _Step:
     key = (setup.scan, setup.trainable, setup.lora, setup.batch_size, setup.seq_len,
            setup.precision, setup.gradient_checkpointing, setup.attn_implementation,
            setup.experts, setup.inference, setup.quantization, setup.frozen_dtype,
-           setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared)
+           setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared, setup.target_len,
+           setup.images, setup.image_size, setup.audio_seconds)
     cache = model_cache(setup.model, "step")
     if key not in cache:
         with deferred_interrupts():  # Ctrl-C waits for the trace to hand control back
@@ -326,7 +335,8 @@ class Prepared:
         blocks_name, blocks: the full model's block stack.
         kinds, reps: the kind of every block, and the block representing each kind.
         lora_targets, lora_ids: the adapted modules; the ids of the copy's (fake) adapter tensors.
-        vocab: the vocabulary size.
+        vocab: the vocabulary size of the text model (0 for a model without text).
+        inputs: what the step feeds the model (:func:`~layerscope.estimate.inputs.step_inputs`).
     """
 
     reduced: nn.Module
@@ -342,6 +352,7 @@ class Prepared:
     lora_targets: frozenset[str]
     lora_ids: set[int]
     vocab: int
+    inputs: StepInputs | None = None
 
     @property
     def block_kinds(self) -> list[int]:
@@ -364,6 +375,7 @@ def prepare(
     trace_trainable: Callable[[Prepared], set[int]] | None = None,
     refine_kinds: KindRefiner | None = None,
     packed_parameters: bool = False,
+    whole: bool = False,
 ) -> Prepared:
     """The reduced fake copy of ``setup``'s model: blocks grouped into kinds, LoRA injected,
     checkpointing and attention set, parameters replaced by fake tensors.
@@ -376,12 +388,20 @@ def prepare(
         refine_kinds: regroups the blocks (FSDP's segments depend on their neighbours).
         packed_parameters: a quantized layer's packed 4-bit weight is a parameter of the copy,
             in its storage dtype (FSDP2's trace shards and gathers it).
+        whole: keep every block (each its own kind), where a reduced stack cannot stand for
+            the full one (:func:`_trace_step`).
+
+    Raises:
+        UnsupportedModelError: a model without a config, or whose inputs cannot be built.
     """
     model, lora, prec = setup.model, setup.lora, setup.precision_info
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int):
-        raise EstimateError("the model has no config.vocab_size; a Hugging Face causal LM is needed")
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no config: the step's inputs are built from a Hugging "
+            "Face model's config (its vocab_size, image and audio sizes)"
+        )
+    vocab = getattr(text_config(config), "vocab_size", None) or getattr(config, "vocab_size", 0)
     named = list(model.named_parameters(remove_duplicate=False))
     # Tensors by identity; a shared tensor is trainable if any of its names is.
     tensors: dict[int, nn.Parameter] = {}
@@ -396,13 +416,15 @@ def prepare(
     input_grads = setup.kbit_prepared and setup.gradient_checkpointing and not setup.inference
     kinds, reps = _block_kinds(model, blocks_name, blocks, is_trainable, lora_targets, config,
                                quantized=quantized, input_grads=input_grads)
+    if whole:
+        kinds, reps = list(range(len(blocks))), list(range(len(blocks)))
     prepared = Prepared(
         reduced=model, kept=blocks, memo={}, mode=None, tensors=tensors, is_trainable=is_trainable,
         blocks_name=blocks_name, blocks=blocks, kinds=kinds, reps=reps, lora_targets=lora_targets,
-        lora_ids=set(), vocab=vocab,
+        lora_ids=set(), vocab=vocab if isinstance(vocab, int) else 0,
     )
     grads = trace_trainable(prepared) if trace_trainable else {i for i, t in is_trainable.items() if t}
-    if refine_kinds is not None:
+    if refine_kinds is not None and not whole:
         prepared.kinds, prepared.reps = refine_kinds(blocks, kinds, lora_targets, blocks_name, grads)
     reps = prepared.reps
 
@@ -463,7 +485,44 @@ def prepare(
     prepared.reduced, prepared.kept, prepared.memo, prepared.mode = reduced, kept, memo, mode
     # the fake adapters (new tensors: the ids above belonged to the meta ones)
     prepared.lora_ids = {id(p) for n, p in reduced.named_parameters() if n in adapter_names}
+    sizes = input_sizes(setup)
+    prepare_copy(reduced, sizes)
+    try:
+        prepared.inputs = step_inputs(reduced, sizes,
+                                      token_counter(reduced, mode, prec.autocast_dtype))
+    except EstimateError:
+        raise
+    except _FORWARD_ERRORS as exc:  # the model's own image or audio features
+        raise traced_step_error(setup, exc, " (counting its image or audio tokens)") from exc
     return prepared
+
+
+_FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError,
+                   AssertionError, KeyError, ZeroDivisionError)
+"""What a model's own forward raises on inputs or a config it cannot take."""
+
+
+def input_sizes(setup: TrainingSetup) -> Sizes:
+    """The input settings of ``setup``, pixel and audio values in its weights' dtype."""
+    return Sizes(
+        batch_size=setup.batch_size, seq_len=setup.seq_len, target_len=setup.target_len,
+        images=setup.images, image_size=setup.image_size, audio_seconds=setup.audio_seconds,
+        dtype=setup.precision_info.param_dtype,
+    )
+
+
+def step_inputs_of(setup: TrainingSetup) -> StepInputs:
+    """What a training step of ``setup`` feeds its model (shapes, and the values of token ids,
+    labels and grids), as the memory estimate traces it; image and audio tokens are counted
+    by running the model's own feature functions on a fake copy.
+
+    Raises:
+        UnsupportedModelError: the inputs of this model cannot be built.
+        EstimateError: settings the model cannot take (a sequence too short for its images).
+    """
+    inputs = prepare(setup).inputs
+    assert inputs is not None  # prepare sets them
+    return inputs
 
 
 def traced_step_error(setup: TrainingSetup, exc: BaseException, where: str = "") -> EstimateError:
@@ -477,20 +536,34 @@ def traced_step_error(setup: TrainingSetup, exc: BaseException, where: str = "")
 
 def _trace_step(setup: TrainingSetup) -> _Step:
     model, prec = setup.model, setup.precision_info
-    pre = prepare(setup)
-    block_kinds, kind_of_position = pre.block_kinds, pre.kind_of_position
-    reduced, kept, tensors, is_trainable = pre.reduced, pre.kept, pre.tensors, pre.is_trainable
     param_dtype = prec.param_dtype
-    lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids,
-                                 int(dtype_bytes(setup.adapter_dtype)))
+    pre = prepare(setup)
     try:
         trace = run_step(
-            reduced, kept, kinds=kind_of_position, batch_size=setup.batch_size,
+            pre.reduced, pre.kept, kinds=pre.kind_of_position, batch_size=setup.batch_size,
             seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=prec.autocast_dtype,
-            inference=setup.inference, mode=pre.mode,
+            inference=setup.inference, mode=pre.mode, inputs=pre.inputs,
+            reduced=len(pre.reps) < len(pre.blocks),
         )
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model's own forward
-        raise traced_step_error(setup, exc) from exc
+    except (ReshapingBlocks, *_FORWARD_ERRORS) as exc:
+        if len(pre.reps) == len(pre.blocks):
+            raise traced_step_error(setup, exc) from exc
+        # The reduced stack cannot stand for the full one: a block changed the activations'
+        # shape (a strided convolution, a downsampling stage), or the model failed on fewer
+        # blocks (XLM loops over its configured depth). Every block is traced.
+        pre = prepare(setup, whole=True)
+        try:
+            trace = run_step(
+                pre.reduced, pre.kept, kinds=pre.kind_of_position, batch_size=setup.batch_size,
+                seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=prec.autocast_dtype,
+                inference=setup.inference, mode=pre.mode, inputs=pre.inputs,
+            )
+        except _FORWARD_ERRORS as exc2:  # the model's own forward
+            raise traced_step_error(setup, exc2) from exc2
+    block_kinds, kind_of_position = pre.block_kinds, pre.kind_of_position
+    reduced, kept, tensors, is_trainable = pre.reduced, pre.kept, pre.tensors, pre.is_trainable
+    lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids,
+                                 int(dtype_bytes(setup.adapter_dtype)))
     rep = replay(trace, block_kinds, setup.inference)
     events = step_events(trace, block_kinds, setup.inference)
 
@@ -533,6 +606,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         trace=trace,
         block_kinds=tuple(block_kinds),
         kept=kept_grads,
+        inputs=pre.inputs,
     )
 
 
@@ -558,10 +632,11 @@ def _block_kinds(
 ) -> tuple[list[int], list[int]]:
     """Kind index of every block, and the first block of each kind.
 
-    Two blocks are of one kind when they have the same trainable flags, the same LoRA targets,
-    the same quantized modules, the same layer type, and both do or both do not receive an
-    input that needs a gradient (true once anything before them is trainable, or from the
-    start with ``input_grads``). Block 0 is a kind of its own.
+    Two blocks are of one kind when they have the same class (hybrid stacks mix several), the
+    same trainable flags, the same LoRA targets, the same quantized modules, the same layer
+    type (the text config's ``layer_types``), and both do or both do not receive an input that
+    needs a gradient (true once anything before them is trainable, or from the start with
+    ``input_grads``). Block 0 is a kind of its own.
     """
     in_blocks = {id(p) for p in blocks.parameters()}
     grad_in = input_grads
@@ -574,7 +649,10 @@ def _block_kinds(
         if name.startswith(prefix_all) and prefix_all:
             break
         grad_in = grad_in or name in lora_targets
-    layer_types = getattr(config, "layer_types", None)
+    try:
+        layer_types = getattr(text_config(config), "layer_types", None)
+    except RuntimeError:  # a heterogeneous config refuses a global read
+        layer_types = None
     if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(blocks):
         layer_types = [None] * len(blocks)
     index: dict[tuple[Any, ...], int] = {}
@@ -589,7 +667,8 @@ def _block_kinds(
         quant = tuple(sorted(t[len(prefix):] for t in quantized if t.startswith(prefix)))
         # The first block is always its own kind: its input (the embedding output) is still
         # referenced by the model's forward, so it is not freed when the block is done with it.
-        key = ("first",) if i == 0 else (flags, targets, quant, grad_in, layer_types[i])
+        key = ("first",) if i == 0 else (type(block), flags, targets, quant, grad_in,
+                                         layer_types[i])
         if key not in index:
             index[key] = len(index)
             reps.append(i)

@@ -20,6 +20,7 @@ block by block to simulate the CUDA caching allocator.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import weakref
@@ -39,7 +40,16 @@ from layerscope.compat import (
     tree_leaves,
     unpacked_sequences,
 )
+from layerscope.estimate.inputs import (
+    InputTensor,
+    StepInputs,
+    causal_lm_inputs,
+    count_features,
+    features_function,
+    named_parameters,
+)
 from layerscope.estimate.kernels import CudaKernels
+from layerscope.estimate.values import KnownConstants, KnownValues
 
 ALLOCATOR_ROUNDING = 512
 """Bytes: the CUDA caching allocator rounds every block up to a multiple of 512
@@ -249,6 +259,11 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+class ReshapingBlocks(Exception):
+    """A block's output has another shape than its input (a strided convolution, a downsampling
+    stage): a reduced stack would run on other shapes than the full one."""
+
+
 def reduced_copy(
     model: nn.Module, blocks: nn.ModuleList, representatives: Sequence[int]
 ) -> tuple[nn.Module, nn.ModuleList, dict[int, Any]]:
@@ -267,20 +282,75 @@ def reduced_copy(
     memo[id(blocks)] = kept
     reduced = copy.deepcopy(model, memo)
     clear_hooks(reduced)  # the user's (and accelerate's) hooks must not see fake tensors
-    config = getattr(reduced, "config", None)
-    if config is not None:
-        n = len(blocks)
-        for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-            if getattr(config, attr, None) == n:
-                setattr(config, attr, len(representatives))
-        layer_types = getattr(config, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
-            config.layer_types = [layer_types[i] for i in representatives]
+    owner = next((m for m in reduced.modules() if any(c is kept for c in m.children())), None)
+    configs = [getattr(reduced, "config", None), getattr(owner, "config", None)]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        reduce_config_depth(config, len(blocks), representatives)
     for position, block in enumerate(kept):
         for sub in block.modules():  # the KV cache is indexed by layer_idx
             if isinstance(getattr(sub, "layer_idx", None), int):
                 sub.layer_idx = position  # type: ignore[assignment]
     return reduced, kept, memo
+
+
+_REFUSED = (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError)
+"""What a config raises when an attribute cannot be read or set (a property without setter,
+ProphetNet's depth, a heterogeneous config's per-layer value, a validation error)."""
+
+DEPTH_ATTRIBUTES = ("num_hidden_layers", "n_layer", "num_layers")
+"""Config attributes that give the depth of a block stack."""
+
+
+def _per_layer(config: Any, n: int) -> dict[str, Any]:
+    """The config's per-layer values for ``n`` layers: lists (or pattern strings) of length
+    ``n`` named for layers, blocks or patterns (``layer_types``, Jamba's ``layers_block_type``
+    and ``layers_num_experts``, Nemotron-H's ``hybrid_override_pattern``), properties too."""
+    found = {}
+    for name in dir(config):
+        if name.startswith("_") or not any(w in name for w in ("layer", "block", "pattern")):
+            continue
+        try:
+            value = getattr(config, name)
+        except _REFUSED:  # a property that refuses (Gemma-4's per-layer accessors)
+            continue
+        if isinstance(value, (list, tuple, str)) and len(value) == n and n > 1:
+            found[name] = value
+    return found
+
+
+def reduce_config_depth(config: Any, n: int, representatives: Sequence[int]) -> None:
+    """Make a *copied* config describe the reduced stack: its depth and per-layer values kept
+    for ``representatives`` only.
+
+    transformers derives some per-layer values from others through read-only properties
+    (Mamba's ``layer_types``, Jamba's and RecurrentGemma's ``layers_block_type``) and refuses
+    some depths (ProphetNet's ``num_hidden_layers``). A derived value that is already right
+    after the depth change is left alone; one that is not is fixed on this copy only, by giving
+    it a subclass of its config class that holds the value. A depth the config refuses to set
+    is left as it is: the stack that runs is the reduced module list.
+    """
+    before = _per_layer(config, n)
+    for attr in DEPTH_ATTRIBUTES:
+        if getattr(config, attr, None) == n:
+            with contextlib.suppress(*_REFUSED):
+                setattr(config, attr, len(representatives))
+    overrides = {}
+    for name, value in before.items():
+        wanted = [value[i] for i in representatives]
+        if isinstance(value, str):
+            wanted = "".join(wanted)  # type: ignore[assignment]
+        elif isinstance(value, tuple):
+            wanted = tuple(wanted)  # type: ignore[assignment]
+        with contextlib.suppress(*_REFUSED):
+            if getattr(config, name) == wanted:
+                continue
+        try:
+            setattr(config, name, wanted)
+        except _REFUSED:
+            overrides[name] = wanted
+    if overrides:  # read-only properties: a per-copy subclass answers them
+        cls = type(config)
+        config.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__, **overrides})
 
 
 def fake_parameters(
@@ -323,6 +393,8 @@ def run_step(
     inference: bool,
     mode: Any,
     tracker: _Tracker | None = None,
+    inputs: StepInputs | None = None,
+    reduced: bool = False,
 ) -> StepTrace:
     """Run one step of a fake reduced ``model`` and return its segments.
 
@@ -333,7 +405,17 @@ def run_step(
     a training step does not use one, and the calibration's forward-only row shows none.
 
     ``tracker`` replaces the default :class:`_Tracker` (the FSDP trace watches more).
+    ``inputs`` replaces the causal-LM inputs (``batch_size`` x ``seq_len`` token ids of
+    ``vocab_size``, the labels the same tensor) with a model's own
+    (:mod:`layerscope.estimate.inputs`); data-dependent operators are answered from their
+    values (:class:`~layerscope.estimate.values.KnownValues`). With ``reduced`` (``blocks``
+    stands for a longer stack), a block that changes the shape of its input stops the step
+    with :class:`ReshapingBlocks`.
     """
+    if inputs is None:
+        inputs = causal_lm_inputs(batch_size, seq_len, vocab_size)
+    if inference:
+        inputs = inputs.for_inference()
     extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
     tracker = tracker if tracker is not None else _Tracker()
     tracker.ignore([*model.parameters(), *model.buffers()])
@@ -370,6 +452,11 @@ def run_step(
             return
         p = block_ids[id(module)]
         out = _first_tensor(output)
+        hidden = _first_tensor(args) if args else kwargs.get("hidden_states")
+        if (reduced and out is not None and isinstance(hidden, torch.Tensor)
+                and hidden.shape != out.shape):
+            raise ReshapingBlocks(f"{type(module).__name__}: {tuple(hidden.shape)} -> "
+                                  f"{tuple(out.shape)}")
         if out is not None:
             tracker.mark_passed_on(out)
         if out is not None and out.grad_fn is not None:
@@ -394,16 +481,18 @@ def run_step(
             handles.append(m.register_forward_pre_hook(on_other_pre))
 
     try:
-        with unpacked_sequences(), quiet_fake_tensor_log(), mode, kernels, tracker:
-            x = torch.randint(0, vocab_size, (batch_size, seq_len))
+        known = KnownValues()
+        with unpacked_sequences(), quiet_fake_tensor_log(), mode, kernels, KnownConstants(known), \
+                tracker, known:
+            feed = inputs.make(known.know)
             if inference:
                 with torch.no_grad():
-                    out = model(input_ids=x, **extra)
+                    out = model(**feed, **extra)
                 tracker.switch(("head", "release"))
                 del out
                 kernels.leave_autocast()
             else:
-                out = model(input_ids=x, labels=x, **extra)
+                out = model(**feed, **extra)
                 tracker.switch(("head", "release"))
                 kernels.leave_autocast()
                 loss = out.loss if hasattr(out, "loss") else out[0]
@@ -413,7 +502,7 @@ def run_step(
                 run_backward(loss)
                 tracker.switch(("head", "end"))
                 del loss
-            del x
+            del feed
             tracker.recording = False  # what dies from here on (gradients) outlives the step
     except BaseException:
         tracker.close()
@@ -426,6 +515,24 @@ def run_step(
                          passed=frozenset(tracker.passed), kinds=tuple(kinds))
     finally:
         tracker.close()
+
+
+def token_counter(model: nn.Module, mode: Any, autocast_dtype: torch.dtype | None
+                  ) -> Callable[[str, tuple[InputTensor, ...]], int]:
+    """``f(name, inputs) -> tokens``: runs ``model``'s own ``name`` (``get_image_features``,
+    ``get_audio_features``) on fake tensors (a fake copy, outside the traced step: nothing is
+    counted) and counts the feature vectors it returns, one placeholder token each."""
+    def count(name: str, specs: tuple[InputTensor, ...]) -> int:
+        get = features_function(model, name)
+        accepted = named_parameters(get)
+        known = KnownValues()
+        with unpacked_sequences(), quiet_fake_tensor_log(), mode, CudaKernels(autocast_dtype), \
+                KnownConstants(known), known, torch.no_grad():
+            feed = StepInputs("probe", specs).make(known.know)
+            out = get(**{k: v for k, v in feed.items() if k in accepted})
+            return count_features(out)
+
+    return count
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

@@ -137,6 +137,9 @@ def header_text(doc: Mapping[str, Any], per_gpu: bool = False) -> str:
     base_line = base_text(s)
     if base_line:
         lines.insert(2, base_line)
+    inputs = (doc.get("estimate") or doc.get("at_max") or {}).get("inputs") or []
+    if inputs and not (len(inputs) == 2 and inputs[1] == "labels = input_ids"):
+        lines.append(f"Inputs: {'; '.join(inputs)}")  # a model that is not a plain causal LM
     lines += [f"note: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
 

@@ -1,0 +1,843 @@
+"""What one training step feeds the model: built from its task, forward signature and config.
+
+A causal LM gets ``input_ids`` and ``labels`` (one tensor, as the calibration loop passes it);
+every other head gets what its own data pipeline would give it:
+
+========================  ====================================================================
+task                      inputs (B = batch_size, S = seq_len)
+========================  ====================================================================
+causal-lm                 ``input_ids`` B x S, ``labels`` = ``input_ids``
+sequence-classification   ``input_ids`` B x S (ending with the end-of-sequence token where the
+                          head pools it), ``labels`` one per sequence (B; B x num_labels floats
+                          for multi-label or regression heads)
+seq2seq                   ``input_ids`` B x S, ``labels`` B x T (T = ``target_len``), and
+                          ``decoder_input_ids`` where the config cannot shift the labels
+image-text                ``input_ids`` B x S holding ``images`` x the model's image tokens per
+                          sequence, ``pixel_values`` (and the grid or size tensors the model
+                          reads), ``labels`` = ``input_ids``
+image-classification      ``pixel_values`` B x C x H x W, ``labels`` one per image
+speech-seq2seq            ``input_features`` (or ``input_values``) of ``audio_seconds``,
+                          ``labels`` B x T
+ctc                       ``input_features`` / ``input_values``, ``labels`` B x L
+                          (L = :data:`CTC_LABELS_PER_SECOND` x seconds)
+audio-classification      ``input_features`` / ``input_values``, ``labels`` one per clip
+========================  ====================================================================
+
+The task is the one transformers' auto mappings give the model's class (its name's suffix for
+remote code). The number of image tokens is what the model's own ``get_image_features``
+returns for the images, found by running it on fake tensors, so it follows the model's patch
+size, pooling and merging rather than a table. Token ids avoid every special token the config
+names, so checks on them (one end-of-sequence token per row, image-token counts) see what a
+real batch holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from layerscope.errors import EstimateError, UnsupportedModelError
+
+TASKS = ("causal-lm", "sequence-classification", "seq2seq", "image-text", "audio-text",
+         "image-classification", "speech-seq2seq", "ctc", "audio-classification")
+
+_TASK_MAPPINGS = (
+    # most specific first: a class in several mappings gets the first (Gemma-3's
+    # ForConditionalGeneration is both image-text and causal LM: it takes images)
+    ("image-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+    ("speech-seq2seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
+    ("ctc", "MODEL_FOR_CTC_MAPPING_NAMES"),
+    ("audio-classification", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
+    ("image-classification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    ("sequence-classification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("seq2seq", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+)
+_TASK_SUFFIXES = (
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForImageClassification", "image-classification"),
+    ("ForAudioClassification", "audio-classification"),
+    ("ForCTC", "ctc"),
+    ("ForSpeechSeq2Seq", "speech-seq2seq"),
+)
+
+SAMPLE_RATE = 16_000
+"""Audio samples per second: every speech feature extractor in transformers resamples to 16 kHz
+(Whisper, wav2vec 2.0, HuBERT, SeamlessM4T, Speech2Text, Parakeet...)."""
+
+FEATURE_FRAMES_PER_SECOND = 100
+"""Filter-bank frames per second: a 10 ms hop (160 samples at 16 kHz), the hop of Whisper's,
+Speech2Text's and the Kaldi-style feature extractors."""
+
+AUDIO_SECONDS = 30.0
+"""Seconds of audio per sample when the model does not fix it: Whisper's window, and the usual
+cap on utterances in ASR fine-tuning sets."""
+
+CTC_LABELS_PER_SECOND = 5
+"""CTC label tokens per second of audio (subword units; a CTC loss needs fewer labels than
+output frames, and 8x-subsampled encoders give 12.5 frames per second)."""
+
+IMAGE_SIZE = 448
+"""Pixels per side of an image for a model that takes any size (Qwen2-VL's patches, Pixtral):
+448 x 448 is 1024 patches of 14 pixels, 256 tokens after a 2 x 2 merge."""
+
+
+# -- the result --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputTensor:
+    """One argument of the forward.
+
+    Attributes:
+        name: the keyword, e.g. ``"pixel_values"``.
+        shape, dtype: of the tensor.
+        value: its values where the step's bookkeeping reads them (token ids, labels, grids),
+            else None (pixel values, audio: their values change nothing).
+        same_as: the name of another input this one *is* (``labels`` = ``input_ids``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    value: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    same_as: str | None = None
+
+    def describe(self) -> str:
+        dims = " x ".join(str(d) for d in self.shape)
+        return f"{self.name} {dims} {str(self.dtype).removeprefix('torch.')}"
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What the traced step feeds the model.
+
+    Attributes:
+        task: one of :data:`TASKS`.
+        tensors: the forward's tensor arguments.
+        tokens: tokens per sequence the text part reads (image tokens included), 0 without text.
+        image_tokens: tokens per sequence that stand for images.
+        target_len: decoder tokens per sequence of an encoder-decoder, else None.
+    """
+
+    task: str
+    tensors: tuple[InputTensor, ...]
+    tokens: int = 0
+    image_tokens: int = 0
+    target_len: int | None = None
+
+    def make(self, know: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """The tensors, allocated in the active (fake) mode; ``know(tensor, value)`` is told
+        the value of each (``None`` for those whose values are not given)."""
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.tensors:
+            if spec.same_as is not None:
+                out[spec.name] = out[spec.same_as]
+                continue
+            t = torch.empty(spec.shape, dtype=spec.dtype)
+            if know is not None:
+                know(t, spec.value)
+            out[spec.name] = t
+        return out
+
+    def for_inference(self) -> StepInputs:
+        """The inputs of a forward without loss: no labels; an encoder-decoder gets its
+        decoder tokens as ``decoder_input_ids`` instead."""
+        kept = []
+        names = {t.name for t in self.tensors}
+        for t in self.tensors:
+            if t.name != "labels":
+                kept.append(t)
+            elif self.target_len is not None and "decoder_input_ids" not in names:
+                kept.append(InputTensor("decoder_input_ids", t.shape, t.dtype, t.value))
+        return dataclasses.replace(self, tensors=tuple(kept))
+
+    def describe(self) -> tuple[str, ...]:
+        """One line per input, e.g. ``"input_ids 2 x 256 int64"``."""
+        lines = [t.describe() if t.same_as is None else f"{t.name} = {t.same_as}"
+                 for t in self.tensors]
+        if self.image_tokens:
+            lines.append(f"{self.image_tokens} image tokens per sequence")
+        return tuple(lines)
+
+
+# -- the task ----------------------------------------------------------------------------------
+def task_of(model: nn.Module) -> str:
+    """The training task of ``model``'s class: the first of transformers' auto mappings that
+    lists it (see :data:`_TASK_MAPPINGS`), else its name's suffix; anything else with a
+    ``labels`` argument is trained as a causal LM."""
+    name = type(model).__name__
+    from transformers.models.auto import modeling_auto
+
+    for task, mapping in _TASK_MAPPINGS:
+        names = getattr(modeling_auto, mapping, {})
+        for value in names.values():
+            if name == value or (isinstance(value, (tuple, list)) and name in value):
+                if task == "image-text" and not _accepts(model, "pixel_values"):
+                    continue  # an image-text class whose forward takes no images
+                return task
+    for suffix, task in _TASK_SUFFIXES:
+        if name.endswith(suffix):
+            return task
+    return "causal-lm"
+
+
+# -- building --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """The input settings of a setup (see :class:`~layerscope.setup.TrainingSetup`)."""
+
+    batch_size: int
+    seq_len: int
+    target_len: int | None = None
+    images: int | None = None
+    image_size: int | None = None
+    audio_seconds: float | None = None
+    dtype: torch.dtype = torch.float32
+
+
+def step_inputs(model: nn.Module, sizes: Sizes,
+                count_tokens: Callable[[str, tuple[InputTensor, ...]], int] | None = None
+                ) -> StepInputs:
+    """The inputs of one training step of ``model``.
+
+    Args:
+        model: the model (its class, forward signature and config are read).
+        sizes: the settings.
+        count_tokens: ``f(function name, inputs) -> tokens`` that runs the model's
+            ``get_image_features`` (``get_audio_features``) on the inputs of one image (clip)
+            and counts the feature vectors (the trace gives one over fake tensors); needed for
+            models that read images or audio through placeholder tokens.
+
+    Raises:
+        UnsupportedModelError: the model's inputs cannot be built (no vocabulary, an unknown
+            image or audio layout); the message names what is missing.
+        EstimateError: a setting the model cannot take (a sequence too short for its images).
+    """
+    task = task_of(model)
+    config = getattr(model, "config", None)
+    b, s = sizes.batch_size, sizes.seq_len
+    if task == "image-classification":
+        if not _accepts(model, "pixel_values") and _accepts(model, "input_ids"):
+            # ImageGPT: an image is a sequence of colour-cluster tokens
+            ids = _tokens("input_ids", b, s, _vocab(model, config), _special_ids(config))
+            return StepInputs(task, (ids, _class_labels(config, b)), tokens=s)
+        if _accepts(model, "spatial_shapes"):
+            media = _image_inputs(model, config, b, 1, sizes)
+        else:
+            media = (_pixel_values(model, config, b, sizes),)
+        return StepInputs(task, (*media, _class_labels(config, b)))
+    if task == "speech-seq2seq" and _accepts(model, "input_ids") and not _accepts(
+            model, "decoder_input_ids") and _placeholder_id(config, "audio") is not None:
+        task = "audio-text"  # a decoder-only LM that reads audio through placeholder tokens
+    if task in ("ctc", "audio-classification", "speech-seq2seq"):
+        audio, seconds = _audio(model, config, b, sizes)
+        if task == "audio-classification":
+            return StepInputs(task, (audio, _class_labels(config, b)))
+        if task == "ctc":
+            length = max(1, min(s, math.ceil(seconds * CTC_LABELS_PER_SECOND)))
+            vocab = _vocab(model, config)
+            labels = _tokens("labels", b, length, vocab, _special_ids(config))
+            return StepInputs(task, (audio, labels), tokens=length)
+        target = _target_len(config, sizes)
+        return StepInputs(task, (audio, *_decoder(model, config, b, target)), tokens=target,
+                          target_len=target)
+    vocab = _vocab(model, config)
+    specials = _special_ids(config)
+    if task == "sequence-classification":
+        eos = _eos_pooled(model, config)
+        ids = _tokens("input_ids", b, s, vocab, specials, eos=eos)
+        extra: tuple[InputTensor, ...] = ()
+        if _is_encoder_decoder(model, config) and _decoder_start(config) is None \
+                and _accepts(model, "decoder_input_ids"):  # nothing to shift the inputs with
+            extra = (_tokens("decoder_input_ids", b, s, vocab, specials, eos=eos),)
+        return StepInputs(task, (ids, *extra, _class_labels(config, b)), tokens=s)
+    encoder_decoder = _is_encoder_decoder(model, config)
+    if task == "image-text" and (sizes.images if sizes.images is not None else 1) > 0:
+        if _accepts(model, "aspect_ratio_ids"):
+            return _cross_attention_images(model, config, sizes, vocab, specials)
+        return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
+                                  encoder_decoder, "image")
+    if task == "audio-text":
+        return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
+                                  encoder_decoder, "audio")
+    if task == "causal-lm" and not encoder_decoder:
+        return causal_lm_inputs(b, s, vocab)
+    ids = _tokens("input_ids", b, s, vocab, specials)
+    if encoder_decoder:
+        target = _target_len(config, sizes)
+        return StepInputs("seq2seq", (ids, *_decoder(model, config, b, target)), tokens=s,
+                          target_len=target)
+    labels = InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids")
+    return StepInputs(task if task != "seq2seq" else "causal-lm", (ids, labels), tokens=s)
+
+
+def causal_lm_inputs(batch: int, seq_len: int, vocab: int) -> StepInputs:
+    """The calibration protocol's step: ``input_ids`` of random tokens and ``labels``, the
+    same tensor."""
+    if vocab < 1:
+        raise UnsupportedModelError("no vocabulary: a causal LM's token ids cannot be built")
+    ids = _tokens("input_ids", batch, seq_len, vocab, ())
+    labels = InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids")
+    return StepInputs("causal-lm", (ids, labels), tokens=seq_len)
+
+
+def prepare_copy(model: nn.Module, sizes: Sizes) -> None:
+    """Set on a *copy* of the model what a training run of its task sets:
+
+    * a padding token (``config.pad_token_id``, set by fine-tuning scripts, usually to the
+      end-of-sequence token) for a classifier trained on batches (transformers' sequence
+      classifiers pool the last token before the first padding token and refuse a batch
+      without one) and for an encoder-decoder, whose labels are shifted into decoder inputs
+      with it;
+    * the language of a model with per-language adapters (X-MOD: ``set_default_language``,
+      the first of ``config.languages``).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    languages = getattr(config, "languages", None)
+    if callable(getattr(model, "set_default_language", None)) and languages \
+            and getattr(config, "default_language", None) is None:
+        cast(Any, model).set_default_language(next(iter(languages)))
+    task = task_of(model)
+    classifier = task == "sequence-classification" and sizes.batch_size > 1
+    if not classifier and not _is_encoder_decoder(model, config):
+        return
+    text = text_config(config)
+    if getattr(text, "pad_token_id", None) is not None:
+        return
+    eos = getattr(text, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    pad = eos if isinstance(eos, int) else _vocab(model, config) - 1
+    for cfg in {id(config): config, id(text): text}.values():
+        cfg.pad_token_id = pad
+
+
+# -- text --------------------------------------------------------------------------------------
+def text_config(config: Any, decoder: bool = True) -> Any:
+    """The config that holds the text model's sizes: ``config.get_text_config()`` (the text
+    sub-config of a vision-language or speech model), else ``config`` itself."""
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            return get(decoder=decoder)
+        except (TypeError, ValueError):  # several text configs, or an old signature
+            return get()
+    return config
+
+
+def _vocab(model: nn.Module, config: Any) -> int:
+    """Token ids range over the text config's ``vocab_size`` (the input embeddings' rows when
+    the config does not say)."""
+    for cfg in (text_config(config), config):
+        vocab = getattr(cfg, "vocab_size", None)
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+            return vocab
+    emb = getattr(model, "get_input_embeddings", lambda: None)
+    try:
+        module = emb()
+    except (NotImplementedError, AttributeError):
+        module = None
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: no vocabulary found (config.vocab_size, the text config's "
+        "vocab_size or the input embeddings); the step's token ids cannot be built"
+    )
+
+
+def _special_ids(config: Any) -> frozenset[int]:
+    """Every token id the config (and its sub-configs) names: padding, begin and end of
+    sequence, image and audio placeholders, ..."""
+    found: set[int] = set()
+    seen: set[int] = set()
+
+    def visit(cfg: Any) -> None:
+        if cfg is None or id(cfg) in seen:
+            return
+        seen.add(id(cfg))
+        for key, value in vars(cfg).items():
+            if key.endswith(("_token_id", "_token_index", "_token_ids", "_id")) or key in (
+                    "pad_index", "eos_index", "unk_index", "bos_index", "mask_index"):
+                for v in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                        found.add(v)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                visit(value)
+
+    visit(config)
+    return frozenset(found)
+
+
+def _ordinary_id(vocab: int, specials: frozenset[int]) -> int:
+    """The first token id that is no special token (what fills a sequence)."""
+    for i in range(min(vocab, len(specials) + 2)):
+        if i not in specials:
+            return i
+    raise UnsupportedModelError(f"every token id below {vocab} is a special token")
+
+
+def _tokens(name: str, batch: int, length: int, vocab: int, specials: frozenset[int] | tuple[int, ...],
+            eos: int | None = None) -> InputTensor:
+    """Token ids: random in [0, vocab) (deterministic), special ids replaced by an ordinary one;
+    ``eos`` closes every row."""
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randint(0, vocab, (batch, length), generator=generator)
+    if specials:
+        ordinary = _ordinary_id(vocab, frozenset(specials))
+        for special in specials:
+            value[value == special] = ordinary
+    if eos is not None:
+        value[:, -1] = eos
+    return InputTensor(name, (batch, length), torch.long, value)
+
+
+def _eos_pooled(model: nn.Module, config: Any) -> int | None:
+    """The end-of-sequence id for heads that pool the hidden state at it (BART and its
+    relatives check that every row holds the same number of them)."""
+    if not _is_encoder_decoder(model, config):
+        return None
+    eos = getattr(text_config(config), "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos if isinstance(eos, int) else None
+
+
+def _class_labels(config: Any, batch: int) -> InputTensor:
+    """One label per sequence: a class index, or floats for regression and multi-label heads
+    (``config.problem_type``, else what transformers infers from ``num_labels``)."""
+    num_labels = getattr(config, "num_labels", 2)
+    problem = getattr(config, "problem_type", None)
+    if problem == "multi_label_classification" or (problem == "regression" and num_labels > 1):
+        return InputTensor("labels", (batch, num_labels), torch.float32,
+                           torch.zeros(batch, num_labels))
+    if problem == "regression" or num_labels == 1:
+        return InputTensor("labels", (batch,), torch.float32, torch.zeros(batch))
+    return InputTensor("labels", (batch,), torch.long, torch.arange(batch) % max(num_labels, 1))
+
+
+# -- encoder-decoder -------------------------------------------------------------------------
+def _is_encoder_decoder(model: nn.Module, config: Any) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False)) or _accepts(model, "decoder_input_ids")
+
+
+def _decoder_positions(config: Any) -> int | None:
+    """The decoder's maximum sequence length, where it has one."""
+    for cfg in (text_config(config, decoder=True), config):
+        for name in ("max_target_positions", "max_decoder_position_embeddings",
+                     "max_position_embeddings", "n_positions"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _target_len(config: Any, sizes: Sizes) -> int:
+    """``target_len``, else ``seq_len`` capped at the decoder's maximum length."""
+    limit = _decoder_positions(config)
+    if sizes.target_len is not None:
+        if limit is not None and sizes.target_len > limit:
+            raise EstimateError(
+                f"target_len={sizes.target_len} exceeds the decoder's maximum length {limit}"
+            )
+        return sizes.target_len
+    return min(sizes.seq_len, limit) if limit else sizes.seq_len
+
+
+def _decoder_start(config: Any) -> int | None:
+    for cfg in (config, text_config(config, decoder=True)):
+        start = getattr(cfg, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    return None
+
+
+def _decoder(model: nn.Module, config: Any, batch: int, target: int) -> tuple[InputTensor, ...]:
+    """``labels`` B x T, plus ``decoder_input_ids`` when the model cannot make them by shifting
+    the labels (no ``decoder_start_token_id`` in its config)."""
+    vocab = _vocab(model, config)
+    labels = _tokens("labels", batch, target, vocab, _special_ids(config))
+    if _decoder_start(config) is None and _accepts(model, "decoder_input_ids"):
+        decoder_ids = _tokens("decoder_input_ids", batch, target, vocab, _special_ids(config))
+        return labels, decoder_ids
+    return (labels,)
+
+
+# -- images ----------------------------------------------------------------------------------
+QFORMER_TOKENS = 32
+"""Tokens of the instruction a Q-Former reads (InstructBLIP's ``qformer_input_ids``): a short
+prompt."""
+
+
+def _vision_config(config: Any) -> Any:
+    """The config that holds the image sizes: ``vision_config``, a vision ``encoder``
+    (VisionEncoderDecoder), else the config itself."""
+    for name in ("vision_config", "encoder", "vision_encoder_config"):
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            return sub
+    return config
+
+
+def _int_or_first(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _image_side(config: Any, sizes: Sizes, vision: Any = None) -> int:
+    if sizes.image_size is not None:
+        return sizes.image_size
+    side = _int_or_first(getattr(vision or _vision_config(config), "image_size", None))
+    return side if side else IMAGE_SIZE
+
+
+def _channels(config: Any) -> int:
+    vision = _vision_config(config)
+    for name in ("num_channels", "in_channels", "in_chans"):
+        value = getattr(vision, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 3
+
+
+PIXEL_VALUE = 0.5
+"""Every normalised pixel value: a grey image. Its values are known to the trace, so a model
+that tells images from padding by their pixels (Idefics: an all-zero image is padding) sees an
+image."""
+
+
+def _pixels(shape: tuple[int, ...], dtype: torch.dtype, name: str = "pixel_values"
+            ) -> InputTensor:
+    """Pixel values of :data:`PIXEL_VALUE` (one stored element, expanded: no memory)."""
+    return InputTensor(name, shape, dtype, torch.full((), PIXEL_VALUE, dtype=dtype).expand(shape))
+
+
+def _pixel_values(model: nn.Module, config: Any, count: int, sizes: Sizes) -> InputTensor:
+    side = _image_side(config, sizes)
+    return _pixels((count, _channels(config), side, side), sizes.dtype)
+
+
+def _anyres_patches(config: Any, side: int) -> int:
+    """Crops of the largest tiling LLaVA-NeXt's processor makes (its ``image_grid_pinpoints``)
+    plus the downscaled whole image: the processor pads every image to that many."""
+    pinpoints = getattr(config, "image_grid_pinpoints", None) or [[side, side]]
+    return 1 + max(math.ceil(int(h) / side) * math.ceil(int(w) / side) for h, w in pinpoints)
+
+
+def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, sizes: Sizes
+                  ) -> tuple[InputTensor, ...]:
+    """The vision inputs of ``per_sequence`` images in each of ``batch`` sequences, in the
+    layout the model's forward takes (read from its signature and config):
+
+    * ``image_grid_thw`` (Qwen2-VL, GLM-4V, ...): flattened patches of ``patch_size`` pixels
+      (times ``temporal_patch_size`` frames), ``image_size`` rounded to whole merged cells;
+    * ``pixel_attention_mask`` (Idefics2/3, SmolVLM): one row of images per sequence;
+    * ``image_sizes`` with ``image_grid_pinpoints`` (LLaVA-NeXt): every image padded to the
+      largest tiling; ``image_sizes`` alone (Pixtral, Mistral-3): the sizes of plain images;
+    * otherwise one ``C x H x W`` image each.
+    """
+    vision = _vision_config(config)
+    side = _image_side(config, sizes)
+    count = batch * per_sequence
+    channels = _channels(config)
+    extra: list[InputTensor] = []
+    if _accepts(model, "high_res_pixel_values"):  # DeepSeek-VL hybrid: a second, larger view
+        high = getattr(config, "high_res_vision_config", None)
+        hside = _image_side(config, sizes, high) if sizes.image_size is None else side
+        extra.append(_pixels((count, channels, hside, hside), sizes.dtype,
+                             "high_res_pixel_values"))
+    if _accepts(model, "spatial_shapes"):  # SigLIP-2 NaFlex: padded rows of patches
+        patch = _int_or_first(getattr(vision, "patch_size", None)) or 16
+        cells = max(1, side // patch)
+        rows = getattr(vision, "num_patches", None) or cells * cells
+        cells = min(cells, math.isqrt(rows))
+        width = channels * patch * patch
+        mask = torch.zeros(count, rows, dtype=torch.long)
+        mask[:, : cells * cells] = 1
+        return (_pixels((count, rows, width), sizes.dtype),
+                InputTensor("spatial_shapes", (count, 2), torch.long,
+                            torch.tensor([[cells, cells]] * count)),
+                InputTensor("pixel_attention_mask", (count, rows), torch.long, mask), *extra)
+    if _accepts(model, "image_grid_thw"):
+        patch = _int_or_first(getattr(vision, "patch_size", None)) or 14
+        merge = _int_or_first(getattr(vision, "spatial_merge_size", None)) or 1
+        temporal = _int_or_first(getattr(vision, "temporal_patch_size", None)) or 1
+        cells = max(1, side // (patch * merge)) * merge
+        grid = torch.tensor([[1, cells, cells]] * count)
+        width = channels * temporal * patch * patch
+        pixels = _pixels((count * cells * cells, width), sizes.dtype)
+        return pixels, InputTensor("image_grid_thw", (count, 3), torch.long, grid), *extra
+    if _accepts(model, "pixel_attention_mask"):
+        shape = (batch, per_sequence, channels, side, side)
+        mask = torch.ones(batch, per_sequence, side, side, dtype=torch.bool)
+        return (_pixels(shape, sizes.dtype),
+                InputTensor("pixel_attention_mask", tuple(mask.shape), torch.bool, mask), *extra)
+    if _accepts(model, "image_sizes"):
+        image_sizes = InputTensor("image_sizes", (count, 2), torch.long,
+                                  torch.tensor([[side, side]] * count))
+        if getattr(config, "image_grid_pinpoints", None):
+            patches = _anyres_patches(config, side)
+            shape = (count, patches, channels, side, side)
+            return _pixels(shape, sizes.dtype), image_sizes, *extra
+        if not _accepts(model, "vision_feature_select_strategy"):  # Pixtral-style towers
+            return _pixel_values(model, config, count, sizes), image_sizes, *extra
+    return _pixel_values(model, config, count, sizes), *extra
+
+
+def _placeholder_id(config: Any, modality: str) -> int | None:
+    for cfg in (config, text_config(config)):
+        for name in (f"{modality}_token_id", f"{modality}_token_index"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _media(model: nn.Module, config: Any, modality: str, batch: int, per_sequence: int,
+           sizes: Sizes) -> tuple[InputTensor, ...]:
+    if modality == "image":
+        return _image_inputs(model, config, batch, per_sequence, sizes)
+    audio, _ = _audio(model, config, batch * per_sequence, sizes)
+    out = [audio]
+    if _accepts(model, "padding_mask") and audio.name == "input_values":  # VibeVoice
+        mask = torch.ones(audio.shape, dtype=torch.bool)
+        out.append(InputTensor("padding_mask", audio.shape, torch.bool, mask))
+    if _accepts(model, "input_features_mask") and audio.name == "input_features":
+        frames = audio.shape[1] if len(audio.shape) == 3 and audio.shape[2] < audio.shape[1] \
+            else audio.shape[-1]
+        mask = torch.ones(batch * per_sequence, frames, dtype=torch.bool)
+        out.append(InputTensor("input_features_mask", tuple(mask.shape), torch.bool, mask))
+    return tuple(out)
+
+
+def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
+                       specials: frozenset[int], count_tokens: Callable[..., int] | None,
+                       encoder_decoder: bool, modality: str) -> StepInputs:
+    """A sequence that holds images (or audio clips) as runs of placeholder tokens, as the
+    model's processor writes it: each run as long as the model's own ``get_image_features``
+    (``get_audio_features``) makes it, followed by one text token, then the text."""
+    b, s = sizes.batch_size, sizes.seq_len
+    per_sequence = 1 if modality == "audio" or sizes.images is None else sizes.images
+    name = type(model).__name__
+    token = _placeholder_id(config, modality)
+    if token is None and modality == "audio":
+        raise UnsupportedModelError(
+            f"{name}: its config names no audio_token_id, so the audio cannot be placed in the "
+            "text (set it as the checkpoint's config does)"
+        )
+    media = _media(model, config, modality, b, per_sequence, sizes)
+    per_item = 0
+    if token is not None:
+        if count_tokens is None:
+            raise UnsupportedModelError(f"{name}: counting {modality} tokens needs a traced model")
+        one = _media(model, config, modality, 1, 1, sizes)
+        per_item = count_tokens(f"get_{modality}_features", one)
+        if (per_item + 1) * per_sequence > s:
+            what = f"{per_sequence} image(s)" if modality == "image" else "its audio"
+            raise EstimateError(
+                f"seq_len={s} cannot hold {what} of {per_item} tokens each ({name}"
+                + (f" at image_size {_image_side(config, sizes)}" if modality == "image" else "")
+                + f"): use seq_len >= {(per_item + 1) * per_sequence}"
+                + (", fewer images or a smaller image_size" if modality == "image" else "")
+            )
+    ids = _tokens("input_ids", b, s, vocab, specials)
+    kind = torch.zeros(b, s, dtype=torch.long)
+    if token is not None and per_item and ids.value is not None:
+        value = ids.value.clone()
+        for k in range(per_sequence):
+            start = k * (per_item + 1)
+            value[:, start:start + per_item] = token
+            kind[:, start:start + per_item] = 1
+        ids = InputTensor("input_ids", ids.shape, ids.dtype, value)
+    tensors: list[InputTensor] = [ids, *media]
+    if modality == "image" and _accepts(model, "mm_token_type_ids"):
+        tensors.append(InputTensor("mm_token_type_ids", (b, s), torch.long, kind))
+    if _accepts(model, "qformer_input_ids"):
+        qformer = getattr(config, "qformer_config", None)
+        qvocab = getattr(qformer, "vocab_size", None) or vocab
+        tensors.append(_tokens("qformer_input_ids", b, QFORMER_TOKENS, qvocab, specials))
+    total = per_item * per_sequence
+    if encoder_decoder:
+        target = _target_len(config, sizes)
+        return StepInputs(f"{modality}-text", (*tensors, *_decoder(model, config, b, target)),
+                          tokens=s, image_tokens=total if modality == "image" else 0,
+                          target_len=target)
+    tensors.append(InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids"))
+    return StepInputs(f"{modality}-text", tuple(tensors), tokens=s,
+                      image_tokens=total if modality == "image" else 0)
+
+
+def _cross_attention_images(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
+                            specials: frozenset[int]) -> StepInputs:
+    """A cross-attention vision-language model (Mllama, Llama-3.2-Vision): one placeholder
+    token per image in the text, the images as tiles (padded to ``max_num_tiles``, one used:
+    an image no larger than a tile) that the text attends to."""
+    b, s = sizes.batch_size, sizes.seq_len
+    images = 1 if sizes.images is None else sizes.images
+    vision = _vision_config(config)
+    tiles = getattr(vision, "max_num_tiles", None) or 1
+    side = _image_side(config, sizes)
+    token = _placeholder_id(config, "image")
+    if images + 1 > s:
+        raise EstimateError(f"seq_len={s} cannot hold {images} image token(s): use seq_len >= "
+                            f"{images + 1}")
+    ids = _tokens("input_ids", b, s, vocab, specials)
+    if token is not None and ids.value is not None:
+        value = ids.value.clone()
+        value[:, :images] = token
+        ids = InputTensor("input_ids", ids.shape, ids.dtype, value)
+    used = torch.zeros(b, images, tiles, dtype=torch.long)
+    used[:, :, 0] = 1
+    cross = torch.zeros(b, s, images, tiles, dtype=torch.long)
+    cross[:, :, :, 0] = 1
+    tensors = (
+        ids,
+        _pixels((b, images, tiles, _channels(config), side, side), sizes.dtype),
+        InputTensor("aspect_ratio_ids", (b, images), torch.long,
+                    torch.ones(b, images, dtype=torch.long)),
+        InputTensor("aspect_ratio_mask", tuple(used.shape), torch.long, used),
+        InputTensor("cross_attention_mask", tuple(cross.shape), torch.long, cross),
+        InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids"),
+    )
+    return StepInputs("image-text", tensors, tokens=s, image_tokens=images)
+
+
+def count_features(out: Any) -> int:
+    """Feature vectors in what a ``get_image_features`` (``get_audio_features``) returned: its
+    ``pooler_output`` (the projected features, transformers 5), else the tensor(s) themselves;
+    each vector is one token."""
+    value = out
+    for attr in ("pooler_output", "image_embeds", "audio_embeds", "last_hidden_state"):
+        if hasattr(out, attr) and getattr(out, attr) is not None:
+            value = getattr(out, attr)
+            break
+    if isinstance(value, torch.Tensor):
+        return value.numel() // value.shape[-1] if value.dim() else 0
+    if isinstance(value, (list, tuple)):
+        return sum(count_features(v) for v in value)
+    raise UnsupportedModelError(
+        f"get_image_features returned {type(out).__name__}; its tokens cannot be counted"
+    )
+
+
+def features_function(model: nn.Module, name: str) -> Callable[..., Any]:
+    """``model.<name>`` (``get_image_features``, ``get_audio_features``), or its inner model's
+    where the outer one only passes ``*args, **kwargs`` on."""
+    found = []
+    for owner in (model, getattr(model, "model", None)):
+        get = getattr(owner, name, None)
+        if callable(get):
+            found.append(get)
+    for get in found:
+        if named_parameters(get):
+            return get  # type: ignore[no-any-return]
+    if found:
+        return found[0]  # type: ignore[no-any-return]
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no {name}; its placeholder tokens cannot be counted"
+        + (" (estimate it with images=0 for text only)" if "image" in name else "")
+    )
+
+
+def named_parameters(func: Callable[..., Any]) -> set[str]:
+    """The parameters ``func`` names (not ``*args``/``**kwargs``)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return set()
+    return {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+# -- audio -----------------------------------------------------------------------------------
+_AUDIO_CONFIGS = ("audio_config", "encoder_config", "speech_config", "audio_encoder_config",
+                  "encoder")
+_FEATURE_SIZES = ("num_mel_bins", "feature_size", "input_feat_per_channel", "n_mels",
+                  "feature_projection_input_dim", "input_dim", "num_mel_features")
+
+
+def _audio_config(config: Any) -> Any:
+    for name in _AUDIO_CONFIGS:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            return sub
+    return config
+
+
+def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[InputTensor, float]:
+    """Raw samples (``input_values``) or filter-bank frames (``input_features``), as the
+    model's ``main_input_name`` (or its encoder's) says."""
+    seconds = sizes.audio_seconds if sizes.audio_seconds is not None else AUDIO_SECONDS
+    main = getattr(model, "main_input_name", None)
+    encoder = getattr(model, "encoder", None)
+    name: str | None
+    if main == "inputs" and encoder is not None:  # SpeechEncoderDecoder: its encoder's input
+        main = getattr(encoder, "main_input_name", None)
+        name = "inputs"
+    else:
+        name = main if main in ("input_values", "input_features") else None
+    spectrogram = getattr(config, "num_mel_bins", None)
+    if main == "input_values" and isinstance(getattr(config, "max_length", None), int) \
+            and isinstance(spectrogram, int):
+        # AST: its "values" are a spectrogram of max_length frames
+        frames = config.max_length
+        return (InputTensor("input_values", (batch, frames, spectrogram), sizes.dtype),
+                frames / FEATURE_FRAMES_PER_SECOND)
+    if main == "input_values" or (name is None and _accepts(model, "input_values")
+                                  and not _accepts(model, "input_features")):
+        samples = max(1, round(seconds * SAMPLE_RATE))
+        return InputTensor(name or "input_values", (batch, samples), sizes.dtype), seconds
+    if main != "input_features" and not _accepts(model, "input_features"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its forward takes neither input_values nor "
+            "input_features (audio codes or another audio layout)"
+        )
+    audio = _audio_config(config)
+    bins = None
+    for cfg in (audio, config):
+        for key in _FEATURE_SIZES:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                channels = getattr(cfg, "input_channels", 1) if key == "input_feat_per_channel" else 1
+                bins = value * channels
+                break
+        if bins:
+            break
+    if bins is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the number of filter-bank features per frame is not in "
+            f"its config (looked for {', '.join(_FEATURE_SIZES)})"
+        )
+    positions = getattr(audio, "max_source_positions", None)
+    key = name or "input_features"
+    if isinstance(positions, int) and getattr(audio, "num_mel_bins", None) == bins:
+        # Whisper-style encoders take exactly 2 x max_source_positions frames (two convs)
+        frames = 2 * positions
+        if sizes.audio_seconds is not None and round(seconds * FEATURE_FRAMES_PER_SECOND) != frames:
+            raise EstimateError(
+                f"{type(model).__name__} takes exactly {frames / FEATURE_FRAMES_PER_SECOND:g} s of "
+                f"audio ({frames} frames); audio_seconds={sizes.audio_seconds}"
+            )
+        return (InputTensor(key, (batch, bins, frames), sizes.dtype),
+                frames / FEATURE_FRAMES_PER_SECOND)
+    frames = max(1, round(seconds * FEATURE_FRAMES_PER_SECOND))
+    window = getattr(audio, "n_window", None)
+    if isinstance(window, int) and window > 0:  # Qwen3-ASR pads to whole 2 x n_window chunks
+        frames = -(-frames // (2 * window)) * 2 * window
+    return InputTensor(key, (batch, frames, bins), sizes.dtype), seconds
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes ``name``."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False

@@ -1,0 +1,269 @@
+"""Values of the small tensors a traced step computes from its inputs, for data-dependent ops.
+
+Fake tensors have shapes but no values, so an operator whose result depends on values —
+``Tensor.item()`` and ``bool(tensor)`` (``aten._local_scalar_dense``), ``nonzero``,
+``masked_select``, ``unique_consecutive``, boolean-mask indexing (torch tags them
+``data_dependent_output`` or ``dynamic_output_shape``) — stops a fake-tensor trace. Models call
+them on *bookkeeping* tensors: sequence lengths from the token ids, a check that every sequence
+ends with one end-of-sequence token (BART), the image grid of a Qwen2-VL batch, LayerDrop's
+random draw (M2M-100), the sizes the CTC loss reads from its labels.
+
+:class:`KnownValues` keeps a real tensor next to each fake tensor whose value the trace can
+know: the step's own inputs (given with their values), tensors made without inputs (``arange``,
+``ones``, constants), and everything computed from those alone, up to
+:data:`MAX_KNOWN_ELEMENTS` elements. Data-dependent operators on such tensors are answered from
+the real values, so the fake step takes the branch and the shapes the real step would. Nothing
+changes for operators on other tensors: the mode only watches, so a step without data-dependent
+operators is traced exactly as without it.
+
+Two rules cover what the trace cannot know, each chosen so the estimate is of the step that
+uses the most memory:
+
+* a uniform random draw (``torch.rand``, ``uniform_``) is taken at its upper end
+  (:data:`RANDOM_DRAW`): LayerDrop, which skips a layer when a draw falls below its rate, never
+  skips, so every layer runs, as in the worst step;
+* a truth value computed from activations (``assert not x.isnan().any()``, transformers'
+  ``torch_compilable_check``) is taken as true: the model's own sanity checks pass.
+
+Any other data-dependent operator on an activation (an expert's share of tokens counted from
+the router's output, for example) is refused with an :class:`~layerscope.errors.
+UnsupportedModelError` that names the operator.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from layerscope.compat import (
+    DATA_DEPENDENT_ERRORS,
+    TorchDispatchMode,
+    disable_dispatch_modes,
+    tree_map,
+)
+from layerscope.errors import UnsupportedModelError
+
+MAX_KNOWN_ELEMENTS = 1 << 24
+"""Largest tensor (elements) whose value is kept: the token ids of 256 x 65536 tokens, or 16
+images of 3 x 560 x 560 pixels, fit; per-element work on them costs milliseconds on the
+CPU."""
+
+RANDOM_DRAW = 1.0 - 2.0**-24
+"""The value of every uniform random draw in [0, 1): the largest float32 below 1."""
+
+_UNIFORM_RANDOM = {
+    torch.ops.aten.rand.default, torch.ops.aten.rand_like.default, torch.ops.aten.uniform_.default,
+    torch.ops.aten.uniform.default,
+}
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_EMPTY = {
+    torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
+    torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
+}
+
+
+class KnownValues(TorchDispatchMode):
+    """A dispatch mode, entered above the fake mode, that keeps the values of small tensors
+    computed from known ones and answers data-dependent operators from them."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        # storage -> {view: value}. Keyed by the fake storage and the view on it (offset,
+        # shape, strides, dtype), not by the tensor object: autograd hands saved tensors back
+        # as new objects, and a tensor's __eq__ is elementwise.
+        self._values: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def know(self, fake: torch.Tensor, value: torch.Tensor | None) -> None:
+        """Record that ``fake`` holds ``value`` (a real tensor of the same shape); ``None``: its
+        value is not known (pixel values, audio)."""
+        if value is None:
+            self._forget(fake)
+            return
+        if _is_fake(value):
+            raise ValueError("the value of a fake tensor must be a real tensor")
+        if tuple(fake.shape) != tuple(value.shape):
+            raise ValueError(f"value of shape {tuple(value.shape)} for a tensor {tuple(fake.shape)}")
+        self._keep(fake, value)
+
+    def _keep(self, fake: torch.Tensor, value: torch.Tensor) -> None:
+        self._values.setdefault(fake.untyped_storage(), {})[_view(fake)] = value
+
+    def _forget(self, fake: torch.Tensor) -> None:
+        """``fake``'s storage was written with something unknown: none of its views is known."""
+        self._values.pop(fake.untyped_storage(), None)
+
+    def value_of(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The real value of ``t`` if known (a real tensor is its own value)."""
+        if not _is_fake(t):
+            return t
+        views = self._values.get(t.untyped_storage())
+        return None if views is None else views.get(_view(t))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        known = [self.value_of(t) for t in tensors]
+        all_known = all(v is not None for v in known)
+        if func in _UNIFORM_RANDOM:
+            out = func(*args, **kwargs)
+            if out.numel() <= MAX_KNOWN_ELEMENTS:
+                with disable_dispatch_modes():
+                    self.know(out, torch.full(out.shape, RANDOM_DRAW, dtype=out.dtype))
+            return out
+        try:
+            out = func(*args, **kwargs)
+        except DATA_DEPENDENT_ERRORS:  # the fake mode needs values it does not have
+            if all_known:
+                return self._answer(func, args, kwargs)
+            if func is _LOCAL_SCALAR and tensors and tensors[0].dtype == torch.bool:
+                return True  # a check on activations: taken to pass
+            if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor):
+                return args[0]  # written in place (index_put_ with a mask): same shape
+            shaped = self._shaped_by_known(func, args, kwargs)
+            if shaped is None:
+                raise UnsupportedModelError(
+                    f"the step's shapes depend on values computed from activations ({func}), "
+                    "which layerscope cannot know without running the model"
+                ) from None
+            return shaped
+        if func._schema.is_mutable and not all_known:
+            for t in _written(func, args, kwargs):  # written with something unknown
+                if _is_fake(t):
+                    self._forget(t)
+            return out
+        if all_known and (tensors or not _is_random(func)):
+            self._mirror(func, args, kwargs, out)
+        return out
+
+    def _real(self, value: Any) -> Any:
+        return tree_map(lambda t: self.value_of(t) if isinstance(t, torch.Tensor) else t, value)
+
+    def _mirror(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Compute ``func`` on the real values and keep the results of the fake outputs."""
+        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs or any(t.numel() > MAX_KNOWN_ELEMENTS for t in outs):
+            return
+        with disable_dispatch_modes(), torch.no_grad():
+            real = func(*self._real(args), **self._real(kwargs))
+            if func.overloadpacket in _EMPTY:  # uninitialised memory: zeros until written
+                real = real.zero_()
+        for fake, value in zip(outs, [t for t in _leaves(real) if isinstance(t, torch.Tensor)]):
+            if tuple(fake.shape) != tuple(value.shape):
+                continue
+            if func._schema.is_mutable:  # other views of the storage hold older values unless
+                views = self._values.get(fake.untyped_storage(), {})  # they share the memory
+                ptr = value.untyped_storage().data_ptr()
+                for key in [k for k, v in views.items() if v.untyped_storage().data_ptr() != ptr]:
+                    del views[key]
+            self._keep(fake, value)
+
+    def _shaped_by_known(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A data-dependent operator whose result *shape* follows from its known inputs alone
+        (``hidden[mask]`` with a known ``mask``): computed with the unknown tensors all zeros
+        and again all ones; if both give the same shapes, fake tensors of those shapes (their
+        values unknown). None when the shapes differ: they depend on the unknown values."""
+        shapes: list[Any] = []
+        for fill in (0, 1):
+            def real(t: Any, fill: int = fill) -> Any:
+                if not isinstance(t, torch.Tensor):
+                    return t
+                value = self.value_of(t)
+                return value if value is not None else _proxy(t, fill)
+
+            with disable_dispatch_modes(), torch.no_grad():
+                try:
+                    result = func(*tree_map(real, args), **tree_map(real, kwargs))
+                except (RuntimeError, IndexError, ValueError):
+                    return None
+            shapes.append(result)
+        leaves = [[(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t
+                   for t in _leaves(r)] for r in shapes]
+        if leaves[0] != leaves[1]:
+            return None
+        return tree_map(
+            lambda t: torch.empty(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t,
+            shapes[0],
+        )
+
+    def _answer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A data-dependent operator on known values: computed for real; tensor results are
+        made as fake tensors of the real results' shapes (allocated below this mode, so the
+        storage counter sees them) and their values kept."""
+        with disable_dispatch_modes(), torch.no_grad():
+            real = func(*self._real(args), **self._real(kwargs))
+        if not isinstance(real, (torch.Tensor, tuple, list)):
+            return real
+
+        def fake_of(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            fake = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+            self._keep(fake, value)
+            return fake
+
+        return tree_map(fake_of, real)
+
+
+def _proxy(value: Any, fill: int) -> Any:
+    """A real stand-in for an unknown tensor: ``fill`` everywhere, no memory (a 0-d tensor
+    expanded to the shape)."""
+    return torch.full((), fill, dtype=value.dtype).expand(value.shape)
+
+
+class KnownConstants(TorchFunctionMode):
+    """``torch.tensor(data)`` where ``data`` holds 0-d fake tensors of known value (Qwen2-VL
+    gathers its position deltas that way): built from the values, as from Python numbers.
+    (The factory reads its elements' memory directly, which fake tensors do not have.)"""
+
+    def __init__(self, known: KnownValues) -> None:
+        super().__init__()
+        self.known = known
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and args:
+            def number(t: Any) -> Any:
+                if isinstance(t, torch.Tensor) and _is_fake(t):
+                    value = self.known.value_of(t)
+                    if value is not None:
+                        return value.tolist()
+                return t
+
+            args = (tree_map(number, args[0]), *args[1:])
+        return func(*args, **kwargs)
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``func`` writes to (its schema's ``Tensor(a!)`` arguments)."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        out += [t for t in _leaves(value) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _view(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor)
+
+
+def _is_random(func: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+
+
+def _leaves(value: Any) -> list[Any]:
+    from layerscope.compat import tree_leaves
+
+    return list(tree_leaves(value))

@@ -1,0 +1,296 @@
+"""Models that are not plain causal LMs: each is built tiny from a config (meta device) and
+estimated end to end; what its step is fed is checked against arithmetic written here.
+
+One test per family of issue 15 (each raised an error before): the vocabulary of a
+vision-language model's text config, per-sequence labels, data-dependent operators, configs
+whose depth is a read-only property, hybrid stacks, per-layer head sizes, transformers' own
+``inf`` in a saved config, speech inputs, an FSDP2-wrapped model; plus the popular ones
+(Gemma-3, Qwen2.5-VL, LLaVA, BERT classification, Whisper, Jamba).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from layerscope import (
+    FreezePlan,
+    TrainingSetup,
+    UnsupportedModelError,
+    empty_model,
+    estimate_memory,
+    estimate_step_time,
+    scan,
+)
+from layerscope.errors import EstimateError
+from layerscope.estimate.memory import step_inputs_of
+
+B = 2  # sequences per step: more than one, so a label per sequence and per token differ
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=512)
+
+
+def _config(model_type: str, architecture: str, **fields) -> dict:
+    return {"model_type": model_type, "architectures": [architecture], **fields}
+
+
+def _inputs(estimate) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {t.name: (t.shape, t.dtype) for t in estimate.inputs.tensors}
+
+
+# -- vision-language models: the text config's vocabulary, image tokens in the sequence -------
+def test_llava_counts_its_image_tokens_in_the_sequence():
+    side, patch = 32, 8
+    model = empty_model(_config(
+        "llava", "LlavaForConditionalGeneration", image_token_index=299,
+        text_config={"model_type": "llama", **TEXT},
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": side, "patch_size": patch},
+    ))
+    assert not hasattr(model.config, "vocab_size") or model.config.text_config.vocab_size == 300
+    e = estimate_memory(model, batch_size=B, seq_len=64)
+    # CLIP's patches, the class token dropped ("default" feature selection): (32 / 8)^2 = 16
+    assert e.inputs.image_tokens == (side // patch) ** 2 == 16
+    ids = next(t for t in e.inputs.tensors if t.name == "input_ids")
+    assert int((ids.value == 299).sum()) == B * 16
+    assert _inputs(e)["pixel_values"] == ((B, 3, side, side), torch.float32)
+    with pytest.raises(EstimateError, match=r"seq_len=16 cannot hold 1 image.*seq_len >= 17"):
+        estimate_memory(model, batch_size=B, seq_len=16)
+    text_only = estimate_memory(model, batch_size=B, seq_len=64, images=0)
+    assert "pixel_values" not in _inputs(text_only)
+    # the vision tower's activations come on top of the text's
+    assert e.activation_bytes > text_only.activation_bytes
+
+
+def test_gemma3_pools_its_image_to_mm_tokens_per_image():
+    side, patch, tokens = 64, 8, 16
+    model = empty_model(_config(
+        "gemma3", "Gemma3ForConditionalGeneration", image_token_index=299, boi_token_index=297,
+        eoi_token_index=298, mm_tokens_per_image=tokens,
+        text_config={"model_type": "gemma3_text", **TEXT, "sliding_window": 32},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": side, "patch_size": patch},
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=64)
+    # 8 x 8 patches average-pooled to sqrt(16) = 4 per side
+    assert e.inputs.image_tokens == tokens == ((side // patch) // 2) ** 2
+    assert e.peak_bytes > 0 and estimate_step_time(model, batch_size=B, seq_len=64).seconds > 0
+
+
+def test_qwen2_5_vl_patches_merge_into_tokens():
+    patch, merge, side = 14, 2, 56
+    model = empty_model(_config(
+        "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", image_token_id=299,
+        video_token_id=298, vision_start_token_id=296, vision_end_token_id=297,
+        text_config={"model_type": "qwen2_5_vl_text", **TEXT,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                         "mrope_section": [2, 3, 3]}},
+        vision_config={"model_type": "qwen2_5_vl", "depth": 1, "hidden_size": 32,
+                       "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "patch_size": patch, "spatial_merge_size": merge,
+                       "temporal_patch_size": 2, "fullatt_block_indexes": [0]},
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=64, image_size=side)
+    cells = side // patch  # 4 x 4 patches, merged 2 x 2 into tokens
+    assert e.inputs.image_tokens == cells * cells // merge**2 == 4
+    shapes = _inputs(e)
+    assert shapes["image_grid_thw"][0] == (B, 3)
+    assert shapes["pixel_values"][0] == (B * cells * cells, 3 * 2 * patch * patch)
+
+
+# -- classification: one label per sequence ----------------------------------------------------
+def test_bert_classifier_gets_one_label_per_sequence():
+    model = empty_model(_config(
+        "bert", "BertForSequenceClassification", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, vocab_size=300, num_labels=3,
+    ))
+    e = estimate_memory(model, batch_size=4, seq_len=32)
+    labels = next(t for t in e.inputs.tensors if t.name == "labels")
+    assert labels.shape == (4,) and labels.dtype == torch.long  # not 4 x 32
+    assert set(labels.value.tolist()) <= {0, 1, 2}
+    # the head's output is 4 x 3 logits, not 4 x 32 x vocabulary: its memory (logits, their
+    # fp32 copy, the loss) fits in a few 512-byte allocator blocks
+    assert e.logits_bytes < 4 * 32 * 300 * 4
+
+
+def test_decoder_classifier_without_pad_token_is_given_one():
+    model = empty_model(_config("llama", "LlamaForSequenceClassification", **TEXT,
+                                num_labels=2, eos_token_id=2))
+    assert model.config.pad_token_id is None
+    e = estimate_memory(model, batch_size=B, seq_len=32)  # transformers refuses B > 1 unpadded
+    assert e.inputs.task == "sequence-classification"
+    assert model.config.pad_token_id is None  # set on the traced copy only
+
+
+# -- data-dependent operators --------------------------------------------------------------------
+def test_bart_classifier_pools_its_end_of_sequence_tokens():
+    # hidden[eos_mask] and a check that every row has as many <eos>: values of the inputs
+    model = empty_model(_config(
+        "bart", "BartForSequenceClassification", d_model=64, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=300, eos_token_id=2,
+        max_position_embeddings=128,
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=32)
+    ids = next(t for t in e.inputs.tensors if t.name == "input_ids")
+    assert (ids.value == 2).sum(dim=1).tolist() == [1] * B  # one <eos>, at the end
+
+
+def test_xlm_reads_its_sequence_lengths():
+    # assert lengths.max().item() <= slen; and it loops over config.n_layers
+    model = empty_model(_config("xlm", "XLMWithLMHeadModel", emb_dim=64, n_layers=2,
+                                n_heads=4, vocab_size=300))
+    assert estimate_memory(model, batch_size=B, seq_len=32).peak_bytes > 0
+
+
+def test_activation_dependent_routing_is_refused_by_name():
+    model = empty_model(_config(
+        "jetmoe", "JetMoeForCausalLM", hidden_size=64, num_hidden_layers=2,
+        num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=4,
+        num_experts_per_tok=2, vocab_size=300,
+    ))
+    with pytest.raises(UnsupportedModelError, match="_local_scalar_dense"):
+        estimate_memory(model, batch_size=B, seq_len=16)
+
+
+# -- configs whose depth is a read-only property, hybrid stacks ----------------------------------
+@pytest.mark.parametrize("model_type, architecture, fields", [
+    ("mamba", "MambaForCausalLM", dict(hidden_size=64, state_size=8, num_hidden_layers=2,
+                                       vocab_size=300, use_mambapy=False)),
+    ("prophetnet", "ProphetNetForConditionalGeneration", dict(
+        hidden_size=64, num_encoder_layers=2, num_decoder_layers=2,
+        num_encoder_attention_heads=4, num_decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, vocab_size=300)),
+])
+def test_depth_that_transformers_will_not_set(model_type, architecture, fields):
+    model = empty_model(_config(model_type, architecture, **fields))
+    assert estimate_memory(model, batch_size=B, seq_len=16).peak_bytes > 0
+
+
+def test_jamba_hybrid_stack_is_one_stack_of_two_block_classes():
+    model = empty_model(_config(
+        "jamba", "JambaForCausalLM", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8,
+        mamba_dt_rank=8, use_mamba_kernels=False,
+    ))
+    stack = scan(model).layers
+    assert stack.path == "model.layers" and len(stack) == 4
+    assert set(stack.block_type.split("/")) == {"JambaMambaDecoderLayer",
+                                               "JambaAttentionDecoderLayer"}
+    e = estimate_memory(model, FreezePlan.first(1), batch_size=B, seq_len=16)
+    assert len(e.activation_bytes_per_block) == 4
+
+
+# -- the time model: per-layer head sizes, empty matrices ---------------------------------------
+def test_gemma4_per_layer_head_dim_is_read_per_layer():
+    from transformers import Gemma4TextConfig
+
+    defaults = Gemma4TextConfig()
+    model = empty_model(_config(
+        "gemma4_text", "Gemma4ForCausalLM", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        global_head_dim=32, vocab_size=300, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=300, layer_types=["sliding_attention", "full_attention"],
+        **{k: getattr(defaults, k) for k in ("rope_parameters",) if hasattr(defaults, k)},
+    ))
+    assert estimate_step_time(model, batch_size=B, seq_len=32).seconds > 0
+
+
+# -- a config.json transformers writes with inf ------------------------------------------------
+def test_saved_config_with_infinity_reads_back(tmp_path):
+    from transformers import BambaConfig
+
+    BambaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, vocab_size=300,
+                mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["time_step_limit"][1] == {"__float__": "Infinity"}
+    model = empty_model(tmp_path)
+    assert model.config.time_step_limit[1] == math.inf
+
+
+# -- speech: features, decoder length ---------------------------------------------------------
+def test_whisper_decoder_stays_within_max_target_positions():
+    model = empty_model(_config(
+        "whisper", "WhisperForConditionalGeneration", d_model=64, encoder_layers=1,
+        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=300, num_mel_bins=16,
+        max_source_positions=50, max_target_positions=32, decoder_start_token_id=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=512)
+    shapes = _inputs(e)
+    # Whisper's encoder takes exactly 2 x max_source_positions frames
+    assert shapes["input_features"][0] == (B, 16, 2 * 50)
+    assert shapes["labels"][0] == (B, 32) and e.inputs.target_len == 32
+    assert _inputs(estimate_memory(model, batch_size=B, seq_len=512, target_len=8))[
+        "labels"][0] == (B, 8)
+    with pytest.raises(EstimateError, match="target_len=40 exceeds the decoder's maximum length 32"):
+        estimate_memory(model, batch_size=B, target_len=40)
+
+
+def test_wav2vec2_ctc_reads_raw_audio_of_audio_seconds():
+    model = empty_model(_config(
+        "wav2vec2", "Wav2Vec2ForCTC", hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, vocab_size=32,
+        conv_dim=[32, 32], conv_stride=[5, 2], conv_kernel=[10, 3], num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+    ))
+    e = estimate_memory(model, batch_size=B, audio_seconds=2.0)
+    shapes = _inputs(e)
+    assert shapes["input_values"][0] == (B, 2 * 16_000)  # 16 kHz samples
+    assert shapes["labels"][0] == (B, 2 * 5)  # CTC_LABELS_PER_SECOND labels per second
+
+
+# -- an FSDP2-wrapped model, and a module without config ----------------------------------------
+def test_fsdp2_wrapped_model_is_estimated_as_the_model_it_wraps():
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already running")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        config = LlamaConfig(**TEXT)
+        torch.manual_seed(0)
+        plain = AutoModelForCausalLM.from_config(config)
+        wrapped = AutoModelForCausalLM.from_config(config)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in wrapped.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(wrapped, mesh=mesh)
+        wrapped.model.embed_tokens.weight.requires_grad_(False)
+        plain.model.embed_tokens.weight.requires_grad_(False)
+        before = {n: (type(p), p.requires_grad) for n, p in wrapped.named_parameters()}
+        a = estimate_memory(wrapped, batch_size=B, seq_len=32)
+        b = estimate_memory(plain, batch_size=B, seq_len=32)
+        assert a.peak_bytes == b.peak_bytes and a.trainable_params == b.trainable_params
+        assert isinstance(wrapped, FSDPModule)  # untouched
+        assert {n: (type(p), p.requires_grad) for n, p in wrapped.named_parameters()} == before
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_module_without_config_is_refused_with_what_is_missing():
+    from conftest import PlainNet
+
+    with pytest.raises(UnsupportedModelError, match="PlainNet has no config"):
+        TrainingSetup(PlainNet(), seq_len=8)
+        estimate_memory(PlainNet(), seq_len=8)
+
+
+def test_step_inputs_of_matches_the_estimate():
+    model = empty_model(_config("llama", "LlamaForCausalLM", **TEXT))
+    setup = TrainingSetup(model, batch_size=B, seq_len=16)
+    inputs = step_inputs_of(setup)
+    assert inputs.describe() == ("input_ids 2 x 16 int64", "labels = input_ids")
+    assert estimate_memory(setup).inputs == inputs

@@ -1,0 +1,69 @@
+"""Tests of layerscope.estimate.values: data-dependent operators on fake tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from layerscope.errors import UnsupportedModelError
+from layerscope.estimate.values import RANDOM_DRAW, KnownConstants, KnownValues
+
+
+def test_item_and_masks_of_known_tensors_are_answered_from_their_values():
+    known = KnownValues()
+    value = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])  # a real tensor: made outside
+    with FakeTensorMode(), known:
+        ids = torch.empty(2, 5, dtype=torch.long)
+        known.know(ids, value)
+        lengths = (ids != 1).sum(dim=1)  # computed from known values: known too
+        assert lengths.max().item() == 5 and lengths.min().item() == 3
+        hidden = torch.empty(2, 5, 8, requires_grad=True)
+        known.know(hidden, None)  # an activation: its values are not known
+        picked = hidden[ids == 5]  # the mask is known: 2 rows, whatever hidden holds
+        assert picked.shape == (2, 8) and picked.grad_fn is not None
+        picked.sum().backward()  # the backward indexes with the saved mask
+        assert hidden.grad.shape == (2, 5, 8)
+        assert torch.nonzero(ids == 1).shape == (2, 2)
+
+
+def test_what_activations_decide_is_refused_and_their_checks_pass():
+    known = KnownValues()
+    with FakeTensorMode(), known:
+        hidden, weight = torch.empty(4, 8), torch.empty(8, 8)
+        known.know(weight, None)  # a parameter: its values are not known
+        scores = hidden @ weight
+        assert bool(~scores.isnan().any())  # a check on activations is taken to pass
+        with pytest.raises(UnsupportedModelError, match=r"aten\.nonzero"):
+            torch.nonzero(scores > 0)
+
+
+def test_layerdrop_draws_never_skip_a_layer():
+    known = KnownValues()
+    with FakeTensorMode(), known:
+        draw = torch.rand([])
+        value = known.value_of(draw)
+        assert not bool(draw < 0.999)  # LayerDrop skips when the draw is below its rate
+    assert value.item() == pytest.approx(RANDOM_DRAW)
+
+
+def test_written_with_something_unknown_forgets_the_value():
+    known = KnownValues()
+    with FakeTensorMode(), known:
+        mask = torch.arange(6) > 2
+        assert known.value_of(mask) is not None
+        weight = torch.empty(8, 1)
+        known.know(weight, None)
+        activation = torch.empty(6, 8) @ weight
+        mask.copy_(activation.squeeze(1) > 0)  # now it depends on the activation
+        assert known.value_of(mask) is None
+
+
+def test_tensor_of_known_scalars():
+    known = KnownValues()
+    with FakeTensorMode(), KnownConstants(known), known:
+        a = torch.arange(4).sum()  # 6
+        b = torch.arange(3).max()  # 2
+        deltas = torch.tensor([a, b])  # reads its elements' values
+        value = known.value_of(deltas)
+    assert value.tolist() == [6, 2]
