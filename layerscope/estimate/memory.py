@@ -545,6 +545,8 @@ def _trace_step(setup: TrainingSetup) -> _Step:
             inference=setup.inference, mode=pre.mode, inputs=pre.inputs,
             reduced=len(pre.reps) < len(pre.blocks),
         )
+    except EstimateError:  # layerscope's own refusal (an UnsupportedModelError)
+        raise
     except (ReshapingBlocks, *_FORWARD_ERRORS) as exc:
         if len(pre.reps) == len(pre.blocks):
             raise traced_step_error(setup, exc) from exc
@@ -558,6 +560,8 @@ def _trace_step(setup: TrainingSetup) -> _Step:
                 seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=prec.autocast_dtype,
                 inference=setup.inference, mode=pre.mode, inputs=pre.inputs,
             )
+        except EstimateError:
+            raise
         except _FORWARD_ERRORS as exc2:  # the model's own forward
             raise traced_step_error(setup, exc2) from exc2
     block_kinds, kind_of_position = pre.block_kinds, pre.kind_of_position
