@@ -291,6 +291,7 @@ def run_head(model_type: str, family: str, class_name: str) -> dict[str, Any]:
         tries = [configs[0]] + [c for c in configs[1:] if c[1] in ("depth-only", "default")]
         reference = None
         first: dict[str, Any] = {}
+        tiny: tuple[Any, str] = (None, "")
         for config, size in tries:
             attempt = dict(result, size=size)
             config.architectures = [class_name]
@@ -301,12 +302,14 @@ def run_head(model_type: str, family: str, class_name: str) -> dict[str, Any]:
                 attempt["note"] = f"{configs[0][1]}: {first['step']}: {first['error']}"
             if attempt["status"] == "pass" or "its forward failed" not in (attempt["error"] or ""):
                 break
-            if size == "tiny" and reference is None:
-                reference = real_step(config, class_name, attempt.get("seq_len", SEQ_LEN))
-            first = attempt
+            if not first:
+                first = attempt
+                tiny = (config, size)
         result.update(attempt)
+        if result["status"] == "fail" and first and tiny[1] == "tiny":
+            reference = real_step(tiny[0], class_name, first.get("seq_len", SEQ_LEN))
         if result["status"] == "fail" and reference:
-            result.update(status="transformers", error=f"{result['error']} — the real tiny "
+            result.update(status="real-fails", error=f"{result['error']} — the real tiny "
                           f"model fails too, on the CPU: {reference}")
     except _Timeout as exc:
         result.update(status="fail", error=f"timeout: {exc}")
@@ -468,9 +471,21 @@ def tasks(filter_text: str | None = None) -> list[tuple[str, str, str]]:
 
 
 # -- the table -------------------------------------------------------------------------------
+STATUSES = {
+    "pass": "pass",
+    "fail": "**fail**",
+    "real-fails": "fails in transformers too",
+    "transformers": "transformers cannot build",
+}
+"""A head's (and a type's) verdict: passes every step; fails one; fails where the real tiny
+model, fed the same inputs, fails one training step on the CPU too (a config transformers
+itself cannot train at this size; the inputs are layerscope's, so the reason is shown); or
+transformers cannot build the head from any shrink of the default config."""
+
+
 def per_type(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per model type: ``pass`` (every head passes), ``fail``, or ``transformers`` (transformers
-    builds none of its heads from a tiny config)."""
+    """Per model type: the worst verdict of its heads that transformers can build (``pass``
+    only when every one passes); ``transformers`` when it builds none."""
     types: dict[str, dict[str, Any]] = {}
     for r in sorted(results, key=lambda r: (r["type"], r["class"])):
         t = types.setdefault(r["type"], {"heads": [], "status": None, "size": set()})
@@ -478,9 +493,9 @@ def per_type(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if r["size"]:
             t["size"].add(r["size"])
     for t in types.values():
-        built = [h for h in t["heads"] if h["status"] != "transformers"]
-        t["status"] = ("transformers" if not built else
-                       "pass" if all(h["status"] == "pass" for h in built) else "fail")
+        built = {h["status"] for h in t["heads"] if h["status"] != "transformers"}
+        t["status"] = next((v for v in ("fail", "real-fails", "pass") if v in built),
+                           "transformers")
     return types
 
 
@@ -490,24 +505,32 @@ def table(results: list[dict[str, Any]], seconds: float, command: str) -> str:
 
     types = per_type(results)
     counts = Counter(t["status"] for t in types.values())
-    buildable = counts["pass"] + counts["fail"]
-    heads = [r for r in results if r["status"] != "transformers"]
+    trainable = counts["pass"] + counts["fail"]
+    built = trainable + counts["real-fails"]
+    heads = [r for r in results if r["status"] not in ("transformers", "real-fails")]
     head_pass = sum(r["status"] == "pass" for r in heads)
     lines = [
         "# Model sweep",
         "",
         f"`{command}` — transformers {transformers.__version__}, torch {torch.__version__}, "
-        f"{len(results)} head classes of {len(types)} model types, {seconds / 60:.1f} min.",
+        f"{len(results)} head classes of {len(types)} model types, {seconds / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores.",
         "",
-        f"**{counts['pass']} of {buildable} model types pass every step** "
-        f"({100 * counts['pass'] / max(buildable, 1):.1f}%); {counts['transformers']} types "
-        f"transformers itself cannot build from a tiny config (not counted). Head classes: "
-        f"{head_pass} of {len(heads)} pass.",
+        f"**{counts['pass']} of {trainable} model types pass every step** "
+        f"({100 * counts['pass'] / max(trainable, 1):.1f}%), counting the types transformers "
+        f"can build and train at a tiny size; {counts['pass']} of {built} "
+        f"({100 * counts['pass'] / max(built, 1):.1f}%) counting also the "
+        f"{counts['real-fails']} whose real tiny model fails a training step on the CPU too. "
+        f"{counts['transformers']} types transformers cannot build from a small config (not "
+        f"counted). Head classes: {head_pass} of {len(heads)} pass.",
         "",
-        "Steps: build (`empty_model` of the saved config.json), scan, plan (`lp-lora`), memory "
-        f"(`estimate_memory`, batch {BATCH}), time (`estimate_step_time`), summary (`layerscope "
-        "summary`). Size: how far the default config could be shrunk (`tiny`: widths, experts "
-        "and depth; `shallow`: experts and depth; `depth-only`; `default`).",
+        "Steps: build (`empty_model` of the config.json transformers saved), scan, plan "
+        f"(`lp-lora`), memory (`estimate_memory`, batch {BATCH}), time (`estimate_step_time`), "
+        "summary (`layerscope summary`). Size: how far the default config was shrunk (`tiny`: "
+        "widths, experts and depth; `shallow`: experts and depth; `depth-only`; `default`); "
+        "where the model's own forward fails at the tiny size, the step is tried at "
+        "transformers' default widths. Verdicts: " + "; ".join(
+            f"{v}" for v in STATUSES.values()) + ".",
         "",
         "| type | verdict | head classes | size | failing step: reason |",
         "|---|---|---|---|---|",
@@ -521,8 +544,7 @@ def table(results: list[dict[str, Any]], seconds: float, command: str) -> str:
         notes = [f"{h['class']} passes at {h['size']} widths ({h['note']})".replace("|", "\\|")
                  for h in t["heads"] if h.get("note") and h["status"] == "pass"]
         why = "; ".join(x for x in (why, *notes) if x)
-        verdict = {"pass": "pass", "fail": "**fail**", "transformers": "transformers cannot build"}
-        lines.append(f"| {name} | {verdict[t['status']]} | {classes} | "
+        lines.append(f"| {name} | {STATUSES[t['status']]} | {classes} | "
                      f"{'/'.join(sorted(t['size'])) or '-'} | {why} |")
     return "\n".join(lines) + "\n"
 
@@ -540,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     # spawned workers: a forked one can inherit a lock held by a torch thread and hang
     context = multiprocessing.get_context("spawn")
-    pool = context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=40)
+    pool = context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=150)
     pending = {task: pool.apply_async(_run, (task,)) for task in todo}
     last = time.perf_counter()
     while pending:
@@ -549,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             r = pending.pop(task).get()
             results.append(r)
             last = time.perf_counter()
-            mark = {"pass": ".", "fail": "F", "transformers": "t"}[r["status"]]
+            mark = {"pass": ".", "fail": "F", "real-fails": "r", "transformers": "t"}[r["status"]]
             print(f"[{len(results)}/{len(todo)}] {mark} {r['type']} {r['class']} "
                   f"{r['step'] or ''} {r['error'] or ''}"[:200], file=sys.stderr, flush=True)
         if pending and time.perf_counter() - last > 2 * TASK_TIMEOUT_S:
