@@ -566,7 +566,7 @@ class TrainingSetup:
         _optional_int(self.target_len, "target_len", 1)
         _optional_int(self.images, "images", 0)
         _optional_int(self.image_size, "image_size", 1)
-        values = {
+        values: dict[str, Any] = {
             "audio_seconds": _optional_seconds(self.audio_seconds, "audio_seconds"),
             "model": model,
             "precision": resolve_precision(self.precision).name,

@@ -218,12 +218,12 @@ def _trace(
                 pre.reduced, pre.kept, kinds=pre.kind_of_position, sharding=sharding,
                 param_dtype=param_dtype, batch_size=setup.batch_size, seq_len=setup.seq_len,
                 vocab_size=pre.vocab, autocast_dtype=autocast_dtype, inference=setup.inference,
-                mode=pre.mode,
+                mode=pre.mode, inputs=pre.inputs,
             )
         return run_step(
             pre.reduced, pre.kept, kinds=pre.kind_of_position, batch_size=setup.batch_size,
             seq_len=setup.seq_len, vocab_size=pre.vocab, autocast_dtype=autocast_dtype,
-            inference=setup.inference, mode=pre.mode,
+            inference=setup.inference, mode=pre.mode, inputs=pre.inputs,
         )
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         raise traced_step_error(setup, exc, f" under {sharding.describe()}") from exc

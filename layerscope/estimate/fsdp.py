@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from layerscope.errors import EstimateError, LayerscopeError
+from layerscope.estimate.inputs import StepInputs
 from layerscope.estimate.sharding import Sharding
 from layerscope.estimate.trace import StepTrace, _Tracker, rounded, run_step
 
@@ -273,13 +274,14 @@ def trace_fsdp2(
     autocast_dtype: torch.dtype | None,
     inference: bool,
     mode: Any,
+    inputs: StepInputs | None = None,
 ) -> StepTrace:
     """Shard the fake reduced ``model`` with FSDP2 and trace one steady-state step of rank 0.
 
     Args:
-        model, blocks, kinds, batch_size, seq_len, vocab_size, autocast_dtype, inference, mode:
-            as for :func:`layerscope.estimate.trace.run_step` (``model`` already holds fake
-            parameters of ``mode``; it is sharded in place and must be a private copy).
+        model, blocks, kinds, batch_size, seq_len, vocab_size, autocast_dtype, inference, mode,
+            inputs: as for :func:`layerscope.estimate.trace.run_step` (``model`` already holds
+            fake parameters of ``mode``; it is sharded in place and must be a private copy).
         sharding: an FSDP strategy (``fsdp``, ``fsdp-grad-op`` or ``hsdp``) with version 2.
         param_dtype: the dtype of the parameters (the sharded copies).
 
@@ -292,7 +294,7 @@ def trace_fsdp2(
     def step(tracker: _Tracker | None) -> StepTrace:
         return run_step(model, blocks, kinds=kinds, batch_size=batch_size, seq_len=seq_len,
                         vocab_size=vocab_size, autocast_dtype=autocast_dtype, inference=inference,
-                        mode=mode, tracker=tracker)
+                        mode=mode, tracker=tracker, inputs=inputs)
 
     with fake_world(sharding) as mesh:
         shard(model, blocks, mesh, sharding, mixed_precision_policy(param_dtype, autocast_dtype), mode)

@@ -566,6 +566,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
             raise traced_step_error(setup, exc2) from exc2
     block_kinds, kind_of_position = pre.block_kinds, pre.kind_of_position
     reduced, kept, tensors, is_trainable = pre.reduced, pre.kept, pre.tensors, pre.is_trainable
+    assert pre.inputs is not None  # prepare sets them
     lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids,
                                  int(dtype_bytes(setup.adapter_dtype)))
     rep = replay(trace, block_kinds, setup.inference)
