@@ -259,7 +259,14 @@ def step_events(trace: StepTrace, block_kinds: Sequence[Any], inference: bool) -
     - an allocation of the embedding or head part: that one allocation, freed by the last
       block of the freeing kind to run (the one the reduced model ran);
     - a block's allocation freed by the embedding or head part (autocast's cast weights when
-      the forward ends): that allocation in every block of the kind.
+      the forward ends): that allocation in every block of the kind;
+    - a free the rules above cannot place, because the reduced model has no example of it in
+      the full model's order (an encoder output's gradient summed block by block, handed
+      between two frozen blocks where the reduced model has one; a tensor only the first
+      block makes and its neighbour frees): the allocation of the same size and rank among the
+      tensors the part at that distance hands across blocks, or nothing where it has none
+      (:func:`_cross_block`). Only the allocator simulation (``reserved_bytes``) reads these
+      events; the peak is the segment replay's.
 
     Raises:
         EstimateError: ``trace`` has no events, or an event the rules above cannot place.
@@ -296,6 +303,7 @@ def step_events(trace: StepTrace, block_kinds: Sequence[Any], inference: bool) -
     passed: dict[tuple[Any, str], list[int]] = {}
     for key, j in sorted(trace.passed, key=lambda kj: kj[1]):
         passed.setdefault(key, []).append(j)
+    sizes, crossing = _cross_block(trace)
     handles: dict[tuple[int, tuple[Any, str]], list[int | None]] = {}
     alive: set[int] = set()
     ops: list[Op] = []
@@ -305,6 +313,19 @@ def step_events(trace: StepTrace, block_kinds: Sequence[Any], inference: bool) -
         if h is not None and h in alive:
             alive.remove(h)
             ops.append((h, 0))
+
+    def counterpart(target: int, owner: tuple[Any, str], j: int) -> None:
+        """Free what the part at ``target`` made in place of ``owner``'s ``j``-th allocation:
+        the one of the same size and rank among the tensors it hands across blocks."""
+        if not -1 <= target <= n:
+            return
+        tkey = full_key(target, owner[1])
+        size = sizes.get((owner, j))
+        mine = [i for i in crossing.get(owner, ()) if sizes.get((owner, i)) == size]
+        theirs = [i for i in crossing.get(tkey, ()) if sizes.get((tkey, i)) == size]
+        made = handles.get((target, tkey))
+        if j in mine and made is not None and mine.index(j) < len(theirs):
+            release(made[theirs[mine.index(j)]])
 
     for pos, key in order:
         mine = handles.setdefault((pos, key), [])
@@ -327,9 +348,10 @@ def step_events(trace: StepTrace, block_kinds: Sequence[Any], inference: bool) -
                 tkey = full_key(target, owner[1])
                 which = passed[owner].index(j)
                 theirs = passed.get(tkey, [])
-                if which >= len(theirs):
-                    raise EstimateError(f"internal: {tkey} hands on no tensor for {key} to free")
-                release(handles[(target, tkey)][theirs[which]])
+                if which < len(theirs) and (target, tkey) in handles:
+                    release(handles[(target, tkey)][theirs[which]])
+                else:  # that part hands on fewer tensors (another layer type's block)
+                    counterpart(target, owner, j)
             elif owner[0] in ("embed", "head"):  # the embedding's or head's: one allocation
                 if not is_block or last_run[key] == pos:
                     release(handles[(-1 if owner[0] == "embed" else n, owner)][j])
@@ -339,13 +361,31 @@ def step_events(trace: StepTrace, block_kinds: Sequence[Any], inference: bool) -
                         release(handles[(i, owner)][j])
             else:
                 target = pos + traced_pos(owner) - traced_pos(key)
-                if not 0 <= target < n or block_kinds[target] != owner[0]:
-                    raise EstimateError(
-                        f"internal: {key} frees allocation {j} of {owner}, which block {pos} "
-                        "of the full model has no counterpart for"
-                    )
-                release(handles[(target, owner)][j])
+                if 0 <= target < n and block_kinds[target] == owner[0] and (target, owner) in handles:
+                    release(handles[(target, owner)][j])
+                else:
+                    counterpart(target, owner, j)
     return StepEvents(ops=tuple(ops), handles=count, leftover=tuple(sorted(alive)))
+
+
+def _cross_block(trace: StepTrace) -> tuple[dict[tuple[tuple[Any, str], int], int],
+                                            dict[tuple[Any, str], list[int]]]:
+    """The bytes of every allocation of ``trace`` by ``(segment, index)``, and per segment the
+    indices (in order) of its allocations that another part frees or that it hands on: the
+    tensors that cross from one block to the next."""
+    sizes: dict[tuple[tuple[Any, str], int], int] = {}
+    crossing: dict[tuple[Any, str], set[int]] = {}
+    for key, events in trace.events.items():
+        j = 0
+        for event in events:
+            if len(event) == 2:
+                sizes[(key, j)] = event[1]
+                j += 1
+            elif event[1] != key and event[1][0] != key[0]:
+                crossing.setdefault(event[1], set()).add(event[2])
+    for key, j in trace.passed:
+        crossing.setdefault(key, set()).add(j)
+    return sizes, {key: sorted(js) for key, js in crossing.items()}
 
 
 def live_peaks(events: StepEvents, split: int | None = None) -> tuple[int, int, int]:
