@@ -25,7 +25,7 @@ from layerscope import (
     estimate_step_time,
     scan,
 )
-from layerscope.errors import EstimateError
+from layerscope.errors import ConfigError, EstimateError
 from layerscope.estimate.memory import step_inputs_of
 
 B = 2  # sequences per step: more than one, so a label per sequence and per token differ
@@ -214,6 +214,22 @@ def test_saved_config_with_infinity_reads_back(tmp_path):
     assert saved["time_step_limit"][1] == {"__float__": "Infinity"}
     model = empty_model(tmp_path)
     assert model.config.time_step_limit[1] == math.inf
+
+
+def test_saved_config_with_sizes_per_stage_reads_back(tmp_path):
+    """SegFormer gives its heads per stage, Gemma-3n its feed-forward width per layer: lists
+    of sizes are read (they were 'not a size'); a list holding a zero is still refused."""
+    from transformers import SegformerConfig
+
+    SegformerConfig(num_attention_heads=[1, 2, 4, 8], hidden_sizes=[16, 32, 64, 128],
+                    depths=[1, 1, 1, 1], num_labels=3).save_pretrained(tmp_path)
+    model = empty_model(tmp_path)
+    assert model.config.num_attention_heads == [1, 2, 4, 8]
+    assert scan(model).num_layers >= 4
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "num_attention_heads": [1, 0]}))
+    with pytest.raises(ConfigError, match=r"num_attention_heads=\[1, 0\] is not a size"):
+        empty_model(tmp_path)
 
 
 # -- speech: features, decoder length ---------------------------------------------------------

@@ -153,6 +153,10 @@ SIZES = ("num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd",
          "num_attention_heads", "n_head", "intermediate_size", "vocab_size")
 """Config fields that count layers or size tensors: whole numbers from 1 to 2**31 - 1 where
 present (transformers builds a model of no layers from ``num_hidden_layers=0`` or ``-1``)."""
+PER_LAYER_SIZES = ("num_attention_heads", "n_head", "intermediate_size")
+"""The fields of :data:`SIZES` that a config may also give as a list, one size per layer or
+stage: Gemma-3n's ``intermediate_size``, PVT's, SegFormer's and LeViT's ``num_attention_heads``
+per stage."""
 FLAGS = ("tie_word_embeddings",)
 """Config fields that must be booleans (``"no"`` would read as true)."""
 
@@ -182,10 +186,13 @@ def check_config(config: PretrainedConfig, label: str) -> None:
             value = c.__dict__.get(name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            per_layer = name in PER_LAYER_SIZES and isinstance(value, (list, tuple)) and value
+            if not all(not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= MAX_SIZE
+                       for v in (value if per_layer else [value])):
+                allowed = " (or a list of them, per layer)" if name in PER_LAYER_SIZES else ""
                 raise ConfigError(
                     f"{label}: {prefix}{name}={str(value)[:40]} is not a size; allowed: a whole "
-                    "number from 1 to 2**31 - 1"
+                    f"number from 1 to 2**31 - 1{allowed}"
                 )
         for name in FLAGS:
             value = c.__dict__.get(name)
