@@ -188,6 +188,27 @@ def test_jamba_hybrid_stack_is_one_stack_of_two_block_classes():
     assert len(e.activation_bytes_per_block) == 4
 
 
+def test_image_text_model_built_without_a_vision_tower_trains_on_text():
+    """Gemma-4's default config has no vision_config, so the model has no vision tower: the
+    step is text only (it was fed an image), and asking for images says why not."""
+    from transformers import Gemma4TextConfig
+
+    defaults = Gemma4TextConfig()
+    text = dict(model_type="gemma4_text", hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                global_head_dim=16, vocab_size=300, hidden_size_per_layer_input=8,
+                vocab_size_per_layer_input=300,
+                layer_types=["sliding_attention", "full_attention"],
+                **{k: getattr(defaults, k) for k in ("rope_parameters",) if hasattr(defaults, k)})
+    model = empty_model(_config("gemma4", "Gemma4ForConditionalGeneration", text_config=text,
+                                vision_config=None, audio_config=None))
+    assert getattr(model.model, "vision_tower", None) is None
+    e = estimate_memory(model, batch_size=B, seq_len=32)
+    assert _inputs(e)["input_ids"][0] == (B, 32) and e.inputs.image_tokens == 0
+    with pytest.raises(EstimateError, match="images=1: .* without a vision tower"):
+        estimate_memory(model, batch_size=B, seq_len=32, images=1)
+
+
 # -- the time model: per-layer head sizes, empty matrices ---------------------------------------
 def test_gemma4_per_layer_head_dim_is_read_per_layer():
     from transformers import Gemma4TextConfig

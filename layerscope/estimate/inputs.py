@@ -259,6 +259,13 @@ def step_inputs(model: nn.Module, sizes: Sizes,
             extra = (_tokens("decoder_input_ids", b, s, vocab, specials, eos=eos),)
         return StepInputs(task, (ids, *extra, _class_labels(config, b)), tokens=s)
     encoder_decoder = _is_encoder_decoder(model, config)
+    if task == "image-text" and not _has_vision(config):
+        if sizes.images:
+            raise EstimateError(
+                f"images={sizes.images}: {type(model).__name__} was built without a vision "
+                "tower (its config's vision_config is None); use images=0 or a config with one"
+            )
+        sizes = dataclasses.replace(sizes, images=0)  # Gemma-4's default config: text only
     if task == "image-text" and (sizes.images if sizes.images is not None else 1) > 0:
         if _accepts(model, "aspect_ratio_ids"):
             return _cross_attention_images(model, config, sizes, vocab, specials)
@@ -474,6 +481,13 @@ def _decoder(model: nn.Module, config: Any, batch: int, target: int) -> tuple[In
 QFORMER_TOKENS = 32
 """Tokens of the instruction a Q-Former reads (InstructBLIP's ``qformer_input_ids``): a short
 prompt."""
+
+
+def _has_vision(config: Any) -> bool:
+    """False for a config with a slot for a vision config that is empty (the model then has no
+    vision tower: transformers' default Gemma-4 config)."""
+    slots = getattr(config, "sub_configs", None) or {}
+    return "vision_config" not in slots or getattr(config, "vision_config", None) is not None
 
 
 def _vision_config(config: Any) -> Any:
