@@ -61,6 +61,8 @@ SEQ_LEN = 64
 """Tokens per sequence asked for (less where the model's text config allows fewer positions;
 more where the images of a vision-language model need more)."""
 TASK_TIMEOUT_S = 180
+STALL_S = TASK_TIMEOUT_S + 30
+"""Seconds without any finished task after which the pool is taken as stalled."""
 
 # -- tiny configs -----------------------------------------------------------------------------
 WIDTH = 64
@@ -580,26 +582,36 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     # spawned workers: a forked one can inherit a lock held by a torch thread and hang
     context = multiprocessing.get_context("spawn")
-    pool = context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=150)
-    pending = {task: pool.apply_async(_run, (task,)) for task in todo}
-    last = time.perf_counter()
-    while pending:
-        finished = [task for task, job in pending.items() if job.ready()]
-        for task in finished:
-            r = pending.pop(task).get()
-            results.append(r)
-            last = time.perf_counter()
-            mark = {"pass": ".", "fail": "F", "real-fails": "r", "transformers": "t"}[r["status"]]
-            print(f"[{len(results)}/{len(todo)}] {mark} {r['type']} {r['class']} "
-                  f"{r['step'] or ''} {r['error'] or ''}"[:200], file=sys.stderr, flush=True)
-        if pending and time.perf_counter() - last > 2 * TASK_TIMEOUT_S:
-            for task in pending:  # a worker hung where the alarm cannot reach (native code)
-                results.append({"type": task[0], "family": task[1], "class": task[2],
-                                "size": None, "status": "fail", "step": None,
-                                "error": "timeout: the worker hung", "seconds": 0.0})
+    left = list(todo)
+    for attempt in range(2):  # a stalled pool's unfinished tasks get one fresh pool
+        pool = context.Pool(args.jobs, initializer=_init_worker, maxtasksperchild=150)
+        pending = {task: pool.apply_async(_run, (task,)) for task in left}
+        last = time.perf_counter()
+        while pending:
+            finished = [task for task, job in pending.items() if job.ready()]
+            for task in finished:
+                r = pending.pop(task).get()
+                results.append(r)
+                last = time.perf_counter()
+                mark = {"pass": ".", "fail": "F", "real-fails": "r", "transformers": "t"}[
+                    r["status"]]
+                print(f"[{len(results)}/{len(todo)}] {mark} {r['type']} {r['class']} "
+                      f"{r['step'] or ''} {r['error'] or ''}"[:200], file=sys.stderr, flush=True)
+            # no task finished for longer than one may take: a worker hung where the alarm
+            # cannot reach (native code) or died and its task was lost
+            if pending and time.perf_counter() - last > STALL_S:
+                break
+            time.sleep(0.2)
+        pool.terminate()
+        left = list(pending)
+        if not left:
             break
-        time.sleep(0.2)
-    pool.terminate()
+        print(f"stalled: {len(left)} tasks " + ("retried in a fresh pool" if attempt == 0
+              else "recorded as hung"), file=sys.stderr, flush=True)
+    for task in left:
+        results.append({"type": task[0], "family": task[1], "class": task[2], "size": None,
+                        "status": "fail", "step": None, "error": "timeout: the worker hung",
+                        "seconds": 0.0})
     seconds = time.perf_counter() - start
     command = "PYTHONPATH=. python benchmarks/model_sweep.py" + (
         f" --filter {args.filter}" if args.filter else "")
