@@ -286,6 +286,24 @@ def test_wav2vec2_ctc_reads_raw_audio_of_audio_seconds():
     assert shapes["labels"][0] == (B, 2 * 5)  # CTC_LABELS_PER_SECOND labels per second
 
 
+def test_parakeet_ctc_gets_the_mask_its_loss_reads_lengths_from():
+    """Parakeet's CTC loss takes each sample's length from the attention mask over its
+    filter-bank frames (it failed on None): a mask of ones, frames x batch, is fed."""
+    model = empty_model(_config(
+        "parakeet_ctc", "ParakeetForCTC", vocab_size=32, pad_token_id=31,
+        encoder_config={"model_type": "parakeet_encoder", "hidden_size": 64,
+                        "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 4, "intermediate_size": 128,
+                        "num_mel_bins": 16, "subsampling_conv_channels": 32},
+    ))
+    e = estimate_memory(model, batch_size=B, audio_seconds=1.0)
+    shapes = _inputs(e)
+    # 100 frames a second (a 10 ms hop) of 16 mel bins; the mask covers the frames
+    assert shapes["input_features"][0] == (B, 100, 16)
+    assert shapes["attention_mask"] == ((B, 100), torch.long)
+    assert shapes["labels"][0] == (B, 5)
+
+
 # -- an FSDP2-wrapped model, and a module without config ----------------------------------------
 def test_fsdp2_wrapped_model_is_estimated_without_touching_it():
     dist = pytest.importorskip("torch.distributed")

@@ -19,7 +19,9 @@ image-classification      ``pixel_values`` B x C x H x W, ``labels`` one per ima
 speech-seq2seq            ``input_features`` (or ``input_values``) of ``audio_seconds``,
                           ``labels`` B x T
 ctc                       ``input_features`` / ``input_values``, ``labels`` B x L
-                          (L = :data:`CTC_LABELS_PER_SECOND` x seconds)
+                          (L = :data:`CTC_LABELS_PER_SECOND` x seconds), and an
+                          ``attention_mask`` over the frames of features where the forward
+                          takes one (the CTC loss reads the lengths from it)
 audio-classification      ``input_features`` / ``input_values``, ``labels`` one per clip
 ========================  ====================================================================
 
@@ -244,7 +246,14 @@ def step_inputs(model: nn.Module, sizes: Sizes,
             length = max(1, min(s, math.ceil(seconds * CTC_LABELS_PER_SECOND)))
             vocab = _vocab(model, config)
             labels = _tokens("labels", b, length, vocab, _special_ids(config))
-            return StepInputs(task, (audio, labels), tokens=length)
+            mask: tuple[InputTensor, ...] = ()
+            if len(audio.shape) == 3 and _accepts(model, "attention_mask"):
+                # frames x features: the feature extractor's mask of the real frames, from
+                # which the CTC loss takes each sample's length (Parakeet, LASR)
+                frames = audio.shape[:2]
+                mask = (InputTensor("attention_mask", frames, torch.long,
+                                    torch.ones(frames, dtype=torch.long)),)
+            return StepInputs(task, (audio, *mask, labels), tokens=length)
         target = _target_len(config, sizes)
         return StepInputs(task, (audio, *_decoder(model, config, b, target)), tokens=target,
                           target_len=target)
