@@ -98,6 +98,11 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # default 224-pixel, 32-pixel-patch tower: 49 patches, not a size its projector has
     # queries for; rhymes-ai/Aria uses 980 pixels and 14-pixel patches
     "aria": {"vision_config": {"image_size": 980, "patch_size": 14}},
+    # default 224-pixel, 32-pixel-patch tower: 7 patches per side, which the 2 x 2 pixel
+    # shuffle cannot split; HuggingFaceM4/Idefics3-8B-Llama3 uses 364 pixels, 14-pixel
+    # patches (26 per side), HuggingFaceTB/SmolVLM-Instruct 384 and 14 with a 3 x 3 shuffle
+    "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
+    "smolvlm": {"scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}},
 }
 """Config values taken from a published checkpoint where transformers' default config
 contradicts itself (an image its own vision tower cannot turn into the number of tokens the
