@@ -188,6 +188,27 @@ def test_jamba_hybrid_stack_is_one_stack_of_two_block_classes():
     assert len(e.activation_bytes_per_block) == 4
 
 
+def test_kosmos2_places_its_latent_image_queries_by_mask():
+    """Kosmos-2 has no image token: its latent_query_num image queries replace the text
+    embeddings where image_embeds_position_mask is set (it failed on None)."""
+    latents = 8
+    model = empty_model(_config(
+        "kosmos-2", "Kosmos2ForConditionalGeneration", latent_query_num=latents,
+        text_config={"model_type": "kosmos_2_text_model", "embed_dim": 64, "layers": 2,
+                     "attention_heads": 4, "ffn_dim": 128, "vocab_size": 300},
+        vision_config={"model_type": "kosmos_2_vision_model", "hidden_size": 32,
+                       "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=32)
+    mask = next(t for t in e.inputs.tensors if t.name == "image_embeds_position_mask")
+    assert mask.shape == (B, 32) and e.inputs.image_tokens == latents
+    # after the start token, latent_query_num positions per sequence
+    assert mask.value[:, 1:1 + latents].eq(1).all() and int(mask.value.sum()) == B * latents
+    with pytest.raises(EstimateError, match=f"use seq_len >= {latents + 2}"):
+        estimate_memory(model, batch_size=B, seq_len=latents + 1)
+
+
 def test_image_text_model_built_without_a_vision_tower_trains_on_text():
     """Gemma-4's default config has no vision_config, so the model has no vision tower: the
     step is text only (it was fed an image), and asking for images says why not."""

@@ -683,6 +683,17 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
     tensors: list[InputTensor] = [ids, *media]
     if modality == "image" and _accepts(model, "mm_token_type_ids"):
         tensors.append(InputTensor("mm_token_type_ids", (b, s), torch.long, kind))
+    latents = getattr(config, "latent_query_num", None)
+    if token is None and isinstance(latents, int) and _accepts(model, "image_embeds_position_mask"):
+        # Kosmos-2: the image's latent queries replace the text embeddings where this mask
+        # is set, right after the start token as its processor places them
+        if latents + 2 > s:
+            raise EstimateError(f"seq_len={s} cannot hold {type(model).__name__}'s "
+                                f"{latents} image tokens: use seq_len >= {latents + 2}")
+        mask = torch.zeros(b, s, dtype=torch.long)
+        mask[:, 1:1 + latents] = 1
+        tensors.append(InputTensor("image_embeds_position_mask", (b, s), torch.long, mask))
+        per_item, per_sequence = latents, 1
     if _accepts(model, "qformer_input_ids"):
         qformer = getattr(config, "qformer_config", None)
         qvocab = getattr(qformer, "vocab_size", None) or vocab
