@@ -101,6 +101,13 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # default 224-pixel, 32-pixel-patch tower: 7 patches per side, which the 2 x 2 pixel
     # shuffle cannot split; HuggingFaceM4/Idefics3-8B-Llama3 uses 364 pixels, 14-pixel
     # patches (26 per side), HuggingFaceTB/SmolVLM-Instruct 384 and 14 with a 3 x 3 shuffle
+    # no experts per token in the default config (topk of None); deepseek-ai/DeepSeek-V2-Lite
+    # routes each token to 6 of its 64
+    "deepseek_v2": {"num_experts_per_tok": 6},
+    # the default vision tower (768 wide) makes 3072 features per shuffled patch, its
+    # projector takes 5632; meta-llama/Llama-4-Scout-17B-16E: 1408 wide, 336 pixels, 4096 out
+    "llama4": {"vision_config": {"hidden_size": 1408, "image_size": 336,
+                                 "vision_output_dim": 4096}},
     "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
     "smolvlm": {"scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}},
 }
