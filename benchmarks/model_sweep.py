@@ -61,6 +61,9 @@ SEQ_LEN = 64
 """Tokens per sequence asked for (less where the model's text config allows fewer positions;
 more where the images of a vision-language model need more)."""
 TASK_TIMEOUT_S = 180
+REAL_STEP_MAX_PARAMS = 50_000_000
+"""Largest real tiny model stepped on the CPU to tell transformers' failures from ours (a
+larger one, whose tiny config keeps default widths somewhere, can outlast the alarm)."""
 STALL_S = TASK_TIMEOUT_S + 30
 """Seconds without any finished task after which the pool is taken as stalled."""
 
@@ -341,22 +344,37 @@ def run_head(model_type: str, family: str, class_name: str) -> dict[str, Any]:
         # config transformers cannot train says nothing of a failure at the default widths
         if result["status"] == "fail" and tried[1] == "tiny" and "its forward failed" in (
                 result["error"] or ""):
-            reference = real_step(tried[0], class_name, result.get("seq_len", SEQ_LEN))
-            if reference:
+            big = _too_big(tried[0], class_name)
+            reference = None if big else real_step(tried[0], class_name,
+                                                   result.get("seq_len", SEQ_LEN))
+            if big:
+                result["error"] = f"{result['error']} ({big})"
+            elif reference:
                 result.update(status="real-fails", error=f"{result['error']} — the real tiny "
                               f"model fails too, on the CPU: {reference}")
         elif result["status"] == "fail" and tiny is not None and first:
             # failed again at gentler shrinks: say whether transformers trains the tiny one
-            reference = real_step(tiny, class_name, first.get("seq_len", SEQ_LEN))
-            result["error"] = f"{result['error']} (tiny: {first['error']}" + (
-                f"; the real tiny model fails too, on the CPU: {reference})" if reference
-                else "; the real tiny model trains)")
+            big = _too_big(tiny, class_name)
+            reference = None if big else real_step(tiny, class_name,
+                                                   first.get("seq_len", SEQ_LEN))
+            result["error"] = f"{result['error']} (tiny: {first['error']}; " + (
+                big or (f"the real tiny model fails too, on the CPU: {reference}" if reference
+                        else "the real tiny model trains")) + ")"
     except _Timeout as exc:
         result.update(status="fail", error=f"timeout: {exc}")
     finally:
         signal.alarm(0)
         result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _too_big(config: Any, class_name: str) -> str | None:
+    """Why the real model of ``config`` is not stepped on the CPU (more parameters than
+    :data:`REAL_STEP_MAX_PARAMS`: a step the alarm cannot interrupt), else None."""
+    params = sum(p.numel() for p in _transformers_build(class_name, config).parameters())
+    if params <= REAL_STEP_MAX_PARAMS:
+        return None
+    return f"the real tiny model, {params / 1e6:.0f}M parameters, is too large to step on the CPU"
 
 
 def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
