@@ -137,15 +137,23 @@ def traced_grads(params: Sequence[TensorInfo], num_blocks: int, embedding: int) 
                          embed=embed)
 
 
+def _embeddings(model: nn.Module, getter: str) -> Any:
+    """``model.<getter>()``, or None where the model has none (transformers raises
+    NotImplementedError for speech and vision models without token embeddings: Wav2Vec2)."""
+    get = getattr(model, getter, None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
 def embedding_grad_numel(model: nn.Module, trainable: Any) -> int:
     """Elements of the input embedding's gradient when it trains and is not tied to the output
     head (a tied one's gradient is first made in the head's backward); else 0.
 
     ``trainable(p)``: whether tensor ``p`` trains."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    emb = get_in() if callable(get_in) else None
-    head = get_out() if callable(get_out) else None
+    emb = _embeddings(model, "get_input_embeddings")
+    head = _embeddings(model, "get_output_embeddings")
     weight = getattr(emb, "weight", None)
     if not isinstance(weight, nn.Parameter) or not trainable(weight):
         return 0
