@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, cast
@@ -412,12 +411,18 @@ def _optional_int(value: object, name: str, minimum: int) -> int | None:
                                             maximum=MAX_SIZE)
 
 
+MAX_AUDIO_SECONDS = MAX_SIZE / 16_000
+"""Longest audio setting: 2**31 - 1 samples at the 16 kHz every speech feature extractor uses
+(about 37 hours)."""
+
+
 def _optional_seconds(value: object, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise EstimateError(f"{name} must be None or a finite number of seconds > 0, got {value!r}")
+            0 < value <= MAX_AUDIO_SECONDS):  # compared before any float(): no overflow
+        raise EstimateError(f"{name} must be None or a number of seconds > 0 and <= "
+                            f"{MAX_AUDIO_SECONDS:.0f}, got {str(value)[:40]}")
     return float(value)
 
 
