@@ -274,6 +274,19 @@ def test_saved_config_with_sizes_per_stage_reads_back(tmp_path):
         empty_model(tmp_path)
 
 
+def test_sharded_step_is_traced_per_input_setting():
+    """The sharded trace is cached per setting that shapes the inputs: a longer decoder
+    sequence under DDP is a new trace (the first one asked answered every later one)."""
+    model = empty_model(_config(
+        "bart", "BartForConditionalGeneration", d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, vocab_size=300, max_position_embeddings=128,
+    ))
+    short, long = (estimate_memory(model, batch_size=B, seq_len=32, target_len=t,
+                                   distributed="ddp", num_gpus=2) for t in (8, 64))
+    assert long.activation_bytes > short.activation_bytes
+
+
 # -- speech: features, decoder length ---------------------------------------------------------
 def test_whisper_decoder_stays_within_max_target_positions():
     model = empty_model(_config(

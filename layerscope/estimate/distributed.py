@@ -160,7 +160,8 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
                setup.precision, setup.gradient_checkpointing, setup.attention, setup.experts,
                setup.inference, param_dtype, autocast_dtype, states.trace_keeps_grads,
                mixed_units, fsdp1_mp, setup.quantization, setup.frozen_dtype,
-               setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared)
+               setup.loaded_dtype, setup.adapter_dtype, setup.kbit_prepared, setup.target_len,
+               setup.images, setup.image_size, setup.audio_seconds)
         cache = model_cache(setup.model, "sharded-step")
         if key not in cache:
             cache[key] = _trace(setup, pre, sharding, param_dtype, autocast_dtype, fsdp2, states)
