@@ -168,3 +168,26 @@ def test_a_run_over_real_lengths_steps_the_optimizer_once_per_accumulated_step(l
     assert (one["total_steps"], four["total_steps"]) == (4, 1)
     assert four["total_seconds"] == pytest.approx(one["total_seconds"] - 3 * opt)
     assert four["ms_per_step"] == pytest.approx(1000 * four["total_seconds"])
+
+
+@pytest.mark.parametrize(("strategy", "offload"), [("zero2", None), ("zero2", "optimizer"),
+                                                   ("zero1", "optimizer")])
+def test_the_optimizer_steps_transfers_run_once_per_accumulated_step(llama, strategy, offload):
+    kw = dict(**STEP, distributed=strategy, num_gpus=2, gpu="h100", offload=offload)
+    one = estimate_step_time(llama, **kw)
+    four = estimate_step_time(llama, **kw, gradient_accumulation_steps=4)
+    c = one.communication
+    assert c is not None
+    # after the optimizer: the all-gather of the updated parameters (and their H2D copy)
+    step = sum(t.exposed for t in c.transfers if t.phase == "step")
+    assert step > 0
+    assert {t.op for t in c.transfers if t.phase == "step"} == (
+        {"all-gather"} if offload is None else {"all-gather", "host-to-device"})
+    # ZeRO-1 reduces at the boundary only (with its gradients' copy to the CPU); ZeRO-2 on
+    # every micro-step
+    boundary = step
+    if strategy == "zero1":
+        boundary += sum(t.exposed for t in c.transfers
+                        if t.op in ("reduce-scatter", "device-to-host"))
+    micro = one.seconds - one.optimizer.seconds - boundary
+    assert four.seconds == pytest.approx(3 * micro + one.seconds)

@@ -32,7 +32,9 @@ its source (PyTorch 2.13, DeepSpeed 0.16):
 
 Time: every micro-step runs forward and backward; the optimizer runs once per step; the
 gradient reduction of DDP, ZeRO-1 and FSDP under ``no_sync`` only on the last micro-step
-(ZeRO-2 and ZeRO-3 reduce on every one), while FSDP's and ZeRO-3's all-gathers repeat.
+(ZeRO-2 and ZeRO-3 reduce on every one), while FSDP's and ZeRO-3's all-gathers repeat;
+ZeRO-1/2's all-gather of the updated parameters and, under optimizer offload, their copy to
+the GPU run once, after the optimizer.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from layerscope.estimate.states import RankStates, TensorInfo, ceil_div
 from layerscope.estimate.trace import rounded
 
 if TYPE_CHECKING:
-    from layerscope.estimate.comm import CommTime
+    from layerscope.estimate.comm import CommTime, Transfer
     from layerscope.estimate.sharding import Sharding
     from layerscope.estimate.time import StepTime
     from layerscope.setup import TrainingSetup
@@ -216,17 +218,30 @@ def fsdp1_grad_numel(params: Sequence[TensorInfo], num_blocks: int,
     return out
 
 
+def once_per_step(transfer: Transfer, strategy: str | None) -> bool:
+    """Whether ``transfer`` runs once per optimizer step rather than on every micro-step: any
+    transfer of the optimizer step's phase (ZeRO-1/2's all-gather of the updated parameters,
+    the host-to-device copy of them under optimizer offload) and, for a
+    :data:`BOUNDARY_ONLY_REDUCTION` strategy, the gradient reductions and the device-to-host
+    copies of the reduced gradients that follow them."""
+    if transfer.phase == "step":
+        return True
+    return strategy in BOUNDARY_ONLY_REDUCTION and transfer.op in (*REDUCTIONS,
+                                                                    "device-to-host")
+
+
 def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> StepTime:
     """``step`` (one micro-batch and the optimizer) as an optimizer step of ``steps``
-    micro-batches: ``steps`` forwards and backwards, one optimizer step, the gradient reduction
-    of :data:`BOUNDARY_ONLY_REDUCTION` strategies once; tokens ``steps`` times one's."""
+    micro-batches: ``steps`` forwards and backwards, one optimizer step, the transfers of
+    :func:`once_per_step` once; tokens ``steps`` times one's."""
     if steps == 1:
         return step
     optimizer = step.optimizer.seconds
     comm = step.communication
     boundary = 0.0
-    if comm is not None and sharding is not None and sharding.distributed in BOUNDARY_ONLY_REDUCTION:
-        boundary = sum(comm.exposed_of(op) for op in REDUCTIONS)
+    if comm is not None and sharding is not None:
+        boundary = sum(t.exposed for t in comm.transfers
+                       if once_per_step(t, sharding.distributed))
     micro = step.seconds - optimizer - boundary  # a micro-step that neither reduces nor steps
     seconds = (steps - 1) * micro + step.seconds
     scale = seconds / step.seconds if step.seconds else 1.0
