@@ -191,3 +191,28 @@ def test_the_optimizer_steps_transfers_run_once_per_accumulated_step(llama, stra
                         if t.op in ("reduce-scatter", "device-to-host"))
     micro = one.seconds - one.optimizer.seconds - boundary
     assert four.seconds == pytest.approx(3 * micro + one.seconds)
+
+
+def test_an_accumulated_steps_transfers_add_up_to_its_exposed_seconds(llama):
+    kw = dict(**STEP, distributed="fsdp", num_gpus=2, gpu="h100", fsdp_version=1)
+    one = estimate_step_time(llama, **kw).communication
+    four = estimate_step_time(llama, **kw, gradient_accumulation_steps=4).communication
+    assert one is not None and four is not None
+    # FSDP1 under no_sync: the all-gathers repeat on each of the 4 micro-steps, the
+    # reduce-scatters run on the last only
+    assert one.kinds == ("all-gather", "reduce-scatter")
+    gathers = sum(t.op == "all-gather" for t in one.transfers)
+    assert sum(t.op == "all-gather" for t in four.transfers) == 4 * gathers
+    assert four.bytes_of("all-gather") == 4 * one.bytes_of("all-gather")
+    assert four.bytes_of("reduce-scatter") == one.bytes_of("reduce-scatter")
+    rs = one.exposed_of("reduce-scatter")
+    assert four.exposed_seconds == pytest.approx(4 * (one.exposed_seconds - rs) + rs)
+    assert sum(four.exposed_of(k) for k in four.kinds) == pytest.approx(four.exposed_seconds)
+    # the issue order holds: every transfer starts after the one before it on its stream
+    starts = [t.start for t in four.transfers if t.op == "all-gather"]
+    assert starts == sorted(starts)
+    # the run's note names what the whole step moved and waited for
+    notes = " ".join(estimate_step_time(llama, **kw, gradient_accumulation_steps=4)
+                     .assumptions.notes)
+    assert f"{four.exposed_seconds * 1000:.1f} ms of it exposed" in notes
+    assert f"{one.exposed_seconds * 1000:.1f} ms of it exposed" not in notes

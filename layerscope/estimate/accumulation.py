@@ -252,7 +252,8 @@ def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> S
         low_seconds=step.low_seconds * scale, high_seconds=step.high_seconds * scale,
     )
     if comm is not None:
-        changes["communication"] = _accumulated_comm(comm, steps, seconds, boundary)
+        changes["communication"] = _accumulated_comm(
+            comm, steps, seconds, sharding.distributed if sharding is not None else None)
     return dataclasses.replace(step, **changes)
 
 
@@ -274,9 +275,22 @@ def _times(phase: Any, steps: int) -> Any:
     return dataclasses.replace(phase, **scaled)
 
 
-def _accumulated_comm(comm: CommTime, steps: int, seconds: float, boundary: float) -> CommTime:
+def _accumulated_comm(comm: CommTime, steps: int, seconds: float,
+                      strategy: str | None) -> CommTime:
+    """``comm`` (one micro-step and the optimizer step) as ``steps`` micro-steps: the first
+    ``steps - 1`` run the transfers that repeat (not :func:`once_per_step`), each micro-step
+    after the last one's end less its optimizer and once-per-step waits; the last runs all of
+    ``comm``'s. So the transfers' bytes, counts and exposed seconds add up to the totals."""
+    repeated = [t for t in comm.transfers if not once_per_step(t, strategy)]
+    boundary = sum(t.exposed for t in comm.transfers if once_per_step(t, strategy))
+    micro = comm.seconds - comm.optimizer_seconds - boundary
+    transfers = [dataclasses.replace(t, start=t.start + j * micro, end=t.end + j * micro)
+                 for j in range(steps - 1) for t in repeated]
+    last = (steps - 1) * micro
+    transfers += [dataclasses.replace(t, start=t.start + last, end=t.end + last)
+                  for t in comm.transfers]
     exposed = comm.exposed_seconds - boundary
     return dataclasses.replace(
         comm, seconds=seconds, compute_seconds=comm.compute_seconds * steps,
-        exposed_seconds=exposed * steps + boundary,
+        exposed_seconds=exposed * steps + boundary, transfers=tuple(transfers),
     )

@@ -221,8 +221,17 @@ def step_time_of(setup: TrainingSetup, gpu: GPU) -> StepTime:
     cache = model_cache(setup.model, "time")
     key = (setup, gpu)
     if key not in cache:
-        one = step_timer(setup, gpu).at(setup.batch_size, setup.seq_len)
-        cache[key] = accumulated_step(one, setup.gradient_accumulation_steps, setup.sharding)
+        timer = step_timer(setup, gpu)
+        one = timer.at(setup.batch_size, setup.seq_len)
+        step = accumulated_step(one, setup.gradient_accumulation_steps, setup.sharding)
+        run = timer.sharded
+        if run is not None and step is not one and one.communication is not None \
+                and step.communication is not None:  # the strategy's note: the whole step's
+            micro, whole = run.note(one.communication), run.note(step.communication)
+            notes = tuple(whole if n == micro else n for n in step.assumptions.notes)
+            step = dataclasses.replace(step, assumptions=dataclasses.replace(
+                step.assumptions, notes=notes))
+        cache[key] = step
     return cache[key]  # type: ignore[no-any-return]
 
 
