@@ -216,3 +216,21 @@ def test_an_accumulated_steps_transfers_add_up_to_its_exposed_seconds(llama):
                      .assumptions.notes)
     assert f"{four.exposed_seconds * 1000:.1f} ms of it exposed" in notes
     assert f"{one.exposed_seconds * 1000:.1f} ms of it exposed" not in notes
+
+
+@pytest.mark.parametrize("base", [{"quantization": "nf4"}, {"base_dtype": "bf16"}])
+def test_fsdp2_keeps_lora_gradients_in_its_fp32_reduce_dtype(llama, base):
+    # LoRA r=8 on the 7 Linears of each of the 4 layers, A (8 x in) and B (out x 8):
+    # q 8x64+64x8 = 1024, k and v 8x64+32x8 = 768, o 1024, gate/up 8x64+128x8 = 1536,
+    # down 8x128+64x8 = 1536: 8192 a layer, 32,768 in all. The adapters are bf16, but FSDP2's
+    # mixed-precision policy reduces in fp32 and accumulates the unsharded gradients upcast to
+    # it (to_accumulated_grad_if_needed): 4 bytes each, held through forward and backward.
+    lora = 4 * (1024 + 768 + 768 + 1024 + 3 * 1536)
+    assert lora == 32768
+    kw = dict(**base, lora=8, lora_dtype="bf16", seq_len=32, batch_size=2,
+              gradient_checkpointing=True, distributed="fsdp", num_gpus=2,
+              precision="bf16-mixed")
+    one = estimate_memory(llama, **kw)
+    two = estimate_memory(llama, **kw, gradient_accumulation_steps=2)
+    assert two.forward_peak_bytes - one.forward_peak_bytes == lora * 4
+    assert two.backward_peak_bytes - one.backward_peak_bytes == lora * 4

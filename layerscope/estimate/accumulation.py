@@ -178,6 +178,11 @@ def sharded_kept(
         reduce_itemsize: bytes per element FSDP2 accumulates unsharded gradients in.
     """
     strategy, stage = sharding.distributed, sharding.stage
+    if sharding.is_fsdp and sharding.fsdp.version == 2:
+        # each parameter's unsharded gradient, in the reduce dtype: not autograd's .grad
+        # (the trace keeps those, but in the parameter's dtype and made again in backward)
+        return KeptGradients(sum(rounded(p.numel * reduce_itemsize)
+                                 for p in params if p.trainable))
     if strategy is None or states.trace_keeps_grads:  # one GPU, DDP (no bucket views), ZeRO-1
         return traced_grads(params, num_blocks, embedding)
     if strategy == "ddp" or stage == 3:
@@ -190,9 +195,6 @@ def sharded_kept(
         # grads_in_partition: the partition the states hold in backward (alignment aside)
         return KeptGradients(rounded(ceil_div(part, sharding.shard_size) * itemsize),
                              in_backward=False)
-    if sharding.is_fsdp and sharding.fsdp.version == 2:
-        return KeptGradients(sum(rounded(p.numel * reduce_itemsize)
-                                 for p in params if p.trainable))
     return KeptGradients(sum(rounded(n * compute_itemsize)
                              for n in fsdp1_grad_numel(params, num_blocks,
                                                        sharding.fsdp.use_orig_params)))
