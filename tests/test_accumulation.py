@@ -234,3 +234,20 @@ def test_fsdp2_keeps_lora_gradients_in_its_fp32_reduce_dtype(llama, base):
     two = estimate_memory(llama, **kw, gradient_accumulation_steps=2)
     assert two.forward_peak_bytes - one.forward_peak_bytes == lora * 4
     assert two.backward_peak_bytes - one.backward_peak_bytes == lora * 4
+
+
+def test_zero2_keeps_the_aligned_partition_its_states_hold():
+    from layerscope.estimate.accumulation import sharded_kept
+    from layerscope.estimate.states import TensorInfo, rank_states, zero_partition
+
+    # DeepSpeed pads the flat group to a multiple of 2 x ranks: 1001 elements over 4 ranks
+    # pad to 1008, 252 a rank (not ceil(1001 / 4) = 251)
+    assert zero_partition(1001, 4) == 252 and zero_partition(1008, 4) == 252
+    # 12,289 bf16 elements over 4 ranks: 3,074 a rank = 6,148 bytes, rounded up to 6,656
+    params = [TensorInfo(12289, (12289,), 2, True, 0)]
+    sharding = make_sharding("zero2", 4)
+    states = rank_states(params, num_blocks=1, sharding=sharding, optimizer="adamw",
+                         compute_itemsize=2)
+    kept = sharded_kept(sharding, states, params, 1, 0, 2, 4)
+    assert kept.kept == states.gradients == 6656
+    assert not kept.in_backward

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from layerscope.estimate.states import RankStates, TensorInfo, ceil_div
+from layerscope.estimate.states import RankStates, TensorInfo, zero_partition
 from layerscope.estimate.trace import rounded
 
 if TYPE_CHECKING:
@@ -192,8 +192,8 @@ def sharded_kept(
             return NONE
         part = sum(p.numel for p in params if p.trainable)
         itemsize = max((p.itemsize for p in params), default=2)  # the module's dtype
-        # grads_in_partition: the partition the states hold in backward (alignment aside)
-        return KeptGradients(rounded(ceil_div(part, sharding.shard_size) * itemsize),
+        # grads_in_partition: the (aligned) partition the states hold in backward
+        return KeptGradients(rounded(zero_partition(part, sharding.shard_size) * itemsize),
                              in_backward=False)
     return KeptGradients(sum(rounded(n * compute_itemsize)
                              for n in fsdp1_grad_numel(params, num_blocks,

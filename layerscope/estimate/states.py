@@ -466,6 +466,13 @@ def _fsdp1(
 
 
 # -- DeepSpeed ZeRO ------------------------------------------------------------------------------
+def zero_partition(numel: int, ranks: int) -> int:
+    """Elements of one rank's ZeRO-1/2 partition of ``numel`` flattened trainable elements over
+    ``ranks``: the flat buffer padded to a multiple of ``ZERO_ALIGNMENT x ranks``, then split
+    evenly."""
+    return ceil_div(numel, ZERO_ALIGNMENT * ranks) * ZERO_ALIGNMENT
+
+
 def _zero(
     params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool, recompute: bool = False,
@@ -478,7 +485,7 @@ def _zero(
     trainable = [p for p in params if p.trainable]
     total_t = sum(p.numel for p in trainable)
     if stage < 3:
-        part = ceil_div(total_t, ZERO_ALIGNMENT * n) * ZERO_ALIGNMENT
+        part = zero_partition(total_t, n)
         weights = rounded(total_t * md) + sum(rounded(p.numel * md) for p in params if not p.trainable)
     else:
         part = sum(ceil_div(p.numel, n) for p in trainable)
