@@ -393,3 +393,36 @@ def test_scan_tensors_of_a_tiny_llama_with_adapters() -> None:
     assert sum(p.itemsize == 4 for p in params) == len(params)  # fp32 base and adapters
     with pytest.raises(EstimateError, match="not in the model"):
         scan_tensors(s, {"nope"})
+
+
+def test_fsdp1_reduces_each_units_whole_flat_gradient_when_any_of_it_trains() -> None:
+    from layerscope import estimate_step_time
+    from layerscope.estimate.states import fsdp1_grad_numel
+    from tests.conftest import build
+
+    llama = build("llama", "meta")
+    # tiny Llama block: 36,992 base elements; LoRA r=8 on its 7 Linears adds 8,192
+    # (q 1024, k and v 768, o 1024, gate/up/down 1536). With use_orig_params=True (the
+    # default) each block's flat parameter has one gradient, 45,184 elements, reduced in bf16
+    # (accelerate's reduce dtype under bf16-mixed); the root (embeddings, norm, head) is frozen
+    block = 36992 + 1024 + 768 + 768 + 1024 + 3 * 1536
+    assert block == 45184
+    kw = dict(lora=8, seq_len=32, batch_size=2, distributed="fsdp", fsdp_version=1,
+              num_gpus=2, gpu="h100", precision="bf16-mixed")
+    comm = estimate_step_time(llama, **kw).communication
+    assert comm is not None
+    assert [t.nbytes for t in comm.transfers if t.op == "reduce-scatter"] == [block * 2] * 4
+    # on a quantized base the HF Trainer wraps the adapters apart (use_orig_params=False):
+    # only their 8,192 elements a block are reduced
+    qlora = estimate_step_time(llama, **kw, quantization="nf4").communication
+    assert qlora is not None
+    assert [t.nbytes for t in qlora.transfers if t.op == "reduce-scatter"] == [8192 * 2] * 4
+    # one rule for memory and time: tensors past the last block are the root's
+    params = [TensorInfo(10, (10,), 4, True, 0), TensorInfo(6, (6,), 4, False, 0),
+              TensorInfo(3, (3,), 4, True, 1), TensorInfo(5, (5,), 4, False, None)]
+    assert fsdp1_grad_numel(params, 1, True) == [16, 8]
+    assert fsdp1_grad_numel(params, 1, False) == [10, 3]
+    with pytest.raises(EstimateError, match=r"reduced=17 exceeds params=16"):
+        rank_work(params[:2], 1, forward=[0.0], backward=[0.0], reduced=[17, 0])
+    with pytest.raises(EstimateError, match=r"one count per block and the root \(2\), got 1"):
+        rank_work(params[:2], 1, forward=[0.0], backward=[0.0], reduced=[16])

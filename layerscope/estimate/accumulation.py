@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from layerscope.estimate.states import RankStates, TensorInfo, zero_partition
+from layerscope.estimate.states import RankStates, TensorInfo, fsdp1_grad_numel, zero_partition
 from layerscope.estimate.trace import rounded
 
 if TYPE_CHECKING:
@@ -198,26 +198,6 @@ def sharded_kept(
     return KeptGradients(sum(rounded(n * compute_itemsize)
                              for n in fsdp1_grad_numel(params, num_blocks,
                                                        sharding.fsdp.use_orig_params)))
-
-
-def fsdp1_grad_numel(params: Sequence[TensorInfo], num_blocks: int,
-                     use_orig_params: bool) -> list[int]:
-    """Elements of each FSDP1 unit's unsharded flat gradient (the blocks, then the root), as
-    :mod:`layerscope.estimate.states` models the units: with ``use_orig_params=True`` a unit
-    with any trainable tensor gets a gradient of its whole flat parameter; with ``False``
-    adapters are units of their own (peft's ``fsdp_auto_wrap_policy``), so a unit's gradient is
-    its trainable tensors'."""
-    units: list[list[TensorInfo]] = [[] for _ in range(num_blocks + 1)]
-    for p in params:
-        units[num_blocks if p.block is None or p.block >= num_blocks else p.block].append(p)
-    out = []
-    for u in units:
-        flat = sum(p.numel for p in u)
-        if use_orig_params:
-            out.append(flat if any(p.trainable for p in u) else 0)
-        else:
-            out.append(sum(p.numel for p in u if p.trainable))
-    return out
 
 
 def once_per_step(transfer: Transfer, strategy: str | None) -> bool:

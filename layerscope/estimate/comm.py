@@ -16,6 +16,8 @@ strategy          during forward and backward                after backward
 ``fsdp``          all-gather of P before each unit's         (nothing)
                   forward and again before its backward;
                   reduce-scatter of T after its backward
+                  (FSDP1 with ``use_orig_params``: of P
+                  when any of T is in the unit)
 ``fsdp-grad-op``  as ``fsdp`` without the backward gather    (nothing)
                   (parameters stay gathered from forward)
 ``hsdp``          ``fsdp`` within a node, then an all-reduce (nothing)
@@ -332,9 +334,13 @@ class Unit:
     Attributes:
         name: e.g. ``"block 3"`` or ``"root"``.
         params: parameter elements (frozen ones included: they are gathered too).
-        trainable: elements that receive gradients (reduced after backward).
+        trainable: elements that receive gradients (the optimizer's).
         forward_seconds, backward_seconds: compute of one rank (backward includes the
             recomputation under gradient checkpointing).
+        reduced: gradient elements FSDP and ZeRO-3 reduce-scatter after the unit's backward
+            when they differ from ``trainable``: FSDP1 reduces a unit's whole flat gradient
+            when any tensor in it trains (``use_orig_params=True``,
+            :func:`~layerscope.estimate.states.fsdp1_grad_numel`); None: ``trainable``.
     """
 
     name: str
@@ -342,17 +348,25 @@ class Unit:
     trainable: int
     forward_seconds: float
     backward_seconds: float
+    reduced: int | None = None
 
     def __post_init__(self) -> None:
-        for label, value in (("params", self.params), ("trainable", self.trainable)):
+        for label, value in (("params", self.params), ("trainable", self.trainable),
+                             ("reduced", 0 if self.reduced is None else self.reduced)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise EstimateError(f"{self.name}: {label} must be an int >= 0, got {value!r}")
-        if self.trainable > self.params:
-            raise EstimateError(f"{self.name}: trainable={self.trainable} exceeds "
-                                f"params={self.params}")
+        for label, value in (("trainable", self.trainable), ("reduced", self.reduced_elements)):
+            if value > self.params:
+                raise EstimateError(f"{self.name}: {label}={value} exceeds "
+                                    f"params={self.params}")
         for label, secs in (("forward_seconds", self.forward_seconds),
                             ("backward_seconds", self.backward_seconds)):
             _seconds(secs, f"{self.name}: {label}")
+
+    @property
+    def reduced_elements(self) -> int:
+        """Gradient elements reduced after the unit's backward."""
+        return self.trainable if self.reduced is None else self.reduced
 
 
 def _seconds(value: object, label: str) -> float:
@@ -390,14 +404,18 @@ class RankWork:
 
 def rank_work(params: Sequence[TensorInfo], num_blocks: int, *,
               forward: Sequence[float], backward: Sequence[float], root_forward: float = 0.0,
-              root_backward: float = 0.0, optimizer_seconds: float = 0.0) -> RankWork:
+              root_backward: float = 0.0, optimizer_seconds: float = 0.0,
+              reduced: Sequence[int] | None = None) -> RankWork:
     """A :class:`RankWork` from the model's tensors (:func:`~layerscope.estimate.states.
     scan_tensors`; elements summed per block, the rest the root) and one rank's compute per
     block (``forward[i]``, ``backward[i]`` with its recomputation) and outside the blocks.
+    ``reduced``: the gradient elements each unit reduces (the blocks, then the root:
+    :attr:`Unit.reduced`), None for its trainable elements.
 
     Raises:
         EstimateError: per-block times that do not match ``num_blocks``, a tensor outside
-            ``0..num_blocks - 1``, or a negative or infinite time.
+            ``0..num_blocks - 1``, ``reduced`` not of ``num_blocks + 1`` counts within each
+            unit's elements, or a negative or infinite time.
     """
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
         raise EstimateError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
@@ -414,9 +432,13 @@ def rank_work(params: Sequence[TensorInfo], num_blocks: int, *,
             raise EstimateError(f"a tensor's block {p.block} is outside 0..{num_blocks - 1}")
         sizes[i] += p.numel
         grads[i] += p.numel if p.trainable else 0
-    blocks = tuple(Unit(f"block {i}", sizes[i], grads[i], forward[i], backward[i])
+    if reduced is not None and len(reduced) != num_blocks + 1:
+        raise EstimateError(f"reduced needs one count per block and the root "
+                            f"({num_blocks + 1}), got {len(reduced)}")
+    red = list(reduced) if reduced is not None else [None] * (num_blocks + 1)
+    blocks = tuple(Unit(f"block {i}", sizes[i], grads[i], forward[i], backward[i], red[i])
                    for i in range(num_blocks))
-    root = Unit("root", sizes[-1], grads[-1], root_forward, root_backward)
+    root = Unit("root", sizes[-1], grads[-1], root_forward, root_backward, red[-1])
     return RankWork(root, blocks, _seconds(optimizer_seconds, "optimizer_seconds"))
 
 
@@ -658,12 +680,13 @@ def communication_time(work: RankWork, sharding: Sharding, topo: Topology, wire:
 
     def reduce(unit: Unit, ready: float) -> list[int]:
         """Reduce-scatter the unit's gradients (+ HSDP's replica all-reduce, + offload copy)."""
-        if unit.trainable == 0:
+        elements = unit.reduced_elements
+        if elements == 0:
             return []
-        nbytes = unit.trainable * wire.grad_bytes
+        nbytes = elements * wire.grad_bytes
         done = [sched.issue("net", "reduce-scatter", unit.name, "backward", nbytes,
                             cost("reduce-scatter", nbytes, n), ready)]
-        shard = math.ceil(unit.trainable / n) * wire.grad_bytes
+        shard = math.ceil(elements / n) * wire.grad_bytes
         if k.replicas > 1:
             done.append(sched.issue("replica", "all-reduce", unit.name, "backward", shard,
                                     cost("all-reduce", shard, k.replicas, 1),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from layerscope.errors import EstimateError
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.sharding import Sharding
 from layerscope.estimate.states import RankStates, TensorInfo, rank_states, resident_tensors
@@ -93,6 +94,25 @@ def neighbour_kinds(
     return refined, reps
 
 
+def wrapped_sharding(setup: TrainingSetup) -> Sharding:
+    """``setup``'s data-parallel sharding as the trainer wraps the model: on a quantized base
+    with LoRA, FSDP1 as if ``use_orig_params=False`` (the HF Trainer wraps peft's adapters in
+    FSDP units of their own, whatever use_orig_params: transformers'
+    ``_fsdp_qlora_plugin_updates`` applies peft's ``fsdp_auto_wrap_policy``, so no flat
+    parameter mixes the packed weights with adapters); otherwise ``setup.sharding``.
+
+    Raises:
+        EstimateError: a setup without a data-parallel strategy.
+    """
+    sharding = setup.sharding
+    if sharding is None or sharding.distributed is None:
+        raise EstimateError(f"wrapped_sharding needs a data-parallel strategy, got {sharding!r}")
+    if (sharding.is_fsdp and sharding.fsdp.version == 1 and setup.quantization is not None
+            and setup.lora is not None):
+        sharding = sharding.replace(fsdp=dataclasses.replace(sharding.fsdp, use_orig_params=False))
+    return sharding
+
+
 def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
     """The :class:`~layerscope.estimate.memory.MemoryEstimate` of the busiest GPU of
     ``setup.sharding`` (``batch_size`` per GPU). Use :func:`~layerscope.estimate.memory.
@@ -101,14 +121,7 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
     Raises:
         EstimateError: a forward that fails when traced.
     """
-    sharding = setup.sharding
-    assert sharding is not None and sharding.distributed is not None
-    if (sharding.is_fsdp and sharding.fsdp.version == 1 and setup.quantization is not None
-            and setup.lora is not None):
-        # the HF Trainer wraps peft's adapters in FSDP units of their own on a quantized base,
-        # whatever use_orig_params (transformers' _fsdp_qlora_plugin_updates applies peft's
-        # fsdp_auto_wrap_policy): no flat parameter mixes the packed weights with adapters
-        sharding = sharding.replace(fsdp=dataclasses.replace(sharding.fsdp, use_orig_params=False))
+    sharding = wrapped_sharding(setup)
     fsdp2 = sharding.is_fsdp and sharding.fsdp.version == 2
     if fsdp2:
         from layerscope.estimate.fsdp import in_fresh_process, process_group_in_use

@@ -387,29 +387,46 @@ def fsdp2_states(
 
 
 # -- FSDP1 ---------------------------------------------------------------------------------------
+def fsdp1_units(params: Sequence[TensorInfo], num_blocks: int) -> list[list[TensorInfo]]:
+    """FSDP1's units: one flat parameter per block, then the root's (the last: every tensor
+    outside ``0..num_blocks - 1``)."""
+    units: list[list[TensorInfo]] = [[] for _ in range(num_blocks + 1)]
+    for p in params:
+        units[num_blocks if p.block is None or p.block >= num_blocks else p.block].append(p)
+    return units
+
+
+def fsdp1_grad_numel(params: Sequence[TensorInfo], num_blocks: int,
+                     use_orig_params: bool) -> list[int]:
+    """Elements of each FSDP1 unit's flat gradient (the blocks, then the root): what backward
+    makes unsharded, the reduce-scatter reduces and ``no_sync`` keeps.
+
+    With ``use_orig_params=True`` (accelerate's default) a unit with any trainable tensor gets
+    a gradient of its whole flat parameter (``FlatParamHandle`` gives the flat parameter one
+    ``.grad``; frozen tensors' parts are zeros). With ``False`` adapters are units of their own
+    (peft's ``fsdp_auto_wrap_policy``), so a unit's gradient is its trainable tensors'.
+    """
+    out = []
+    for u in fsdp1_units(params, num_blocks):
+        if use_orig_params:
+            out.append(sum(p.numel for p in u) if any(p.trainable for p in u) else 0)
+        else:
+            out.append(sum(p.numel for p in u if p.trainable))
+    return out
+
+
 def _fsdp1(
     params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     compute_itemsize: int, inference: bool,
 ) -> RankStates:
     cfg = sharding.fsdp
     n = sharding.shard_size
-    units: list[list[TensorInfo]] = [[] for _ in range(num_blocks + 1)]  # last: the root
-    for p in params:
-        units[num_blocks if p.block is None else p.block].append(p)
+    units = fsdp1_units(params, num_blocks)
     flat = [sum(p.numel for p in u) for u in units]
     flat_bytes = [sum(p.numel * p.itemsize for p in u) for u in units]
     shard = [ceil_div(f, n) for f in flat]
     shard_bytes = [ceil_div(f, n) for f in flat_bytes]
-    # with use_orig_params=False adapters are wrapped apart from the frozen base (peft's
-    # fsdp_auto_wrap_policy): a block's flat parameter then trains only if all of it does
-    if cfg.use_orig_params:
-        trains = [any(p.trainable for p in u) for u in units]
-        grad_numel = [f if t else 0 for f, t in zip(flat, trains)]
-    else:
-        trains = [bool(u) and all(p.trainable for p in u) for u in units]
-        grad_numel = [
-            f if t else sum(p.numel for p in u if p.trainable) for f, t, u in zip(flat, trains, units)
-        ]
+    grad_numel = fsdp1_grad_numel(params, num_blocks, cfg.use_orig_params)
     weights = sum(rounded(b) for b in shard_bytes)
     unsharded = [rounded(f * compute_itemsize) for f in flat]
     sharded_grad = [

@@ -75,7 +75,7 @@ from layerscope.estimate.roofline import (
     spans,
 )
 from layerscope.estimate.sharding import Sharding
-from layerscope.estimate.states import TensorInfo, scan_tensors
+from layerscope.estimate.states import TensorInfo, fsdp1_grad_numel, scan_tensors
 from layerscope.estimate.structure import ModelShape, analyse
 from layerscope.estimate.walk import Walk
 from layerscope.plan import FreezePlan
@@ -295,6 +295,9 @@ class ShardedRun:
         inference: a forward only.
         lora_bytes: bytes per adapter element in the compute (a strategy that casts the
             parameters casts the adapters with them).
+        reduced: FSDP1's gradient elements per unit, the blocks then the root
+            (:func:`~layerscope.estimate.states.fsdp1_grad_numel`); empty: each unit's
+            trainable elements.
     """
 
     sharding: Sharding
@@ -306,6 +309,7 @@ class ShardedRun:
     compute: Precision
     inference: bool
     lora_bytes: int = 4
+    reduced: tuple[int, ...] = ()
 
     def step(self, one: StepTime, gpu: GPU, optimizer: str) -> StepTime:
         """``one`` (this GPU's compute, timed in :attr:`compute`) with the strategy's
@@ -320,7 +324,8 @@ class ShardedRun:
         opt_s, optim = (0.0, Phase()) if self.inference else self.shard_optimizer(gpu, optimizer)
         work = rank_work(self.params, blocks, forward=parts.forward, backward=parts.backward,
                          root_forward=parts.outside_forward,
-                         root_backward=parts.outside_backward, optimizer_seconds=opt_s)
+                         root_backward=parts.outside_backward, optimizer_seconds=opt_s,
+                         reduced=self.reduced or None)
         comm = communication_time(work, self.sharding, self.topology, self.wire,
                                   cpu_optimizer=cpu_optimizer_of(self.sharding, optimizer),
                                   inference=self.inference)
@@ -392,7 +397,7 @@ def sharded_run(setup: TrainingSetup, gpu: GPU) -> ShardedRun | None:
     except StructureError:
         blocks = 0
     prec = setup.precision_info
-    from layerscope.estimate.distributed import packed_weights
+    from layerscope.estimate.distributed import packed_weights, wrapped_sharding
 
     # a quantized weight is gathered as its packed storage: elements of the wire's dtype
     wire = Wire.of(sharding, prec)
@@ -403,10 +408,14 @@ def sharded_run(setup: TrainingSetup, gpu: GPU) -> ShardedRun | None:
     if blocks == 0:  # no stack: the whole model is the root unit
         params = [dataclasses.replace(p, block=None) for p in params]
     compute = compute_precision(prec, sharding)
+    wrapped = wrapped_sharding(setup)
+    reduced = (tuple(fsdp1_grad_numel(params, blocks, wrapped.fsdp.use_orig_params))
+               if wrapped.is_fsdp and wrapped.fsdp.version == 1 else ())
     return ShardedRun(sharding, topology(gpu, sharding.num_gpus, sharding.gpus_per_node),
                       wire, tuple(params), blocks, prec, compute,
                       setup.inference,
-                      compute.weight_bytes if compute != prec else setup.adapter_dtype.itemsize)
+                      compute.weight_bytes if compute != prec else setup.adapter_dtype.itemsize,
+                      reduced)
 
 
 def step_timer(setup: TrainingSetup, gpu: GPU) -> StepTimer:
