@@ -323,12 +323,17 @@ def test_wire_follows_each_strategys_mixed_precision() -> None:
     from layerscope.setup import PRECISIONS
 
     mixed, pure = PRECISIONS["bf16-mixed"], PRECISIONS["bf16-true"]
-    assert Wire.of(Sharding("ddp", 8), mixed) == Wire(4, 4, 4)  # fp32 .grad all-reduced
-    assert Wire.of(Sharding("fsdp", 8), mixed) == Wire(2, 4, 4)  # FSDP2: fp32 reduce_dtype
-    assert Wire.of(Sharding("fsdp", 8, fsdp=FsdpSettings(version=1)), mixed) == Wire(2, 2, 4)
+    # DDP all-reduces each .grad in its own dtype (fp32 parameters, bf16 adapters alike)
+    assert Wire.of(Sharding("ddp", 8), mixed) == Wire(4, 4, 4, grads_stored=True)
+    # FSDP copies each CPU shard in its own dtype; FSDP2 reduces in the fp32 reduce_dtype
+    assert Wire.of(Sharding("fsdp", 8), mixed) == Wire(2, 4, 4, offload_stored=True)
+    assert Wire.of(Sharding("fsdp", 8, fsdp=FsdpSettings(version=1)), mixed) == Wire(
+        2, 2, 4, offload_stored=True)
     assert Wire.of(Sharding("zero3", 8), mixed) == Wire(2, 2, 2)  # DeepSpeed's 16-bit module
-    assert Wire.of(Sharding("fsdp", 8), pure) == Wire(2, 2, 2)
-    assert Wire.of(Sharding("ddp", 8), PRECISIONS["32-true"]) == Wire(4, 4, 4)
+    # FSDP2 without a policy reduces each gradient in its parameter's dtype
+    assert Wire.of(Sharding("fsdp", 8), pure) == Wire(2, 2, 2, grads_stored=True,
+                                                      offload_stored=True)
+    assert Wire.of(Sharding("ddp", 8), PRECISIONS["32-true"]) == Wire(4, 4, 4, grads_stored=True)
     zero = Sharding("zero3", 8, offload="optimizer")
     assert cpu_optimizer_of(zero, "adamw") == "deepspeed-cpu-adam"
     assert cpu_optimizer_of(Sharding("fsdp", 8, offload="params"), "adamw-fused") == (
@@ -426,3 +431,27 @@ def test_fsdp1_reduces_each_units_whole_flat_gradient_when_any_of_it_trains() ->
         rank_work(params[:2], 1, forward=[0.0], backward=[0.0], reduced=[17, 0])
     with pytest.raises(EstimateError, match=r"one count per block and the root \(2\), got 1"):
         rank_work(params[:2], 1, forward=[0.0], backward=[0.0], reduced=[16])
+
+
+def test_each_tensor_is_copied_and_reduced_in_its_stored_dtype() -> None:
+    from layerscope import estimate_step_time
+    from tests.conftest import build
+
+    llama = build("llama", "meta")
+    kw = dict(lora=8, seq_len=32, batch_size=2, num_gpus=2, gpu="h100", precision="bf16-mixed")
+    # a block: 36,992 frozen base elements in bf16 and 8,192 fp32 adapter elements
+    # (LoRA r=8 on its 7 Linears); the root: 12,864 frozen bf16 elements
+    block = 36992 * 2 + 8192 * 4
+    root = (160832 - 4 * 36992) * 2
+    assert (block, root) == (106752, 25728)
+    # FSDP2 with CPUOffload copies each rank's half of a unit to the GPU before its gather,
+    # each tensor in its stored dtype
+    fsdp = estimate_step_time(llama, **kw, base_dtype="bf16", distributed="fsdp",
+                              offload="params").communication
+    assert fsdp is not None
+    copies = {(t.unit, t.nbytes) for t in fsdp.transfers if t.op == "host-to-device"}
+    assert copies == {*((f"block {i}", block // 2) for i in range(4)), ("root", root // 2)}
+    # DDP all-reduces bf16 adapters' .grad in bf16: 4 x 8,192 elements x 2 bytes
+    ddp = estimate_step_time(llama, **kw, lora_dtype="bf16", distributed="ddp").communication
+    assert ddp is not None
+    assert ddp.bytes_of("all-reduce") == 4 * 8192 * 2

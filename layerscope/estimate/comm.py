@@ -296,11 +296,20 @@ class Wire:
         offload_param_bytes: a parameter's CPU copy, copied to the GPU before each gather
             under ``offload="params"``: FSDP keeps its sharded parameters in their own dtype
             (fp32 under ``*-mixed``), ZeRO-3 its 16-bit partitions.
+        grads_stored: the gradients are reduced in each tensor's own dtype (DDP's ``.grad``
+            tensors; FSDP2 without a mixed-precision policy): a unit's
+            :attr:`Unit.trainable_bytes` rather than ``grad_bytes`` per element (bf16 adapters
+            on an fp32 run are reduced in bf16).
+        offload_stored: the CPU copy is each tensor's stored dtype (FSDP): a unit's
+            :attr:`Unit.stored_bytes` rather than ``offload_param_bytes`` per element (a bf16
+            frozen base is copied at 2 bytes an element).
     """
 
     param_bytes: int
     grad_bytes: int
     offload_param_bytes: int
+    grads_stored: bool = False
+    offload_stored: bool = False
 
     @classmethod
     def of(cls, sharding: Sharding, precision: Precision) -> Wire:
@@ -312,8 +321,9 @@ class Wire:
             return cls(compute, compute, compute)
         if sharding.is_fsdp:
             reduce = compute if sharding.fsdp.version == 1 else stored
-            return cls(compute, reduce, stored)
-        return cls(stored, stored, stored)
+            own = sharding.fsdp.version == 2 and precision.autocast_dtype is None
+            return cls(compute, reduce, stored, grads_stored=own, offload_stored=True)
+        return cls(stored, stored, stored, grads_stored=True)
 
 
 def cpu_optimizer_of(sharding: Sharding, optimizer: str) -> str:
@@ -341,6 +351,9 @@ class Unit:
             when they differ from ``trainable``: FSDP1 reduces a unit's whole flat gradient
             when any tensor in it trains (``use_orig_params=True``,
             :func:`~layerscope.estimate.states.fsdp1_grad_numel`); None: ``trainable``.
+        stored_bytes, trainable_bytes: bytes of the unit's parameters (its trainable ones),
+            each tensor in its stored dtype (:attr:`Wire.offload_stored`,
+            :attr:`Wire.grads_stored`); None: elements x the wire's bytes.
     """
 
     name: str
@@ -349,10 +362,14 @@ class Unit:
     forward_seconds: float
     backward_seconds: float
     reduced: int | None = None
+    stored_bytes: int | None = None
+    trainable_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for label, value in (("params", self.params), ("trainable", self.trainable),
-                             ("reduced", 0 if self.reduced is None else self.reduced)):
+                             ("reduced", 0 if self.reduced is None else self.reduced),
+                             ("stored_bytes", self.stored_bytes or 0),
+                             ("trainable_bytes", self.trainable_bytes or 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise EstimateError(f"{self.name}: {label} must be an int >= 0, got {value!r}")
         for label, value in (("trainable", self.trainable), ("reduced", self.reduced_elements)):
@@ -424,6 +441,8 @@ def rank_work(params: Sequence[TensorInfo], num_blocks: int, *,
                             f"{len(forward)} and {len(backward)}")
     sizes = [0] * (num_blocks + 1)  # the last: the root
     grads = [0] * (num_blocks + 1)
+    stored = [0] * (num_blocks + 1)
+    stored_grads = [0] * (num_blocks + 1)
     for p in params:
         if not isinstance(p, TensorInfo):
             raise EstimateError(f"params must be TensorInfo values, got {type(p).__name__}")
@@ -432,13 +451,16 @@ def rank_work(params: Sequence[TensorInfo], num_blocks: int, *,
             raise EstimateError(f"a tensor's block {p.block} is outside 0..{num_blocks - 1}")
         sizes[i] += p.numel
         grads[i] += p.numel if p.trainable else 0
+        stored[i] += p.numel * p.itemsize
+        stored_grads[i] += p.numel * p.itemsize if p.trainable else 0
     if reduced is not None and len(reduced) != num_blocks + 1:
         raise EstimateError(f"reduced needs one count per block and the root "
                             f"({num_blocks + 1}), got {len(reduced)}")
     red = list(reduced) if reduced is not None else [None] * (num_blocks + 1)
-    blocks = tuple(Unit(f"block {i}", sizes[i], grads[i], forward[i], backward[i], red[i])
-                   for i in range(num_blocks))
-    root = Unit("root", sizes[-1], grads[-1], root_forward, root_backward, red[-1])
+    blocks = tuple(Unit(f"block {i}", sizes[i], grads[i], forward[i], backward[i], red[i],
+                        stored[i], stored_grads[i]) for i in range(num_blocks))
+    root = Unit("root", sizes[-1], grads[-1], root_forward, root_backward, red[-1], stored[-1],
+                stored_grads[-1])
     return RankWork(root, blocks, _seconds(optimizer_seconds, "optimizer_seconds"))
 
 
@@ -670,7 +692,9 @@ def communication_time(work: RankWork, sharding: Sharding, topo: Topology, wire:
         if not sharded_params or unit.params == 0:
             return None
         if offload == "params":
-            shard = math.ceil(unit.params / n) * wire.offload_param_bytes
+            shard = (math.ceil(unit.stored_bytes / n)
+                     if wire.offload_stored and unit.stored_bytes is not None
+                     else math.ceil(unit.params / n) * wire.offload_param_bytes)
             copy = sched.issue("h2d", "host-to-device", unit.name, phase, shard,
                                host_copy_seconds(shard, topo), ready)
             ready = sched.end(copy)
@@ -678,15 +702,20 @@ def communication_time(work: RankWork, sharding: Sharding, topo: Topology, wire:
         return sched.issue("net", "all-gather", unit.name, phase, nbytes,
                            cost("all-gather", nbytes, n), ready)
 
+    def grad_bytes(unit: Unit) -> int:
+        """The unit's gradient bytes as reduced (in each tensor's dtype where the wire says)."""
+        if wire.grads_stored and unit.trainable_bytes is not None and unit.reduced is None:
+            return unit.trainable_bytes
+        return unit.reduced_elements * wire.grad_bytes
+
     def reduce(unit: Unit, ready: float) -> list[int]:
         """Reduce-scatter the unit's gradients (+ HSDP's replica all-reduce, + offload copy)."""
-        elements = unit.reduced_elements
-        if elements == 0:
+        nbytes = grad_bytes(unit)
+        if nbytes == 0:
             return []
-        nbytes = elements * wire.grad_bytes
         done = [sched.issue("net", "reduce-scatter", unit.name, "backward", nbytes,
                             cost("reduce-scatter", nbytes, n), ready)]
-        shard = math.ceil(elements / n) * wire.grad_bytes
+        shard = math.ceil(nbytes / n)
         if k.replicas > 1:
             done.append(sched.issue("replica", "all-reduce", unit.name, "backward", shard,
                                     cost("all-reduce", shard, k.replicas, 1),
@@ -764,14 +793,14 @@ def communication_time(work: RankWork, sharding: Sharding, topo: Topology, wire:
         if reshards and not k.backward_prefetch and i > 0:
             back[blocks[i - 1].name] = gather(blocks[i - 1], "backward", sched.now)
         if bucketed:
-            ready.append((block.trainable * wire.grad_bytes, sched.now))
+            ready.append((grad_bytes(block), sched.now))
             if not k.overlap:  # reduced on the compute stream as each bucket fills
                 for index in buckets(ready, final=False):
                     sched.wait(index)
         else:
             reductions += reduce(block, sched.now)
     if bucketed:
-        ready.append((root.trainable * wire.grad_bytes, sched.now))
+        ready.append((grad_bytes(root), sched.now))
         indices = buckets(ready, final=True)
         if not k.overlap:
             for index in indices:

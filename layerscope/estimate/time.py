@@ -397,14 +397,22 @@ def sharded_run(setup: TrainingSetup, gpu: GPU) -> ShardedRun | None:
     except StructureError:
         blocks = 0
     prec = setup.precision_info
-    from layerscope.estimate.distributed import packed_weights, wrapped_sharding
+    from layerscope.estimate.distributed import (
+        packed_weights,
+        stored_sizes,
+        trace_dtypes,
+        wrapped_sharding,
+    )
 
     # a quantized weight is gathered as its packed storage: elements of the wire's dtype
     wire = Wire.of(sharding, prec)
     packed = {name: (-(-elements * item // wire.param_bytes), wire.param_bytes)
               for name, (elements, item) in packed_weights(setup).items()}
-    params = scan_tensors(s, setup.trainable, setup.lora, itemsize=prec.weight_bytes,
-                          packed=packed)
+    # the tensors as stored (persistent_bytes' sizes): a frozen base and adapters in theirs
+    sizes = stored_sizes(setup, sharding.stage > 0, trace_dtypes(prec, sharding)[0])
+    params = scan_tensors(s, setup.trainable, setup.lora, itemsize=sizes.trainable,
+                          adapter_itemsize=sizes.adapter, packed=packed,
+                          frozen_itemsize=sizes.frozen)
     if blocks == 0:  # no stack: the whole model is the root unit
         params = [dataclasses.replace(p, block=None) for p in params]
     compute = compute_precision(prec, sharding)
