@@ -15,6 +15,7 @@ of 16 with 2 KV heads, vocabulary 100, untied head), allocator blocks of 512 byt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -251,3 +252,49 @@ def test_zero2_keeps_the_aligned_partition_its_states_hold():
     kept = sharded_kept(sharding, states, params, 1, 0, 2, 4)
     assert kept.kept == states.gradients == 6656
     assert not kept.in_backward
+
+
+def test_fsdp1_shard_grad_op_keeps_its_blocks_gathered_under_no_sync(llama):
+    from layerscope.estimate.accumulation import sharded_kept
+    from layerscope.estimate.sharding import FsdpSettings, Sharding
+    from layerscope.estimate.states import TensorInfo, rank_states
+
+    # _should_free_in_backward is False for SHARD_GRAD_OP when not syncing: every block's
+    # unsharded flat parameter stays from the first micro-step's backward on
+    grad_op = Sharding("fsdp-grad-op", 2, fsdp=FsdpSettings(version=1))
+    params = [TensorInfo(1000, (1000,), 4, True, 0), TensorInfo(300, (300,), 4, True, 1),
+              TensorInfo(50, (50,), 4, False, None)]
+    states = rank_states(params, num_blocks=2, sharding=grad_op, optimizer="adamw",
+                         compute_itemsize=2)
+    kept = sharded_kept(grad_op, states, params, 2, 0, 2, 4)
+    # flat gradients in bf16: 2000 -> 2048, 600 -> 1024, the frozen root none; parameters
+    # gathered in bf16: 2048 and 1024
+    assert kept.kept == 2048 + 1024 and kept.gathered == (2048, 1024)
+    # what the one-micro-step figures do not hold: the blocks after this one (less the one
+    # prefetched in forward), all of them in the embedding's segments, none in the head's
+    held = dataclasses.replace(kept, prefetch=True)
+    assert held.held("block", "fwd", 0) == 3072 + 0  # block 1 is prefetched
+    assert held.held("block", "bwd", 0) == 3072 + 1024
+    assert kept.held("block", "fwd", 0) == 3072 + 1024
+    assert kept.held("block", "fwd", 1) == kept.held("block", "bwd", 1) == 3072
+    assert kept.held("embed", "fwd", None) == kept.held("embed", "bwd", None) == 3072 + 3072
+    assert kept.held("head", "fwd", None) == 3072
+    # FULL_SHARD frees them after each backward, sync or not
+    full = Sharding("fsdp", 2, fsdp=FsdpSettings(version=1))
+    assert sharded_kept(full, rank_states(params, num_blocks=2, sharding=full,
+                                          optimizer="adamw", compute_itemsize=2),
+                        params, 2, 0, 2, 4).gathered == ()
+
+
+def test_fsdp1_shard_grad_op_gathers_on_the_first_micro_step_only(llama):
+    kw = dict(**STEP, distributed="fsdp-grad-op", fsdp_version=1, num_gpus=2, gpu="h100")
+    one = estimate_step_time(llama, **kw)
+    four = estimate_step_time(llama, **kw, gradient_accumulation_steps=4)
+    c, c4 = one.communication, four.communication
+    assert c is not None and c4 is not None
+    # the root and 4 blocks gathered once; reduce-scattered on the last micro-step
+    assert sum(t.op == "all-gather" for t in c4.transfers) == 5
+    assert c4.bytes_of("all-gather") == c.bytes_of("all-gather")
+    once = c.exposed_of("all-gather") + c.exposed_of("reduce-scatter")
+    micro = one.seconds - one.optimizer.seconds - once
+    assert four.seconds == pytest.approx(3 * micro + one.seconds)

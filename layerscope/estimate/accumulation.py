@@ -30,9 +30,15 @@ its source (PyTorch 2.13, DeepSpeed 0.16):
   under a ``*-mixed`` precision). They are held through the next micro-steps' forward and
   backward. With ``CPUOffload`` (``offload="params"``) as well.
 
+FSDP1 ``SHARD_GRAD_OP`` (``fsdp-grad-op``) under ``no_sync`` also keeps every unit's unsharded
+flat parameter from one micro-step's backward on (``_should_free_in_backward`` is False when
+not syncing a strategy that keeps parameters after forward): the next micro-steps' forward and
+backward run with every block gathered (:func:`keeps_gathered`).
+
 Time: every micro-step runs forward and backward; the optimizer runs once per step; the
 gradient reduction of DDP, ZeRO-1 and FSDP under ``no_sync`` only on the last micro-step
-(ZeRO-2 and ZeRO-3 reduce on every one), while FSDP's and ZeRO-3's all-gathers repeat;
+(ZeRO-2 and ZeRO-3 reduce on every one), while FSDP's and ZeRO-3's all-gathers repeat
+(but FSDP1 ``SHARD_GRAD_OP``'s, which run on the first micro-step only);
 ZeRO-1/2's all-gather of the updated parameters and, under optimizer offload, their copy to
 the GPU run once, after the optimizer.
 """
@@ -46,7 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from layerscope.estimate.states import RankStates, TensorInfo, fsdp1_grad_numel, zero_partition
+from layerscope.estimate.states import (
+    RankStates,
+    TensorInfo,
+    fsdp1_grad_numel,
+    fsdp1_units,
+    zero_partition,
+)
 from layerscope.estimate.trace import rounded
 
 if TYPE_CHECKING:
@@ -76,6 +88,11 @@ class KeptGradients:
             trace makes none of them (a partition, FSDP's unsharded gradients).
         in_backward: whether ``kept`` is held besides the trace in backward as well (False
             where the strategy's own backward figures already hold it: ZeRO-2's partition).
+        gathered: each block's unsharded parameters, kept gathered through the next
+            micro-steps (:func:`keeps_gathered`; empty otherwise): held besides what the
+            strategy's one-micro-step figures hold, which gather them block by block in
+            forward (the next one ahead with ``forward_prefetch``) and free them in backward.
+        prefetch: whether those figures count the next block's parameters ahead in forward.
     """
 
     kept: int
@@ -83,6 +100,8 @@ class KeptGradients:
     blocks: tuple[int, ...] = ()
     embed: int = 0
     in_backward: bool = True
+    gathered: tuple[int, ...] = ()
+    prefetch: bool = False
 
     def held(self, part: str, phase: str, index: int | None) -> int:
         """:data:`~layerscope.estimate.trace.Extra`: bytes held besides the traced step.
@@ -93,6 +112,22 @@ class KeptGradients:
         over by at most that segment's gradients less one tensor's (``AccumulateGrad``'s
         temporary): an upper bound, exact at the segment's ends.
         """
+        return self._grads(part, phase, index) + self._gathered(part, phase, index)
+
+    def _gathered(self, part: str, phase: str, index: int | None) -> int:
+        """The kept parameters the one-micro-step figures do not hold: in forward and
+        backward, the blocks after ``index`` (less the one prefetched in forward); in the
+        embedding's segments, all of them (the head's figures hold them all already)."""
+        if not self.gathered or phase not in ("fwd", "bwd"):
+            return 0
+        if part == "embed":
+            return sum(self.gathered)
+        if part != "block" or index is None:
+            return 0
+        after = index + 1 + (1 if phase == "fwd" and self.prefetch else 0)
+        return sum(self.gathered[after:])
+
+    def _grads(self, part: str, phase: str, index: int | None) -> int:
         if phase in ("fwd", "release"):
             return self.kept
         if phase != "bwd" or not self.in_backward:
@@ -195,21 +230,42 @@ def sharded_kept(
         # grads_in_partition: the (aligned) partition the states hold in backward
         return KeptGradients(rounded(zero_partition(part, sharding.shard_size) * itemsize),
                              in_backward=False)
-    return KeptGradients(sum(rounded(n * compute_itemsize)
-                             for n in fsdp1_grad_numel(params, num_blocks,
-                                                       sharding.fsdp.use_orig_params)))
+    grads = sum(rounded(n * compute_itemsize)
+                for n in fsdp1_grad_numel(params, num_blocks, sharding.fsdp.use_orig_params))
+    if not keeps_gathered(sharding):
+        return KeptGradients(grads)
+    units = fsdp1_units(params, num_blocks)[:num_blocks]
+    return KeptGradients(grads, gathered=tuple(rounded(sum(p.numel for p in u) * compute_itemsize)
+                                               for u in units),
+                         prefetch=sharding.fsdp.forward_prefetch)
 
 
-def once_per_step(transfer: Transfer, strategy: str | None) -> bool:
+def once_per_step(transfer: Transfer, sharding: Sharding | None) -> bool:
     """Whether ``transfer`` runs once per optimizer step rather than on every micro-step: any
     transfer of the optimizer step's phase (ZeRO-1/2's all-gather of the updated parameters,
-    the host-to-device copy of them under optimizer offload) and, for a
+    the host-to-device copy of them under optimizer offload); for a
     :data:`BOUNDARY_ONLY_REDUCTION` strategy, the gradient reductions and the device-to-host
-    copies of the reduced gradients that follow them."""
+    copies of the reduced gradients that follow them; under :func:`keeps_gathered` the
+    all-gathers (and the host-to-device copies before them), on the first micro-step only."""
     if transfer.phase == "step":
         return True
-    return strategy in BOUNDARY_ONLY_REDUCTION and transfer.op in (*REDUCTIONS,
-                                                                    "device-to-host")
+    strategy = sharding.distributed if sharding is not None else None
+    if strategy in BOUNDARY_ONLY_REDUCTION and transfer.op in (*REDUCTIONS, "device-to-host"):
+        return True
+    return (sharding is not None and keeps_gathered(sharding)
+            and transfer.op in ("all-gather", "host-to-device"))
+
+
+def keeps_gathered(sharding: Sharding) -> bool:
+    """Whether ``sharding`` keeps every unit's unsharded parameters between micro-steps: FSDP1
+    ``SHARD_GRAD_OP`` under ``no_sync``. Its post-backward frees the unsharded flat parameter
+    only when ``_should_free_in_backward`` (PyTorch ``fsdp/_runtime_utils.py``:
+    ``state._sync_gradients or`` a strategy that reshards after forward), so after a no-sync
+    backward they stay, and the next forward's ``_unshard`` finds nothing to gather: the
+    all-gathers run on the first micro-step only. FSDP2 reshards after backward
+    (``reshard_after_backward``) whether it syncs or not."""
+    return (sharding.distributed == "fsdp-grad-op" and sharding.is_fsdp
+            and sharding.fsdp.version == 1)
 
 
 def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> StepTime:
@@ -222,8 +278,7 @@ def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> S
     comm = step.communication
     boundary = 0.0
     if comm is not None and sharding is not None:
-        boundary = sum(t.exposed for t in comm.transfers
-                       if once_per_step(t, sharding.distributed))
+        boundary = sum(t.exposed for t in comm.transfers if once_per_step(t, sharding))
     micro = step.seconds - optimizer - boundary  # a micro-step that neither reduces nor steps
     seconds = (steps - 1) * micro + step.seconds
     scale = seconds / step.seconds if step.seconds else 1.0
@@ -234,8 +289,7 @@ def accumulated_step(step: StepTime, steps: int, sharding: Sharding | None) -> S
         low_seconds=step.low_seconds * scale, high_seconds=step.high_seconds * scale,
     )
     if comm is not None:
-        changes["communication"] = _accumulated_comm(
-            comm, steps, seconds, sharding.distributed if sharding is not None else None)
+        changes["communication"] = _accumulated_comm(comm, steps, seconds, sharding)
     return dataclasses.replace(step, **changes)
 
 
@@ -258,13 +312,13 @@ def _times(phase: Any, steps: int) -> Any:
 
 
 def _accumulated_comm(comm: CommTime, steps: int, seconds: float,
-                      strategy: str | None) -> CommTime:
+                      sharding: Sharding | None) -> CommTime:
     """``comm`` (one micro-step and the optimizer step) as ``steps`` micro-steps: the first
     ``steps - 1`` run the transfers that repeat (not :func:`once_per_step`), each micro-step
     after the last one's end less its optimizer and once-per-step waits; the last runs all of
     ``comm``'s. So the transfers' bytes, counts and exposed seconds add up to the totals."""
-    repeated = [t for t in comm.transfers if not once_per_step(t, strategy)]
-    boundary = sum(t.exposed for t in comm.transfers if once_per_step(t, strategy))
+    repeated = [t for t in comm.transfers if not once_per_step(t, sharding)]
+    boundary = sum(t.exposed for t in comm.transfers if once_per_step(t, sharding))
     micro = comm.seconds - comm.optimizer_seconds - boundary
     transfers = [dataclasses.replace(t, start=t.start + j * micro, end=t.end + j * micro)
                  for j in range(steps - 1) for t in repeated]
