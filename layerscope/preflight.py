@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from layerscope.errors import EstimateError, StructureError
 from layerscope.estimate.accumulation import micro_batch_seconds
 from layerscope.estimate.band import BAND_COVERAGE
@@ -329,7 +331,9 @@ CHANGE_KINDS = ("checkpointing", "batch", "optimizer", "freeze", "lora", "qlora"
 SHARDING_ALTERNATIVES = ("zero3", "fsdp")
 """Strategies tried, as asked, for a one-GPU run that does not fit: the fewest GPUs each needs
 (ZeRO-3 first: its trace is shared by every GPU count, and its count is where FSDP's search
-starts)."""
+starts; FSDP keeps fp32 parameter and gradient shards where ZeRO-3 keeps 16-bit ones beside its
+fp32 master, so with fp32 parameters (the mixed precisions) FSDP is not tried on fewer GPUs
+than ZeRO-3 needs: each FSDP2 count is a trace of its own)."""
 
 GPU_COUNTS = (2, 4, 8, 16, 32, 64)
 """GPU counts the sharding alternatives search (memory per GPU falls as the count grows)."""
@@ -437,10 +441,11 @@ def _shardable(setup: TrainingSetup, strategy: str) -> bool:
 
 
 def _fewest_gpus(ctx: Context, setup: TrainingSetup, gpu: GPU, strategy: str,
-                 base_step: StepTime | None, start: int = 8) -> Alternative | None:
+                 base_step: StepTime | None, start: int = 8,
+                 go_down: bool = True) -> Alternative | None:
     """``setup`` sharded with ``strategy`` on the fewest of :data:`GPU_COUNTS` GPUs that fit
-    (searched from ``start`` down or up: memory per GPU falls as the count grows), or on the
-    most tried when none does."""
+    (searched from ``start`` down or up: memory per GPU falls as the count grows; not down
+    without ``go_down``), or on the most tried when none does."""
 
     def at(count: int) -> Alternative:
         sharded = setup.replace(distributed=strategy, num_gpus=count)
@@ -450,7 +455,7 @@ def _fewest_gpus(ctx: Context, setup: TrainingSetup, gpu: GPU, strategy: str,
     first = GPU_COUNTS.index(start) if start in GPU_COUNTS else GPU_COUNTS.index(8)
     best = at(GPU_COUNTS[first])
     if best.fits:
-        for count in reversed(GPU_COUNTS[:first]):
+        for count in reversed(GPU_COUNTS[:first] if go_down else ()):
             fewer = at(count)
             if not fewer.fits:
                 break
@@ -495,14 +500,17 @@ def suggestions(ctx: Context, setup: TrainingSetup, gpu: GPU) -> list[Alternativ
             batch = _smaller_batch(ctx, everything, gpu, base_step, setup.batch_size)
             found += [batch] if batch else []
     if setup.distributed is None and not setup.inference:
-        start = 8
+        start, go_down = 8, True
         for strategy in SHARDING_ALTERNATIVES:
             if not _shardable(setup, strategy):
                 continue
-            sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step, start)
+            sharded = _fewest_gpus(ctx, setup, gpu, strategy, base_step, start, go_down)
             found += [sharded] if sharded else []
             needs = sharded.setup.num_gpus or 1 if sharded else 0
-            start = needs if sharded and sharded.fits else start
+            if sharded and sharded.fits:
+                start = needs
+                # with fp32 parameters FSDP holds at least ZeRO-3's states per GPU
+                go_down = setup.precision_info.param_dtype != torch.float32
             if needs > 8 and not setup.gradient_checkpointing:
                 recompute = setup.replace(gradient_checkpointing=True)
                 fewer = _fewest_gpus(ctx, recompute, gpu, strategy, base_step)

@@ -411,13 +411,48 @@ def run_step(
     values (:class:`~layerscope.estimate.values.KnownValues`). With ``reduced`` (``blocks``
     stands for a longer stack), a block that changes the shape of its input stops the step
     with :class:`ReshapingBlocks`.
+
+    Watching values costs a fifth of the trace, and most models never need them: with its own
+    tracker, the step is traced first without the watch and, if that fails (a data-dependent
+    operator, or anything else), again with it, which traces exactly the same step when no
+    operator needs a value (see :mod:`~layerscope.estimate.values`).
     """
+    args = dict(kinds=kinds, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
+                autocast_dtype=autocast_dtype, inference=inference, mode=mode, inputs=inputs,
+                reduced=reduced)
+    if tracker is not None:
+        return _run_step(model, blocks, tracker=tracker, watch_values=True, **args)
+    try:
+        return _run_step(model, blocks, tracker=_Tracker(), watch_values=False, **args)
+    except ReshapingBlocks:
+        raise
+    except Exception:  # noqa: BLE001 - retried with the values watched; that error is raised
+        for p in model.parameters():
+            p.grad = None
+        return _run_step(model, blocks, tracker=_Tracker(), watch_values=True, **args)
+
+
+def _run_step(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    *,
+    kinds: Sequence[Any],
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int,
+    autocast_dtype: torch.dtype | None,
+    inference: bool,
+    mode: Any,
+    tracker: _Tracker,
+    inputs: StepInputs | None,
+    reduced: bool,
+    watch_values: bool,
+) -> StepTrace:
     if inputs is None:
         inputs = causal_lm_inputs(batch_size, seq_len, vocab_size)
     if inference:
         inputs = inputs.for_inference()
     extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    tracker = tracker if tracker is not None else _Tracker()
     tracker.ignore([*model.parameters(), *model.buffers()])
     kernels = CudaKernels(autocast_dtype)
     block_ids = {id(b): p for p, b in enumerate(blocks)}
@@ -482,9 +517,11 @@ def run_step(
 
     try:
         known = KnownValues()
-        with unpacked_sequences(), quiet_fake_tensor_log(), mode, kernels, KnownConstants(known), \
-                tracker, known:
-            feed = inputs.make(known.know)
+        watch = ((KnownConstants(known), known) if watch_values
+                 else (contextlib.nullcontext(), contextlib.nullcontext()))
+        with unpacked_sequences(), quiet_fake_tensor_log(), mode, kernels, watch[0], tracker, \
+                watch[1]:
+            feed = inputs.make(known.know if watch_values else _unknown)
             if inference:
                 with torch.no_grad():
                     out = model(**feed, **extra)
@@ -515,6 +552,10 @@ def run_step(
                          passed=frozenset(tracker.passed), kinds=tuple(kinds))
     finally:
         tracker.close()
+
+
+def _unknown(fake: torch.Tensor, value: torch.Tensor | None) -> None:
+    """Values are not watched: nothing to record."""
 
 
 def token_counter(model: nn.Module, mode: Any, autocast_dtype: torch.dtype | None
