@@ -308,7 +308,7 @@ def lengths_text(lengths: Mapping[str, Any], samples: int) -> str:
             "-" if r["required_bytes"] is None else
             f"{gib(r['required_bytes'])} at {r['longest_seq_len']:,} tokens",
         ))
-    table = tabulate(rows, headers=("batching", "steps/epoch", "padding", "truncated",
+    table = tabulate(rows, headers=("batching", "steps/epoch", "padding", "tokens cut",
                                     "wall time", "likely range", "memory (longest batch)"),
                      disable_numparse=True)
     return f"Real lengths of {samples:,} examples:\n{table}"
