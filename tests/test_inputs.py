@@ -285,6 +285,9 @@ def test_sharded_step_is_traced_per_input_setting():
     short, long = (estimate_memory(model, batch_size=B, seq_len=32, target_len=t,
                                    distributed="ddp", num_gpus=2) for t in (8, 64))
     assert long.activation_bytes > short.activation_bytes
+    # and the sharded estimate says what it fed the model, as the one-GPU one does
+    one_gpu = estimate_memory(model, batch_size=B, seq_len=32, target_len=64)
+    assert long.inputs == one_gpu.inputs is not None
 
 
 # -- speech: features, decoder length ---------------------------------------------------------

@@ -181,9 +181,9 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
         trace = cache[key]
     rep = replay(trace, pre.block_kinds, setup.inference, extra=states.extra)
     result = _assemble(setup, trace, rep, states, pre.block_kinds, params)
-    if setup.gradient_accumulation_steps == 1 or setup.inference:
-        return result
-    return _accumulated(setup, sharding, pre, trace, states, params, result, compute)
+    if setup.gradient_accumulation_steps > 1 and not setup.inference:
+        result = _accumulated(setup, sharding, pre, trace, states, params, result, compute)
+    return dataclasses.replace(result, inputs=pre.inputs)  # what the step fed the model
 
 
 def _accumulated(
