@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -395,6 +396,7 @@ def run_step(
     tracker: _Tracker | None = None,
     inputs: StepInputs | None = None,
     reduced: bool = False,
+    watch_values: bool | None = None,
 ) -> StepTrace:
     """Run one step of a fake reduced ``model`` and return its segments.
 
@@ -412,42 +414,28 @@ def run_step(
     stands for a longer stack), a block that changes the shape of its input stops the step
     with :class:`ReshapingBlocks`.
 
-    Watching values costs a fifth of the trace, and most models never need them: with its own
-    tracker, the step is traced first without the watch and, if that fails (a data-dependent
-    operator, or anything else), again with it, which traces exactly the same step when no
-    operator needs a value (see :mod:`~layerscope.estimate.values`).
+    ``watch_values`` None decides: watching values costs a fifth of the trace, and most models
+    never need them, so with its own tracker the step is traced first without the watch and,
+    if that fails (a data-dependent operator, or anything else), again with it, which traces
+    exactly the same step when no operator needs a value (:mod:`~layerscope.estimate.values`);
+    a given ``tracker`` is always watched (it cannot be traced twice).
     """
-    args = dict(kinds=kinds, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
-                autocast_dtype=autocast_dtype, inference=inference, mode=mode, inputs=inputs,
-                reduced=reduced)
-    if tracker is not None:
-        return _run_step(model, blocks, tracker=tracker, watch_values=True, **args)
-    try:
-        return _run_step(model, blocks, tracker=_Tracker(), watch_values=False, **args)
-    except ReshapingBlocks:
-        raise
-    except Exception:  # noqa: BLE001 - retried with the values watched; that error is raised
-        for p in model.parameters():
-            p.grad = None
-        return _run_step(model, blocks, tracker=_Tracker(), watch_values=True, **args)
-
-
-def _run_step(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    *,
-    kinds: Sequence[Any],
-    batch_size: int,
-    seq_len: int,
-    vocab_size: int,
-    autocast_dtype: torch.dtype | None,
-    inference: bool,
-    mode: Any,
-    tracker: _Tracker,
-    inputs: StepInputs | None,
-    reduced: bool,
-    watch_values: bool,
-) -> StepTrace:
+    if watch_values is None:
+        again = functools.partial(
+            run_step, model, blocks, kinds=kinds, batch_size=batch_size, seq_len=seq_len,
+            vocab_size=vocab_size, autocast_dtype=autocast_dtype, inference=inference, mode=mode,
+            inputs=inputs, reduced=reduced)
+        if tracker is not None:
+            return again(tracker=tracker, watch_values=True)
+        try:
+            return again(watch_values=False)
+        except ReshapingBlocks:
+            raise
+        except Exception:  # noqa: BLE001 - retried with the values watched; that error is raised
+            for p in model.parameters():
+                p.grad = None
+            return again(watch_values=True)
+    tracker = tracker if tracker is not None else _Tracker()
     if inputs is None:
         inputs = causal_lm_inputs(batch_size, seq_len, vocab_size)
     if inference:
