@@ -109,6 +109,17 @@ def _count(value: Any, key: str, source: str) -> int:
     return int(number)
 
 
+def _given_count(data: Mapping[str, Any], key: str, source: str, prefix: str = "") -> int | None:
+    """``data[key]`` as a count >= 1, or None when absent or ``"auto"`` (the trainer decides)."""
+    value = data.get(key)
+    if value is None or _is_auto(value):
+        return None
+    count = _count(value, prefix + key, source)
+    if count == 0:
+        raise ConfigFileError(f"{source}: {prefix}{key} must be >= 1")
+    return count
+
+
 def _flag(value: Any, key: str, source: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -235,18 +246,8 @@ def read_deepspeed_config(
     opt = data.get("optimizer")
     if isinstance(opt, Mapping) and isinstance(opt.get("type"), str):
         optimizer = DEEPSPEED_OPTIMIZERS.get(opt["type"].lower())
-    batch = data.get("train_micro_batch_size_per_gpu")
-    batch_size = None
-    if batch is not None and not _is_auto(batch):
-        batch_size = _count(batch, "train_micro_batch_size_per_gpu", source)
-    if batch_size == 0:
-        raise ConfigFileError(f"{source}: train_micro_batch_size_per_gpu must be >= 1")
-    steps = data.get("gradient_accumulation_steps")
-    accumulation = None
-    if steps is not None and not _is_auto(steps):
-        accumulation = _count(steps, "gradient_accumulation_steps", source)
-        if accumulation == 0:
-            raise ConfigFileError(f"{source}: gradient_accumulation_steps must be >= 1")
+    batch_size = _given_count(data, "train_micro_batch_size_per_gpu", source)
+    accumulation = _given_count(data, "gradient_accumulation_steps", source)
     ckpt = data.get("activation_checkpointing")
     try:
         zero_settings = ZeroSettings(**knobs)
@@ -340,13 +341,7 @@ def read_accelerate_config(config: Any, *, hidden_size: int | None = None) -> Ru
             sharding = Sharding(f"zero{stage}", processes, per_node, offload)
         except EstimateError as exc:
             raise fail(exc) from exc
-        steps = ds.get("gradient_accumulation_steps")
-        accumulation = None
-        if steps is not None and not _is_auto(steps):
-            accumulation = _count(steps, "deepspeed_config.gradient_accumulation_steps", source)
-            if accumulation == 0:
-                raise ConfigFileError(
-                    f"{source}: deepspeed_config.gradient_accumulation_steps must be >= 1")
+        accumulation = _given_count(ds, "gradient_accumulation_steps", source, "deepspeed_config.")
         return RunConfig(sharding, precision, source=source,
                          gradient_accumulation_steps=accumulation)
     if kind == "FSDP":
