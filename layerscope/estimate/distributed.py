@@ -380,7 +380,7 @@ def _assemble(
     setup: TrainingSetup, trace: StepTrace, rep: Replay, states: RankStates,
     block_kinds: list[int], params: list[TensorInfo],
 ) -> MemoryEstimate:
-    from layerscope.estimate.memory import MemoryEstimate
+    from layerscope.estimate.memory import MemoryEstimate, setup_fields
 
     sharding, prec, inference = setup.sharding, setup.precision_info, setup.inference
     assert sharding is not None
@@ -429,14 +429,7 @@ def _assemble(
         trainable_params=0 if inference else sum(p.numel for p in params if p.trainable),
         total_params=(sum(p.numel for p in params if not p.quantized)  # packed: the weights
                       + sum(m.n_out * m.n_in for m in setup.quantized_layers)),
-        batch_size=setup.batch_size,
-        seq_len=setup.seq_len,
-        precision=setup.precision,
-        optimizer=setup.optimizer,
-        gradient_checkpointing=setup.gradient_checkpointing,
-        inference=inference,
-        lora_rank=setup.lora_rank,
-        attn_implementation=setup.attention,
+        **setup_fields(setup),
         forward_flops=sum(seg.get((p, "fwd"), Segment()).flops for p in parts),
         backward_flops=0 if inference else sum(seg.get((p, "bwd"), Segment()).flops for p in parts),
         distributed=sharding.distributed,
@@ -446,7 +439,6 @@ def _assemble(
         buffer_bytes=states.buffers,
         held_bytes=held,
         host_bytes=states.host * sharding.ranks_per_node,
-        quantization=None if setup.quantization is None else setup.quantization.method,
         quantized_base_bytes=quant_state + packed_resident(params, len(block_kinds), sharding),
     )
 

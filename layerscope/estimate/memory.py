@@ -291,23 +291,26 @@ def memory_of(setup: TrainingSetup) -> MemoryEstimate:
         optimizer_peak_bytes=optimizer_peak,
         trainable_params=0 if setup.inference else sum(n for n, _, _ in train),
         total_params=step.total_params,
-        batch_size=setup.batch_size,
-        seq_len=setup.seq_len,
-        precision=setup.precision,
-        optimizer=setup.optimizer,
-        gradient_checkpointing=setup.gradient_checkpointing,
-        inference=setup.inference,
-        lora_rank=setup.lora_rank,
-        attn_implementation=setup.attention,
+        **setup_fields(setup),
         forward_flops=step.forward_flops,
         backward_flops=0 if setup.inference else step.backward_flops,
-        quantization=None if setup.quantization is None else setup.quantization.method,
         quantized_base_bytes=step.quantized_base,
         paged_optimizer_bytes=opt.paged,
         inputs=step.inputs,
     )
     cache[setup] = result
     return result
+
+
+def setup_fields(setup: TrainingSetup) -> dict[str, Any]:
+    """The :class:`MemoryEstimate` fields that restate ``setup`` (one GPU or sharded)."""
+    return {
+        "batch_size": setup.batch_size, "seq_len": setup.seq_len, "precision": setup.precision,
+        "optimizer": setup.optimizer, "gradient_checkpointing": setup.gradient_checkpointing,
+        "inference": setup.inference, "lora_rank": setup.lora_rank,
+        "attn_implementation": setup.attention,
+        "quantization": None if setup.quantization is None else setup.quantization.method,
+    }
 
 
 def _step_of(setup: TrainingSetup) -> _Step:
