@@ -158,6 +158,7 @@ class Run:
     assumptions: tuple[str, ...] = ()
     fsdp1_use_orig_params: bool | None = None  # FSDP1 (its flat-parameter setting); None: FSDP2
     double_quant: bool = False  # bnb_4bit_use_double_quant
+    zero: tuple[tuple[str, Any], ...] = ()  # DeepSpeed zero_optimization entries of the recipe
 
     def features(self) -> list[str]:
         out = []
@@ -336,12 +337,30 @@ def _optimizer(text: str) -> str | None:
     return None
 
 
+RECIPE_ZERO_STAGE = {
+    # group -> (what the record's runs are, ZeRO stage, the recipe's DeepSpeed config, source)
+    "qwen1_readme_profiling": (
+        "LoRA", "zero2",
+        {"reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000,
+         "overlap_comm": True, "contiguous_gradients": True},
+        "Qwen's multi-GPU LoRA recipe finetune/finetune_lora_ds.sh @e8e1596 defaults to "
+        "DS_CONFIG_PATH=\"finetune/ds_config_zero2.json\" (stage 2, reduce/allgather buckets 2e8, "
+        "overlap_comm, contiguous_gradients), and the README names ZeRO 3 only where it was "
+        "passed (72B); the stage is assumed from that default"),
+}
+"""A project's own documented default where a record leaves the ZeRO stage unstated: used only
+for the runs of that recipe (LoRA here), and printed as an assumption with each point."""
+
+
 def _strategy(p: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
     """(strategy, offload, not-expressible reasons) from the record's parallelism."""
     text = str(p["parallelism"])
     if re.search(r"\bTP\b|\bPP\b|context parallel|\bCP\b", text):
         return None, None, ["tensor/pipeline/context parallelism"]
     if "ZeRO stage not stated" in text:
+        recipe = RECIPE_ZERO_STAGE.get(p["group"])
+        if recipe and (recipe[0] != "LoRA" or p["lora_rank"]):
+            return recipe[1], None, []
         return None, None, ["data parallel with the ZeRO stage not stated"]
     offload = "params" if re.search(r"(?i)offload_params true|cpu_offload=True|CPU offload of "
                                     r"params", text) else None
@@ -488,10 +507,17 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     orig_params, fsdp1_notes = _fsdp1(p)
     assumptions += fsdp1_notes
     double_quant = bool(re.search(r"(?i)double quant|use_nested_quant true", str(p["quant"])))
+    zero: tuple[tuple[str, Any], ...] = ()
+    if "ZeRO stage not stated" in str(p["parallelism"]):  # a recipe's default (RECIPE_ZERO_STAGE)
+        _, _, config, why = RECIPE_ZERO_STAGE[p["group"]]
+        zero = tuple(config.items())
+        assumptions.append(why)
+    nodes = re.search(r"(\d+) nodes x (\d+)", str(p["parallelism"]))
+    per_node = int(nodes.group(2)) if nodes else 8
     return Run(preset, architecture, int(p["batch_per_gpu"]), seq, precision, optimizer,
-               bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]), 8,
-               offload, accumulation, attn, gpu, stat, unit, summed, tuple(assumptions),
-               orig_params, double_quant)
+               bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]),
+               per_node, offload, accumulation, attn, gpu, stat, unit, summed,
+               tuple(assumptions), orig_params, double_quant, zero)
 
 
 def judge(p: dict[str, Any]) -> Run | Verdict:
@@ -550,6 +576,11 @@ def settings(run: Run) -> dict[str, Any]:
         flat = {k: kw.pop(k, None) for k in ("distributed", "num_gpus", "gpus_per_node", "offload")}
         kw["sharding"] = make_sharding(**flat, fsdp=FsdpSettings(
             version=1, use_orig_params=run.fsdp1_use_orig_params))
+    elif run.zero:  # a recipe's DeepSpeed config: a Sharding carries its zero_optimization
+        from layerscope.estimate.sharding import ZeroSettings, make_sharding
+
+        flat = {k: kw.pop(k, None) for k in ("distributed", "num_gpus", "gpus_per_node", "offload")}
+        kw["sharding"] = make_sharding(**flat, zero=ZeroSettings(**dict(run.zero)))
     if run.quantization:
         from layerscope.quantization import Quantization
 
