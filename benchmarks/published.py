@@ -388,6 +388,29 @@ def _fsdp1(p: dict[str, Any]) -> tuple[bool | None, list[str]]:
     return False, ["FSDP1 with PyTorch's default use_orig_params=False"]
 
 
+ACCELERATE_FSDP_UPCAST = "2024-05-03"
+"""accelerate v0.30.0's release (PR #2674, ``accelerator.py``): with FSDP and mixed precision on
+(``mixed_precision != "no"``, which the HF Trainer's ``--bf16`` sets), every FSDP unit's flat
+parameter that requires grad and is not fp32 is upcast, ``param.data = param.data.to(
+torch.float32)``, "to mimic DeepSpeed's casting": a bf16-loaded model then trains with fp32
+sharded parameters, gradients and AdamW state and bf16 compute (``bf16-mixed``)."""
+
+
+def _accelerate_upcast(p: dict[str, Any], precision: str | None) -> list[str]:
+    """The assumption when a full fine-tuning record ran FSDP through the HF Trainer or
+    accelerate with ``--bf16`` on a bf16-loaded model, published after accelerate 0.30.0
+    (the source's latest date; the version used is not stated): empty when not such a run."""
+    text = _text(p, "parallelism", "notes")
+    dates = re.findall(r"20\d\d-\d\d-\d\d", str(p["source"]))
+    if (precision != "bf16-true" or p["lora_rank"] or "FSDP" not in str(p["parallelism"])
+            or not re.search(r"HF Trainer|accelerate", text) or "--bf16" not in text
+            or not dates or max(dates) < ACCELERATE_FSDP_UPCAST):
+        return []
+    return [f"FSDP through the HF Trainer with --bf16, published {max(dates)}: accelerate "
+            f">= 0.30 (released {ACCELERATE_FSDP_UPCAST}; version not stated) upcasts the "
+            f"trainable flat parameters to fp32 (PR #2674): bf16-mixed, fp32 shards"]
+
+
 def _seq_len(value: Any) -> tuple[int | None, list[str]]:
     if isinstance(value, int):
         return value, []
@@ -472,6 +495,9 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
                 lora = dataclasses.replace(lora, dropout=0.05)  # finetune.py's lora_dropout
                 assumptions.append("Qwen-1's fused c_attn adapter as q, k, v adapters")
     precision, base_dtype, lora_dtype, notes = _precision(str(p["precision"] or ""), bool(lora))
+    upcast = _accelerate_upcast(p, precision)
+    if upcast:  # replaces the record's "pure bf16" reading
+        precision, base_dtype, lora_dtype, notes = "bf16-mixed", None, None, upcast
     assumptions += notes
     if precision is None and not reasons:
         reasons.append(f"precision not understood: {p['precision']}")
