@@ -546,11 +546,54 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
                tuple(assumptions), orig_params, double_quant, zero)
 
 
+def stated_length_floor(run: Run, params: int, config: dict[str, Any]) -> int | None:
+    """Bytes per GPU that any step at the run's stated batch and length must hold, by hand
+    arithmetic and deliberately low (None when the config lacks the sizes): the parameters as
+    stored (2 bytes for a bf16 model, 4 for fp32, half a byte for a 4-bit base; divided by the
+    GPUs under FSDP or ZeRO-3) plus what every block keeps for backward, in bf16 -- its input
+    under checkpointing (layers x tokens x hidden x 2), else at least its MLP's gate and up
+    projections, which the SiLU-and-product's backward reads (layers x tokens x 2 x
+    intermediate x 2)."""
+    layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
+    inter = config.get("intermediate_size")
+    if not (isinstance(layers, int) and isinstance(hidden, int) and isinstance(inter, int)):
+        return None
+    per_param = (0.5 if run.quantization else
+                 2 if run.precision in ("bf16-true", "16-true") or run.base_dtype else 4)
+    shards = run.num_gpus if run.distributed in ("fsdp", "zero3") else 1
+    tokens = run.batch_size * run.seq_len
+    kept = hidden * 2 if run.gradient_checkpointing else 2 * inter * 2
+    return int(params * per_param / shards) + layers * tokens * kept
+
+
+def _contradicted(p: dict[str, Any], run: Run) -> str | None:
+    """Why an unpacked record's stated length cannot be what ran, or None: its published
+    figure is below :func:`stated_length_floor`, so its batches were shorter than stated and
+    their lengths are unknown (a padded batch is as long as its longest sample)."""
+    if p["packing"] is not False or not isinstance(p["seq_len"], int):
+        return None
+    from layerscope.catalog import get_preset
+
+    model = skeleton(run.preset, run.architecture)
+    params = sum(t.numel() for t in model.parameters())
+    floor = stated_length_floor(run, params, get_preset(run.preset).config())
+    per_gpu = p["value"] * {"GiB": GIB, "GB": GB, "MiB": MIB}[run.unit] / (
+        run.num_gpus if run.summed else 1)
+    if floor is None or floor <= per_gpu:
+        return None
+    return (f"the stated {run.batch_size}x{run.seq_len} tokens cannot have run: parameters and "
+            f"the blocks' saved tensors alone are {floor / GB:.1f} GB > the published "
+            f"{per_gpu / GB:.1f} GB, so the unpacked batches were shorter (lengths unknown)")
+
+
 def judge(p: dict[str, Any]) -> Run | Verdict:
     """A comparable :class:`Run`, or a :class:`Verdict` saying why not (yet)."""
     run = translate(p)
     if isinstance(run, Verdict):
         return run
+    contradiction = _contradicted(p, run)
+    if contradiction:
+        return Verdict("not expressible", (contradiction,))
     missing = [f for f in run.features() if not supported(f)]
     if missing:
         return Verdict("pending", tuple(missing), run)

@@ -106,3 +106,70 @@ def test_features_are_detected_from_the_installed_layerscope() -> None:
     assert {"batch_size", "seq_len", "precision", "lora", "attn_implementation"} <= keywords
     assert published.supported("attn_implementation")
     assert published.supported("optimizer:adamw") and not published.supported("optimizer:lion")
+
+
+def test_an_unstated_zero_stage_takes_the_recipes_documented_default() -> None:
+    qwen = {"group": "qwen1_readme_profiling", "num_gpus": 4,
+            "parallelism": "2 nodes x 2 A100 (data parallel via DeepSpeed/torchrun; "
+                           "ZeRO stage not stated)"}
+    run = published.translate(record(**qwen))
+    assert isinstance(run, published.Run)
+    assert (run.distributed, run.num_gpus, run.gpus_per_node) == ("zero2", 4, 2)
+    # ds_config_zero2.json: "reduce_bucket_size": 2e8, "allgather_bucket_size": 2e8
+    assert dict(run.zero)["reduce_bucket_size"] == 200_000_000
+    assert any("ds_config_zero2.json" in a for a in run.assumptions)
+    sharding = published.settings(run)["sharding"]
+    assert (sharding.distributed, sharding.gpus_per_node, sharding.zero.overlap_comm) == (
+        "zero2", 2, True)
+    # the default is the LoRA recipe's: a full fine-tuning row, or another project, stays unstated
+    for changes in ({"lora_rank": None}, {"group": "elsewhere"}):
+        verdict = published.translate(record(**{**qwen, **changes}))
+        assert isinstance(verdict, published.Verdict)
+        assert "data parallel with the ZeRO stage not stated" in verdict.reasons
+
+
+def test_fsdp_through_the_trainer_after_accelerate_030_trains_fp32_shards() -> None:
+    fsdp = {"parallelism": "FSDP1 FULL_SHARD (HF Trainer)", "precision": "bf16 (pure)",
+            "lora_rank": None, "notes": "training.py loads the model in bf16 and passes --bf16",
+            "source": "examples (2024-08-15)"}
+    run = published.translate(record(**fsdp))
+    assert isinstance(run, published.Run)
+    assert (run.precision, run.base_dtype) == ("bf16-mixed", None)
+    assert any("PR #2674" in a for a in run.assumptions)
+    # before accelerate 0.30.0 (2024-05-03) the bf16 shards stay bf16
+    run = published.translate(record(**{**fsdp, "source": "docs (2024-03-13)"}))
+    assert isinstance(run, published.Run) and run.precision == "bf16-true"
+
+
+def test_the_floor_of_a_stated_length_is_hand_arithmetic() -> None:
+    run = published.translate(record())
+    assert isinstance(run, published.Run)
+    config = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16}
+    tiny = published.dataclasses.replace(run, batch_size=2, seq_len=4, precision="bf16-true",
+                                         distributed="fsdp", num_gpus=2)
+    # 1000 bf16 parameters over 2 GPUs: 1000 B; no checkpointing: 2 layers x 8 tokens x gate
+    # and up (2 x 16) x 2 B = 1024 B
+    assert published.stated_length_floor(tiny, 1000, config) == 1000 + 1024
+    # checkpointing keeps each block's input: 2 layers x 8 tokens x 8 x 2 B = 256 B
+    ckpt = published.dataclasses.replace(tiny, gradient_checkpointing=True)
+    assert published.stated_length_floor(ckpt, 1000, config) == 1000 + 256
+    # a 4-bit base is half a byte a parameter; one GPU keeps them all; fp32 is 4 bytes
+    nf4 = published.dataclasses.replace(ckpt, quantization="nf4", distributed=None)
+    assert published.stated_length_floor(nf4, 1000, config) == 500 + 256
+    fp32 = published.dataclasses.replace(ckpt, precision="32-true", distributed=None)
+    assert published.stated_length_floor(fp32, 1000, config) == 4000 + 256
+    assert published.stated_length_floor(ckpt, 1000, {"hidden_size": 8}) is None
+
+
+def test_an_unpacked_record_below_its_stated_lengths_floor_is_not_expressible() -> None:
+    # Llama-2-7B's ~6.74e9 fp32 parameters alone are ~27 GB: 1 GiB cannot be 8 x 64 tokens
+    llama = {"model": "meta-llama/Llama-2-7b-hf", "lora_targets": "q_proj,v_proj (alpha 16)"}
+    verdict = published.judge(record(**llama, packing=False, value=1))
+    assert isinstance(verdict, published.Verdict) and verdict.status == "not expressible"
+    assert "cannot have run" in verdict.reasons[0] and "lengths unknown" in verdict.reasons[0]
+    # packed (or unstated) data is as long as stated: no floor applies
+    run = published.translate(record(**llama, packing=None, value=1))
+    assert isinstance(run, published.Run)
+    assert published._contradicted(record(**llama, packing=None, value=1), run) is None
+    # a figure above the floor keeps the stated length
+    assert published._contradicted(record(**llama, packing=False, value=60), run) is None
