@@ -34,6 +34,13 @@ Choices where a record leaves room (each printed with the point it affects):
 - a sequence length given as ``<=L`` with truncation at ``L`` is ``L``: a run's peak is the
   peak of its longest batch, and Alpaca (the dataset of those runs) has samples beyond 512
   tokens, so some batch is padded to ``L``;
+- an unpacked record whose published figure is below what its stated batch and length must
+  hold (:func:`stated_length_floor`, hand arithmetic) ran shorter batches than stated: not
+  expressible, lengths unknown (never re-expressed at a length chosen to match);
+- a ZeRO stage the record leaves unstated is the project's own recipe default where one is
+  documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption;
+- FSDP full fine-tuning through the HF Trainer with ``--bf16`` published after accelerate
+  0.30.0 trains fp32 shards (:data:`ACCELERATE_FSDP_UPCAST`);
 - an Instruct/Chat checkpoint is its base preset (same config); Qwen-1 is its Qwen2
   equivalent (see the preset's note); torchtune's native Llama and LoRA modules are estimated
   as transformers' Llama with peft adapters.
