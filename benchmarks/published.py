@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -103,6 +104,25 @@ def _optimizers() -> set[str]:
     return set(OPTIMIZERS)
 
 
+@functools.cache
+def _counts_modules_to_save() -> bool:
+    """Whether ``estimate_memory`` trains peft's copies of ``modules_to_save``: a tiny Llama
+    with LoRA on ``q_proj``, with and without ``modules_to_save=["lm_head"]``."""
+    from peft import LoraConfig
+
+    from layerscope import estimate_memory
+    from layerscope.build import empty_model
+
+    tiny = empty_model({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                        "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "tie_word_embeddings": False})
+    counts = [estimate_memory(tiny, batch_size=1, seq_len=8, lora=LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=saved)).trainable_params
+        for saved in (None, ["lm_head"])]
+    return counts[1] > counts[0]
+
+
 FEATURES: dict[str, Any] = {
     # feature -> predicate on the installed layerscope; the keyword names follow issues 11-13
     "distributed": lambda: {"distributed", "num_gpus"} <= _estimate_keywords(),
@@ -113,9 +133,8 @@ FEATURES: dict[str, Any] = {
     "attn_implementation": lambda: "attn_implementation" in _estimate_keywords(),
     "gradient_accumulation": lambda: "gradient_accumulation_steps" in _estimate_keywords(),
     "reserved_bytes": lambda: "reserved_bytes" in _memory_fields(),
-    # setup.Lora resolves modules_to_save, but the memory estimate does not count the trained
-    # copies yet (main at 4d0b50d): True here once it does
-    "lora.modules_to_save": lambda: False,
+    # the trained copies of modules_to_save counted (a tiny model estimated with and without)
+    "lora.modules_to_save": lambda: _counts_modules_to_save(),
 }
 """A feature is supported when its predicate holds. Optimizers are features too
 (``optimizer:<name>``, supported when layerscope lists the name)."""

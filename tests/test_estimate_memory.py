@@ -179,6 +179,30 @@ def test_lora_adds_fp32_adapters_and_freezes_base(llama):
     assert est.total_params == sum(_llama_tensors()) + L * per_block
 
 
+def test_modules_to_save_train_a_copy_in_the_bases_dtype(llama):
+    from peft import LoraConfig
+
+    # peft wraps lm_head in a ModulesToSaveWrapper: a deep copy (V x H) trains, the original
+    # stays frozen; peft's cast_adapter_dtype upcasts tuner layers only, so the copy keeps the
+    # base's bf16: 2 bytes a weight, a gradient, and each of AdamW's two states
+    kw = dict(batch_size=1, seq_len=16, precision="bf16-mixed", base_dtype="bf16")
+    plain = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"]), **kw)
+    saved = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"],
+                                                   modules_to_save=["lm_head"]), **kw)
+    copy = _round(2 * V * H)
+    assert saved.trainable_params - plain.trainable_params == V * H
+    assert saved.total_params - plain.total_params == V * H
+    assert saved.weights_bytes - plain.weights_bytes == copy
+    assert saved.gradient_bytes - plain.gradient_bytes == copy
+    assert saved.optimizer_state_bytes - plain.optimizer_state_bytes == 2 * copy
+    # an fp32 base: the copy is fp32
+    fp32 = {**kw, "base_dtype": None}
+    plain32 = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"]), **fp32)
+    saved32 = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"],
+                                                     modules_to_save=["lm_head"]), **fp32)
+    assert saved32.gradient_bytes - plain32.gradient_bytes == _round(4 * V * H)
+
+
 def test_a_names_plan(llama):
     from layerscope import FreezePlan
 

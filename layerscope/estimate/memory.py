@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -337,7 +337,10 @@ class Prepared:
         tensors, is_trainable: the full model's parameters by identity, and their flags.
         blocks_name, blocks: the full model's block stack.
         kinds, reps: the kind of every block, and the block representing each kind.
-        lora_targets, lora_ids: the adapted modules; the ids of the copy's (fake) adapter tensors.
+        lora_targets, lora_ids: the adapted modules; the ids of the copy's (fake) tensors peft
+            adds and trains: the adapters and the copies of ``modules_to_save``.
+        saved_ids: the ids among ``lora_ids`` of the ``modules_to_save`` copies (peft's
+            ``ModulesToSaveWrapper``: a deep copy of the module, in the dtype it had).
         vocab: the vocabulary size of the text model (0 for a model without text).
         inputs: what the step feeds the model (:func:`~layerscope.estimate.inputs.step_inputs`).
     """
@@ -356,6 +359,7 @@ class Prepared:
     lora_ids: set[int]
     vocab: int
     inputs: StepInputs | None = None
+    saved_ids: set[int] = field(default_factory=set)
 
     @property
     def block_kinds(self) -> list[int]:
@@ -469,9 +473,17 @@ def prepare(
     # unless the setup keeps them in another dtype
     adapters_dtype = lora_dtype or setup.adapter_dtype
 
+    # peft's ModulesToSaveWrapper deep-copies each of modules_to_save as it is when peft wraps
+    # the model, and its cast_adapter_dtype upcasts only tuner layers (BaseTunerLayer), so a
+    # copy keeps the frozen base's dtype (peft/tuners/tuners_utils.py, cast_adapter_dtype)
+    saved = {id(p) for n, p in reduced.named_parameters() if id(p) in lora_ids
+             and ".modules_to_save." in f".{n}"}
+
     def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
         if not p.is_floating_point() or id(p) in packed:
             return p.dtype
+        if id(p) in saved:
+            return param_dtype if param_dtype is not None else setup.frozen_dtype
         if id(p) in lora_ids:
             return adapters_dtype
         if param_dtype is not None:  # one dtype for every parameter (a sharded step)
@@ -484,10 +496,12 @@ def prepare(
         return id(p) in trainable_copy or id(p) in lora_ids
 
     adapter_names = {n for n, p in reduced.named_parameters() if id(p) in lora_ids}
+    saved_names = {n for n, p in reduced.named_parameters() if id(p) in saved}
     fake_parameters(reduced, mode, dtype_of, trainable_of)
     prepared.reduced, prepared.kept, prepared.memo, prepared.mode = reduced, kept, memo, mode
     # the fake adapters (new tensors: the ids above belonged to the meta ones)
     prepared.lora_ids = {id(p) for n, p in reduced.named_parameters() if n in adapter_names}
+    prepared.saved_ids = {id(p) for n, p in reduced.named_parameters() if n in saved_names}
     sizes = input_sizes(setup)
     prepare_copy(reduced, sizes)
     try:
@@ -571,6 +585,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     reduced, kept, tensors, is_trainable = pre.reduced, pre.kept, pre.tensors, pre.is_trainable
     assert pre.inputs is not None  # prepare sets them
     lora_tensors = _lora_tensors(reduced, kept, kind_of_position, block_kinds, pre.lora_ids,
+                                 pre.saved_ids,
                                  int(dtype_bytes(setup.adapter_dtype)))
     rep = replay(trace, block_kinds, setup.inference)
     events = step_events(trace, block_kinds, setup.inference)
@@ -688,7 +703,9 @@ def _block_kinds(
 def _inject_lora(
     reduced: nn.Module, lora: Lora, targets: frozenset[str], blocks_name: str, reps: list[int],
 ) -> set[int]:
-    """Add the adapters to the reduced copy; returns the ids of the adapter parameters."""
+    """Add the adapters to the reduced copy; returns the ids of the tensors peft trains: the
+    adapters, and the copies it makes of ``modules_to_save`` (``ModulesToSaveWrapper``'s
+    ``modules_to_save.<adapter>``; its ``original_module`` is the base's own, frozen)."""
     from peft import inject_adapter_in_model
 
     mapped = _to_reduced(targets, blocks_name, reps)
@@ -698,7 +715,8 @@ def _inject_lora(
     )
     with quiet_warnings():  # peft's notes on the config (e.g. fan_in_fan_out for Conv1D)
         inject_adapter_in_model(config, reduced)
-    return {id(p) for n, p in reduced.named_parameters() if "lora_" in n}
+    return {id(p) for n, p in reduced.named_parameters()
+            if "lora_" in n or ".modules_to_save." in f".{n}"}
 
 
 def _to_reduced(names: frozenset[str], blocks_name: str, reps: list[int]) -> list[str]:
@@ -797,21 +815,26 @@ def _base_weights(setup: TrainingSetup, named: list[tuple[str, nn.Parameter]],
 
 def _lora_tensors(
     reduced: nn.Module, kept: nn.ModuleList, kind_of_position: list[int],
-    block_kinds: list[int], lora_ids: set[int], element_bytes: int,
+    block_kinds: list[int], lora_ids: set[int], saved_ids: set[int], element_bytes: int,
 ) -> list[tuple[int, int, tuple[int, ...]]]:
-    """(numel, bytes per element, shape) of every adapter tensor of the full model."""
+    """(numel, bytes per element, shape) of every tensor peft adds to the full model: each
+    adapter in ``element_bytes``, each ``modules_to_save`` copy (``saved_ids``) in its own
+    dtype."""
     if not lora_ids:
         return []
     in_kept = {id(p) for b in kept for p in b.parameters()}
+
+    def info(p: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+        size = p.element_size() if id(p) in saved_ids else element_bytes
+        return p.numel(), size, tuple(p.shape)
+
     per_kind: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
     for position, block in enumerate(kept):
         per_kind[kind_of_position[position]] = [
-            (p.numel(), element_bytes, tuple(p.shape)) for p in block.parameters()
-            if id(p) in lora_ids
+            info(p) for p in block.parameters() if id(p) in lora_ids
         ]
     out = [t for k in block_kinds for t in per_kind.get(k, [])]
-    out += [(p.numel(), element_bytes, tuple(p.shape)) for p in reduced.parameters()
-            if id(p) in lora_ids and id(p) not in in_kept]
+    out += [info(p) for p in reduced.parameters() if id(p) in lora_ids and id(p) not in in_kept]
     return out
 
 
