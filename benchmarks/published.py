@@ -185,6 +185,7 @@ class Run:
     fsdp1_use_orig_params: bool | None = None  # FSDP1 (its flat-parameter setting); None: FSDP2
     double_quant: bool = False  # bnb_4bit_use_double_quant
     zero: tuple[tuple[str, Any], ...] = ()  # DeepSpeed zero_optimization entries of the recipe
+    context_bytes: int | None = None  # the CUDA context the source measured (None: default)
 
     def features(self) -> list[str]:
         out = []
@@ -564,12 +565,16 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
         _, _, config, why = RECIPE_ZERO_STAGE[p["group"]]
         zero = tuple(config.items())
         assumptions.append(why)
+    context, where = context_bytes(p["group"])
+    if stat == "nvidia-smi" and where:
+        assumptions.append(f"CUDA context {context / MIB:.0f} MiB: {where}")
     nodes = re.search(r"(\d+) nodes x (\d+)", str(p["parallelism"]))
     per_node = int(nodes.group(2)) if nodes else 8
     return Run(preset, architecture, int(p["batch_per_gpu"]), seq, precision, optimizer,
                bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]),
                per_node, offload, accumulation, attn, gpu, stat, unit, summed,
-               tuple(assumptions), orig_params, double_quant, zero)
+               tuple(assumptions), orig_params, double_quant, zero,
+               context if where else None)
 
 
 def stated_length_floor(run: Run, params: int, config: dict[str, Any]) -> int | None:
@@ -691,6 +696,27 @@ def settings(run: Run) -> dict[str, Any]:
     return kw
 
 
+MEASURED_CONTEXT = {
+    # group -> (bytes, source): the CUDA context a source measured in its own environment
+    "hf_perf_train_gpu_one": (1343 * MIB, (
+        "the doc's own measurement before loading the model: torch.ones((1, 1)).to('cuda') -> "
+        "'GPU memory occupied: 1343 MB' (pynvml used // 1024**2), 'the kernels alone take up "
+        "1.3GB'")),
+}
+"""Where a source measured the CUDA context of its runs (an older CUDA without lazy module
+loading), its ``nvidia-smi`` figures are the reserved bytes plus that measurement rather than
+layerscope's :data:`~layerscope.estimate.memory.CUDA_CONTEXT_BYTES`."""
+
+
+def context_bytes(group: str) -> tuple[int, str | None]:
+    """The CUDA context an ``nvidia-smi`` figure of ``group`` includes, and its source (None:
+    layerscope's default)."""
+    from layerscope.estimate.memory import CUDA_CONTEXT_BYTES
+
+    measured = MEASURED_CONTEXT.get(group)
+    return measured if measured else (CUDA_CONTEXT_BYTES, None)
+
+
 def estimate(run: Run) -> tuple[float, Any]:
     """The estimate in the point's statistic and unit, and the ``MemoryEstimate``."""
     from layerscope import estimate_memory
@@ -702,7 +728,7 @@ def estimate(run: Run) -> tuple[float, Any]:
         est = estimate_memory(model, **settings(run))
     nbytes = est.peak_bytes if run.statistic == "allocated" else est.reserved_bytes
     if run.statistic == "nvidia-smi":
-        nbytes += CUDA_CONTEXT_BYTES
+        nbytes += run.context_bytes if run.context_bytes is not None else CUDA_CONTEXT_BYTES
     if run.summed:
         nbytes *= run.num_gpus
     return nbytes / {"GiB": GIB, "GB": GB, "MiB": MIB}[run.unit], est

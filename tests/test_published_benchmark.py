@@ -173,3 +173,13 @@ def test_an_unpacked_record_below_its_stated_lengths_floor_is_not_expressible() 
     assert published._contradicted(record(**llama, packing=None, value=1), run) is None
     # a figure above the floor keeps the stated length
     assert published._contradicted(record(**llama, packing=False, value=60), run) is None
+
+
+def test_a_cuda_context_the_source_measured_replaces_the_default() -> None:
+    smi = {"metric": "nvidia_smi_used_MiB (pynvml, read after training)"}
+    run = published.translate(record(**smi, group="hf_perf_train_gpu_one"))
+    assert isinstance(run, published.Run) and run.statistic == "nvidia-smi"
+    assert run.context_bytes == 1343 * 2**20  # the doc's "GPU memory occupied: 1343 MB"
+    assert any("1343 MB" in a for a in run.assumptions)
+    other = published.translate(record(**smi))
+    assert isinstance(other, published.Run) and other.context_bytes is None
