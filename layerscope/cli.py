@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "such as fp32, bf16 (default bf16-mixed)")
         p.add_argument("--optimizer", default=None, metavar="O",
                        help="adamw, adamw-fused, adam, sgd, sgd-momentum, adamw-8bit, "
-                       "paged-adamw-8bit, paged-adamw-32bit, adafactor (default adamw)")
+                       "paged-adamw-8bit, paged-adamw-32bit, adafactor, adamw-hf (default adamw)")
         p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute each block's forward during backward")
         p.add_argument("--gradient-accumulation-steps", type=_positive_int, default=None,

@@ -83,15 +83,17 @@ PRECISION_ALIASES = {
 }
 
 OPTIMIZERS = ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor",
-              "paged-adamw-8bit", "paged-adamw-32bit")
+              "paged-adamw-8bit", "paged-adamw-32bit", "adamw-hf")
 """``adamw``/``adam``: torch.optim, foreach (the CUDA default); ``adamw-fused``:
-``AdamW(fused=True)``; ``sgd``/``sgd-momentum``: torch.optim.SGD without/with momentum;
+``AdamW(fused=True)``; ``adamw-hf``: transformers' own ``AdamW`` (``optim="adamw_hf"``, a
+per-tensor loop); ``sgd``/``sgd-momentum``: torch.optim.SGD without/with momentum;
 ``adamw-8bit``: bitsandbytes ``AdamW8bit``; ``adafactor``: ``torch.optim.Adafactor``;
 ``paged-adamw-8bit``/``paged-adamw-32bit``: bitsandbytes ``PagedAdamW8bit``/``PagedAdamW32bit``
 (transformers' ``optim="paged_adamw_8bit"``/``"paged_adamw_32bit"``)."""
 OPTIMIZER_ALIASES = {
     "adamw_fused": "adamw-fused", "fused_adamw": "adamw-fused", "fused-adamw": "adamw-fused",
     "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum", "adamw_8bit": "adamw-8bit",
+    "adamw_hf": "adamw-hf",
     "adamw8bit": "adamw-8bit", "paged_adamw_8bit": "paged-adamw-8bit",
     "pagedadamw8bit": "paged-adamw-8bit", "paged_adamw_32bit": "paged-adamw-32bit",
     "pagedadamw32bit": "paged-adamw-32bit", "paged-adamw": "paged-adamw-32bit",

@@ -158,12 +158,32 @@ def test_fused_adamw_has_fewer_temporaries(mixtral):
     assert fused.peak_bytes <= foreach.peak_bytes
 
 
+def test_transformers_adamw_keeps_two_moments_and_two_consecutive_denominators():
+    from layerscope.estimate.optimizers import OPTIMIZERS
+
+    # fp32 tensors of 1,000, 300,000, 200,000 and 50,000 elements: exp_avg and exp_avg_sq
+    # each (4 bytes an element, rounded to 512-byte blocks); the denominators alive together
+    # are the largest consecutive pair, 300,000 + 200,000 elements
+    tensors = [(1000, 4, (1000,)), (300_000, 4, (300, 1000)), (200_000, 4, (200, 1000)),
+               (50_000, 4, (50, 1000))]
+    hf = OPTIMIZERS["adamw-hf"](tensors)
+    sizes = [_round(4000), _round(1_200_000), _round(800_000), _round(200_000)]
+    assert sizes[1] == 1_200_128  # 2,344 blocks of 512 bytes, the last one part-filled
+    assert hf.state == 2 * sum(sizes)
+    assert hf.temporary_blocks == (sizes[1], sizes[2])
+    # torch's foreach AdamW keeps the same state but one sqrt of every second moment at once
+    assert OPTIMIZERS["adamw"](tensors).state == hf.state
+    assert OPTIMIZERS["adamw"](tensors).temporary == sum(sizes)
+    assert OPTIMIZERS["adamw-hf"](tensors[:1]).temporary_blocks == (_round(4000),)
+
+
 def test_every_optimizer_runs(gpt2):
     states = {opt: estimate_memory(gpt2, batch_size=1, seq_len=16, optimizer=opt).optimizer_state_bytes
-              for opt in ["adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor"]}
+              for opt in ["adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor",
+                          "adamw-hf"]}
     assert states["sgd"] == 0
     assert states["adamw-8bit"] < states["adamw"] / 3
-    assert states["adafactor"] < states["sgd-momentum"] < states["adamw"]
+    assert states["adafactor"] < states["sgd-momentum"] < states["adamw"] == states["adamw-hf"]
 
 
 def test_lora_adds_fp32_adapters_and_freezes_base(llama):

@@ -50,8 +50,9 @@ def test_precisions_and_aliases():
 
 def test_optimizers_and_aliases():
     assert OPTIMIZERS == ("adamw", "adamw-fused", "adam", "sgd", "sgd-momentum", "adamw-8bit", "adafactor",
-                          "paged-adamw-8bit", "paged-adamw-32bit")
+                          "paged-adamw-8bit", "paged-adamw-32bit", "adamw-hf")
     assert resolve_optimizer("fused_adamw") == "adamw-fused"
+    assert resolve_optimizer("adamw_hf") == "adamw-hf"  # the Trainer's optim name
     assert resolve_optimizer("paged_adamw_8bit") == "paged-adamw-8bit"  # transformers' optim name
     assert resolve_optimizer("paged_adamw_32bit") == "paged-adamw-32bit"
     assert resolve_optimizer("SGD_momentum") == "sgd-momentum"

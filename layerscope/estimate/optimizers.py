@@ -58,6 +58,24 @@ def _adam_foreach(tensors: Tensors) -> OptimizerMemory:
     return OptimizerMemory(state, tuple(rounded(n * b) for n, b, _ in tensors))
 
 
+def _adam_hf(tensors: Tensors) -> OptimizerMemory:
+    """transformers' own ``AdamW`` (``transformers/optimization.py``, the Trainer's
+    ``optim="adamw_hf"``, its default before ``adamw_torch``): a Python loop over the tensors.
+
+    State: ``exp_avg`` and ``exp_avg_sq`` (``torch.zeros_like(p)``) per tensor, as torch's.
+    Temporary: ``denom = exp_avg_sq.sqrt().add_(eps)``, one tensor's size; the loop's previous
+    ``denom`` is freed only when the name is rebound, after the next ``sqrt()`` is made, so
+    the two consecutive tensors with the largest sum are alive at once (every other update is
+    in place: ``mul_``, ``add_``, ``addcmul_``, ``addcdiv_``).
+    """
+    state = tuple(r for n, b, _ in tensors for r in (rounded(n * b), rounded(n * b)))
+    sizes = [rounded(n * b) for n, b, _ in tensors]
+    if len(sizes) < 2:
+        return OptimizerMemory(state, tuple(sizes))
+    i = max(range(len(sizes) - 1), key=lambda k: sizes[k] + sizes[k + 1])
+    return OptimizerMemory(state, (sizes[i], sizes[i + 1]))
+
+
 def _adam_fused(tensors: Tensors) -> OptimizerMemory:
     """``AdamW(fused=True)``: one CUDA kernel per tensor list, no temporaries; ``step`` is a
     0-dim fp32 tensor on the GPU, made before the two moments (``_init_group``)."""
@@ -151,6 +169,7 @@ def _adafactor(tensors: Tensors) -> OptimizerMemory:
 OPTIMIZERS: dict[str, Callable[[Tensors], OptimizerMemory]] = {
     "adamw": _adam_foreach,
     "adamw-fused": _adam_fused,
+    "adamw-hf": _adam_hf,
     "adam": _adam_foreach,
     "sgd": _sgd,
     "sgd-momentum": _sgd_momentum,

@@ -121,6 +121,10 @@ OPTIMIZER_PASSES = {
     "adamw": (21, 8),
     # torch.optim Adam without weight decay: the same without the mul_(p).
     "adam": (19, 7),
+    # transformers' AdamW, per tensor (the Trainer's weight_decay defaults to 0, so no decay
+    # add_): mul_(m) 2, add_(m, g) 3, mul_(v) 2, addcmul_(v, g, g) 4, sqrt(v) 2, add_(eps) 2,
+    # addcdiv_(p, m, d) 4: 7 kernels for each tensor (PER_TENSOR_OPTIMIZERS).
+    "adamw-hf": (19, 7),
     # _fused_adamw: one kernel reads p, g, m, v and writes p, m, v.
     "adamw-fused": (7, 1),
     # _multi_tensor_sgd, momentum: mul_(buf) 2, add_(buf, g) 3, add_(p, buf) 3.
@@ -141,6 +145,10 @@ OPTIMIZER_PASSES = {
 }
 """Per optimizer: (element passes over a trainable tensor per step, foreach kernels per step).
 A pass reads or writes every element once."""
+
+PER_TENSOR_OPTIMIZERS = frozenset({"adamw-hf"})
+"""Optimizers whose step loops over the tensors in Python: their kernels per step are their
+:data:`OPTIMIZER_PASSES` count times the tensors, not multi-tensor launches."""
 
 FOREACH_CHUNK, FOREACH_CHUNKS_PER_LAUNCH, FOREACH_TENSORS_PER_LAUNCH = 65536, 320, 48
 """multi_tensor_apply splits tensors into chunks of 65536 elements and launches a kernel when

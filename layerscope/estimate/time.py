@@ -68,6 +68,7 @@ from layerscope.estimate.roofline import (
     HOST_OPTIMIZER_S_PER_TENSOR,
     KERNEL_LATENCY_S,
     OPTIMIZER_PASSES,
+    PER_TENSOR_OPTIMIZERS,
     Phase,
     Work,
     foreach_launches,
@@ -510,7 +511,8 @@ def _optimizer(gpu: GPU, prec: Precision, opt: str, numel: int,
     wb = prec.weight_bytes
     w = Work(gpu, prec, HOST_ATEN_S_PER_KERNEL, label="optimizer")
     w.host(tensors * HOST_OPTIMIZER_S_PER_TENSOR)
-    w.stream(passes * numel * wb, ops * foreach_launches(numel, tensors),
+    launches = tensors if opt in PER_TENSOR_OPTIMIZERS else foreach_launches(numel, tensors)
+    w.stream(passes * numel * wb, ops * launches,
              efficiency=FOREACH_BANDWIDTH_EFFICIENCY.get(wb, BANDWIDTH_EFFICIENCY))
     seconds, phases = run(w.items)
     return seconds, phases["optimizer"]
