@@ -423,6 +423,25 @@ torch.float32)``, "to mimic DeepSpeed's casting": a bf16-loaded model then train
 sharded parameters, gradients and AdamW state and bf16 compute (``bf16-mixed``)."""
 
 
+PEFT_AUTOCAST_ADAPTERS = "2024-07-24"
+"""peft v0.12.0's release, the first with ``autocast_adapter_dtype=True`` (PR #1706): before it,
+``LoraLayer.update_layer`` made the adapters in the base weight's dtype (``self.to(
+weight.device, dtype=weight.dtype)``), so a bf16 base trained bf16 adapters."""
+
+
+def _old_peft_adapters(p: dict[str, Any], lora: bool, base_dtype: str | None,
+                       lora_dtype: str | None) -> list[str]:
+    """The assumption when a LoRA record on a 16-bit base was published before peft 0.12
+    (the source's latest date; the version used is not stated): empty otherwise."""
+    dates = re.findall(r"20\d\d-\d\d-\d\d", str(p["source"]))
+    if (not lora or base_dtype not in ("bf16", "fp16") or lora_dtype is not None
+            or not dates or max(dates) >= PEFT_AUTOCAST_ADAPTERS):
+        return []
+    return [f"published {max(dates)}, before peft 0.12 (released {PEFT_AUTOCAST_ADAPTERS}; "
+            f"version not stated): adapters made in the base's {base_dtype} "
+            f"(LoraLayer.update_layer), not upcast to fp32"]
+
+
 def _accelerate_upcast(p: dict[str, Any], precision: str | None) -> list[str]:
     """The assumption when a full fine-tuning record ran FSDP through the HF Trainer or
     accelerate with ``--bf16`` on a bf16-loaded model, published after accelerate 0.30.0
@@ -525,6 +544,11 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     upcast = _accelerate_upcast(p, precision)
     if upcast:  # replaces the record's "pure bf16" reading
         precision, base_dtype, lora_dtype, notes = "bf16-mixed", None, None, upcast
+    old_peft = _old_peft_adapters(p, bool(lora), base_dtype, lora_dtype)
+    if old_peft:
+        lora_dtype = base_dtype
+        notes = [n for n in notes if "peft adapters fp32" not in n] + [
+            "base loaded in bf16, Trainer bf16 autocast", *old_peft]
     assumptions += notes
     if precision is None and not reasons:
         reasons.append(f"precision not understood: {p['precision']}")

@@ -183,3 +183,19 @@ def test_a_cuda_context_the_source_measured_replaces_the_default() -> None:
     assert any("1343 MB" in a for a in run.assumptions)
     other = published.translate(record(**smi))
     assert isinstance(other, published.Run) and other.context_bytes is None
+
+
+def test_lora_before_peft_012_trains_adapters_in_the_bases_dtype() -> None:
+    bf16 = {"precision": "bf16", "model": "meta-llama/Llama-2-7b-hf",
+            "lora_targets": "q_proj,v_proj (alpha 16)"}
+    run = published.translate(record(**bf16, source="README (2023-11-30)"))
+    assert isinstance(run, published.Run)
+    assert (run.base_dtype, run.lora_dtype) == ("bf16", "bf16")
+    assert any("before peft 0.12" in a for a in run.assumptions)
+    assert not any("peft adapters fp32" in a for a in run.assumptions)
+    # peft 0.12 (2024-07-24) upcasts adapters of a 16-bit base: the estimate's fp32 default
+    run = published.translate(record(**bf16, source="README (2024-09-01)"))
+    assert isinstance(run, published.Run) and run.lora_dtype is None
+    # an fp32 base has fp32 adapters either way
+    run = published.translate(record(source="README (2022-12-30)"))
+    assert isinstance(run, published.Run) and run.lora_dtype is None
