@@ -105,6 +105,11 @@ def test_zero_offload():
     # host: gradient partitions (1536) + master (3072) + Adam (6144) + fp32 grads (3072)
     #       + the 16-bit parameter partitions (8 * 512)
     assert s.host == 1536 + 3072 + 6144 + 3072 + 8 * 512
+    # a gather copies the rank's partition to the GPU first: a block's (20 x 10) weight gathers
+    # 400 bytes from a 50-element (100-byte) copy; the head's 1000 elements from 250 (500 B)
+    assert s.forward_extra == (400 + 100,) * 3 and s.backward_extra == (400 + 100 + 2048,) * 3
+    assert s.head_extra == (3200 + 500, 3200 + 500 + 2048)
+    assert s.embed_extra == (2000 + 500, 2000 + 500 + 2048)
     z2 = _states("zero2", offload="optimizer", zero=ZeroSettings(reduce_bucket_size=1000))
     # GPU staging buffer of the largest parameter: 1000 * 2 = 2000 -> 2048
     assert z2.buffers == 2048 and z2.optimizer_state == 0

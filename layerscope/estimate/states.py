@@ -543,7 +543,8 @@ def _zero(
             grads_gpu = grad_buffer
             # _prepare_fp32_grad_for_sub_group: flatten (16-bit) then .to(fp32), then step
             step = max(rounded(sub * md) + rounded(sub * 4), rounded(sub * 4) + temp)
-        fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute)
+        fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute,
+                                                offloaded=offload_params)
         reduce_copy = bucket  # reduce_scatter_coalesced concatenates the bucket's partitions
         return RankStates(
             weights=weights, master_weights=master, gradients=grads_gpu, optimizer_state=state,
@@ -595,7 +596,7 @@ def _zero(
 
 def _zero3_gathered(
     params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, md: int,
-    recompute: bool = False,
+    recompute: bool = False, offloaded: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int]]:
     """ZeRO-3's gathered parameters (16-bit, beyond the persisted ones) during each part.
 
@@ -607,8 +608,19 @@ def _zero3_gathered(
     gathered through its backward. Outside: the embedding, then the head; from the end of
     forward to the start of backward the last blocks stay gathered while the elements gathered
     after them stay under the reuse distance.
+
+    With ``offloaded`` parameters (``offload_param``), a gather first copies the rank's
+    partition to the GPU and all-gathers from that copy (``all_gather_coalesced``:
+    ``param.ds_tensor.to(device)`` into ``_dist_allgather_fn``), so the partition of the
+    largest tensor a part gathers is alive next to the gathered buffer (a whole tensor on one
+    GPU).
     """
     z = sharding.zero
+    n = sharding.shard_size
+
+    def staged(tensors: Sequence[TensorInfo]) -> int:
+        return ceil_div(max(p.numel for p in tensors), n) * md if offloaded and tensors else 0
+
     big = [p for p in params if p.numel > z.param_persistence_threshold]
     per_block = [[p for p in big if p.block == i] for i in range(num_blocks)]
     root = [p for p in big if p.block is None]
@@ -621,10 +633,10 @@ def _zero3_gathered(
         live = min(total, max(p.numel for p in tensors) + z.prefetch_bucket_size, cap)
         return live * md
 
-    blocks = [gathered(b) for b in per_block]
+    blocks = [gathered(b) + staged(b) for b in per_block]
     backward = blocks
     if recompute:
-        backward = [min(sum(p.numel for p in b) + z.prefetch_bucket_size, cap) * md
+        backward = [min(sum(p.numel for p in b) + z.prefetch_bucket_size, cap) * md + staged(b)
                     if b and sum(p.numel for p in b) < ZERO_MAX_REUSE_DISTANCE else g
                     for b, g in zip(per_block, blocks)]
     root_sorted = sorted(root, key=lambda p: p.numel)
@@ -638,4 +650,6 @@ def _zero3_gathered(
         kept += sum(p.numel for p in b)
     # max_live_parameters limits what is gathered ahead, never the tensor a module needs
     head_live = max(head // md, min(head // md + kept, cap)) * md if md else 0
-    return (tuple(blocks), tuple(backward), (embed, embed), (head_live, head_live))
+    copy = staged(root_sorted[-1:])  # the embedding's (or tied head's) partition, gathered
+    return (tuple(blocks), tuple(backward), (embed + copy, embed + copy),
+            (head_live + copy, head_live + copy))
