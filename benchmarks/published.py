@@ -41,6 +41,10 @@ Choices where a record leaves room (each printed with the point it affects):
   documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption;
 - FSDP full fine-tuning through the HF Trainer with ``--bf16`` published after accelerate
   0.30.0 trains fp32 shards (:data:`ACCELERATE_FSDP_UPCAST`);
+- LoRA on a 16-bit base published before peft 0.12 trains adapters in the base's dtype
+  (:data:`PEFT_AUTOCAST_ADAPTERS`);
+- an ``nvidia-smi`` figure adds the CUDA context the source measured, where it did
+  (:data:`MEASURED_CONTEXT`), else layerscope's default;
 - an Instruct/Chat checkpoint is its base preset (same config); Qwen-1 is its Qwen2
   equivalent (see the preset's note); torchtune's native Llama and LoRA modules are estimated
   as transformers' Llama with peft adapters.
