@@ -612,7 +612,8 @@ def stated_length_floor(run: Run, params: int, config: dict[str, Any]) -> int | 
     GPUs under FSDP or ZeRO-3) plus what every block keeps for backward, in bf16 -- its input
     under checkpointing (layers x tokens x hidden x 2), else at least its MLP's gate and up
     projections, which the SiLU-and-product's backward reads (layers x tokens x 2 x
-    intermediate x 2)."""
+    intermediate x 2; one projection for an MLP that is not gated). Offloaded parameters
+    (``offload="params"``) count nothing."""
     layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
     inter = config.get("intermediate_size")
     if not (isinstance(layers, int) and isinstance(hidden, int) and isinstance(inter, int)):
@@ -620,9 +621,19 @@ def stated_length_floor(run: Run, params: int, config: dict[str, Any]) -> int | 
     per_param = (0.5 if run.quantization else
                  2 if run.precision in ("bf16-true", "16-true") or run.base_dtype else 4)
     shards = run.num_gpus if run.distributed in ("fsdp", "zero3") else 1
+    if run.offload == "params":  # the parameters live on the CPU
+        per_param = 0
     tokens = run.batch_size * run.seq_len
-    kept = hidden * 2 if run.gradient_checkpointing else 2 * inter * 2
+    # a gated MLP (SwiGLU/GeGLU) keeps gate and up; any other keeps at least its activation's
+    # input
+    gated = 2 if config.get("model_type") in GATED_MLP else 1
+    kept = hidden * 2 if run.gradient_checkpointing else gated * inter * 2
     return int(params * per_param / shards) + layers * tokens * kept
+
+
+GATED_MLP = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"})
+"""Model types whose MLP is ``down(act(gate(x)) * up(x))``: its backward reads both ``gate(x)``
+and ``up(x)``."""
 
 
 def _contradicted(p: dict[str, Any], run: Run) -> str | None:

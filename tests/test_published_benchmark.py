@@ -144,7 +144,8 @@ def test_fsdp_through_the_trainer_after_accelerate_030_trains_fp32_shards() -> N
 def test_the_floor_of_a_stated_length_is_hand_arithmetic() -> None:
     run = published.translate(record())
     assert isinstance(run, published.Run)
-    config = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16}
+    config = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16,
+              "model_type": "llama"}
     tiny = published.dataclasses.replace(run, batch_size=2, seq_len=4, precision="bf16-true",
                                          distributed="fsdp", num_gpus=2)
     # 1000 bf16 parameters over 2 GPUs: 1000 B; no checkpointing: 2 layers x 8 tokens x gate
@@ -159,6 +160,11 @@ def test_the_floor_of_a_stated_length_is_hand_arithmetic() -> None:
     fp32 = published.dataclasses.replace(ckpt, precision="32-true", distributed=None)
     assert published.stated_length_floor(fp32, 1000, config) == 4000 + 256
     assert published.stated_length_floor(ckpt, 1000, {"hidden_size": 8}) is None
+    # an MLP that is not gated keeps one projection: 2 layers x 8 tokens x 16 x 2 B = 512 B
+    assert published.stated_length_floor(tiny, 1000, {**config, "model_type": "bert"}) == 1512
+    # parameters offloaded to the CPU are not on the GPU
+    off = published.dataclasses.replace(ckpt, offload="params")
+    assert published.stated_length_floor(off, 1000, config) == 256
 
 
 def test_an_unpacked_record_below_its_stated_lengths_floor_is_not_expressible() -> None:
