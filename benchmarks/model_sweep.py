@@ -391,6 +391,7 @@ def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
         Sizes,
         StepInputs,
         count_features,
+        feature_arguments,
         features_function,
         prepare_copy,
         step_inputs,
@@ -418,7 +419,7 @@ def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
 
         def count(name: str, specs: Any) -> int:
             get = features_function(model, name)
-            accepted = inspect.signature(get).parameters
+            accepted = feature_arguments(model, name)
             with torch.no_grad():
                 out = get(**{k: v for k, v in realize(specs).items() if k in accepted})
             return count_features(out)

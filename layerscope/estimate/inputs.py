@@ -590,14 +590,8 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
                             torch.tensor([[cells, cells]] * count)),
                 InputTensor("pixel_attention_mask", (count, rows), torch.long, mask), *extra)
     if _accepts(model, "image_grid_thw"):
-        patch = _int_or_first(getattr(vision, "patch_size", None)) or 14
-        merge = _int_or_first(getattr(vision, "spatial_merge_size", None)) or 1
-        temporal = _int_or_first(getattr(vision, "temporal_patch_size", None)) or 1
-        cells = max(1, side // (patch * merge)) * merge
-        grid = torch.tensor([[1, cells, cells]] * count)
-        width = channels * temporal * patch * patch
-        pixels = _pixels((count * cells * cells, width), sizes.dtype)
-        return pixels, InputTensor("image_grid_thw", (count, 3), torch.long, grid), *extra
+        return (*_grid_images(model, config, vision, count, side, channels, sizes.dtype),
+                *extra)
     if _accepts(model, "pixel_attention_mask"):
         shape = (batch, per_sequence, channels, side, side)
         mask = torch.ones(batch, per_sequence, side, side, dtype=torch.bool)
@@ -613,6 +607,75 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
         if not _accepts(model, "vision_feature_select_strategy"):  # Pixtral-style towers
             return _pixel_values(model, config, count, sizes), image_sizes, *extra
     return _pixel_values(model, config, count, sizes), *extra
+
+
+_MERGE_SIZES = ("spatial_merge_size", "merge_size", "merge_kernel_size")
+_TEMPORAL_SIZES = ("temporal_patch_size", "patch_temporal")
+
+GRID_LAYOUTS = {
+    # (pixel layout, merge size of an image): what these image processors write
+    "Kimi_K25ImageProcessor": ("patches", None),  # (patches, C, P, P)
+    "PaddleOCRVLImageProcessor": ("patches", None),  # (patches, C x T, P, P), T = 1
+    "Inkling2ImageProcessor": ("cells", None),  # (tokens, M x P, M x P, C); grid in tokens
+    "VideoLlama3ImageProcessor": ("rows", 1),  # images unmerged: image_merge_sizes = 1
+}
+"""Pixel layouts of the image processors that differ from Qwen2-VL's for models that take an
+``image_grid_thw``. ``rows`` (every other processor, Qwen2-VL's): one row of
+C x T x P x P values per patch (T = the temporal patch size, an image repeated T times), the
+grid in patches; ``patches``: one C x P x P patch each; ``cells``: one merged M x M cell of
+patches per image token, channels last, the grid in tokens. The second value, where given, is
+the processor's merge size for images (``image_merge_sizes``), else the vision config's.
+Read from each processor's source in transformers 5.24: the layout is the processor's and the
+model's forward takes it as is; nothing in the model config names it."""
+
+
+def _first_int(config: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = _int_or_first(getattr(config, name, None))
+        if value:
+            return value
+    return None
+
+
+def _image_processor(config: Any) -> str | None:
+    """The name of the image processor class transformers pairs with ``config``'s model type
+    (without its ``Pil``/``Fast`` suffix), or None."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+    if isinstance(names, dict):
+        names = next((n for n in names.values() if n), None)
+    elif isinstance(names, (tuple, list)):
+        names = next((n for n in names if n), None)
+    if not isinstance(names, str):
+        return None
+    return names.removesuffix("Fast").removesuffix("Pil")
+
+
+def _grid_images(model: nn.Module, config: Any, vision: Any, count: int, side: int,
+                 channels: int, dtype: torch.dtype) -> tuple[InputTensor, ...]:
+    """``count`` images as patches with an ``image_grid_thw`` (Qwen2-VL and its relatives):
+    ``side`` rounded down to whole merged cells, the pixels in the layout of the model's image
+    processor (:data:`GRID_LAYOUTS`), and ``image_merge_sizes`` where the forward takes them."""
+    patch = _int_or_first(getattr(vision, "patch_size", None)) or 14
+    layout, image_merge = GRID_LAYOUTS.get(_image_processor(config) or "", ("rows", None))
+    merge = image_merge or _first_int(vision, _MERGE_SIZES) or 1
+    temporal = _first_int(vision, _TEMPORAL_SIZES) or 1
+    cells = max(1, side // (patch * merge)) * merge
+    patches = count * cells * cells
+    if layout == "patches":
+        shape: tuple[int, ...] = (patches, channels * temporal, patch, patch)
+    elif layout == "cells":
+        shape = (patches // (merge * merge), merge * patch, merge * patch, channels)
+    else:
+        shape = (patches, channels * temporal * patch * patch)
+    grid = [1, cells // merge, cells // merge] if layout == "cells" else [1, cells, cells]
+    out = [_pixels(shape, dtype),
+           InputTensor("image_grid_thw", (count, 3), torch.long, torch.tensor([grid] * count))]
+    if _accepts(model, "image_merge_sizes"):
+        out.append(InputTensor("image_merge_sizes", (count,), torch.long,
+                               torch.full((count,), merge, dtype=torch.long)))
+    return tuple(out)
 
 
 def _placeholder_id(config: Any, modality: str) -> int | None:
@@ -779,6 +842,29 @@ def features_function(model: nn.Module, name: str) -> Callable[..., Any]:
         f"{type(model).__name__} has no {name}; its placeholder tokens cannot be counted"
         + (" (estimate it with images=0 for text only)" if "image" in name else "")
     )
+
+
+def feature_arguments(model: nn.Module, name: str) -> set[str]:
+    """The keywords ``model.<name>`` takes: those it names, and where it passes ``**kwargs``
+    on to its inner model's function of that name (Video-LLaMA-3: ``image_merge_sizes``),
+    those that one names too."""
+    accepted: set[str] = set()
+    for owner in (model, getattr(model, "model", None)):
+        get = getattr(owner, name, None)
+        if not callable(get):
+            continue
+        accepted |= named_parameters(get)
+        if not _takes_kwargs(get):
+            break
+    return accepted
+
+
+def _takes_kwargs(func: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def named_parameters(func: Callable[..., Any]) -> set[str]:

@@ -46,8 +46,8 @@ from layerscope.estimate.inputs import (
     StepInputs,
     causal_lm_inputs,
     count_features,
+    feature_arguments,
     features_function,
-    named_parameters,
 )
 from layerscope.estimate.kernels import CudaKernels
 from layerscope.estimate.values import KnownConstants, KnownValues
@@ -553,7 +553,7 @@ def token_counter(model: nn.Module, mode: Any, autocast_dtype: torch.dtype | Non
     counted) and counts the feature vectors it returns, one placeholder token each."""
     def count(name: str, specs: tuple[InputTensor, ...]) -> int:
         get = features_function(model, name)
-        accepted = named_parameters(get)
+        accepted = feature_arguments(model, name)
         known = KnownValues()
         with unpacked_sequences(), quiet_fake_tensor_log(), mode, CudaKernels(autocast_dtype), \
                 KnownConstants(known), known, torch.no_grad():
