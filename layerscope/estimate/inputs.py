@@ -640,12 +640,13 @@ def _first_int(config: Any, names: tuple[str, ...]) -> int | None:
 def _image_processor(config: Any) -> str | None:
     """The name of the image processor class transformers pairs with ``config``'s model type
     (without its ``Pil``/``Fast`` suffix), or None."""
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto import image_processing_auto
 
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+    mapping = getattr(image_processing_auto, "IMAGE_PROCESSOR_MAPPING_NAMES", {})
+    names: Any = mapping.get(getattr(config, "model_type", None) or "")
     if isinstance(names, dict):
-        names = next((n for n in names.values() if n), None)
-    elif isinstance(names, (tuple, list)):
+        names = list(names.values())
+    if isinstance(names, (tuple, list)):
         names = next((n for n in names if n), None)
     if not isinstance(names, str):
         return None
