@@ -183,7 +183,10 @@ def _overrides(config: Any, level: int, widths: frozenset[int] = frozenset()) ->
             if (isinstance(old, int) and not isinstance(old, bool) and old in widths
                     and re.search(r"hidden|dim|size|width", name)):
                 out[name] = WIDTH
-        heads = out.get("num_attention_heads", getattr(config, "num_attention_heads", None))
+        # the shrunk query heads, under whichever name the config keeps them (a vision
+        # config's num_heads: its key/value heads must divide that)
+        heads = next((out[n] for n in ("num_attention_heads", "num_heads", "n_head", "n_heads")
+                      if n in out), getattr(config, "num_attention_heads", None))
         rope = getattr(config, "rope_parameters", None)
         multimodal = "mrope_section" in (getattr(cls, "ignore_keys_at_rope_validation", None)
                                          or ())
