@@ -111,6 +111,9 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # projector takes 5632; meta-llama/Llama-4-Scout-17B-16E: 1408 wide, 336 pixels, 4096 out
     "llama4": {"vision_config": {"hidden_size": 1408, "image_size": 336,
                                  "vision_output_dim": 4096}},
+    # no image placeholder token in the default config; nvidia's Nemotron-H Omni checkpoints
+    # set img_context_token_id 18
+    "nemotron_h_omni": {"image_token_id": 18},
     "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
     "smolvlm": {"scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}},
 }

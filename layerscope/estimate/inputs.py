@@ -589,7 +589,7 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
                 InputTensor("spatial_shapes", (count, 2), torch.long,
                             torch.tensor([[cells, cells]] * count)),
                 InputTensor("pixel_attention_mask", (count, rows), torch.long, mask), *extra)
-    if _accepts(model, "image_grid_thw"):
+    if _accepts(model, "image_grid_thw") or _accepts(model, "image_grid_hw"):
         return (*_grid_images(model, config, vision, count, side, channels, sizes.dtype),
                 *extra)
     if _accepts(model, "pixel_attention_mask"):
@@ -613,20 +613,22 @@ _MERGE_SIZES = ("spatial_merge_size", "merge_size", "merge_kernel_size")
 _TEMPORAL_SIZES = ("temporal_patch_size", "patch_temporal")
 
 GRID_LAYOUTS = {
-    # (pixel layout, merge size of an image): what these image processors write
-    "Kimi_K25ImageProcessor": ("patches", None),  # (patches, C, P, P)
-    "PaddleOCRVLImageProcessor": ("patches", None),  # (patches, C x T, P, P), T = 1
-    "Inkling2ImageProcessor": ("cells", None),  # (tokens, M x P, M x P, C); grid in tokens
-    "VideoLlama3ImageProcessor": ("rows", 1),  # images unmerged: image_merge_sizes = 1
+    # model type: (pixel layout, merge size of an image), as its image processor writes them
+    "kimi_k25": ("patches", None),  # Kimi_K25ImageProcessor: (patches, C, P, P)
+    "paddleocr_vl": ("patches", None),  # PaddleOCRVLImageProcessor: (patches, C x T, P, P)
+    "inkling2": ("cells", None),  # Inkling2ImageProcessor: (tokens, M x P, M x P, C)
+    "inkling2_loop": ("cells", None),  # the same processor
+    "video_llama_3": ("rows", 1),  # VideoLlama3ImageProcessor: images unmerged
 }
-"""Pixel layouts of the image processors that differ from Qwen2-VL's for models that take an
-``image_grid_thw``. ``rows`` (every other processor, Qwen2-VL's): one row of
+"""Pixel layouts of the image processors that differ from Qwen2-VL's, for models that take an
+``image_grid_thw``. ``rows`` (every other model, Qwen2-VL's processor): one row of
 C x T x P x P values per patch (T = the temporal patch size, an image repeated T times), the
 grid in patches; ``patches``: one C x P x P patch each; ``cells``: one merged M x M cell of
 patches per image token, channels last, the grid in tokens. The second value, where given, is
 the processor's merge size for images (``image_merge_sizes``), else the vision config's.
-Read from each processor's source in transformers 5.24: the layout is the processor's and the
-model's forward takes it as is; nothing in the model config names it."""
+Read from each processor's source in transformers 5.24: the layout is the processor's, the
+model's forward takes it as is, and nothing in the model's config names it. (The processors
+themselves need Pillow or torchvision, which layerscope does not install.)"""
 
 
 def _first_int(config: Any, names: tuple[str, ...]) -> int | None:
@@ -637,30 +639,18 @@ def _first_int(config: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _image_processor(config: Any) -> str | None:
-    """The name of the image processor class transformers pairs with ``config``'s model type
-    (without its ``Pil``/``Fast`` suffix), or None."""
-    from transformers.models.auto import image_processing_auto
-
-    mapping = getattr(image_processing_auto, "IMAGE_PROCESSOR_MAPPING_NAMES", {})
-    names: Any = mapping.get(getattr(config, "model_type", None) or "")
-    if isinstance(names, dict):
-        names = list(names.values())
-    if isinstance(names, (tuple, list)):
-        names = next((n for n in names if n), None)
-    if not isinstance(names, str):
-        return None
-    return names.removesuffix("Fast").removesuffix("Pil")
-
-
 def _grid_images(model: nn.Module, config: Any, vision: Any, count: int, side: int,
                  channels: int, dtype: torch.dtype) -> tuple[InputTensor, ...]:
-    """``count`` images as patches with an ``image_grid_thw`` (Qwen2-VL and its relatives):
-    ``side`` rounded down to whole merged cells, the pixels in the layout of the model's image
+    """``count`` images as patches with an ``image_grid_thw`` (Qwen2-VL and its relatives) or
+    ``image_grid_hw`` (Nemotron-H Omni): ``side`` rounded down to whole merged cells (merged
+    by the vision config's merge size, or the inverse of the config's pixel-shuffle
+    ``downsample_ratio``), the pixels in the layout of the model's image
     processor (:data:`GRID_LAYOUTS`), and ``image_merge_sizes`` where the forward takes them."""
     patch = _int_or_first(getattr(vision, "patch_size", None)) or 14
-    layout, image_merge = GRID_LAYOUTS.get(_image_processor(config) or "", ("rows", None))
-    merge = image_merge or _first_int(vision, _MERGE_SIZES) or 1
+    layout, image_merge = GRID_LAYOUTS.get(getattr(config, "model_type", ""), ("rows", None))
+    ratio = getattr(config, "downsample_ratio", None)  # a pixel shuffle by this ratio
+    shuffle = round(1 / ratio) if isinstance(ratio, float) and 0 < ratio < 1 else None
+    merge = image_merge or _first_int(vision, _MERGE_SIZES) or shuffle or 1
     temporal = _first_int(vision, _TEMPORAL_SIZES) or 1
     cells = max(1, side // (patch * merge)) * merge
     patches = count * cells * cells
@@ -671,8 +661,11 @@ def _grid_images(model: nn.Module, config: Any, vision: Any, count: int, side: i
     else:
         shape = (patches, channels * temporal * patch * patch)
     grid = [1, cells // merge, cells // merge] if layout == "cells" else [1, cells, cells]
+    name = "image_grid_thw"
+    if not _accepts(model, name):  # Nemotron-H Omni: height and width only
+        name, grid = "image_grid_hw", grid[1:]
     out = [_pixels(shape, dtype),
-           InputTensor("image_grid_thw", (count, 3), torch.long, torch.tensor([grid] * count))]
+           InputTensor(name, (count, len(grid)), torch.long, torch.tensor([grid] * count))]
     if _accepts(model, "image_merge_sizes"):
         out.append(InputTensor("image_merge_sizes", (count,), torch.long,
                                torch.full((count,), merge, dtype=torch.long)))
