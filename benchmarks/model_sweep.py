@@ -95,6 +95,8 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # patches (google/gemma-3-4b-it)
     "gemma3": {"vision_config": {"image_size": 896, "patch_size": 14}},
     "shieldgemma2": {"vision_config": {"image_size": 896, "patch_size": 14}},
+    # the same SigLIP tower inside the encoder (google/t5gemma-2-270m-270m: 896 and 14)
+    "t5gemma2": {"encoder": {"vision_config": {"image_size": 896, "patch_size": 14}}},
     # default 384-pixel tower: 27 patches per side, which the 2 x 2 pixel shuffle cannot
     # split; CohereLabs/aya-vision-8b uses 364 pixels (26 patches)
     "aya_vision": {"vision_config": {"image_size": 364}},
@@ -243,6 +245,16 @@ def _overrides(config: Any, level: int, widths: frozenset[int] = frozenset()) ->
 LEVELS = ((0, "tiny"), (1, "shallow"), (2, "depth-only"), (3, "default"))
 
 
+def _merged(base: dict[str, Any], fixes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``fixes`` written over it, nested dicts (sub-configs) merged likewise."""
+    out = dict(base)
+    for key, value in fixes.items():
+        old = out.get(key)
+        out[key] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) \
+            else value
+    return out
+
+
 def small_configs(model_type: str, head: str | None = None) -> list[tuple[Any, str]]:
     """The configs of ``model_type`` that transformers accepts and can build ``head`` from,
     smallest first, each with how small it is (``tiny``, ``shallow``, ``depth-only`` or
@@ -260,7 +272,7 @@ def small_configs(model_type: str, head: str | None = None) -> list[tuple[Any, s
         data = {}
         for key, value in fixes.items():
             sub = getattr(default, key, None)
-            data[key] = {**sub.to_dict(), **value} if hasattr(sub, "to_dict") else value
+            data[key] = _merged(sub.to_dict(), value) if hasattr(sub, "to_dict") else value
         default = cls(**data)
     text = default.get_text_config() if hasattr(default, "get_text_config") else default
     width = getattr(text, "hidden_size", None)

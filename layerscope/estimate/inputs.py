@@ -501,11 +501,12 @@ def _has_vision(config: Any) -> bool:
 
 def _vision_config(config: Any) -> Any:
     """The config that holds the image sizes: ``vision_config``, a vision ``encoder``
-    (VisionEncoderDecoder), else the config itself."""
+    (VisionEncoderDecoder) or that encoder's ``vision_config`` (T5Gemma-2), else the config
+    itself."""
     for name in ("vision_config", "encoder", "vision_encoder_config"):
         sub = getattr(config, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            return sub
+            return _vision_config(sub) if name == "encoder" else sub
     return config
 
 
