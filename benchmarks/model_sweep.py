@@ -116,6 +116,10 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # no image placeholder token in the default config; nvidia's Nemotron-H Omni checkpoints
     # set img_context_token_id 18
     "nemotron_h_omni": {"image_token_id": 18},
+    # no image placeholder token in the default configs of the Q-Former models (their OPT
+    # text model's); Salesforce/blip2-opt-2.7b sets image_token_index 50265
+    "blip-2": {"image_token_index": 50265},
+    "instructblip": {"image_token_index": 50265},
     "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
     "smolvlm": {"scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}},
 }
@@ -268,8 +272,8 @@ def small_configs(model_type: str, head: str | None = None) -> list[tuple[Any, s
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     fixes = TYPE_FIXES.get(model_type, {})
+    data: dict[str, Any] = {}
     if fixes:
-        data = {}
         for key, value in fixes.items():
             sub = getattr(default, key, None)
             data[key] = _merged(sub.to_dict(), value) if hasattr(sub, "to_dict") else value
@@ -280,7 +284,9 @@ def small_configs(model_type: str, head: str | None = None) -> list[tuple[Any, s
     found, errors = [], []
     for level, label in LEVELS:
         try:
-            config = default if level == 3 else cls(**_overrides(default, level, widths))
+            # the fixes again: the shrunk config is made from the overrides alone
+            config = default if level == 3 else cls(**_merged(
+                data, _overrides(default, level, widths)))
             if head is not None:
                 _transformers_build(head, config)
             found.append((config, label))

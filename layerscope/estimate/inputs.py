@@ -685,7 +685,13 @@ def _placeholder_id(config: Any, modality: str) -> int | None:
 def _media(model: nn.Module, config: Any, modality: str, batch: int, per_sequence: int,
            sizes: Sizes) -> tuple[InputTensor, ...]:
     if modality == "image":
-        return _image_inputs(model, config, batch, per_sequence, sizes)
+        images = _image_inputs(model, config, batch, per_sequence, sizes)
+        if _accepts(model, "qformer_input_ids"):  # InstructBLIP: the Q-Former's instruction
+            qformer = getattr(config, "qformer_config", None)
+            qvocab = getattr(qformer, "vocab_size", None) or _vocab(model, config)
+            images = (*images, _tokens("qformer_input_ids", batch, QFORMER_TOKENS, qvocab,
+                                       _special_ids(config)))
+        return images
     audio, _ = _audio(model, config, batch * per_sequence, sizes)
     out = [audio]
     if _accepts(model, "padding_mask") and audio.name == "input_values":  # VibeVoice
@@ -713,6 +719,14 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
         raise UnsupportedModelError(
             f"{name}: its config names no audio_token_id, so the audio cannot be placed in the "
             "text (set it as the checkpoint's config does)"
+        )
+    if token is None and modality == "image" and isinstance(
+            getattr(config, "num_query_tokens", None), int):
+        # BLIP-2, InstructBLIP: the Q-Former's query outputs replace placeholder tokens
+        raise UnsupportedModelError(
+            f"{name}: its config's image_token_index is None, so the Q-Former's "
+            f"{config.num_query_tokens} query tokens cannot be placed in the text (set it as "
+            "the checkpoint's config does)"
         )
     media = _media(model, config, modality, b, per_sequence, sizes)
     per_item = 0
@@ -752,10 +766,6 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
         mask[:, 1:1 + latents] = 1
         tensors.append(InputTensor("image_embeds_position_mask", (b, s), torch.long, mask))
         per_item, per_sequence = latents, 1
-    if _accepts(model, "qformer_input_ids"):
-        qformer = getattr(config, "qformer_config", None)
-        qvocab = getattr(qformer, "vocab_size", None) or vocab
-        tensors.append(_tokens("qformer_input_ids", b, QFORMER_TOKENS, qvocab, specials))
     total = per_item * per_sequence
     if encoder_decoder:
         target = _target_len(config, sizes)
