@@ -257,6 +257,8 @@ def step_inputs(model: nn.Module, sizes: Sizes,
         target = _target_len(config, sizes)
         return StepInputs(task, (audio, *_decoder(model, config, b, target)), tokens=target,
                           target_len=target)
+    if _accepts(model, "flattened_patches"):
+        return _flattened_patches(model, config, sizes)
     vocab = _vocab(model, config)
     specials = _special_ids(config)
     if task == "sequence-classification":
@@ -775,6 +777,31 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
     tensors.append(InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids"))
     return StepInputs(f"{modality}-text", tuple(tensors), tokens=s,
                       image_tokens=total if modality == "image" else 0)
+
+
+FLATTENED_PATCHES = 2048
+"""Patches per image of Pix2Struct (and its relatives that take ``flattened_patches``): its
+image processor's ``max_patches``, to which every image is resized and padded."""
+
+
+def _flattened_patches(model: nn.Module, config: Any, sizes: Sizes) -> StepInputs:
+    """Pix2Struct: an image-to-text encoder-decoder whose encoder reads
+    :data:`FLATTENED_PATCHES` rows of (row index, column index, the patch's C x P x P
+    values), with their mask, and whose decoder is trained on ``labels`` B x T."""
+    b = sizes.batch_size
+    width = getattr(_vision_config(config), "patch_embed_hidden_size", None)
+    if not isinstance(width, int) or width < 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: flattened_patches need the values per patch "
+            "(the vision config's patch_embed_hidden_size)"
+        )
+    patches = (b, FLATTENED_PATCHES, 2 + width)
+    mask = torch.ones(b, FLATTENED_PATCHES, dtype=torch.long)
+    target = _target_len(config, sizes)
+    tensors = (_pixels(patches, sizes.dtype, "flattened_patches"),
+               InputTensor("attention_mask", tuple(mask.shape), torch.long, mask),
+               *_decoder(model, config, b, target))
+    return StepInputs("image-text", tensors, tokens=target, target_len=target)
 
 
 def _cross_attention_images(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
