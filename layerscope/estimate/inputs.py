@@ -755,6 +755,8 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
             kind[:, start:start + per_item] = 1
         ids = InputTensor("input_ids", ids.shape, ids.dtype, value)
     tensors: list[InputTensor] = [ids, *media]
+    if modality == "image" and _accepts(model, "bbox"):
+        tensors.append(_boxes(b, s, sizes.dtype))
     if modality == "image" and _accepts(model, "mm_token_type_ids"):
         tensors.append(InputTensor("mm_token_type_ids", (b, s), torch.long, kind))
     latents = getattr(config, "latent_query_num", None)
@@ -777,6 +779,18 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
     tensors.append(InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids"))
     return StepInputs(f"{modality}-text", tuple(tensors), tokens=s,
                       image_tokens=total if modality == "image" else 0)
+
+
+TOKEN_BOX = (0.25, 0.25, 0.75, 0.75)
+"""The bounding box of every token of a document model (UDOP): (x0, y0, x1, y1) as fractions
+of the page, as UDOP's forward reads them (it places each token on the image patch under its
+box's centre)."""
+
+
+def _boxes(batch: int, length: int, dtype: torch.dtype) -> InputTensor:
+    """``bbox`` B x S x 4: every token's box (:data:`TOKEN_BOX`)."""
+    value = torch.tensor(TOKEN_BOX, dtype=dtype).expand(batch, length, 4)
+    return InputTensor("bbox", (batch, length, 4), dtype, value)
 
 
 FLATTENED_PATCHES = 2048
