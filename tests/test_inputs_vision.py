@@ -1,0 +1,155 @@
+"""Vision-language models whose image processors lay pixels out their own way (issue 15):
+each built tiny from its config type (meta device), its step's inputs checked against
+arithmetic written here, and estimated end to end where the trace can run it."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerscope import TrainingSetup, UnsupportedModelError, empty_model, estimate_memory
+from layerscope.estimate.inputs import FLATTENED_PATCHES, TOKEN_BOX
+from layerscope.estimate.memory import step_inputs_of
+
+B = 2
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=512)
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+def _model(model_type: str, architecture: str, **fields):
+    from transformers import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model_type](**fields)
+    config.architectures = [architecture]
+    return empty_model(config)
+
+
+def _tensors(inputs) -> dict:
+    return {t.name: t for t in inputs.tensors}
+
+
+def _placed(inputs, token: int) -> int:
+    return int((_tensors(inputs)["input_ids"].value == token).sum())
+
+
+def test_video_llama_3_images_are_unmerged_rows_with_their_merge_sizes():
+    patch, side = 8, 32
+    model = _model("video_llama_3", "VideoLlama3ForConditionalGeneration", image_token_id=299,
+                   video_token_id=298, text_config={"model_type": "qwen2", **TEXT},
+                   vision_config={**TOWER, "patch_size": patch})
+    e = estimate_memory(model, batch_size=B, seq_len=64, image_size=side)
+    # its processor leaves images unmerged: one token per 8 x 8 patch, (32 / 8)^2 = 16
+    assert e.inputs.image_tokens == (side // patch) ** 2 == 16
+    t = _tensors(e.inputs)
+    assert t["pixel_values"].shape == (B * 16, 3 * patch * patch)  # no temporal repeat
+    assert t["image_grid_thw"].value.tolist() == [[1, 4, 4]] * B
+    assert t["image_merge_sizes"].value.tolist() == [1] * B
+    assert _placed(e.inputs, 299) == B * 16
+
+
+def test_paddleocr_vl_patches_are_unflattened():
+    patch, merge, side = 14, 2, 56
+    model = _model("paddleocr_vl", "PaddleOCRVLForConditionalGeneration",
+                   text_config={**TEXT, "rope_parameters": {
+                       "rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+                   vision_config={**TOWER, "patch_size": patch, "spatial_merge_size": merge})
+    inputs = step_inputs_of(TrainingSetup(model, batch_size=B, seq_len=64, image_size=side))
+    cells = side // patch  # 4 x 4 patches of 3 x 14 x 14, merged 2 x 2 into tokens
+    assert _tensors(inputs)["pixel_values"].shape == (B * cells * cells, 3, patch, patch)
+    assert inputs.image_tokens == cells * cells // merge**2 == 4
+
+
+def test_inkling2_pixels_are_merged_cells_and_its_grid_counts_tokens():
+    patch, merge, side = 8, 2, 64
+    model = _model("inkling2", "Inkling2ForConditionalGeneration", image_token_id=299,
+                   text_config={"hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300},
+                   vision_config={**TOWER, "patch_size": patch, "spatial_merge_size": merge,
+                                  "text_hidden_size": 64, "projection_hidden_dim": 64})
+    e = estimate_memory(model, batch_size=B, seq_len=64, image_size=side)
+    tokens = (side // (patch * merge)) ** 2  # 4 x 4 cells of 2 x 2 patches
+    assert e.inputs.image_tokens == tokens == 16
+    t = _tensors(e.inputs)
+    assert t["pixel_values"].shape == (B * tokens, merge * patch, merge * patch, 3)
+    assert t["image_grid_thw"].value.tolist() == [[1, 4, 4]] * B
+    assert _placed(e.inputs, 299) == B * tokens
+
+
+def test_nemotron_h_omni_grid_is_height_and_width_in_whole_shuffle_cells():
+    patch, side = 16, 96  # 6 x 6 patches, pixel-shuffled by 0.5: 3 x 3 tokens
+    model = _model("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3", image_token_id=299,
+                   downsample_ratio=0.5, vision_hidden_size=32, projector_hidden_size=64,
+                   text_config={"hidden_size": 64, "intermediate_size": 128, "vocab_size": 300,
+                                "num_hidden_layers": 2, "hybrid_override_pattern": "M*",
+                                "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 16,
+                                "ssm_state_size": 16, "n_groups": 1},
+                   vision_config={"model_type": "radio", "hidden_size": 32,
+                                  "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "patch_size": patch,
+                                  "image_size": side, "video_temporal_patch_size": 2})
+    inputs = step_inputs_of(TrainingSetup(model, batch_size=B, seq_len=64))
+    t = _tensors(inputs)
+    assert t["image_grid_hw"].value.tolist() == [[6, 6]] * B
+    assert t["pixel_values"].shape == (B * 36, 3 * patch * patch)
+    assert inputs.image_tokens == 36 // 4 == 9
+
+
+def test_instructblip_places_its_query_tokens_and_reads_an_instruction():
+    queries = 8
+    fields = dict(num_query_tokens=queries,
+                  text_config={"model_type": "opt", "hidden_size": 64, "ffn_dim": 128,
+                               "num_hidden_layers": 1, "num_attention_heads": 4,
+                               "vocab_size": 300, "word_embed_proj_dim": 64},
+                  vision_config={**TOWER, "image_size": 32, "patch_size": 8},
+                  qformer_config={**TOWER, "num_attention_heads": 2, "encoder_hidden_size": 32,
+                                  "vocab_size": 100})
+    model = _model("instructblip", "InstructBlipForConditionalGeneration",
+                   image_token_index=299, **fields)
+    e = estimate_memory(model, batch_size=B, seq_len=64)
+    assert e.inputs.image_tokens == queries  # one token per Q-Former query
+    assert _placed(e.inputs, 299) == B * queries
+    assert _tensors(e.inputs)["qformer_input_ids"].shape[0] == B
+    blip2 = _model("blip-2", "Blip2ForConditionalGeneration",
+                   **{k: v for k, v in fields.items() if k != "qformer_config"})
+    with pytest.raises(UnsupportedModelError, match="image_token_index is None"):
+        estimate_memory(blip2, batch_size=B, seq_len=64)
+
+
+def test_t5gemma2_reads_the_image_size_of_its_encoders_vision_config():
+    side, patch, tokens = 64, 8, 16
+    text = {k: v for k, v in TEXT.items() if k != "max_position_embeddings"}
+    encoder = {"text_config": {**text, "sliding_window": 32},
+               "vision_config": {**TOWER, "image_size": side, "patch_size": patch},
+               "mm_tokens_per_image": tokens}
+    model = _model("t5gemma2", "T5Gemma2ForConditionalGeneration", image_token_index=299,
+                   encoder=encoder, decoder={**text, "sliding_window": 32})
+    inputs = step_inputs_of(TrainingSetup(model, batch_size=B, seq_len=64))
+    assert _tensors(inputs)["pixel_values"].shape == (B, 3, side, side)  # not 448 pixels
+    assert inputs.image_tokens == tokens  # 8 x 8 patches pooled to 4 x 4
+
+
+def test_pix2struct_encoder_reads_flattened_patches():
+    model = _model("pix2struct", "Pix2StructForConditionalGeneration",
+                   text_config={"hidden_size": 64, "d_ff": 128, "num_layers": 1,
+                                "num_heads": 4, "d_kv": 16, "vocab_size": 300},
+                   vision_config={"hidden_size": 64, "d_ff": 128, "num_hidden_layers": 1,
+                                  "num_attention_heads": 4, "d_kv": 16,
+                                  "patch_embed_hidden_size": 3 * 4 * 4})
+    e = estimate_memory(model, batch_size=B, seq_len=16)
+    t = _tensors(e.inputs)
+    # the processor's 2048 rows of (row, column, 3 x 4 x 4 pixel values)
+    assert t["flattened_patches"].shape == (B, FLATTENED_PATCHES, 2 + 48)
+    assert t["attention_mask"].shape == (B, FLATTENED_PATCHES)
+    assert t["labels"].shape == (B, 16) and e.inputs.target_len == 16
+
+
+def test_udop_gets_a_box_per_token():
+    model = _model("udop", "UdopForConditionalGeneration", vocab_size=300, d_model=64, d_ff=128,
+                   d_kv=16, num_heads=4, num_layers=1, num_decoder_layers=1, image_size=32,
+                   patch_size=8)
+    inputs = step_inputs_of(TrainingSetup(model, batch_size=B, seq_len=16))
+    box = _tensors(inputs)["bbox"]
+    assert box.shape == (B, 16, 4)
+    assert box.value[1, 15].tolist() == list(TOKEN_BOX)
