@@ -14,7 +14,9 @@ seq2seq                   ``input_ids`` B x S, ``labels`` B x T (T = ``target_le
                           ``decoder_input_ids`` where the config cannot shift the labels
 image-text                ``input_ids`` B x S holding ``images`` x the model's image tokens per
                           sequence, ``pixel_values`` (and the grid or size tensors the model
-                          reads), ``labels`` = ``input_ids``
+                          reads, in its image processor's layout: :data:`GRID_LAYOUTS`; a
+                          ``bbox`` per token for document models), ``labels`` = ``input_ids``;
+                          Pix2Struct: ``flattened_patches`` and decoder ``labels`` B x T
 image-classification      ``pixel_values`` B x C x H x W, ``labels`` one per image
 speech-seq2seq            ``input_features`` (or ``input_values``) of ``audio_seconds``,
                           ``labels`` B x T
