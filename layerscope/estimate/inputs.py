@@ -259,8 +259,8 @@ def step_inputs(model: nn.Module, sizes: Sizes,
         target = _target_len(config, sizes)
         return StepInputs(task, (audio, *_decoder(model, config, b, target)), tokens=target,
                           target_len=target)
-    if _accepts(model, "flattened_patches"):
-        return _flattened_patches(model, config, sizes)
+    if _accepts(model, "flattened_patches") and _accepts(model, "decoder_input_ids"):
+        return _flattened_patches(model, config, sizes)  # not Kosmos-2.5: a decoder only
     vocab = _vocab(model, config)
     specials = _special_ids(config)
     if task == "sequence-classification":
@@ -560,6 +560,16 @@ def _anyres_patches(config: Any, side: int) -> int:
     return 1 + max(math.ceil(int(h) / side) * math.ceil(int(w) / side) for h, w in pinpoints)
 
 
+FLAT_PATCHES = frozenset({"fuyu"})
+"""Model types whose image processor hands over raw patches, not images: per image a row of
+P x P x C pixel values per patch of its ``patch_size`` (FuyuImageProcessor's
+``image_patches``; the model embeds them linearly, without a vision tower)."""
+
+IMAGE_MASKS = frozenset({"granite_docling", "pi0"})
+"""Model types whose ``pixel_attention_mask`` marks whole images (Granite-Docling's tiles,
+PI0's cameras: B x N booleans, as their image processors write it), not pixels."""
+
+
 def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, sizes: Sizes
                   ) -> tuple[InputTensor, ...]:
     """The vision inputs of ``per_sequence`` images in each of ``batch`` sequences, in the
@@ -567,7 +577,9 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
 
     * ``image_grid_thw`` (Qwen2-VL, GLM-4V, ...): flattened patches of ``patch_size`` pixels
       (times ``temporal_patch_size`` frames), ``image_size`` rounded to whole merged cells;
-    * ``pixel_attention_mask`` (Idefics2/3, SmolVLM): one row of images per sequence;
+    * raw patches per image (:data:`FLAT_PATCHES`: Fuyu);
+    * ``pixel_attention_mask`` (Idefics2/3, SmolVLM): one row of images per sequence, masked
+      per pixel (per image: :data:`IMAGE_MASKS`);
     * ``image_sizes`` with ``image_grid_pinpoints`` (LLaVA-NeXt): every image padded to the
       largest tiling; ``image_sizes`` alone (Pixtral, Mistral-3): the sizes of plain images;
     * otherwise one ``C x H x W`` image each.
@@ -597,9 +609,17 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
     if _accepts(model, "image_grid_thw") or _accepts(model, "image_grid_hw"):
         return (*_grid_images(model, config, vision, count, side, channels, sizes.dtype),
                 *extra)
+    model_type = getattr(config, "model_type", None)
+    if model_type in FLAT_PATCHES:
+        patch = _int_or_first(getattr(vision, "patch_size", None)) or 1
+        cells = max(1, side // patch)
+        return (_pixels((count, cells * cells, channels * patch * patch), sizes.dtype),
+                *extra)
     if _accepts(model, "pixel_attention_mask"):
         shape = (batch, per_sequence, channels, side, side)
         mask = torch.ones(batch, per_sequence, side, side, dtype=torch.bool)
+        if model_type in IMAGE_MASKS:
+            mask = torch.ones(batch, per_sequence, dtype=torch.bool)
         return (_pixels(shape, sizes.dtype),
                 InputTensor("pixel_attention_mask", tuple(mask.shape), torch.bool, mask), *extra)
     if _accepts(model, "image_sizes"):
