@@ -282,6 +282,8 @@ def step_inputs(model: nn.Module, sizes: Sizes,
     if task == "image-text" and (sizes.images if sizes.images is not None else 1) > 0:
         if _accepts(model, "aspect_ratio_ids"):
             return _cross_attention_images(model, config, sizes, vocab, specials)
+        if _accepts(model, "image_attention_mask") and _placeholder_id(config, "image") is None:
+            return _attending_images(model, config, sizes, vocab, specials)
         return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
                                   encoder_decoder, "image")
     if task == "audio-text":
@@ -813,6 +815,31 @@ def _boxes(batch: int, length: int, dtype: torch.dtype) -> InputTensor:
     """``bbox`` B x S x 4: every token's box (:data:`TOKEN_BOX`)."""
     value = torch.tensor(TOKEN_BOX, dtype=dtype).expand(batch, length, 4)
     return InputTensor("bbox", (batch, length, 4), dtype, value)
+
+
+def _attending_images(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
+                      specials: frozenset[int]) -> StepInputs:
+    """Idefics: the text reads its images through cross-attention, not placeholder tokens:
+    ``pixel_values`` B x N x C x H x W, and ``image_attention_mask`` B x S x N, one-hot per
+    token on the last image at or before it, as IdeficsProcessor marks it (the images open
+    the sequence, one token each)."""
+    b, s = sizes.batch_size, sizes.seq_len
+    images = 1 if sizes.images is None else sizes.images
+    if images > s:
+        raise EstimateError(f"seq_len={s} cannot hold {images} image token(s): use seq_len >= "
+                            f"{images}")
+    side = _image_side(config, sizes)
+    ids = _tokens("input_ids", b, s, vocab, specials)
+    mask = torch.zeros(b, s, images, dtype=torch.long)
+    for t in range(s):
+        mask[:, t, min(t, images - 1)] = 1
+    tensors = (
+        ids,
+        _pixels((b, images, _channels(config), side, side), sizes.dtype),
+        InputTensor("image_attention_mask", (b, s, images), torch.long, mask),
+        InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids"),
+    )
+    return StepInputs("image-text", tensors, tokens=s)
 
 
 FLATTENED_PATCHES = 2048
