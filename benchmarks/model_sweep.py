@@ -120,6 +120,7 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # text model's); Salesforce/blip2-opt-2.7b sets image_token_index 50265
     "blip-2": {"image_token_index": 50265},
     "instructblip": {"image_token_index": 50265},
+    "instructblipvideo": {"video_token_index": 50265},
     "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
     "smolvlm": {"scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}},
 }

@@ -285,7 +285,7 @@ def step_inputs(model: nn.Module, sizes: Sizes,
         if _accepts(model, "image_attention_mask") and _placeholder_id(config, "image") is None:
             return _attending_images(model, config, sizes, vocab, specials)
         return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
-                                  encoder_decoder, "image")
+                                  encoder_decoder, "video" if _video_only(model) else "image")
     if task == "audio-text":
         return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
                                   encoder_decoder, "audio")
@@ -699,6 +699,19 @@ def _grid_images(model: nn.Module, config: Any, vision: Any, count: int, side: i
     return tuple(out)
 
 
+VIDEO_FRAMES = 4
+"""Frames per clip of a model that reads only videos (InstructBLIP-Video: its processor
+samples four frames, and the model's Q-Former makes ``num_query_tokens`` tokens per frame)."""
+
+
+def _video_only(model: nn.Module) -> bool:
+    """Whether ``model`` reads its pixels as videos only (a ``get_video_features`` and no
+    ``get_image_features``, on it or its inner model)."""
+    owners = (model, getattr(model, "model", None))
+    return not any(callable(getattr(o, "get_image_features", None)) for o in owners) and any(
+        callable(getattr(o, "get_video_features", None)) for o in owners)
+
+
 def _placeholder_id(config: Any, modality: str) -> int | None:
     for cfg in (config, text_config(config)):
         for name in (f"{modality}_token_id", f"{modality}_token_index"):
@@ -710,8 +723,13 @@ def _placeholder_id(config: Any, modality: str) -> int | None:
 
 def _media(model: nn.Module, config: Any, modality: str, batch: int, per_sequence: int,
            sizes: Sizes) -> tuple[InputTensor, ...]:
-    if modality == "image":
-        images = _image_inputs(model, config, batch, per_sequence, sizes)
+    if modality != "audio":
+        if modality == "video":  # InstructBLIP-Video: clips of VIDEO_FRAMES frames
+            side = _image_side(config, sizes)
+            images: tuple[InputTensor, ...] = (_pixels(
+                (batch * per_sequence, VIDEO_FRAMES, _channels(config), side, side), sizes.dtype),)
+        else:
+            images = _image_inputs(model, config, batch, per_sequence, sizes)
         if _accepts(model, "qformer_input_ids"):  # InstructBLIP: the Q-Former's instruction
             qformer = getattr(config, "qformer_config", None)
             qvocab = getattr(qformer, "vocab_size", None) or _vocab(model, config)
@@ -736,7 +754,8 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
                        encoder_decoder: bool, modality: str) -> StepInputs:
     """A sequence that holds images (or audio clips) as runs of placeholder tokens, as the
     model's processor writes it: each run as long as the model's own ``get_image_features``
-    (``get_audio_features``) makes it, followed by one text token, then the text."""
+    (``get_video_features``, ``get_audio_features``) makes it, followed by one text token, then
+    the text."""
     b, s = sizes.batch_size, sizes.seq_len
     per_sequence = 1 if modality == "audio" or sizes.images is None else sizes.images
     name = type(model).__name__
@@ -746,11 +765,11 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
             f"{name}: its config names no audio_token_id, so the audio cannot be placed in the "
             "text (set it as the checkpoint's config does)"
         )
-    if token is None and modality == "image" and isinstance(
+    if token is None and modality != "audio" and isinstance(
             getattr(config, "num_query_tokens", None), int):
         # BLIP-2, InstructBLIP: the Q-Former's query outputs replace placeholder tokens
         raise UnsupportedModelError(
-            f"{name}: its config's image_token_index is None, so the Q-Former's "
+            f"{name}: its config's {modality}_token_index is None, so the Q-Former's "
             f"{config.num_query_tokens} query tokens cannot be placed in the text (set it as "
             "the checkpoint's config does)"
         )
@@ -762,12 +781,12 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
         one = _media(model, config, modality, 1, 1, sizes)
         per_item = count_tokens(f"get_{modality}_features", one)
         if (per_item + 1) * per_sequence > s:
-            what = f"{per_sequence} image(s)" if modality == "image" else "its audio"
+            what = f"{per_sequence} image(s)" if modality != "audio" else "its audio"
             raise EstimateError(
                 f"seq_len={s} cannot hold {what} of {per_item} tokens each ({name}"
-                + (f" at image_size {_image_side(config, sizes)}" if modality == "image" else "")
+                + (f" at image_size {_image_side(config, sizes)}" if modality != "audio" else "")
                 + f"): use seq_len >= {(per_item + 1) * per_sequence}"
-                + (", fewer images or a smaller image_size" if modality == "image" else "")
+                + (", fewer images or a smaller image_size" if modality != "audio" else "")
             )
     ids = _tokens("input_ids", b, s, vocab, specials)
     kind = torch.zeros(b, s, dtype=torch.long)
@@ -795,14 +814,15 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
         tensors.append(InputTensor("image_embeds_position_mask", (b, s), torch.long, mask))
         per_item, per_sequence = latents, 1
     total = per_item * per_sequence
+    task = "audio-text" if modality == "audio" else "image-text"  # videos are images in time
     if encoder_decoder:
         target = _target_len(config, sizes)
-        return StepInputs(f"{modality}-text", (*tensors, *_decoder(model, config, b, target)),
-                          tokens=s, image_tokens=total if modality == "image" else 0,
+        return StepInputs(task, (*tensors, *_decoder(model, config, b, target)),
+                          tokens=s, image_tokens=total if task == "image-text" else 0,
                           target_len=target)
     tensors.append(InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids"))
-    return StepInputs(f"{modality}-text", tuple(tensors), tokens=s,
-                      image_tokens=total if modality == "image" else 0)
+    return StepInputs(task, tuple(tensors), tokens=s,
+                      image_tokens=total if task == "image-text" else 0)
 
 
 TOKEN_BOX = (0.25, 0.25, 0.75, 0.75)
