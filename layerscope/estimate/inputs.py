@@ -282,6 +282,8 @@ def step_inputs(model: nn.Module, sizes: Sizes,
     if task == "image-text" and (sizes.images if sizes.images is not None else 1) > 0:
         if _accepts(model, "aspect_ratio_ids"):
             return _cross_attention_images(model, config, sizes, vocab, specials)
+        if _accepts(model, "state") and _accepts(model, "actions"):
+            return _action_inputs(model, config, sizes, vocab, specials, count_tokens)
         if _accepts(model, "image_attention_mask") and _placeholder_id(config, "image") is None:
             return _attending_images(model, config, sizes, vocab, specials)
         return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
@@ -358,7 +360,8 @@ def text_config(config: Any, decoder: bool = True) -> Any:
 def _vocab(model: nn.Module, config: Any) -> int:
     """Token ids range over the text config's ``vocab_size`` (the input embeddings' rows when
     the config does not say)."""
-    for cfg in (text_config(config), config):
+    vlm = getattr(config, "vlm_config", None)  # an action model's vision-language model
+    for cfg in (text_config(config), config, *([text_config(vlm)] if vlm is not None else [])):
         vocab = getattr(cfg, "vocab_size", None)
         if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
             return vocab
@@ -507,12 +510,12 @@ def _has_vision(config: Any) -> bool:
 
 def _vision_config(config: Any) -> Any:
     """The config that holds the image sizes: ``vision_config``, a vision ``encoder``
-    (VisionEncoderDecoder) or that encoder's ``vision_config`` (T5Gemma-2), else the config
-    itself."""
-    for name in ("vision_config", "encoder", "vision_encoder_config"):
+    (VisionEncoderDecoder) or the ``vision_config`` of an encoder (T5Gemma-2) or of a wrapped
+    vision-language model's ``vlm_config`` (PI0), else the config itself."""
+    for name in ("vision_config", "encoder", "vision_encoder_config", "vlm_config"):
         sub = getattr(config, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            return _vision_config(sub) if name == "encoder" else sub
+            return _vision_config(sub) if name in ("encoder", "vlm_config") else sub
     return config
 
 
@@ -713,7 +716,7 @@ def _video_only(model: nn.Module) -> bool:
 
 
 def _placeholder_id(config: Any, modality: str) -> int | None:
-    for cfg in (config, text_config(config)):
+    for cfg in (config, text_config(config), getattr(config, "vlm_config", None)):
         for name in (f"{modality}_token_id", f"{modality}_token_index"):
             value = getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -837,6 +840,52 @@ def _boxes(batch: int, length: int, dtype: torch.dtype) -> InputTensor:
     return InputTensor("bbox", (batch, length, 4), dtype, value)
 
 
+def _action_inputs(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
+                   specials: frozenset[int], count_tokens: Callable[..., int] | None
+                   ) -> StepInputs:
+    """A vision-language-action model (PI0): ``images`` camera views per sample
+    (B x N x C x H x W, a ``pixel_attention_mask`` per view), each a run of image tokens in
+    ``input_ids`` as long as its vision-language model's ``get_image_features`` makes one
+    image (the model hands it the views flattened), the robot ``state``
+    (B x ``max_state_dim``) and, as the training target, ``actions``
+    (B x ``chunk_size`` x ``max_action_dim``); no token labels."""
+    b, s = sizes.batch_size, sizes.seq_len
+    name = type(model).__name__
+    cams = 1 if sizes.images is None else sizes.images
+    token = _placeholder_id(config, "image")
+    sizes_needed = [getattr(config, k, None) for k in ("max_state_dim", "chunk_size",
+                                                       "max_action_dim")]
+    if token is None or count_tokens is None or not all(
+            isinstance(v, int) and v > 0 for v in sizes_needed):
+        raise UnsupportedModelError(
+            f"{name}: an action model needs its image token id and its config's "
+            "max_state_dim, chunk_size and max_action_dim"
+        )
+    state_dim, chunk, action_dim = cast(list[int], sizes_needed)
+    side, channels = _image_side(config, sizes), _channels(config)
+    per_item = count_tokens("get_image_features", (_pixels((1, channels, side, side),
+                                                            sizes.dtype),))
+    if (per_item + 1) * cams > s:
+        raise EstimateError(
+            f"seq_len={s} cannot hold {cams} image(s) of {per_item} tokens each ({name} at "
+            f"image_size {side}): use seq_len >= {(per_item + 1) * cams}, fewer images or a "
+            "smaller image_size"
+        )
+    ids = _tokens("input_ids", b, s, vocab, specials)
+    value = cast(torch.Tensor, ids.value).clone()
+    for k in range(cams):
+        value[:, k * (per_item + 1):k * (per_item + 1) + per_item] = token
+    mask = torch.ones(b, cams, dtype=torch.bool)
+    tensors = (
+        InputTensor("input_ids", ids.shape, ids.dtype, value),
+        _pixels((b, cams, channels, side, side), sizes.dtype),
+        InputTensor("pixel_attention_mask", (b, cams), torch.bool, mask),
+        InputTensor("state", (b, state_dim), sizes.dtype),
+        InputTensor("actions", (b, chunk, action_dim), sizes.dtype),
+    )
+    return StepInputs("image-text", tensors, tokens=s, image_tokens=per_item * cams)
+
+
 def _attending_images(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
                       specials: frozenset[int]) -> StepInputs:
     """Idefics: the text reads its images through cross-attention, not placeholder tokens:
@@ -940,11 +989,18 @@ def count_features(out: Any) -> int:
     )
 
 
+def _feature_owners(model: nn.Module) -> list[Any]:
+    """Where a feature function may live: the model, its inner ``model``, and the
+    vision-language model (``vlm``) an action model wraps (PI0)."""
+    inner = getattr(model, "model", None)
+    return [model, inner, getattr(inner, "vlm", None)]
+
+
 def features_function(model: nn.Module, name: str) -> Callable[..., Any]:
     """``model.<name>`` (``get_image_features``, ``get_audio_features``), or its inner model's
     where the outer one only passes ``*args, **kwargs`` on."""
     found = []
-    for owner in (model, getattr(model, "model", None)):
+    for owner in _feature_owners(model):
         get = getattr(owner, name, None)
         if callable(get):
             found.append(get)
@@ -964,7 +1020,7 @@ def feature_arguments(model: nn.Module, name: str) -> set[str]:
     on to its inner model's function of that name (Video-LLaMA-3: ``image_merge_sizes``),
     those that one names too."""
     accepted: set[str] = set()
-    for owner in (model, getattr(model, "model", None)):
+    for owner in _feature_owners(model):
         get = getattr(owner, name, None)
         if not callable(get):
             continue
