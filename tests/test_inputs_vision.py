@@ -153,3 +153,68 @@ def test_udop_gets_a_box_per_token():
     box = _tensors(inputs)["bbox"]
     assert box.shape == (B, 16, 4)
     assert box.value[1, 15].tolist() == list(TOKEN_BOX)
+
+
+def test_fuyu_reads_raw_patches_one_token_each():
+    patch, side = 10, 40
+    model = _model("fuyu", "FuyuForCausalLM", image_token_id=299, patch_size=patch,
+                   image_size=side, text_config={"model_type": "persimmon", **TEXT})
+    e = estimate_memory(model, batch_size=B, seq_len=64)
+    # (40 / 10)^2 = 16 patches of 10 x 10 x 3 values, embedded linearly: 16 tokens
+    assert _tensors(e.inputs)["pixel_values"].shape == (B, 16, patch * patch * 3)
+    assert e.inputs.image_tokens == 16 and _placed(e.inputs, 299) == B * 16
+
+
+def test_idefics_images_are_attended_through_a_mask_per_token():
+    model = _model("idefics", "IdeficsForVisionText2Text", vocab_size=300, hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   cross_layer_interval=1,
+                   vision_config={"embed_dim": 32, "image_size": 32, "patch_size": 8,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "intermediate_size": 64},
+                   perceiver_config={"resampler_n_latents": 4, "resampler_depth": 1,
+                                     "resampler_n_heads": 2, "resampler_head_dim": 16})
+    e = estimate_memory(model, batch_size=B, seq_len=16, images=2)
+    t = _tensors(e.inputs)
+    assert t["pixel_values"].shape == (B, 2, 3, 32, 32)
+    mask = t["image_attention_mask"].value
+    # token 0 sees the first image, every later token the second (the last one before it)
+    assert mask.shape == (B, 16, 2)
+    assert mask[0, 0].tolist() == [1, 0] and mask[0, 1:].sum(0).tolist() == [0, 15]
+
+
+def test_instructblip_video_places_query_tokens_per_frame():
+    from layerscope.estimate.inputs import VIDEO_FRAMES
+
+    queries = 4
+    model = _model("instructblipvideo", "InstructBlipVideoForConditionalGeneration",
+                   video_token_index=299, num_query_tokens=queries,
+                   text_config={"model_type": "opt", "hidden_size": 64, "ffn_dim": 128,
+                                "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "vocab_size": 300, "word_embed_proj_dim": 64},
+                   vision_config={**TOWER, "image_size": 32, "patch_size": 8},
+                   qformer_config={**TOWER, "encoder_hidden_size": 32, "vocab_size": 100})
+    e = estimate_memory(model, batch_size=B, seq_len=64)
+    assert _tensors(e.inputs)["pixel_values"].shape == (B, VIDEO_FRAMES, 3, 32, 32)
+    assert e.inputs.image_tokens == queries * VIDEO_FRAMES == 16
+    assert _placed(e.inputs, 299) == B * 16
+
+
+def test_pi0_cameras_state_and_actions():
+    side, patch = 32, 8
+    model = _model("pi0", "PI0ForConditionalGeneration", chunk_size=5, max_state_dim=6,
+                   max_action_dim=7,
+                   vlm_config={"model_type": "paligemma", "image_token_id": 299,
+                               "projection_dim": 64,
+                               "text_config": {"model_type": "gemma", **TEXT},
+                               "vision_config": {"model_type": "siglip_vision_model", **TOWER,
+                                                 "image_size": side, "patch_size": patch}},
+                   dit_config={"model_type": "gemma", **TEXT})
+    e = estimate_memory(model, batch_size=B, seq_len=64, images=2)
+    t = _tensors(e.inputs)
+    tokens = (side // patch) ** 2  # SigLIP patches, one token each: 16 per camera
+    assert e.inputs.image_tokens == 2 * tokens and _placed(e.inputs, 299) == B * 2 * tokens
+    assert t["pixel_values"].shape == (B, 2, 3, side, side)
+    assert t["pixel_attention_mask"].shape == (B, 2)
+    assert t["state"].shape == (B, 6) and t["actions"].shape == (B, 5, 7)
+    assert "labels" not in t
