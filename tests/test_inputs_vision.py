@@ -218,3 +218,12 @@ def test_pi0_cameras_state_and_actions():
     assert t["pixel_attention_mask"].shape == (B, 2)
     assert t["state"].shape == (B, 6) and t["actions"].shape == (B, 5, 7)
     assert "labels" not in t
+
+
+def test_molmo2_is_refused_naming_the_processor_tables_it_needs():
+    # its processor's crop-and-pool index tables (image_token_pooling, image_grids) follow no
+    # layout layerscope knows: refused by name, not traced with made-up indices
+    model = _model("molmo2", "Molmo2ForConditionalGeneration")
+    with pytest.raises(UnsupportedModelError,
+                       match="get_image_features needs image_grids, image_token_pooling"):
+        estimate_memory(model, batch_size=B, seq_len=64)

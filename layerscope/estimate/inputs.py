@@ -782,6 +782,13 @@ def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
         if count_tokens is None:
             raise UnsupportedModelError(f"{name}: counting {modality} tokens needs a traced model")
         one = _media(model, config, modality, 1, 1, sizes)
+        missing = required_arguments(model, f"get_{modality}_features") - {t.name for t in one}
+        if missing:
+            raise UnsupportedModelError(
+                f"{name}: its get_{modality}_features needs {', '.join(sorted(missing))}, "
+                f"which layerscope cannot build (its processor's layout of the {modality} is "
+                "not known here)"
+            )
         per_item = count_tokens(f"get_{modality}_features", one)
         if (per_item + 1) * per_sequence > s:
             what = f"{per_sequence} image(s)" if modality != "audio" else "its audio"
@@ -1028,6 +1035,25 @@ def feature_arguments(model: nn.Module, name: str) -> set[str]:
         if not _takes_kwargs(get):
             break
     return accepted
+
+
+def required_arguments(model: nn.Module, name: str) -> set[str]:
+    """The arguments ``model.<name>`` cannot do without (no default), followed through
+    ``**kwargs`` to its inner model's function as :func:`feature_arguments` does."""
+    required: set[str] = set()
+    for owner in _feature_owners(model):
+        get = getattr(owner, name, None)
+        if not callable(get):
+            continue
+        try:
+            params = inspect.signature(get).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            break
+        required |= {p.name for p in params if p.default is p.empty
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not _takes_kwargs(get):
+            break
+    return required
 
 
 def _takes_kwargs(func: Callable[..., Any]) -> bool:
