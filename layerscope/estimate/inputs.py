@@ -565,10 +565,15 @@ def _anyres_patches(config: Any, side: int) -> int:
     return 1 + max(math.ceil(int(h) / side) * math.ceil(int(w) / side) for h, w in pinpoints)
 
 
-FLAT_PATCHES = frozenset({"fuyu"})
-"""Model types whose image processor hands over raw patches, not images: per image a row of
-P x P x C pixel values per patch of its ``patch_size`` (FuyuImageProcessor's
-``image_patches``; the model embeds them linearly, without a vision tower)."""
+PATCH_IMAGES = {
+    "fuyu": "rows",  # FuyuImageProcessor: (images, patches, P x P x C)
+    "inkling_mm_model": "clips",  # InklingImageProcessor: (patches, T, P, P, C)
+}
+"""Model types whose image processor hands over an image's ``patch_size`` patches, not the
+image: ``rows``, per image one row of P x P x C pixel values per patch (Fuyu embeds them
+linearly, without a vision tower); ``clips``, the patches of every image stacked, each
+repeated over the vision config's ``temporal_patch_size`` frames, channels last. Both pad the
+image to whole patches. Read from the processors' source in transformers 5.24."""
 
 IMAGE_MASKS = frozenset({"granite_docling", "pi0"})
 """Model types whose ``pixel_attention_mask`` marks whole images (Granite-Docling's tiles,
@@ -582,7 +587,7 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
 
     * ``image_grid_thw`` (Qwen2-VL, GLM-4V, ...): flattened patches of ``patch_size`` pixels
       (times ``temporal_patch_size`` frames), ``image_size`` rounded to whole merged cells;
-    * raw patches per image (:data:`FLAT_PATCHES`: Fuyu);
+    * an image's patches (:data:`PATCH_IMAGES`: Fuyu, Inkling);
     * ``pixel_attention_mask`` (Idefics2/3, SmolVLM): one row of images per sequence, masked
       per pixel (per image: :data:`IMAGE_MASKS`);
     * ``image_sizes`` with ``image_grid_pinpoints`` (LLaVA-NeXt): every image padded to the
@@ -615,11 +620,15 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
         return (*_grid_images(model, config, vision, count, side, channels, sizes.dtype),
                 *extra)
     model_type = getattr(config, "model_type", None)
-    if model_type in FLAT_PATCHES:
+    if model_type in PATCH_IMAGES:
         patch = _int_or_first(getattr(vision, "patch_size", None)) or 1
-        cells = max(1, side // patch)
-        return (_pixels((count, cells * cells, channels * patch * patch), sizes.dtype),
-                *extra)
+        cells = math.ceil(side / patch) ** 2
+        if PATCH_IMAGES[model_type] == "clips":
+            temporal = _first_int(vision, _TEMPORAL_SIZES) or 1
+            shape: tuple[int, ...] = (count * cells, temporal, patch, patch, channels)
+        else:
+            shape = (count, cells, channels * patch * patch)
+        return _pixels(shape, sizes.dtype), *extra
     if _accepts(model, "pixel_attention_mask"):
         shape = (batch, per_sequence, channels, side, side)
         mask = torch.ones(batch, per_sequence, side, side, dtype=torch.bool)
