@@ -452,8 +452,11 @@ def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
         inputs: StepInputs = step_inputs(model, sizes, count)
         extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
             else {}
-        out = model(**realize(inputs.tensors), **extra)
+        feed = realize(inputs.tensors)
+        out = model(**feed, **extra)
         loss = out.loss if hasattr(out, "loss") else out[0]
+        if loss is None and "labels" not in feed and hasattr(out, "logits"):
+            loss = out.logits.sum()  # a head that takes no labels, as the trace does
         loss.backward()
     except Exception as exc:  # noqa: BLE001  (a sweep records every failure)
         return _first_line(exc)

@@ -227,3 +227,15 @@ def test_molmo2_is_refused_naming_the_processor_tables_it_needs():
     with pytest.raises(UnsupportedModelError,
                        match="get_image_features needs image_grids, image_token_pooling"):
         estimate_memory(model, batch_size=B, seq_len=64)
+
+
+def test_shieldgemma2_prompt_holds_its_image_tokens_and_trains_on_its_logits():
+    side, patch, tokens = 64, 8, 16
+    model = _model("shieldgemma2", "ShieldGemma2ForImageClassification", image_token_index=299,
+                   boi_token_index=297, eoi_token_index=298, mm_tokens_per_image=tokens,
+                   text_config={"model_type": "gemma3_text", **TEXT, "sliding_window": 32},
+                   vision_config={**TOWER, "image_size": side, "patch_size": patch})
+    e = estimate_memory(model, batch_size=B, seq_len=64)
+    # 8 x 8 patches pooled to 4 x 4 tokens; the head takes no labels (it answers yes or no)
+    assert e.inputs.image_tokens == tokens and _placed(e.inputs, 299) == B * tokens
+    assert "labels" not in _tensors(e.inputs) and e.peak_bytes > 0

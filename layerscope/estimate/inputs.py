@@ -232,6 +232,14 @@ def step_inputs(model: nn.Module, sizes: Sizes,
             # ImageGPT: an image is a sequence of colour-cluster tokens
             ids = _tokens("input_ids", b, s, _vocab(model, config), _special_ids(config))
             return StepInputs(task, (ids, _class_labels(config, b)), tokens=s)
+        if _accepts(model, "input_ids") and _placeholder_id(config, "image") is not None:
+            # ShieldGemma-2: an image-text model that answers yes or no about its image; the
+            # prompt holds the image's tokens, and its head takes no class labels
+            vocab = _vocab(model, config)
+            inputs = _with_placeholders(model, config, sizes, vocab, _special_ids(config),
+                                        count_tokens, False, "image")
+            return dataclasses.replace(inputs, task=task, tensors=tuple(
+                t for t in inputs.tensors if t.name != "labels"))
         if _accepts(model, "spatial_shapes"):
             media = _image_inputs(model, config, b, 1, sizes)
         else:

@@ -41,6 +41,7 @@ from layerscope.compat import (
     tree_leaves,
     unpacked_sequences,
 )
+from layerscope.errors import UnsupportedModelError
 from layerscope.estimate.inputs import (
     InputTensor,
     StepInputs,
@@ -521,6 +522,16 @@ def run_step(
                 tracker.switch(("head", "release"))
                 kernels.leave_autocast()
                 loss = out.loss if hasattr(out, "loss") else out[0]
+                if loss is None and "labels" not in feed and hasattr(out, "logits"):
+                    # a head that takes no labels (ShieldGemma-2's yes/no classifier returns
+                    # logits and probabilities): the training loop computes the loss on its
+                    # logits, and the gradient flows back from them
+                    loss = out.logits
+                if not isinstance(loss, torch.Tensor):
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__}: its forward returned no loss for these inputs "
+                        f"({type(out).__name__}.loss is {loss!r})"
+                    )
                 del out
                 state["phase"] = "bwd"
                 tracker.switch(("head", "bwd"))
