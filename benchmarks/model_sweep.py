@@ -128,6 +128,16 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
 contradicts itself (an image its own vision tower cannot turn into the number of tokens the
 rest of the config expects). Applied at every size."""
 
+TINY_FIXES: dict[str, dict[str, Any]] = {
+    # Llama-4's pixel-shuffle MLP takes hidden_size / pixel_shuffle_ratio^2 features (1408 x 4
+    # = 5632 in meta-llama/Llama-4-Scout-17B-16E): 4 x 64 at the tiny width; its projector
+    # widths (4096) shrink with it
+    "llama4": {"vision_config": {"intermediate_size": 4 * WIDTH, "vision_output_dim": WIDTH,
+                                 "projector_input_dim": WIDTH, "projector_output_dim": WIDTH}},
+}
+"""Sizes tied to others by a rule of the model that the generic shrink (:data:`SIZES`) breaks,
+written over the tiny config only."""
+
 MAX_DEPTH = 2
 """Blocks per stack, unless more are needed for every layer type to appear once."""
 
@@ -286,8 +296,10 @@ def small_configs(model_type: str, head: str | None = None) -> list[tuple[Any, s
     for level, label in LEVELS:
         try:
             # the fixes again: the shrunk config is made from the overrides alone
-            config = default if level == 3 else cls(**_merged(
-                data, _overrides(default, level, widths)))
+            kwargs = _merged(data, _overrides(default, level, widths)) if level < 3 else {}
+            if level == 0 and model_type in TINY_FIXES:
+                kwargs = _merged(kwargs, TINY_FIXES[model_type])
+            config = default if level == 3 else cls(**kwargs)
             if head is not None:
                 _transformers_build(head, config)
             found.append((config, label))
