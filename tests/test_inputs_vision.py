@@ -145,14 +145,17 @@ def test_pix2struct_encoder_reads_flattened_patches():
     assert t["labels"].shape == (B, 16) and e.inputs.target_len == 16
 
 
-def test_udop_gets_a_box_per_token():
+def test_udop_gets_a_box_per_token_and_is_traced_through_its_patch_mask():
     model = _model("udop", "UdopForConditionalGeneration", vocab_size=300, d_model=64, d_ff=128,
                    d_kv=16, num_heads=4, num_layers=1, num_decoder_layers=1, image_size=32,
                    patch_size=8)
-    inputs = step_inputs_of(TrainingSetup(model, batch_size=B, seq_len=16))
-    box = _tensors(inputs)["bbox"]
+    e = estimate_memory(model, batch_size=B, seq_len=16)
+    box = _tensors(e.inputs)["bbox"]
     assert box.shape == (B, 16, 4)
     assert box.value[1, 15].tolist() == list(TOKEN_BOX)
+    # its patch mask (full_like of the image embeddings, the boxes' patches cleared through a
+    # tuple of 0-d indices, then a boolean mask) is followed from its known values
+    assert e.peak_bytes > 0
 
 
 def test_fuyu_reads_raw_patches_one_token_each():
@@ -233,6 +236,7 @@ def test_shieldgemma2_prompt_holds_its_image_tokens_and_trains_on_its_logits():
     side, patch, tokens = 64, 8, 16
     model = _model("shieldgemma2", "ShieldGemma2ForImageClassification", image_token_index=299,
                    boi_token_index=297, eoi_token_index=298, mm_tokens_per_image=tokens,
+                   yes_token_index=10, no_token_index=11,  # within the 300-token vocabulary
                    text_config={"model_type": "gemma3_text", **TEXT, "sliding_window": 32},
                    vision_config={**TOWER, "image_size": side, "patch_size": patch})
     e = estimate_memory(model, batch_size=B, seq_len=64)

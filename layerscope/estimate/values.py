@@ -10,7 +10,8 @@ random draw (M2M-100), the sizes the CTC loss reads from its labels.
 
 :class:`KnownValues` keeps a real tensor next to each fake tensor whose value the trace can
 know: the step's own inputs (given with their values), tensors made without inputs (``arange``,
-``ones``, constants), and everything computed from those alone, up to
+``ones``, constants) or from another tensor's shape alone (``full_like``), and everything
+computed from those alone, up to
 :data:`MAX_KNOWN_ELEMENTS` elements. Data-dependent operators on such tensors are answered from
 the real values, so the fake step takes the branch and the shapes the real step would. Nothing
 changes for operators on other tensors: the mode only watches, so a step without data-dependent
@@ -58,6 +59,13 @@ _UNIFORM_RANDOM = {
     torch.ops.aten.rand.default, torch.ops.aten.rand_like.default, torch.ops.aten.uniform_.default,
     torch.ops.aten.uniform.default,
 }
+_SHAPE_ONLY = {
+    torch.ops.aten.full_like, torch.ops.aten.ones_like, torch.ops.aten.zeros_like,
+    torch.ops.aten.new_full, torch.ops.aten.new_ones, torch.ops.aten.new_zeros,
+}
+"""Operators whose result takes only the shape (and dtype) of their tensor argument, not its
+values: known even where the argument is an activation (UDOP builds its patch mask with
+``torch.full_like(image_embeddings[:, :, 0], True)``)."""
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 _EMPTY = {
     torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
@@ -132,6 +140,13 @@ class KnownValues(TorchDispatchMode):
                     "which layerscope cannot know without running the model"
                 ) from None
             return shaped
+        if func.overloadpacket in _SHAPE_ONLY and not all_known and isinstance(out, torch.Tensor) \
+                and out.numel() <= MAX_KNOWN_ELEMENTS:
+            with disable_dispatch_modes(), torch.no_grad():
+                real = func(*tree_map(lambda t: _proxy(t, 0) if isinstance(t, torch.Tensor)
+                                      else t, args), **kwargs)
+            self._keep(out, real)
+            return out
         if func._schema.is_mutable and not all_known:
             for t in _written(func, args, kwargs):  # written with something unknown
                 if _is_fake(t):
@@ -218,8 +233,9 @@ def _proxy(value: Any, fill: int) -> Any:
 
 class KnownConstants(TorchFunctionMode):
     """``torch.tensor(data)`` where ``data`` holds 0-d fake tensors of known value (Qwen2-VL
-    gathers its position deltas that way): built from the values, as from Python numbers.
-    (The factory reads its elements' memory directly, which fake tensors do not have.)"""
+    gathers its position deltas that way), and indices made of sequences of them: built from
+    the values, as from Python numbers. (The factory and indexing read such elements' memory
+    directly, which fake tensors do not have.)"""
 
     def __init__(self, known: KnownValues) -> None:
         super().__init__()
@@ -237,7 +253,25 @@ class KnownConstants(TorchFunctionMode):
                 return t
 
             args = (tree_map(number, args[0]), *args[1:])
+        elif func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
+            # an index made of sequences of such tensors (UDOP: ``mask[rows, cols] = False``
+            # with ``rows, cols = zip(*pairs)``), which indexing also turns into tensors by
+            # reading their memory
+            index = args[1]
+            index = tuple(self._sequence(i) for i in index) if isinstance(index, tuple) \
+                else self._sequence(index)
+            args = (args[0], index, *args[2:])
         return func(*args, **kwargs)
+
+    def _sequence(self, index: Any) -> Any:
+        """A list or tuple of 0-d fake tensors of known value as a tensor of those values."""
+        if not isinstance(index, (list, tuple)) or not index or not all(
+                isinstance(t, torch.Tensor) and _is_fake(t) and t.dim() == 0 for t in index):
+            return index
+        values = [self.known.value_of(t) for t in index]
+        if any(v is None for v in values):
+            return index
+        return torch.tensor([v.tolist() for v in values if v is not None])
 
 
 def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
