@@ -67,3 +67,17 @@ def test_tensor_of_known_scalars():
         deltas = torch.tensor([a, b])  # reads its elements' values
         value = known.value_of(deltas)
     assert value.tolist() == [6, 2]
+
+
+def test_shape_only_results_of_activations_and_indices_of_known_scalars():
+    known = KnownValues()
+    with FakeTensorMode(), KnownConstants(known), known:
+        weight = torch.empty(4, 3)
+        known.know(weight, None)
+        embeds = torch.empty(2, 4) @ weight  # an activation, 2 x 3
+        keep = torch.full_like(embeds, True).bool()  # its shape only: known
+        pairs = torch.tensor([[0, 1], [1, 2]])
+        rows, cols = zip(*pairs)  # tuples of 0-d tensors, as UDOP indexes its patch mask
+        keep[rows, cols] = False  # clears (0, 1) and (1, 2)
+        assert known.value_of(keep).tolist() == [[True, False, True], [True, True, False]]
+        assert embeds[keep].shape == (4,)  # 6 - 2 kept, whatever the activation holds
