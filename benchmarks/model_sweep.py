@@ -116,6 +116,9 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # no image placeholder token in the default config; nvidia's Nemotron-H Omni checkpoints
     # set img_context_token_id 18
     "nemotron_h_omni": {"image_token_id": 18},
+    # the default adapter projects into 3584 features (Molmo 1's Qwen2-7B) while the default
+    # text model is 4096 wide (Qwen3-8B, as allenai/Molmo2-8B): the text model's width
+    "molmo2": {"adapter_config": {"text_hidden_size": 4096}},
     # no image placeholder token in the default configs of the Q-Former models (their OPT
     # text model's); Salesforce/blip2-opt-2.7b sets image_token_index 50265
     "blip-2": {"image_token_index": 50265},

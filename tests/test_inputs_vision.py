@@ -223,13 +223,48 @@ def test_pi0_cameras_state_and_actions():
     assert "labels" not in t
 
 
-def test_molmo2_is_refused_naming_the_processor_tables_it_needs():
-    # its processor's crop-and-pool index tables (image_token_pooling, image_grids) follow no
-    # layout layerscope knows: refused by name, not traced with made-up indices
-    model = _model("molmo2", "Molmo2ForConditionalGeneration")
-    with pytest.raises(UnsupportedModelError,
-                       match="get_image_features needs image_grids, image_token_pooling"):
-        estimate_memory(model, batch_size=B, seq_len=64)
+def test_molmo2_crops_and_the_patches_each_token_pools():
+    side, patch = 56, 14  # one crop: 4 x 4 patches, pooled 2 x 2 into 2 x 2 tokens
+    model = _model("molmo2", "Molmo2ForConditionalGeneration", image_token_id=299,
+                   text_config={k: v for k, v in TEXT.items() if k != "max_position_embeddings"},
+                   vision_config={**TOWER, "num_key_value_heads": 2, "head_dim": 16,
+                                  "image_size": [side, side], "patch_size": patch},
+                   adapter_config={"hidden_size": 32, "intermediate_size": 64,
+                                   "num_attention_heads": 4, "num_key_value_heads": 4,
+                                   "head_dim": 16, "text_hidden_size": 64,
+                                   "vision_feature_layer": [-1]})
+    e = estimate_memory(model, batch_size=B, seq_len=32)
+    t = _tensors(e.inputs)
+    # the image resized to one crop, and the crop: 2 views of 2 x 2 tokens each
+    assert e.inputs.image_tokens == 2 * (4 // 2) ** 2 == 8
+    assert t["pixel_values"].shape == (B * 2, 16, patch * patch * 3)
+    pooling = t["image_token_pooling"].value
+    assert pooling.shape == (B * 8, 4)
+    assert pooling[0].tolist() == [0, 1, 4, 5]  # the first token: the top-left 2 x 2 patches
+    assert pooling[8].tolist() == [32, 33, 36, 37]  # the second image's, after 2 x 16 patches
+    assert t["image_grids"].value.tolist() == [[2, 2, 2, 2]] * B
+    with pytest.raises(UnsupportedModelError, match="tiled into overlapping crops"):
+        estimate_memory(model, batch_size=B, seq_len=32, image_size=2 * side)
+
+
+def test_feature_arguments_the_inputs_lack_are_named():
+    from torch import nn
+
+    from layerscope.estimate.inputs import required_arguments
+
+    class Inner(nn.Module):
+        def get_image_features(self, pixel_values, image_grids, pooling=None, **kwargs):
+            return pixel_values
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+        def get_image_features(self, pixel_values, **kwargs):  # passes the rest on
+            return self.model.get_image_features(pixel_values, **kwargs)
+
+    assert required_arguments(Outer(), "get_image_features") == {"pixel_values", "image_grids"}
 
 
 def test_shieldgemma2_prompt_holds_its_image_tokens_and_trains_on_its_logits():

@@ -588,6 +588,70 @@ IMAGE_MASKS = frozenset({"granite_docling", "pi0"})
 PI0's cameras: B x N booleans, as their image processors write it), not pixels."""
 
 
+CROP_MARGIN_PATCHES = 4
+"""Patches each crop of Molmo2's image processor overlaps its neighbours by, on each side
+(its ``overlap_margins`` [4, 4])."""
+POOLED_PATCHES = 2
+"""Patches per side that Molmo2 pools into one image token (its processor's ``pooling_size``
+[2, 2])."""
+
+
+def _pooling_rows(side: int, offset: int) -> torch.Tensor:
+    """Which of a ``side`` x ``side`` grid of patches (numbered from ``offset``, row-major)
+    each image token pools: the grid padded with -1 (nothing) to whole
+    :data:`POOLED_PATCHES`-square windows, the padding split before and after, one row of
+    window indices per token, windows row-major."""
+    pool = POOLED_PATCHES
+    padded = -(-side // pool) * pool
+    grid = torch.full((padded, padded), -1, dtype=torch.long)
+    start = (padded - side) // 2
+    grid[start:start + side, start:start + side] = offset + torch.arange(side * side).view(
+        side, side)
+    cells = padded // pool
+    return grid.view(cells, pool, cells, pool).permute(0, 2, 1, 3).reshape(-1, pool * pool)
+
+
+def _crop_pooled_images(model: nn.Module, config: Any, vision: Any, count: int, side: int,
+                        channels: int, dtype: torch.dtype) -> tuple[InputTensor, ...]:
+    """Molmo2: each image as its processor hands it over for an image no larger than one crop
+    (the vision config's ``image_size``): the image resized to a crop, then the crop itself,
+    each as rows of P x P x C patch values; ``image_token_pooling``, the patches each token
+    pools (:func:`_pooling_rows`, numbered across the batch); ``image_grids``, the pooled
+    grids of both views; ``image_num_crops``, 2 per image.
+
+    Raises:
+        UnsupportedModelError: a larger image, which the processor tiles into overlapping
+            crops (not built here).
+    """
+    crop = _int_or_first(getattr(vision, "image_size", None))
+    patch = _int_or_first(getattr(vision, "patch_size", None))
+    if not crop or not patch:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its crops need the vision config's image_size and "
+            "patch_size"
+        )
+    if side > crop:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: image_size={side} is tiled into overlapping crops of "
+            f"{crop} pixels by its processor, which layerscope does not build; use "
+            f"image_size <= {crop}"
+        )
+    per_side = crop // patch
+    patches = per_side * per_side
+    rows = [_pooling_rows(per_side, (2 * i + view) * patches)
+            for i in range(count) for view in (0, 1)]
+    pooling = torch.cat(rows)
+    cells = -(-per_side // POOLED_PATCHES)
+    return (
+        _pixels((2 * count, patches, patch * patch * channels), dtype),
+        InputTensor("image_token_pooling", tuple(pooling.shape), torch.long, pooling),
+        InputTensor("image_grids", (count, 4), torch.long,
+                    torch.tensor([[cells, cells, cells, cells]] * count)),
+        InputTensor("image_num_crops", (count,), torch.long,
+                    torch.full((count,), 2, dtype=torch.long)),
+    )
+
+
 def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, sizes: Sizes
                   ) -> tuple[InputTensor, ...]:
     """The vision inputs of ``per_sequence`` images in each of ``batch`` sequences, in the
@@ -595,7 +659,8 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
 
     * ``image_grid_thw`` (Qwen2-VL, GLM-4V, ...): flattened patches of ``patch_size`` pixels
       (times ``temporal_patch_size`` frames), ``image_size`` rounded to whole merged cells;
-    * an image's patches (:data:`PATCH_IMAGES`: Fuyu, Inkling);
+    * an image's patches (:data:`PATCH_IMAGES`: Fuyu, Inkling); Molmo2's crops with the
+      indices its tokens pool (:func:`_crop_pooled_images`);
     * ``pixel_attention_mask`` (Idefics2/3, SmolVLM): one row of images per sequence, masked
       per pixel (per image: :data:`IMAGE_MASKS`);
     * ``image_sizes`` with ``image_grid_pinpoints`` (LLaVA-NeXt): every image padded to the
@@ -626,6 +691,9 @@ def _image_inputs(model: nn.Module, config: Any, batch: int, per_sequence: int, 
                 InputTensor("pixel_attention_mask", (count, rows), torch.long, mask), *extra)
     if _accepts(model, "image_grid_thw") or _accepts(model, "image_grid_hw"):
         return (*_grid_images(model, config, vision, count, side, channels, sizes.dtype),
+                *extra)
+    if _accepts(model, "image_token_pooling"):
+        return (*_crop_pooled_images(model, config, vision, count, side, channels, sizes.dtype),
                 *extra)
     model_type = getattr(config, "model_type", None)
     if model_type in PATCH_IMAGES:
