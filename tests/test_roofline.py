@@ -91,3 +91,29 @@ def test_regime_and_band():
     assert (low, high) == (2.0 * BAND["host-bound"][0], 2.0 * BAND["host-bound"][1])
     for lo, hi in BAND.values():
         assert lo < 1 < hi
+
+
+def test_grouped_gemm_tiles_each_group_on_its_own_rows():
+    gpu = get_gpu("h100")  # 132 SMs
+    n, k = 128 * 66, 1024  # 66 output tiles across
+    times = {}
+    for loads in ((128, 128), (120, 136)):  # the same 256 rows and FLOPs
+        w = Work(gpu, resolve_precision("bf16-true"), 0.0)
+        w.grouped_gemm([(m, n, k) for m in loads])
+        assert len(w.items) == 1 and w.items[0].flops == 2 * 256 * n * k
+        times[loads] = w.items[0].compute
+    # even: 2 x 66 = 132 tiles, one wave; 120 + 136 rows: 1 + 2 tile rows, 198 tiles, two waves
+    # of 132 SMs: the FLOPs at 198 / 264 of the GPU, 4/3 of the time
+    assert times[120, 136] == pytest.approx(times[128, 128] * 4 / 3)
+
+
+def test_a_slices_row_count_does_not_break_alignment():
+    gpu = get_gpu("h100")
+    times = {}
+    for ragged in ("", "m"):
+        w = Work(gpu, resolve_precision("bf16-true"), 0.0)
+        w.gemm(1021, 4096, 4096, ragged=ragged)  # 1021 rows: not a multiple of 8 bf16 elements
+        times[ragged] = w.items[0].compute
+    # a full matrix of 1021 rows may be a leading dimension; one expert's 1021 rows of the
+    # sorted tokens are a slice whose rows start 4096 elements apart: aligned
+    assert times[""] == pytest.approx(2 * times["m"])
