@@ -115,5 +115,16 @@ def test_a_slices_row_count_does_not_break_alignment():
         w.gemm(1021, 4096, 4096, ragged=ragged)  # 1021 rows: not a multiple of 8 bf16 elements
         times[ragged] = w.items[0].compute
     # a full matrix of 1021 rows may be a leading dimension; one expert's 1021 rows of the
-    # sorted tokens are a slice whose rows start 4096 elements apart: aligned
-    assert times[""] == pytest.approx(2 * times["m"])
+    # sorted tokens are a slice whose rows start 4096 elements apart: aligned, but its last
+    # tile row is computed whole (1024 rows)
+    assert times[""] == pytest.approx(2 * times["m"] * 1021 / 1024)
+
+
+def test_a_routed_slice_computes_whole_tile_rows():
+    gpu = get_gpu("h100")
+    times = {}
+    for rows in (130, 256):
+        w = Work(gpu, resolve_precision("bf16-true"), 0.0)
+        w.gemm(rows, 4096, 4096, ragged="m")
+        times[rows] = w.items[0].compute
+    assert times[130] == pytest.approx(times[256])  # two 128-row tile rows each

@@ -243,7 +243,8 @@ class Work:
         matmuls that run in another dtype (fp32 adapters, fp32 expert weights under autocast).
         ``ragged`` (``"m"`` or ``"k"``): that dimension counts the rows of a slice of a larger
         matrix (one expert's share of the routed tokens), so it sets no leading dimension and
-        does not decide alignment (see :func:`gemm_seconds`).
+        does not decide alignment, and any number of rows is possible: ``"m"`` rows are cut
+        into whole output tiles, the last one partly empty (see :func:`gemm_seconds`).
         """
         if m <= 0 or n <= 0 or k <= 0 or count <= 0:  # an empty matrix: no kernel's work
             return
@@ -279,10 +280,10 @@ class Work:
         """One launch running GEMMs of different shapes ``(m, n, k)``: CUTLASS's grouped GEMM
         over experts (``torch._grouped_mm``), each group a slice of the sorted tokens.
 
-        Each group is cut into output tiles of its own and every tile computes a whole
-        :data:`GEMM_TILE` square (a group of 130 rows runs two tile rows, as one of 256 does);
-        the tiles of every group share the GPU's SMs in waves, as one launch. ``ragged`` as
-        for :meth:`gemm`.
+        Each group is cut into output tiles of its own, and with ``ragged="m"`` (the groups'
+        rows are the routed tokens) each tile row computes :data:`GEMM_TILE` rows (a group of
+        130 rows runs two tile rows, as one of 256 does); the tiles of every group share the
+        GPU's SMs in waves, as one launch. ``ragged`` as for :meth:`gemm`.
         """
         shapes = [(m, n, k) for m, n, k in shapes if m > 0 and n > 0 and k > 0]
         if not shapes:
@@ -293,8 +294,7 @@ class Work:
         nbytes = sum(a * (m * k + k * n + m * n) for m, n, k in shapes)
         peak = self.gpu.peak(dtype) * GEMM_EFFICIENCY[dtype]
         tiles = sum(math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE) for m, n, _ in shapes)
-        padded = sum(2.0 * math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE) * GEMM_TILE**2 * k
-                     for m, n, k in shapes)  # the tiles' work, rows past a group's end included
+        padded = sum(2.0 * tile_rows(m, ragged) * n * k for m, n, k in shapes)
         sms = self.gpu.sm_count
         if tiles < sms:  # split-K, as for one GEMM (see waves)
             tiles *= max(1, min(sms // tiles, int(min(k for _, _, k in shapes)) // SPLIT_K_MIN))
@@ -437,8 +437,17 @@ def gemm_seconds(flops: float, peak: float, m: float, n: int, k: float, sms: int
     (``ragged``: the dimension, ``"m"`` or ``"k"``, that only counts rows of a slice)."""
     tiles, n_waves = waves(m, n, k, sms, batch)
     ok = not tensor_cores or _aligned_dims(m, n, k, element_bytes, ragged)
+    flops *= tile_rows(m, ragged) / m
     speed = 1.0 if ok else UNALIGNED_GEMM_SPEED
     return flops / (peak * speed * tiles / (n_waves * sms))
+
+
+def tile_rows(m: float, ragged: str) -> float:
+    """Rows a GEMM's output tiles compute: ``m`` rounded up to whole :data:`GEMM_TILE` rows
+    when ``m`` is a routed slice's row count (``ragged="m"``: any number, so the last tile row
+    is partly empty); ``m`` itself otherwise (a model's dimensions are multiples of the tile,
+    and cuBLAS picks narrower tiles for the skinny ones)."""
+    return math.ceil(m / GEMM_TILE) * GEMM_TILE if ragged == "m" else m
 
 
 def _aligned_dims(m: float, n: float, k: float, element_bytes: int, ragged: str = "") -> bool:
