@@ -12,6 +12,7 @@ from layerscope.estimate.roofline import (
     busy_share,
     foreach_launches,
     run,
+    tile_rows,
 )
 from layerscope.setup import resolve_precision
 
@@ -128,3 +129,11 @@ def test_a_routed_slice_computes_whole_tile_rows():
         w.gemm(rows, 4096, 4096, ragged="m")
         times[rows] = w.items[0].compute
     assert times[130] == pytest.approx(times[256])  # two 128-row tile rows each
+
+
+def test_tile_rows_of_routed_slices():
+    assert tile_rows(130, "m") == 256  # two 128-row tiles
+    assert tile_rows(64, "m") == 64  # a slice shorter than a tile gets a 64-row kernel
+    assert tile_rows(65, "m") == 128
+    assert tile_rows(10, "m") == 16  # no tile is shorter than one MMA (16 rows)
+    assert tile_rows(130, "") == 130  # a model's own dimension: no padding counted

@@ -442,12 +442,23 @@ def gemm_seconds(flops: float, peak: float, m: float, n: int, k: float, sms: int
     return flops / (peak * speed * tiles / (n_waves * sms))
 
 
+MIN_TILE_ROWS = 16
+"""The smallest output tile height of tensor-core GEMM kernels (the M of one MMA instruction,
+16 on Ampere and Hopper); cuBLAS and CUTLASS tile heights are powers of two from there up to
+:data:`GEMM_TILE` and beyond."""
+
+
 def tile_rows(m: float, ragged: str) -> float:
-    """Rows a GEMM's output tiles compute: ``m`` rounded up to whole :data:`GEMM_TILE` rows
-    when ``m`` is a routed slice's row count (``ragged="m"``: any number, so the last tile row
-    is partly empty); ``m`` itself otherwise (a model's dimensions are multiples of the tile,
-    and cuBLAS picks narrower tiles for the skinny ones)."""
-    return math.ceil(m / GEMM_TILE) * GEMM_TILE if ragged == "m" else m
+    """Rows a GEMM's output tiles compute when ``m`` is a routed slice's row count
+    (``ragged="m"``: any number, so the last tile row is partly empty): ``m`` rounded up to
+    whole tiles of :data:`GEMM_TILE` rows, or, for a slice shorter than one such tile, to the
+    power-of-two tile height (at least :data:`MIN_TILE_ROWS`) a kernel for so few rows uses.
+    ``m`` itself otherwise: a model's dimensions are multiples of the tile, and cuBLAS picks
+    narrower tiles for the skinny ones."""
+    if ragged != "m" or m <= 0:
+        return m
+    height = GEMM_TILE if m >= GEMM_TILE else max(MIN_TILE_ROWS, 2 ** math.ceil(math.log2(m)))
+    return math.ceil(m / height) * height
 
 
 def _aligned_dims(m: float, n: float, k: float, element_bytes: int, ragged: str = "") -> bool:
