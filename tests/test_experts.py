@@ -1,5 +1,7 @@
 """Each MoE experts implementation's kernels, syncs and bytes, against hand arithmetic."""
 
+import math
+
 import pytest
 from conftest import build
 
@@ -56,6 +58,30 @@ def test_grouped_mm_syncs_only_in_the_fallback():
     # backward: input and weight gradients, a sync each in the fallback
     assert syncs(walk("grouped_mm", gpu="a100", backward=True)) == 4
     assert syncs(walk("grouped_mm", gpu="a100", backward=True, train=False)) == 2
+
+
+def test_expert_loads_spread_like_random_routing():
+    loads = experts.expert_loads(4096, 8)
+    assert sum(loads) == pytest.approx(4096) and loads == sorted(loads)
+    # Binomial(4096, 1/8): mean 512, sd sqrt(512 * 7/8) = 21.17; the busiest of 8 experts at
+    # the 15/16 quantile, z = 1.534
+    assert loads[-1] == pytest.approx(512 + 21.166 * 1.534, abs=0.1)
+    assert loads[0] == pytest.approx(512 - 21.166 * 1.534, abs=0.1)
+    assert experts.expert_loads(100, 1) == [100]
+
+
+def test_uneven_loads_cost_tiles_in_grouped_gemms():
+    # 4096 pairs over 8 experts: evenly 512 rows each, four 128-row tiles; as routed, the four
+    # busier experts (513-545 rows) need a fifth tile row
+    loads = experts.expert_loads(4096, 8)
+    assert [math.ceil(m / 128) for m in loads] == [4] * 4 + [5] * 4
+    times = {}
+    for name, rows in (("even", [512.0] * 8), ("routed", loads)):
+        w = Work(get_gpu("h100"), resolve_precision("bf16-true"), 0.0)
+        w.grouped_gemm([(m, 7168, 1024) for m in rows])  # 56 tiles across
+        times[name] = w.items[0].compute
+    # even: 8 x 4 x 56 = 1792 tiles, 14 waves of 132 SMs; routed: 36 x 56 = 2016, 16 waves
+    assert times["routed"] == pytest.approx(times["even"] * 16 / 14)
 
 
 def test_eager_loop_syncs_twice_per_expert():

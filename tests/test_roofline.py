@@ -12,6 +12,7 @@ from layerscope.estimate.roofline import (
     busy_share,
     foreach_launches,
     run,
+    tile_rows,
 )
 from layerscope.setup import resolve_precision
 
@@ -91,3 +92,48 @@ def test_regime_and_band():
     assert (low, high) == (2.0 * BAND["host-bound"][0], 2.0 * BAND["host-bound"][1])
     for lo, hi in BAND.values():
         assert lo < 1 < hi
+
+
+def test_grouped_gemm_tiles_each_group_on_its_own_rows():
+    gpu = get_gpu("h100")  # 132 SMs
+    n, k = 128 * 66, 1024  # 66 output tiles across
+    times = {}
+    for loads in ((128, 128), (120, 136)):  # the same 256 rows and FLOPs
+        w = Work(gpu, resolve_precision("bf16-true"), 0.0)
+        w.grouped_gemm([(m, n, k) for m in loads])
+        assert len(w.items) == 1 and w.items[0].flops == 2 * 256 * n * k
+        times[loads] = w.items[0].compute
+    # even: 2 x 66 = 132 tiles, one wave; 120 + 136 rows: 1 + 2 tile rows, 198 tiles, two waves
+    # of 132 SMs: the FLOPs at 198 / 264 of the GPU, 4/3 of the time
+    assert times[120, 136] == pytest.approx(times[128, 128] * 4 / 3)
+
+
+def test_a_slices_row_count_does_not_break_alignment():
+    gpu = get_gpu("h100")
+    times = {}
+    for ragged in ("", "m"):
+        w = Work(gpu, resolve_precision("bf16-true"), 0.0)
+        w.gemm(1021, 4096, 4096, ragged=ragged)  # 1021 rows: not a multiple of 8 bf16 elements
+        times[ragged] = w.items[0].compute
+    # a full matrix of 1021 rows may be a leading dimension; one expert's 1021 rows of the
+    # sorted tokens are a slice whose rows start 4096 elements apart: aligned, but its last
+    # tile row is computed whole (1024 rows)
+    assert times[""] == pytest.approx(2 * times["m"] * 1021 / 1024)
+
+
+def test_a_routed_slice_computes_whole_tile_rows():
+    gpu = get_gpu("h100")
+    times = {}
+    for rows in (130, 256):
+        w = Work(gpu, resolve_precision("bf16-true"), 0.0)
+        w.gemm(rows, 4096, 4096, ragged="m")
+        times[rows] = w.items[0].compute
+    assert times[130] == pytest.approx(times[256])  # two 128-row tile rows each
+
+
+def test_tile_rows_of_routed_slices():
+    assert tile_rows(130, "m") == 256  # two 128-row tiles
+    assert tile_rows(64, "m") == 64  # a slice shorter than a tile gets a 64-row kernel
+    assert tile_rows(65, "m") == 128
+    assert tile_rows(10, "m") == 16  # no tile is shorter than one MMA (16 rows)
+    assert tile_rows(130, "") == 130  # a model's own dimension: no padding counted

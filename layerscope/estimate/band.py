@@ -25,7 +25,7 @@ BAND_COVERAGE = 0.85
 """Share of a regime's calibration rows whose measured step time lies inside the band."""
 
 BAND: dict[Regime, tuple[float, float]] = {
-    "compute-bound": (0.94, 1.19),
+    "compute-bound": (0.94, 1.12),
     "memory-bound": (0.86, 1.29),
     "host-bound": (0.86, 1.23),
 }

@@ -20,13 +20,16 @@ transformers 5 stores a block's experts as stacked weights (``gate_up_proj``: E 
   expert; each expert's weight is an index of the stacked tensor, so its gradient is a
   zero-filled full-size tensor summed into the others.
 
-Routing is taken as balanced: each expert sees ``tokens * top_k / E`` rows.
+Routing is taken as random: ``tokens * top_k`` (token, expert) pairs spread over the E experts
+as evenly as independent random choices spread them (:func:`expert_loads`), and each expert's
+matmul is tiled on its own rows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from statistics import NormalDist
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import GPU
@@ -106,15 +109,39 @@ def _routed(part: Part) -> list[Gemm]:
     return [g for g in part.gemms if g.share < 1]
 
 
+def expert_loads(pairs: float, experts: int) -> list[float]:
+    """Rows each of ``experts`` experts receives out of ``pairs`` (token, expert) pairs.
+
+    A router does not split tokens evenly: even a router choosing at random gives each expert a
+    binomial share, ``Binomial(pairs, 1/E)`` (mean ``pairs/E``, standard deviation
+    ``sqrt(pairs/E * (1 - 1/E))``); a trained or freshly initialised one is no more even. The
+    loads are that distribution's E evenly spaced quantiles (normal approximation; they sum to
+    ``pairs``, up to the clamp at 0), so each expert's GEMM is tiled and timed on rows it could
+    really get: 512 rows fill exactly four 128-row tiles, 530 need a fifth.
+    """
+    if experts <= 1 or pairs <= 0:
+        return [pairs / max(experts, 1)] * max(experts, 1)
+    p = 1 / experts
+    sd = math.sqrt(pairs * p * (1 - p))
+    z = NormalDist()
+    return [max(0.0, pairs * p + sd * z.inv_cdf((i + 0.5) / experts)) for i in range(experts)]
+
+
 def _mm(w: Work, fast: bool, m_each: float, n: int, k: float, groups: int, matmul: str,
-        nbytes: int) -> None:
-    """``groups`` matmuls of (m_each x k) @ (k x n) as ``torch._grouped_mm`` runs them."""
+        nbytes: int, ragged: str = "m") -> None:
+    """``groups`` matmuls of (m_each x k) @ (k x n) as ``torch._grouped_mm`` runs them, the
+    ``ragged`` dimension (``"m"``: the rows; ``"k"``: the reduction of a weight gradient)
+    split over the experts as :func:`expert_loads` says, not evenly."""
+    even = m_each if ragged == "m" else k
+    shapes = [(load, n, k) if ragged == "m" else (m_each, n, load)
+              for load in expert_loads(even * groups, groups)]
     if fast:
-        w.batched_gemm(m_each, n, k, groups, dtype_bytes=nbytes, matmul=matmul)
+        w.grouped_gemm(shapes, dtype_bytes=nbytes, matmul=matmul, ragged=ragged)
         return
     w.sync()  # offs.cpu()
     with w.host_rate(HOST_ATEN_S_PER_KERNEL):
-        w.gemm(m_each, n, int(k), groups, dtype_bytes=nbytes, matmul=matmul)
+        for m, n_, k_ in shapes:
+            w.gemm(m, n_, k_, dtype_bytes=nbytes, matmul=matmul, ragged=ragged)
 
 
 def forward(w: Work, part: Part, tokens: int, hidden: int, prec: Precision, gpu: GPU,
@@ -179,7 +206,7 @@ def backward(w: Work, part: Part, tokens: int, hidden: int, prec: Precision, gpu
             if trainable(g):
                 # weight gradient, returned in the weight's own layout (the backward formula
                 # takes its strides, as mm_mat2_backward does): no copy into .grad
-                _mm(w, fast, g.n_in, g.n_out, rows / e, e, matmul, xb)
+                _mm(w, fast, g.n_in, g.n_out, rows / e, e, matmul, xb, "k")
         return
     # batched_mm: gradients of the gathered matrices, then index backward onto the experts
     for g in reversed(routed):
@@ -201,12 +228,12 @@ def _eager_forward(w: Work, part: Part, routed: list[Gemm], tokens: int, hidden:
     with w.host_rate(HOST_LOOP_S_PER_KERNEL):
         w.stream(tokens * e * 8, 5)  # one_hot, permute, sum, greater, nonzero
         w.sync()
-        for _ in range(e):
+        for load in expert_loads(tokens * routed[0].share * e, e):
             for _ in range(EAGER_SYNCS_PER_EXPERT):
                 w.sync()
             for g in routed:
                 per = g.count / e  # stacked: one matrix of E; separate Linears: 1/E of them
-                w.gemm(tokens * g.share, g.n_out, g.n_in, per)
+                w.gemm(load, g.n_out, g.n_in, per, ragged="m")
                 if prec.autocast:  # the expert's slice is not a leaf: cast every time
                     w.stream(per * g.n_in * g.n_out * (prec.weight_bytes + ab), 1)
             w.stream(tokens * hidden * 4 * ab / e, EXPERT_LOOP_KERNELS)
@@ -218,10 +245,12 @@ def _eager_backward(w: Work, part: Part, routed: list[Gemm], tokens: int, hidden
                     prec: Precision, trainable: Callable[[Gemm], bool]) -> None:
     e, ab, wb = part.experts, prec.act_bytes, prec.weight_bytes
     for g in routed:
-        t = tokens * g.share
-        w.gemm(t, g.n_in, g.n_out, g.count)  # input gradient
+        loads = expert_loads(tokens * g.share * e, e)
+        for load in loads:  # input gradient, each expert on its rows
+            w.gemm(load, g.n_in, g.n_out, g.count / e, ragged="m")
         if trainable(g):
-            w.gemm(g.n_out, g.n_in, int(t), g.count)  # weight gradient
+            for load in loads:  # weight gradient
+                w.gemm(g.n_out, g.n_in, load, g.count / e, ragged="k")
             if prec.autocast:
                 w.stream(g.count * g.n_in * g.n_out * (ab + wb), g.count)
             if g.count > 1:

@@ -235,12 +235,16 @@ class Work:
     label: str = "forward"
     items: list[Kernels] = field(default_factory=list)
 
-    def gemm(self, m: float, n: int, k: int, count: float = 1.0, dtype_bytes: int = 0,
-             matmul: str | None = None) -> None:
+    def gemm(self, m: float, n: int, k: float, count: float = 1.0, dtype_bytes: int = 0,
+             matmul: str | None = None, ragged: str = "") -> None:
         """``count`` GEMMs (m x k) @ (k x n): 2mnk FLOPs each (the multiply-add counted as 2).
 
         ``dtype_bytes`` and ``matmul`` (a catalogue dtype key) override the precision's, for
         matmuls that run in another dtype (fp32 adapters, fp32 expert weights under autocast).
+        ``ragged`` (``"m"`` or ``"k"``): that dimension counts the rows of a slice of a larger
+        matrix (one expert's share of the routed tokens), so it sets no leading dimension and
+        does not decide alignment, and any number of rows is possible: ``"m"`` rows are cut
+        into whole output tiles, the last one partly empty (see :func:`gemm_seconds`).
         """
         if m <= 0 or n <= 0 or k <= 0 or count <= 0:  # an empty matrix: no kernel's work
             return
@@ -250,7 +254,7 @@ class Work:
         nbytes = a * (m * k + k * n + m * n)
         peak = self.gpu.peak(dtype) * GEMM_EFFICIENCY[dtype]
         t_compute = gemm_seconds(flops, peak, m, n, k, self.gpu.sm_count, element_bytes=a,
-                                 tensor_cores=dtype != "fp32")
+                                 tensor_cores=dtype != "fp32", ragged=ragged)
         t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
         self._add(count, flops * count, nbytes * count, count * t_compute, count * t_memory)
 
@@ -268,6 +272,35 @@ class Work:
         peak = self.gpu.peak(dtype) * GEMM_EFFICIENCY[dtype]
         t_compute = gemm_seconds(flops, peak, m, n, k, self.gpu.sm_count, batch, element_bytes=a,
                                  tensor_cores=dtype != "fp32")
+        t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
+        self._add(1, flops, nbytes, t_compute, t_memory)
+
+    def grouped_gemm(self, shapes: list[tuple[float, int, float]], dtype_bytes: int = 0,
+                     matmul: str | None = None, ragged: str = "m") -> None:
+        """One launch running GEMMs of different shapes ``(m, n, k)``: CUTLASS's grouped GEMM
+        over experts (``torch._grouped_mm``), each group a slice of the sorted tokens.
+
+        Each group is cut into output tiles of its own, and with ``ragged="m"`` (the groups'
+        rows are the routed tokens) each tile row computes :data:`GEMM_TILE` rows (a group of
+        130 rows runs two tile rows, as one of 256 does); the tiles of every group share the
+        GPU's SMs in waves, as one launch. ``ragged`` as for :meth:`gemm`.
+        """
+        shapes = [(m, n, k) for m, n, k in shapes if m > 0 and n > 0 and k > 0]
+        if not shapes:
+            return
+        a = dtype_bytes or self.precision.act_bytes
+        dtype = matmul or self.precision.matmul
+        flops = sum(2.0 * m * n * k for m, n, k in shapes)
+        nbytes = sum(a * (m * k + k * n + m * n) for m, n, k in shapes)
+        peak = self.gpu.peak(dtype) * GEMM_EFFICIENCY[dtype]
+        tiles = sum(math.ceil(m / GEMM_TILE) * math.ceil(n / GEMM_TILE) for m, n, _ in shapes)
+        padded = sum(2.0 * tile_rows(m, ragged) * n * k for m, n, k in shapes)
+        sms = self.gpu.sm_count
+        if tiles < sms:  # split-K, as for one GEMM (see waves)
+            tiles *= max(1, min(sms // tiles, int(min(k for _, _, k in shapes)) // SPLIT_K_MIN))
+        ok = dtype == "fp32" or all(_aligned_dims(m, n, k, a, ragged) for m, n, k in shapes)
+        speed = 1.0 if ok else UNALIGNED_GEMM_SPEED
+        t_compute = padded / (peak * speed * tiles / (math.ceil(tiles / sms) * sms))
         t_memory = nbytes / (self.gpu.memory_bandwidth * BANDWIDTH_EFFICIENCY)
         self._add(1, flops, nbytes, t_compute, t_memory)
 
@@ -397,13 +430,42 @@ def busy_share(m: float, n: int, k: float, sms: int, batch: float = 1) -> float:
 
 
 def gemm_seconds(flops: float, peak: float, m: float, n: int, k: float, sms: int,
-                 batch: float = 1, element_bytes: int = 2, tensor_cores: bool = True) -> float:
+                 batch: float = 1, element_bytes: int = 2, tensor_cores: bool = True,
+                 ragged: str = "") -> float:
     """FLOP-bound time of a GEMM: its FLOPs over the busy SMs' share of ``peak``; on tensor
-    cores, slower by :data:`UNALIGNED_GEMM_SPEED` when a dimension breaks 16-byte alignment."""
+    cores, slower by :data:`UNALIGNED_GEMM_SPEED` when a dimension breaks 16-byte alignment
+    (``ragged``: the dimension, ``"m"`` or ``"k"``, that only counts rows of a slice)."""
     tiles, n_waves = waves(m, n, k, sms, batch)
-    ok = not tensor_cores or all(aligned(d, element_bytes) for d in (m, n, k))
+    ok = not tensor_cores or _aligned_dims(m, n, k, element_bytes, ragged)
+    flops *= tile_rows(m, ragged) / m
     speed = 1.0 if ok else UNALIGNED_GEMM_SPEED
     return flops / (peak * speed * tiles / (n_waves * sms))
+
+
+MIN_TILE_ROWS = 16
+"""The smallest output tile height of tensor-core GEMM kernels (the M of one MMA instruction,
+16 on Ampere and Hopper); cuBLAS and CUTLASS tile heights are powers of two from there up to
+:data:`GEMM_TILE` and beyond."""
+
+
+def tile_rows(m: float, ragged: str) -> float:
+    """Rows a GEMM's output tiles compute when ``m`` is a routed slice's row count
+    (``ragged="m"``: any number, so the last tile row is partly empty): ``m`` rounded up to
+    whole tiles of :data:`GEMM_TILE` rows, or, for a slice shorter than one such tile, to the
+    power-of-two tile height (at least :data:`MIN_TILE_ROWS`) a kernel for so few rows uses.
+    ``m`` itself otherwise: a model's dimensions are multiples of the tile, and cuBLAS picks
+    narrower tiles for the skinny ones."""
+    if ragged != "m" or m <= 0:
+        return m
+    height = GEMM_TILE if m >= GEMM_TILE else max(MIN_TILE_ROWS, 2 ** math.ceil(math.log2(m)))
+    return math.ceil(m / height) * height
+
+
+def _aligned_dims(m: float, n: float, k: float, element_bytes: int, ragged: str = "") -> bool:
+    """Every dimension but the ``ragged`` one (a slice's row count) is :func:`aligned`."""
+    dims = {"m": m, "n": n, "k": k}
+    dims.pop(ragged, None)
+    return all(aligned(d, element_bytes) for d in dims.values())
 
 
 def aligned(dim: float, element_bytes: int) -> bool:

@@ -558,7 +558,9 @@ def _notes(prec: Precision, opt: str, m: ModelShape, walk: Walk) -> tuple[str, .
             _ATTENTION_NOTES[k] for k in kernels))
     if m.experts_implementation:
         notes.append(f"MoE experts {m.experts_implementation}: each token runs its top-k "
-                     "experts; " + _EXPERTS_NOTES[m.experts_implementation])
+                     "experts, spread over them as unevenly as random routing spreads them "
+                     "(each expert's GEMM tiled on its own rows); "
+                     + _EXPERTS_NOTES[m.experts_implementation])
     q = walk.traffic.quantization
     if q is not None:
         into = str(walk.traffic.compute).removeprefix("torch.")
