@@ -41,8 +41,8 @@ Choices where a record leaves room (each printed with the point it affects):
   documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption;
 - FSDP full fine-tuning through the HF Trainer with ``--bf16`` published after accelerate
   0.30.0 trains fp32 shards (:data:`ACCELERATE_FSDP_UPCAST`);
-- LoRA on a 16-bit base published before peft 0.12 trains adapters in the base's dtype
-  (:data:`PEFT_AUTOCAST_ADAPTERS`);
+- LoRA on a 16-bit base published between peft 0.7 and 0.12 trains adapters in the base's
+  dtype (:data:`PEFT_AUTOCAST_ADAPTERS`), before peft 0.7 in fp32 (:data:`PEFT_BASE_LAYER`);
 - an ``nvidia-smi`` figure adds the CUDA context the source measured, where it did
   (:data:`MEASURED_CONTEXT`), else layerscope's default;
 - an Instruct/Chat checkpoint is its base preset (same config); Qwen-1 is its Qwen2
@@ -427,23 +427,42 @@ torch.float32)``, "to mimic DeepSpeed's casting": a bf16-loaded model then train
 sharded parameters, gradients and AdamW state and bf16 compute (``bf16-mixed``)."""
 
 
+PEFT_BASE_LAYER = "2023-12-06"
+"""peft v0.7.0's release, the first whose ``LoraLayer.update_layer`` finds the base weight
+(``weight = getattr(self.get_base_layer(), "weight", None)``, then ``self.to(weight.device,
+dtype=weight.dtype)``). Before it the adapters stayed in ``nn.Linear``'s default fp32: v0.6.x's
+``Linear.__init__`` calls ``update_layer`` before ``LoraModel._replace_module`` attaches the
+base weight (``new_module.weight = child.weight``), so ``getattr(self, "weight", None)`` is None
+and nothing is cast, and ``_replace_module`` then moves the ``lora_`` modules with
+``module.to(child.weight.device)``, a device and no dtype; v0.5.0's ``update_layer`` ends with
+``self.to(self.weight.device)``, a device only."""
+
 PEFT_AUTOCAST_ADAPTERS = "2024-07-24"
-"""peft v0.12.0's release, the first with ``autocast_adapter_dtype=True`` (PR #1706): before it,
-``LoraLayer.update_layer`` made the adapters in the base weight's dtype (``self.to(
-weight.device, dtype=weight.dtype)``), so a bf16 base trained bf16 adapters."""
+"""peft v0.12.0's release, the first with ``autocast_adapter_dtype=True`` (PR #1706): from
+v0.7.0 (:data:`PEFT_BASE_LAYER`) to it, ``LoraLayer.update_layer`` made the adapters in the
+base weight's dtype (``self.to(weight.device, dtype=weight.dtype)``), so a bf16 base trained
+bf16 adapters."""
 
 
 def _old_peft_adapters(p: dict[str, Any], lora: bool, base_dtype: str | None,
-                       lora_dtype: str | None) -> list[str]:
-    """The assumption when a LoRA record on a 16-bit base was published before peft 0.12
-    (the source's latest date; the version used is not stated): empty otherwise."""
+                       lora_dtype: str | None) -> tuple[str | None, list[str]]:
+    """The adapters' dtype a LoRA record on a 16-bit base implies by its publication date (the
+    source's latest date; the peft version used is not stated), and the assumption to print:
+    the base's dtype between peft 0.7 and 0.12, fp32 (layerscope's default, None) before 0.7
+    and from 0.12 on. ``(lora_dtype, [])`` when the record is not such a run."""
     dates = re.findall(r"20\d\d-\d\d-\d\d", str(p["source"]))
     if (not lora or base_dtype not in ("bf16", "fp16") or lora_dtype is not None
             or not dates or max(dates) >= PEFT_AUTOCAST_ADAPTERS):
-        return []
-    return [f"published {max(dates)}, before peft 0.12 (released {PEFT_AUTOCAST_ADAPTERS}; "
-            f"version not stated): adapters made in the base's {base_dtype} "
-            f"(LoraLayer.update_layer), not upcast to fp32"]
+        return lora_dtype, []
+    if max(dates) < PEFT_BASE_LAYER:
+        return None, [f"published {max(dates)}, before peft 0.7 (released {PEFT_BASE_LAYER}; "
+                      f"version not stated): adapters left in nn.Linear's fp32 (update_layer "
+                      f"runs before _replace_module attaches the base weight), not cast to "
+                      f"the base's {base_dtype}"]
+    return base_dtype, [f"published {max(dates)}, between peft 0.7 and 0.12 (released "
+                        f"{PEFT_BASE_LAYER} and {PEFT_AUTOCAST_ADAPTERS}; version not stated): "
+                        f"adapters made in the base's {base_dtype} (LoraLayer.update_layer), "
+                        f"not upcast to fp32"]
 
 
 def _accelerate_upcast(p: dict[str, Any], precision: str | None) -> list[str]:
@@ -548,9 +567,8 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     upcast = _accelerate_upcast(p, precision)
     if upcast:  # replaces the record's "pure bf16" reading
         precision, base_dtype, lora_dtype, notes = "bf16-mixed", None, None, upcast
-    old_peft = _old_peft_adapters(p, bool(lora), base_dtype, lora_dtype)
+    lora_dtype, old_peft = _old_peft_adapters(p, bool(lora), base_dtype, lora_dtype)
     if old_peft:
-        lora_dtype = base_dtype
         notes = [n for n in notes if "peft adapters fp32" not in n] + [
             "base loaded in bf16, Trainer bf16 autocast", *old_peft]
     assumptions += notes

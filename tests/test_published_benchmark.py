@@ -191,14 +191,20 @@ def test_a_cuda_context_the_source_measured_replaces_the_default() -> None:
     assert isinstance(other, published.Run) and other.context_bytes is None
 
 
-def test_lora_before_peft_012_trains_adapters_in_the_bases_dtype() -> None:
+def test_lora_adapter_dtype_follows_the_peft_of_the_publication_date() -> None:
     bf16 = {"precision": "bf16", "model": "meta-llama/Llama-2-7b-hf",
             "lora_targets": "q_proj,v_proj (alpha 16)"}
-    run = published.translate(record(**bf16, source="README (2023-11-30)"))
+    # peft 0.7 (2023-12-06) to 0.12 (2024-07-24): adapters cast to the base's bf16
+    run = published.translate(record(**bf16, source="README (2024-03-13)"))
     assert isinstance(run, published.Run)
     assert (run.base_dtype, run.lora_dtype) == ("bf16", "bf16")
-    assert any("before peft 0.12" in a for a in run.assumptions)
+    assert any("between peft 0.7 and 0.12" in a for a in run.assumptions)
     assert not any("peft adapters fp32" in a for a in run.assumptions)
+    # before peft 0.7: nothing casts nn.Linear's fp32 adapters (the estimate's fp32 default)
+    run = published.translate(record(**bf16, source="README (2023-11-30)"))
+    assert isinstance(run, published.Run)
+    assert (run.base_dtype, run.lora_dtype) == ("bf16", None)
+    assert any("before peft 0.7" in a for a in run.assumptions)
     # peft 0.12 (2024-07-24) upcasts adapters of a 16-bit base: the estimate's fp32 default
     run = published.translate(record(**bf16, source="README (2024-09-01)"))
     assert isinstance(run, published.Run) and run.lora_dtype is None
