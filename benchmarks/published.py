@@ -38,7 +38,8 @@ Choices where a record leaves room (each printed with the point it affects):
   hold (:func:`stated_length_floor`, hand arithmetic) ran shorter batches than stated: not
   expressible, lengths unknown (never re-expressed at a length chosen to match);
 - a ZeRO stage the record leaves unstated is the project's own recipe default where one is
-  documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption;
+  documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption; a ZeRO-3 run of a recipe
+  that ships its DeepSpeed config uses that config's knobs (:data:`RECIPE_ZERO3_CONFIG`);
 - FSDP full fine-tuning through the HF Trainer with ``--bf16`` published after accelerate
   0.30.0 trains fp32 shards (:data:`ACCELERATE_FSDP_UPCAST`);
 - LoRA on a 16-bit base published between peft 0.7 and 0.12 trains adapters in the base's
@@ -383,6 +384,38 @@ RECIPE_ZERO_STAGE = {
 for the runs of that recipe (LoRA here), and printed as an assumption with each point."""
 
 
+RECIPE_ZERO3_CONFIG = {
+    # group -> (the recipe's zero_optimization section, source)
+    "qwen1_readme_profiling": (
+        {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+         "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+         "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9},
+        "Qwen's ZeRO-3 runs use finetune/ds_config_zero3.json @e8e1596 (finetune_ds.sh passes "
+        "it; the README passes it to finetune_lora_ds.sh for 72B): overlap_comm, "
+        "contiguous_gradients, max live parameters 1e9, and 'auto' buckets the HF Trainer fills "
+        "from the hidden size (reduce hidden^2, prefetch 0.9 hidden^2, persistence 10 hidden)"),
+}
+"""A project's own DeepSpeed config for the ZeRO-3 runs of a record group: its
+``zero_optimization`` entries, read with :func:`layerscope.distributed_config.read_deepspeed_config`
+(``"auto"`` filled from the preset's hidden size as the HF Trainer fills it) rather than
+DeepSpeed's defaults, and printed as an assumption."""
+
+
+def _recipe_zero3(group: str, preset: str) -> tuple[tuple[tuple[str, Any], ...], list[str]]:
+    """The :class:`~layerscope.estimate.sharding.ZeroSettings` entries of a group's ZeRO-3
+    recipe (:data:`RECIPE_ZERO3_CONFIG`) and the assumption; ``((), [])`` for another group."""
+    if group not in RECIPE_ZERO3_CONFIG:
+        return (), []
+    from layerscope.catalog import get_preset
+    from layerscope.distributed_config import read_deepspeed_config
+
+    section, why = RECIPE_ZERO3_CONFIG[group]
+    hidden = get_preset(preset).config()["hidden_size"]
+    knobs = read_deepspeed_config({"zero_optimization": section}, hidden_size=hidden,
+                                  num_gpus=1).sharding.zero
+    return tuple(dataclasses.asdict(knobs).items()), [why]
+
+
 def _strategy(p: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
     """(strategy, offload, not-expressible reasons) from the record's parallelism."""
     text = str(p["parallelism"])
@@ -611,6 +644,9 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
         _, _, config, why = RECIPE_ZERO_STAGE[p["group"]]
         zero = tuple(config.items())
         assumptions.append(why)
+    elif strategy == "zero3":  # a recipe's own ZeRO-3 config (RECIPE_ZERO3_CONFIG)
+        zero, why_zero3 = _recipe_zero3(p["group"], preset)
+        assumptions += why_zero3
     context, where = context_bytes(p["group"])
     if stat == "nvidia-smi" and where:
         assumptions.append(f"CUDA context {context / MIB:.0f} MiB: {where}")

@@ -211,3 +211,22 @@ def test_lora_adapter_dtype_follows_the_peft_of_the_publication_date() -> None:
     # an fp32 base has fp32 adapters either way
     run = published.translate(record(source="README (2022-12-30)"))
     assert isinstance(run, published.Run) and run.lora_dtype is None
+
+
+def test_a_zero3_run_of_a_recipe_uses_the_recipes_deepspeed_config() -> None:
+    qwen = {"group": "qwen1_readme_profiling", "num_gpus": 4, "model": "Qwen/Qwen-72B-Chat",
+            "parallelism": "DeepSpeed ZeRO-3, 4 GPUs"}
+    run = published.translate(record(**qwen))
+    assert isinstance(run, published.Run) and run.distributed == "zero3"
+    zero = dict(run.zero)
+    # ds_config_zero3.json's "auto" buckets filled from Qwen-72B's hidden size 8192 as the HF
+    # Trainer fills them: reduce 8192**2, prefetch 0.9 * 8192**2, persistence 10 * 8192
+    assert zero["reduce_bucket_size"] == 67_108_864
+    assert zero["prefetch_bucket_size"] == 60_397_977
+    assert zero["param_persistence_threshold"] == 81_920
+    assert zero["max_live_parameters"] == 1_000_000_000 and zero["overlap_comm"] is True
+    assert any("ds_config_zero3.json" in a for a in run.assumptions)
+    assert published.settings(run)["sharding"].zero.reduce_bucket_size == 67_108_864
+    # another project's ZeRO-3 run keeps DeepSpeed's defaults
+    run = published.translate(record(**{**qwen, "group": "elsewhere"}))
+    assert isinstance(run, published.Run) and run.zero == ()
