@@ -39,7 +39,8 @@ Choices where a record leaves room (each printed with the point it affects):
   expressible, lengths unknown (never re-expressed at a length chosen to match);
 - a ZeRO stage the record leaves unstated is the project's own recipe default where one is
   documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption; a ZeRO-3 run of a recipe
-  that ships its DeepSpeed config uses that config's knobs (:data:`RECIPE_ZERO3_CONFIG`);
+  that ships its DeepSpeed config uses that config's knobs (:data:`RECIPE_ZERO3_CONFIG`), and
+  the optimizer that config names (:data:`RECIPE_DEEPSPEED_OPTIMIZER`);
 - FSDP full fine-tuning through the HF Trainer with ``--bf16`` published after accelerate
   0.30.0 trains fp32 shards (:data:`ACCELERATE_FSDP_UPCAST`);
 - LoRA on a 16-bit base published between peft 0.7 and 0.12 trains adapters in the base's
@@ -401,6 +402,21 @@ RECIPE_ZERO3_CONFIG = {
 DeepSpeed's defaults, and printed as an assumption."""
 
 
+RECIPE_DEEPSPEED_OPTIMIZER = {
+    # group -> (layerscope optimizer, source)
+    "qwen1_readme_profiling": (
+        "adamw-fused",
+        "Qwen's DeepSpeed configs (finetune/ds_config_zero2.json, ds_config_zero3.json "
+        "@e8e1596) have an optimizer section, {\"type\": \"AdamW\"}: the HF Trainer then "
+        "leaves the optimizer to DeepSpeed (transformers' deepspeed_optim_sched hands it a "
+        "DummyOptim when 'optimizer' is in the config), whose _configure_basic_optimizer builds FusedAdam "
+        "(adam_w_mode=True, multi-tensor kernels, no foreach temporaries), not the "
+        "script's adamw_torch"),
+}
+"""A project's DeepSpeed config that names its optimizer: DeepSpeed builds that optimizer
+instead of the training script's, for the DeepSpeed runs of the record group."""
+
+
 def _recipe_zero3(group: str, preset: str) -> tuple[tuple[tuple[str, Any], ...], list[str]]:
     """The :class:`~layerscope.estimate.sharding.ZeroSettings` entries of a group's ZeRO-3
     recipe (:data:`RECIPE_ZERO3_CONFIG`) and the assumption; ``((), [])`` for another group."""
@@ -647,6 +663,9 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     elif strategy == "zero3":  # a recipe's own ZeRO-3 config (RECIPE_ZERO3_CONFIG)
         zero, why_zero3 = _recipe_zero3(p["group"], preset)
         assumptions += why_zero3
+    if strategy in ("zero1", "zero2", "zero3") and p["group"] in RECIPE_DEEPSPEED_OPTIMIZER:
+        optimizer, why_optimizer = RECIPE_DEEPSPEED_OPTIMIZER[p["group"]]
+        assumptions.append(why_optimizer)
     context, where = context_bytes(p["group"])
     if stat == "nvidia-smi" and where:
         assumptions.append(f"CUDA context {context / MIB:.0f} MiB: {where}")

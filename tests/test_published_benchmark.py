@@ -230,3 +230,17 @@ def test_a_zero3_run_of_a_recipe_uses_the_recipes_deepspeed_config() -> None:
     # another project's ZeRO-3 run keeps DeepSpeed's defaults
     run = published.translate(record(**{**qwen, "group": "elsewhere"}))
     assert isinstance(run, published.Run) and run.zero == ()
+
+
+def test_a_recipes_deepspeed_optimizer_replaces_the_scripts() -> None:
+    qwen = {"group": "qwen1_readme_profiling", "num_gpus": 4, "model": "Qwen/Qwen-72B-Chat",
+            "parallelism": "DeepSpeed ZeRO-3, 4 GPUs", "optimizer": "adamw_torch (HF Trainer)"}
+    run = published.translate(record(**qwen))
+    assert isinstance(run, published.Run) and run.optimizer == "adamw-fused"
+    assert any("FusedAdam" in a for a in run.assumptions)
+    # the same recipe on one GPU without DeepSpeed keeps the script's adamw_torch
+    run = published.translate(record(**{**qwen, "num_gpus": 1, "parallelism": "single GPU"}))
+    assert isinstance(run, published.Run) and run.optimizer == "adamw"
+    # another project's DeepSpeed run keeps its stated optimizer
+    run = published.translate(record(**{**qwen, "group": "elsewhere"}))
+    assert isinstance(run, published.Run) and run.optimizer == "adamw"
