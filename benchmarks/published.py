@@ -40,7 +40,8 @@ Choices where a record leaves room (each printed with the point it affects):
 - a ZeRO stage the record leaves unstated is the project's own recipe default where one is
   documented (:data:`RECIPE_ZERO_STAGE`), printed as an assumption; a ZeRO-3 run of a recipe
   that ships its DeepSpeed config uses that config's knobs (:data:`RECIPE_ZERO3_CONFIG`), and
-  the optimizer that config names (:data:`RECIPE_DEEPSPEED_OPTIMIZER`);
+  every DeepSpeed run of such a recipe the optimizer its config names, which DeepSpeed builds
+  in place of the script's (:data:`RECIPE_DEEPSPEED_OPTIMIZER`);
 - FSDP full fine-tuning through the HF Trainer with ``--bf16`` published after accelerate
   0.30.0 trains fp32 shards (:data:`ACCELERATE_FSDP_UPCAST`);
 - LoRA on a 16-bit base published between peft 0.7 and 0.12 trains adapters in the base's
