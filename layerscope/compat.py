@@ -253,10 +253,15 @@ def use_experts(model: nn.Module, implementation: str | None) -> None:
 
     ``eager`` is traced as ``grouped_mm``: its Python loop asks the GPU which experts were hit
     (``nonzero``), which fake tensors cannot answer; a
-    :class:`~layerscope.errors.LayerscopeWarning` says so.
+    :class:`~layerscope.errors.LayerscopeWarning` says so. A model whose experts do not
+    dispatch through that wrapper (JetMoE, Switch Transformers, NLLB-MoE: their own loops; the
+    wrapper marks each experts module with ``_is_expert_parallel``) is left as it is: its loop
+    is traced with balanced routing (:mod:`layerscope.estimate.values`).
     """
     config = getattr(model, "config", None)
     if implementation is None or config is None or not hasattr(config, "_experts_implementation"):
+        return
+    if not any(hasattr(m, "_is_expert_parallel") for m in model.modules()):
         return
     if implementation == "eager":
         warnings.warn(

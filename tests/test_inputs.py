@@ -27,6 +27,7 @@ from layerscope import (
 )
 from layerscope.errors import ConfigError, EstimateError
 from layerscope.estimate.memory import step_inputs_of
+from layerscope.estimate.values import BALANCED_ROUTING
 
 B = 2  # sequences per step: more than one, so a label per sequence and per token differ
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -148,14 +149,36 @@ def test_xlm_reads_its_sequence_lengths():
     assert estimate_memory(model, batch_size=B, seq_len=32).peak_bytes > 0
 
 
-def test_activation_dependent_routing_is_refused_by_name():
+def test_routing_in_a_python_loop_is_traced_with_balanced_load():
+    """JetMoE counts each expert's tokens with ``tolist()`` of the router's top-k picks (refused
+    before): the picks are taken balanced, and the estimate says so."""
     model = empty_model(_config(
         "jetmoe", "JetMoeForCausalLM", hidden_size=64, num_hidden_layers=2,
         num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=4,
         num_experts_per_tok=2, vocab_size=300,
     ))
-    with pytest.raises(UnsupportedModelError, match="_local_scalar_dense"):
-        estimate_memory(model, batch_size=B, seq_len=16)
+    e = estimate_memory(model, batch_size=B, seq_len=16)
+    assert e.peak_bytes > 0
+    assert BALANCED_ROUTING in e.inputs.assumptions and BALANCED_ROUTING in e.inputs.describe()
+
+
+@pytest.mark.parametrize("model_type, architecture, fields", [
+    # top-1 by argmax, then a loop over ``expert_hit = (...).nonzero()`` naming each expert's
+    # module f"expert_{idx}" from a 0-d tensor
+    ("switch_transformers", "SwitchTransformersForConditionalGeneration", dict(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        vocab_size=300, decoder_start_token_id=0, pad_token_id=0)),
+    ("nllb-moe", "NllbMoeForConditionalGeneration", dict(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_experts=4,
+        encoder_sparse_step=1, decoder_sparse_step=1, vocab_size=300,
+        decoder_start_token_id=2, pad_token_id=1)),
+])
+def test_top1_routers_loop_over_the_experts_hit(model_type, architecture, fields):
+    e = estimate_memory(empty_model(_config(model_type, architecture, **fields)),
+                        batch_size=B, seq_len=16)
+    assert e.peak_bytes > 0 and BALANCED_ROUTING in e.inputs.assumptions
 
 
 # -- configs whose depth is a read-only property, hybrid stacks ----------------------------------

@@ -7,7 +7,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layerscope.errors import UnsupportedModelError
-from layerscope.estimate.values import RANDOM_DRAW, KnownConstants, KnownValues
+from layerscope.estimate.values import (
+    BALANCED_ROUTING,
+    RANDOM_DRAW,
+    KnownConstants,
+    KnownValues,
+    balanced_choice,
+)
 
 
 def test_item_and_masks_of_known_tensors_are_answered_from_their_values():
@@ -81,3 +87,29 @@ def test_shape_only_results_of_activations_and_indices_of_known_scalars():
         keep[rows, cols] = False  # clears (0, 1) and (1, 2)
         assert known.value_of(keep).tolist() == [[True, False, True], [True, True, False]]
         assert embeds[keep].shape == (4,)  # 6 - 2 kept, whatever the activation holds
+
+
+def test_router_picks_from_activations_are_balanced():
+    """JetMoE's router: top-k of the router's logits, scattered into a tokens x experts mask,
+    summed per expert and read with ``tolist()``; Switch's: argmax, one-hot, the experts hit."""
+    tokens, experts, top_k = 12, 4, 2
+    known = KnownValues()
+    with FakeTensorMode(), KnownConstants(known), known:
+        router = torch.empty(8, experts)
+        known.know(router, None)  # a parameter: its values are not known
+        logits = torch.empty(tokens, 8) @ router
+        _, picks = logits.topk(top_k, dim=1)
+        gates = torch.zeros(tokens, experts).scatter(1, picks, 1)
+        sizes = gates.long().sum(0).tolist()
+        top1 = logits.argmax(dim=-1)
+        hit = torch.nonzero(torch.nn.functional.one_hot(top1, experts).sum(0))
+        name = f"expert_{hit[-1, 0]}"
+    assert sizes == [tokens * top_k // experts] * experts  # 12 x 2 / 4 = 6 each
+    assert hit.shape == (experts, 1) and name == "expert_3"
+    assert known.assumptions == [BALANCED_ROUTING]
+
+
+def test_balanced_choice_spreads_picks_evenly():
+    picks = balanced_choice(5, 2, 3)  # 5 rows, 2 picks of 3: 10 picks, 4 + 3 + 3
+    assert picks.tolist() == [[0, 1], [2, 0], [1, 2], [0, 1], [2, 0]]
+    assert torch.bincount(picks.flatten()).tolist() == [4, 3, 3]

@@ -127,6 +127,8 @@ class StepInputs:
         tokens: tokens per sequence the text part reads (image tokens included), 0 without text.
         image_tokens: tokens per sequence that stand for images.
         target_len: decoder tokens per sequence of an encoder-decoder, else None.
+        assumptions: what the traced step assumed where only a real step knows the values
+            (:mod:`layerscope.estimate.values`: balanced routing), each a sentence.
     """
 
     task: str
@@ -134,6 +136,7 @@ class StepInputs:
     tokens: int = 0
     image_tokens: int = 0
     target_len: int | None = None
+    assumptions: tuple[str, ...] = ()
 
     def make(self, know: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
              ) -> dict[str, torch.Tensor]:
@@ -168,7 +171,7 @@ class StepInputs:
                  for t in self.tensors]
         if self.image_tokens:
             lines.append(f"{self.image_tokens} image tokens per sequence")
-        return tuple(lines)
+        return (*lines, *self.assumptions)
 
 
 # -- the task ----------------------------------------------------------------------------------

@@ -629,7 +629,7 @@ def _trace_step(setup: TrainingSetup) -> _Step:
         trace=trace,
         block_kinds=tuple(block_kinds),
         kept=kept_grads,
-        inputs=pre.inputs,
+        inputs=dataclasses.replace(pre.inputs, assumptions=trace.assumptions),
     )
 
 

@@ -107,12 +107,15 @@ class StepTrace:
     no free. ``passed`` holds the ``(segment, index)`` of the tensors a part hands to the next
     one: a block's output in forward, the gradient of its input in backward.
     ``kinds`` is the kind of each block of the traced (reduced) model, in order.
+    ``assumptions`` says what the trace assumed where only values decide (balanced routing,
+    :mod:`layerscope.estimate.values`).
     """
 
     segments: dict[tuple[Any, str], Segment]
     events: dict[tuple[Any, str], tuple[Alloc | Free, ...]] = dataclasses.field(default_factory=dict)
     passed: frozenset[tuple[tuple[Any, str], int]] = frozenset()
     kinds: tuple[Any, ...] = ()
+    assumptions: tuple[str, ...] = ()
 
 
 _GLOBAL_PARTS = ("embed", "head")
@@ -548,7 +551,8 @@ def run_step(
             h.remove()
     try:
         return StepTrace(segments=tracker.segments(), events=tracker.events(),
-                         passed=frozenset(tracker.passed), kinds=tuple(kinds))
+                         passed=frozenset(tracker.passed), kinds=tuple(kinds),
+                         assumptions=tuple(known.assumptions))
     finally:
         tracker.close()
 

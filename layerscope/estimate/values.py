@@ -17,22 +17,30 @@ the real values, so the fake step takes the branch and the shapes the real step 
 changes for operators on other tensors: the mode only watches, so a step without data-dependent
 operators is traced exactly as without it.
 
-Two rules cover what the trace cannot know, each chosen so the estimate is of the step that
-uses the most memory:
+Three rules cover what the trace cannot know, the first two chosen so the estimate is of the
+step that uses the most memory, the third so it is of the step the model is trained for:
 
 * a uniform random draw (``torch.rand``, ``uniform_``) is taken at its upper end
   (:data:`RANDOM_DRAW`): LayerDrop, which skips a layer when a draw falls below its rate, never
   skips, so every layer runs, as in the worst step;
 * a truth value computed from activations (``assert not x.isnan().any()``, transformers'
-  ``torch_compilable_check``) is taken as true: the model's own sanity checks pass.
+  ``torch_compilable_check``) is taken as true: the model's own sanity checks pass;
+* a choice made from activations — the indices of ``topk``, ``argmax``/``argmin`` and ``sort``
+  (a mixture-of-experts router's picks) — is the *balanced* one (:func:`balanced_choice`):
+  row ``r``'s ``j``-th of ``k`` picks among ``n`` is ``(r * k + j) mod n``, so each expert
+  receives ``tokens * top_k / num_experts`` rows, the load that routers' balancing losses
+  train for and the load :mod:`~layerscope.estimate.experts` times; a sort's order is kept
+  (ties). Models that route in a Python loop over the experts hit (JetMoE's ``tolist`` of
+  expert sizes, Switch Transformers' and NLLB-MoE's ``nonzero``) are traced with that load
+  instead of being refused. A choice's *values* (the gates) stay unknown.
 
-Any other data-dependent operator on an activation (an expert's share of tokens counted from
-the router's output, for example) is refused with an :class:`~layerscope.errors.
-UnsupportedModelError` that names the operator.
+Any other data-dependent operator on an activation is refused with an
+:class:`~layerscope.errors.UnsupportedModelError` that names the operator.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -67,18 +75,34 @@ _SHAPE_ONLY = {
 values: known even where the argument is an activation (UDOP builds its patch mask with
 ``torch.full_like(image_embeddings[:, :, 0], True)``)."""
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_CHOICES = {
+    torch.ops.aten.topk.default, torch.ops.aten.argmax.default, torch.ops.aten.argmin.default,
+    torch.ops.aten.sort.default, torch.ops.aten.sort.stable,
+}
 _EMPTY = {
     torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
     torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
 }
 
 
+BALANCED_ROUTING = ("routing taken as balanced: each expert receives tokens x top_k / experts "
+                    "rows (the model's router picks from activations)")
+"""The note an estimate carries when a choice made from activations was answered with
+:func:`balanced_choice`."""
+
+
 class KnownValues(TorchDispatchMode):
     """A dispatch mode, entered above the fake mode, that keeps the values of small tensors
-    computed from known ones and answers data-dependent operators from them."""
+    computed from known ones and answers data-dependent operators from them.
+
+    Attributes:
+        assumptions: what the trace assumed in place of values only a real step knows (e.g.
+            :data:`BALANCED_ROUTING`), each once, in order.
+    """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.assumptions: list[str] = []
         # storage -> {view: value}. Keyed by the fake storage and the view on it (offset,
         # shape, strides, dtype), not by the tensor object: autograd hands saved tensors back
         # as new objects, and a tensor's __eq__ is elementwise.
@@ -147,6 +171,10 @@ class KnownValues(TorchDispatchMode):
                                       else t, args), **kwargs)
             self._keep(out, real)
             return out
+        if func in _CHOICES and not all_known:
+            with disable_dispatch_modes():
+                self._choose(func, args, kwargs, out)
+            return out
         if func._schema.is_mutable and not all_known:
             for t in _written(func, args, kwargs):  # written with something unknown
                 if _is_fake(t):
@@ -155,6 +183,42 @@ class KnownValues(TorchDispatchMode):
         if all_known and (tensors or not _is_random(func)):
             self._mirror(func, args, kwargs, out)
         return out
+
+    def _choose(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Record the balanced indices of a choice made from activations (``out`` of
+        ``topk``, ``argmax``, ``argmin`` or ``sort``); called with no dispatch mode active."""
+        bound = func._schema.arguments
+        params = {a.name: (args[i] if i < len(args) else kwargs.get(a.name, a.default_value))
+                  for i, a in enumerate(bound)}
+        source = params["self"]
+        if func.overloadpacket in (torch.ops.aten.argmax, torch.ops.aten.argmin):
+            indices, dim = out, params.get("dim")
+            if dim is None:  # over the flattened tensor: one answer
+                self.know(indices, torch.zeros(indices.shape, dtype=indices.dtype))
+                return
+            picks: int | None = 1
+        else:
+            indices, dim = out[1], params.get("dim", -1)
+            picks = int(params["k"]) if "k" in params else None
+        if indices.numel() > MAX_KNOWN_ELEMENTS or source.dim() == 0:
+            return
+        dim = int(dim) % source.dim()
+        if picks is None:  # a sort: the order kept, as for ties
+            order = torch.arange(source.shape[dim]).view(
+                [-1 if d == dim else 1 for d in range(source.dim())])
+            self.know(indices, order.expand(source.shape).to(indices.dtype).clone())
+            return
+        if BALANCED_ROUTING not in self.assumptions:
+            self.assumptions.append(BALANCED_ROUTING)
+        keep = indices.dim() == source.dim()  # topk, argmax(keepdim=True)
+        shape = list(source.shape)
+        shape[dim] = picks
+        moved = shape[:dim] + shape[dim + 1:] + [picks]
+        value = balanced_choice(math.prod(moved[:-1]), picks, source.shape[dim])
+        value = value.view(moved).movedim(-1, dim)
+        if not keep:
+            value = value.squeeze(dim)
+        self.know(indices, value.to(indices.dtype).contiguous())
 
     def _real(self, value: Any) -> Any:
         return tree_map(lambda t: self.value_of(t) if isinstance(t, torch.Tensor) else t, value)
@@ -225,6 +289,16 @@ class KnownValues(TorchDispatchMode):
         return tree_map(fake_of, real)
 
 
+def balanced_choice(rows: int, picks: int, choices: int) -> torch.Tensor:
+    """``rows`` x ``picks`` indices among ``choices``, spread evenly: row ``r``'s ``j``-th pick
+    is ``(r * picks + j) mod choices``. The picks of one row differ (``picks <= choices``), and
+    each index is picked ``rows * picks / choices`` times (the remainder spread one each over
+    the first indices)."""
+    r = torch.arange(rows).unsqueeze(1)
+    j = torch.arange(picks).unsqueeze(0)
+    return (r * picks + j) % max(choices, 1)
+
+
 def _proxy(value: Any, fill: int) -> Any:
     """A real stand-in for an unknown tensor: ``fill`` everywhere, no memory (a 0-d tensor
     expanded to the shape)."""
@@ -235,7 +309,9 @@ class KnownConstants(TorchFunctionMode):
     """``torch.tensor(data)`` where ``data`` holds 0-d fake tensors of known value (Qwen2-VL
     gathers its position deltas that way), and indices made of sequences of them: built from
     the values, as from Python numbers. (The factory and indexing read such elements' memory
-    directly, which fake tensors do not have.)"""
+    directly, which fake tensors do not have.) And a 0-d fake tensor of known value formats as
+    its number (``f"expert_{idx}"``, as Switch Transformers and NLLB-MoE name the expert module
+    to run), as a real tensor does; a fake tensor's ``__format__`` is otherwise its ``repr``."""
 
     def __init__(self, known: KnownValues) -> None:
         super().__init__()
@@ -244,6 +320,13 @@ class KnownConstants(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
                            ) -> Any:
         kwargs = kwargs or {}
+        if func is torch.Tensor.__format__ and args and isinstance(args[0], torch.Tensor) \
+                and _is_fake(args[0]) and args[0].dim() == 0:
+            value = self.known.value_of(args[0])
+            if value is not None:
+                with disable_dispatch_modes():
+                    scalar = value.item()
+                return format(scalar, *args[1:])
         if func in (torch.tensor, torch.as_tensor) and args:
             def number(t: Any) -> Any:
                 if isinstance(t, torch.Tensor) and _is_fake(t):
