@@ -126,6 +126,12 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     "instructblipvideo": {"video_token_index": 50265},
     "idefics3": {"vision_config": {"image_size": 364, "patch_size": 14}},
     "smolvlm": {"scale_factor": 3, "vision_config": {"image_size": 384, "patch_size": 14}},
+    # the audio projector's output (3584 by default) must be the text model's width (2048 by
+    # default), as in Qwen/Qwen3-ASR-1.7B, whose Qwen3-1.7B text model is 2048 wide
+    "qwen3_asr": {"audio_config": {"output_dim": 2048}},
+    # no audio placeholder in the default config, so no audio reaches the text model;
+    # mistralai/Voxtral-Mini-3B-2507 places its audio at token 24 (as transformers' docstring)
+    "voxtral": {"audio_token_id": 24},
 }
 """Config values taken from a published checkpoint where transformers' default config
 contradicts itself (an image its own vision tower cannot turn into the number of tokens the

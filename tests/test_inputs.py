@@ -364,6 +364,60 @@ def test_parakeet_ctc_gets_the_mask_its_loss_reads_lengths_from():
     assert shapes["labels"][0] == (B, 5)
 
 
+def test_qwen3_asr_features_are_bins_by_frames_in_whole_chunks():
+    """Qwen3-ASR's feature extractor lays out bins x frames (as Whisper's) and its encoder
+    takes whole chunks of 2 x n_window frames; its audio tokens are counted per chunk."""
+    model = empty_model(_config(
+        "qwen3_asr", "Qwen3ASRForConditionalGeneration", audio_token_id=290,
+        audio_config={"model_type": "qwen3_asr_encoder", "num_mel_bins": 16, "encoder_layers": 1,
+                      "encoder_attention_heads": 4, "encoder_ffn_dim": 128, "d_model": 64,
+                      "n_window": 50, "output_dim": 64, "downsample_hidden_size": 32},
+        text_config={"model_type": "qwen3", **TEXT},
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=64, audio_seconds=1.5)
+    shapes = _inputs(e)
+    # 1.5 s = 150 frames of 10 ms, padded to whole chunks of 2 x 50: 200
+    assert shapes["input_features"][0] == (B, 16, 200)
+    assert shapes["input_features_mask"][0] == (B, 200)
+    # per 100-frame chunk three stride-2 convolutions: 100 -> 50 -> 25 -> 13; two chunks
+    ids = next(t for t in e.inputs.tensors if t.name == "input_ids")
+    assert (ids.value == 290).sum(dim=1).tolist() == [2 * 13] * B
+
+
+def test_codec_style_waveforms_have_a_channel_axis_and_a_padding_mask():
+    """OmniASR's extractor returns input_values B x 1 x samples and a padding_mask B x samples
+    (a B x samples tensor failed its first convolution)."""
+    model = empty_model(_config(
+        "omniasr_ctc", "OmniASRForCTC", vocab_size=32, pad_token_id=1,
+        audio_config={"model_type": "omniasr_audio", "hidden_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "intermediate_size": 128,
+                      "conv_dim": [32, 32], "conv_kernel": [10, 3], "conv_stride": [5, 2],
+                      "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4},
+    ))
+    shapes = _inputs(estimate_memory(model, batch_size=B, audio_seconds=1.0))
+    assert shapes["input_values"][0] == (B, 1, 16_000)  # 16 kHz, one channel
+    assert shapes["padding_mask"] == ((B, 16_000), torch.bool)
+    assert shapes["labels"][0] == (B, 5)  # CTC_LABELS_PER_SECOND
+
+
+def test_voxtral_realtime_text_is_as_long_as_its_audio():
+    """Voxtral Realtime sums each token's embedding with one audio embedding of
+    audio_length_per_tok frames: seq_len tokens hear seq_len x 8 frames."""
+    model = empty_model(_config(
+        "voxtral_realtime", "VoxtralRealtimeForConditionalGeneration", audio_length_per_tok=8,
+        downsample_factor=4, hidden_size=64,
+        audio_config={"model_type": "voxtral_realtime_encoder", "hidden_size": 64,
+                      "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                      "num_mel_bins": 16, "head_dim": 16},
+        text_config={"model_type": "voxtral_realtime_text", **TEXT},
+    ))
+    shapes = _inputs(estimate_memory(model, batch_size=B, seq_len=16))
+    # 16 tokens x 8 frames = 128 frames, bins x frames; a stride-2 conv and a 4-frame stack
+    # make them 128 / 2 / 4 = 16 audio embeddings, one per token
+    assert shapes["input_features"][0] == (B, 16, 16 * 8)
+    assert shapes["input_ids"][0] == (B, 16)
+
+
 # -- an FSDP2-wrapped model, and a module without config ----------------------------------------
 def test_fsdp2_wrapped_model_is_estimated_without_touching_it():
     dist = pytest.importorskip("torch.distributed")

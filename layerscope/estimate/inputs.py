@@ -249,7 +249,7 @@ def step_inputs(model: nn.Module, sizes: Sizes,
             media = (_pixel_values(model, config, b, sizes),)
         return StepInputs(task, (*media, _class_labels(config, b)))
     if task == "speech-seq2seq" and _accepts(model, "input_ids") and not _accepts(
-            model, "decoder_input_ids") and _placeholder_id(config, "audio") is not None:
+            model, "decoder_input_ids"):
         task = "audio-text"  # a decoder-only LM that reads audio through placeholder tokens
     if task in ("ctc", "audio-classification", "speech-seq2seq"):
         audio, seconds = _audio(model, config, b, sizes)
@@ -259,11 +259,11 @@ def step_inputs(model: nn.Module, sizes: Sizes,
             length = max(1, min(s, math.ceil(seconds * CTC_LABELS_PER_SECOND)))
             vocab = _vocab(model, config)
             labels = _tokens("labels", b, length, vocab, _special_ids(config))
-            mask: tuple[InputTensor, ...] = ()
-            if len(audio.shape) == 3 and _accepts(model, "attention_mask"):
+            mask: tuple[InputTensor, ...] = _padding_mask(model, audio)
+            if audio.name == "input_features" and _accepts(model, "attention_mask"):
                 # frames x features: the feature extractor's mask of the real frames, from
                 # which the CTC loss takes each sample's length (Parakeet, LASR)
-                frames = audio.shape[:2]
+                frames = (audio.shape[0], _frames(config, audio))
                 mask = (InputTensor("attention_mask", frames, torch.long,
                                     torch.ones(frames, dtype=torch.long)),)
             return StepInputs(task, (audio, *mask, labels), tokens=length)
@@ -299,6 +299,9 @@ def step_inputs(model: nn.Module, sizes: Sizes,
             return _attending_images(model, config, sizes, vocab, specials)
         return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
                                   encoder_decoder, "video" if _video_only(model) else "image")
+    if task == "audio-text" and _placeholder_id(config, "audio") is None and isinstance(
+            getattr(config, "audio_length_per_tok", None), int):
+        return _aligned_audio(model, config, sizes, vocab, specials, count_tokens)
     if task == "audio-text":
         return _with_placeholders(model, config, sizes, vocab, specials, count_tokens,
                                   encoder_decoder, "audio")
@@ -829,15 +832,21 @@ def _media(model: nn.Module, config: Any, modality: str, batch: int, per_sequenc
         return images
     audio, _ = _audio(model, config, batch * per_sequence, sizes)
     out = [audio]
-    if _accepts(model, "padding_mask") and audio.name == "input_values":  # VibeVoice
-        mask = torch.ones(audio.shape, dtype=torch.bool)
-        out.append(InputTensor("padding_mask", audio.shape, torch.bool, mask))
+    out.extend(_padding_mask(model, audio))
     if _accepts(model, "input_features_mask") and audio.name == "input_features":
-        frames = audio.shape[1] if len(audio.shape) == 3 and audio.shape[2] < audio.shape[1] \
-            else audio.shape[-1]
+        frames = _frames(config, audio)
         mask = torch.ones(batch * per_sequence, frames, dtype=torch.bool)
         out.append(InputTensor("input_features_mask", tuple(mask.shape), torch.bool, mask))
     return tuple(out)
+
+
+def _padding_mask(model: nn.Module, audio: InputTensor) -> tuple[InputTensor, ...]:
+    """The mask of real samples that waveform extractors return next to ``input_values``
+    (``padding_mask``, B x samples: all real), where the forward takes one."""
+    if not _accepts(model, "padding_mask") or audio.name != "input_values":
+        return ()
+    shape = (audio.shape[0], audio.shape[-1])
+    return (InputTensor("padding_mask", shape, torch.bool, torch.ones(shape, dtype=torch.bool)),)
 
 
 def _with_placeholders(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
@@ -1031,6 +1040,28 @@ def _flattened_patches(model: nn.Module, config: Any, sizes: Sizes) -> StepInput
     return StepInputs("image-text", tensors, tokens=target, target_len=target)
 
 
+def _aligned_audio(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
+                   specials: frozenset[int], count_tokens: Callable[..., int] | None
+                   ) -> StepInputs:
+    """A text stream aligned with the audio (Voxtral Realtime: each token's embedding is
+    summed with one audio embedding of ``audio_length_per_tok`` feature frames): ``seq_len``
+    tokens hear ``seq_len x audio_length_per_tok`` frames of 10 ms unless ``audio_seconds``
+    says otherwise; the text is as long as the model's ``get_audio_features`` makes the
+    audio."""
+    name = type(model).__name__
+    if count_tokens is None:
+        raise UnsupportedModelError(f"{name}: counting audio tokens needs a traced model")
+    if sizes.audio_seconds is None:
+        frames = sizes.seq_len * config.audio_length_per_tok
+        sizes = dataclasses.replace(sizes, audio_seconds=frames / FEATURE_FRAMES_PER_SECOND)
+    b = sizes.batch_size
+    media = _media(model, config, "audio", b, 1, sizes)
+    tokens = count_tokens("get_audio_features", _media(model, config, "audio", 1, 1, sizes))
+    ids = _tokens("input_ids", b, tokens, vocab, specials)
+    labels = InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids")
+    return StepInputs("audio-text", (ids, *media, labels), tokens=tokens)
+
+
 def _cross_attention_images(model: nn.Module, config: Any, sizes: Sizes, vocab: int,
                             specials: frozenset[int]) -> StepInputs:
     """A cross-attention vision-language model (Mllama, Llama-3.2-Vision): one placeholder
@@ -1168,6 +1199,37 @@ _FEATURE_SIZES = ("num_mel_bins", "feature_size", "input_feat_per_channel", "n_m
                   "feature_projection_input_dim", "input_dim", "num_mel_features")
 
 
+WAVEFORM_EXTRACTORS = {
+    "DacFeatureExtractor": 16_000, "DiaFeatureExtractor": 16_000,
+    "EncodecFeatureExtractor": 24_000, "KyutaiSpeechToTextFeatureExtractor": 24_000,
+    "OmniASRFeatureExtractor": 16_000, "PeAudioFeatureExtractor": 48_000,
+    "PocketTTSFeatureExtractor": 24_000, "VibeVoiceAcousticTokenizerFeatureExtractor": 24_000,
+    "WavTokenizerFeatureExtractor": 24_000,
+}
+"""Feature extractors whose ``input_values`` are mono waveforms with a channel axis,
+B x 1 x samples (with a ``padding_mask`` B x samples), and their sampling rates (Hz): what
+each returns for a clip under transformers 5.24 (codec-style extractors; ``Wav2Vec2``'s are
+B x samples at 16 kHz)."""
+
+CHANNELS_FIRST_EXTRACTORS = frozenset({
+    "WhisperFeatureExtractor", "Qwen3ASRFeatureExtractor", "VoxtralRealtimeFeatureExtractor",
+    "ClvpFeatureExtractor", "MossTranscribeDiarizeFeatureExtractor", "Dots3NoteFeatureExtractor",
+})
+"""Feature extractors whose filter-bank ``input_features`` are B x bins x frames (as Whisper's
+log-mel spectrogram); the others' are B x frames x bins (Kaldi-style: Speech2Text, Parakeet,
+SeamlessM4T). Measured by running each extractor of transformers 5.24 on a clip."""
+
+
+def feature_extractor(config: Any) -> str | None:
+    """The class name of the feature extractor transformers pairs with the config's model
+    type (``FEATURE_EXTRACTOR_MAPPING_NAMES``), or None."""
+    from transformers.models.auto import feature_extraction_auto
+
+    names = getattr(feature_extraction_auto, "FEATURE_EXTRACTOR_MAPPING_NAMES", {})
+    name = names.get(getattr(config, "model_type", None) or "")
+    return name if isinstance(name, str) else None
+
+
 def _audio_config(config: Any) -> Any:
     for name in _AUDIO_CONFIGS:
         sub = getattr(config, name, None)
@@ -1195,8 +1257,13 @@ def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[Inp
         frames = config.max_length
         return (InputTensor("input_values", (batch, frames, spectrogram), sizes.dtype),
                 frames / FEATURE_FRAMES_PER_SECOND)
+    extractor = feature_extractor(config)
     if main == "input_values" or (name is None and _accepts(model, "input_values")
                                   and not _accepts(model, "input_features")):
+        if extractor in WAVEFORM_EXTRACTORS:  # a codec's mono channel: B x 1 x samples
+            samples = max(1, round(seconds * WAVEFORM_EXTRACTORS[extractor]))
+            return (InputTensor(name or "input_values", (batch, 1, samples), sizes.dtype),
+                    seconds)
         samples = max(1, round(seconds * SAMPLE_RATE))
         return InputTensor(name or "input_values", (batch, samples), sizes.dtype), seconds
     if main != "input_features" and not _accepts(model, "input_features"):
@@ -1222,7 +1289,7 @@ def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[Inp
         )
     positions = getattr(audio, "max_source_positions", None)
     key = name or "input_features"
-    if isinstance(positions, int) and getattr(audio, "num_mel_bins", None) == bins:
+    if isinstance(positions, int) and _whisper_style(config, bins):
         # Whisper-style encoders take exactly 2 x max_source_positions frames (two convs)
         frames = 2 * positions
         if sizes.audio_seconds is not None and round(seconds * FEATURE_FRAMES_PER_SECOND) != frames:
@@ -1236,7 +1303,26 @@ def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[Inp
     window = getattr(audio, "n_window", None)
     if isinstance(window, int) and window > 0:  # Qwen3-ASR pads to whole 2 x n_window chunks
         frames = -(-frames // (2 * window)) * 2 * window
+    if extractor in CHANNELS_FIRST_EXTRACTORS:
+        return InputTensor(key, (batch, bins, frames), sizes.dtype), seconds
     return InputTensor(key, (batch, frames, bins), sizes.dtype), seconds
+
+
+def _whisper_style(config: Any, bins: int) -> bool:
+    """Whether the audio encoder is Whisper's: ``max_source_positions`` and ``num_mel_bins``
+    (the features' bins) in its config; it takes bins x (2 x max_source_positions) frames."""
+    audio = _audio_config(config)
+    return isinstance(getattr(audio, "max_source_positions", None), int) \
+        and getattr(audio, "num_mel_bins", None) == bins
+
+
+def _frames(config: Any, audio: InputTensor) -> int:
+    """Frames of filter-bank features B x frames x bins, or B x bins x frames where the
+    model's feature extractor lays them out so (:data:`CHANNELS_FIRST_EXTRACTORS`, Whisper)."""
+    if feature_extractor(config) in CHANNELS_FIRST_EXTRACTORS or _whisper_style(
+            config, audio.shape[1]):
+        return audio.shape[2]
+    return audio.shape[1]
 
 
 # -- helpers ---------------------------------------------------------------------------------
