@@ -132,6 +132,10 @@ TYPE_FIXES: dict[str, dict[str, Any]] = {
     # no audio placeholder in the default config, so no audio reaches the text model;
     # mistralai/Voxtral-Mini-3B-2507 places its audio at token 24 (as transformers' docstring)
     "voxtral": {"audio_token_id": 24},
+    # the Q-Former projector cross-attends to the speech encoder's output, 1024 wide
+    # (encoder hidden_dim), not 1408 (its BLIP-2 default), as in ibm-granite/granite-speech-3.3-2b
+    "granite_speech": {"projector_config": {"encoder_hidden_size": 1024}},
+    "granite_speech_plus": {"projector_config": {"encoder_hidden_size": 1024}},
 }
 """Config values taken from a published checkpoint where transformers' default config
 contradicts itself (an image its own vision tower cannot turn into the number of tokens the

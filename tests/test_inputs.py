@@ -400,6 +400,22 @@ def test_codec_style_waveforms_have_a_channel_axis_and_a_padding_mask():
     assert shapes["labels"][0] == (B, 5)  # CTC_LABELS_PER_SECOND
 
 
+def test_stacked_filter_bank_frames_as_the_extractor_stacks_them():
+    """Granite Speech 5's extractor puts each 80-mel frame next to its delta and stacks pairs:
+    vectors of 80 x 2 x 2 = 320 features, one per 20 ms."""
+    model = empty_model(_config(
+        "granite_speech5_ctc", "GraniteSpeech5ForCTC", vocab_size=32, pad_token_id=0,
+        encoder_config={"model_type": "granite_speech5_encoder", "vocab_size": 32,
+                        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 4, "num_mel_bins": 80,
+                        "head_dim": 16, "subsample_layers": [0, 1]},
+    ))
+    shapes = _inputs(estimate_memory(model, batch_size=B, audio_seconds=1.5))
+    # 1.5 s = 150 frames of 10 ms, stacked in pairs: 75 vectors
+    assert shapes["input_features"][0] == (B, 75, 320)
+    assert shapes["attention_mask"][0] == (B, 75)
+
+
 def test_voxtral_realtime_text_is_as_long_as_its_audio():
     """Voxtral Realtime sums each token's embedding with one audio embedding of
     audio_length_per_tok frames: seq_len tokens hear seq_len x 8 frames."""

@@ -136,3 +136,18 @@ def test_dropout_is_the_fused_kernel_with_a_bool_mask():
     seg = tracker.segments()[("embed", "fwd")]
     assert seg.net == 64 * 1024 * 2 + 64 * 1024 * 1  # bf16 output + bool mask
     assert y.dtype == torch.bfloat16
+
+
+def test_query_broadcast_over_a_batch_of_keys_takes_the_math_kernel():
+    """The fused kernels need one batch size for query, key and value
+    (``check_batch_size_and_num_heads_dense``); Granite Speech's Q-Former attends one set of
+    learned queries (batch 1) to every window of the audio (batch 100): the math kernel
+    broadcasts, so the output has the keys' batch."""
+    with fake_tensor_mode():
+        q = torch.empty(1, 4, 3, 16, dtype=torch.bfloat16)
+        kv = torch.empty(100, 4, 15, 16, dtype=torch.bfloat16)
+        assert sdpa_backend(q, kv, has_mask=False, enable_gqa=False, value=kv) == "math"
+        assert sdpa_backend(kv, kv, has_mask=False, enable_gqa=False, value=kv) == "flash"
+        with CudaKernels(torch.bfloat16):
+            out = F.scaled_dot_product_attention(q, kv, kv)
+        assert out.shape == (100, 4, 3, 16)

@@ -833,7 +833,8 @@ def _media(model: nn.Module, config: Any, modality: str, batch: int, per_sequenc
     audio, _ = _audio(model, config, batch * per_sequence, sizes)
     out = [audio]
     out.extend(_padding_mask(model, audio))
-    if _accepts(model, "input_features_mask") and audio.name == "input_features":
+    if _accepts(model, "input_features_mask") and audio.name == "input_features" and \
+            feature_extractor(config) not in PROJECTED_MASK_EXTRACTORS:
         frames = _frames(config, audio)
         mask = torch.ones(batch * per_sequence, frames, dtype=torch.bool)
         out.append(InputTensor("input_features_mask", tuple(mask.shape), torch.bool, mask))
@@ -1220,6 +1221,25 @@ log-mel spectrogram); the others' are B x frames x bins (Kaldi-style: Speech2Tex
 SeamlessM4T). Measured by running each extractor of transformers 5.24 on a clip."""
 
 
+STACKED_EXTRACTORS = {
+    "GraniteSpeechFeatureExtractor": (1, 2),
+    "GraniteSpeech5FeatureExtractor": (4, 2),
+    "FunAsrNanoFeatureExtractor": (7, 6),
+}
+"""Feature extractors that stack consecutive 10-ms frames into one feature vector:
+(width of a vector in the config's feature size, frames per vector). Granite Speech stacks
+pairs of 80-mel frames (its encoder's ``input_dim`` is the stacked 160); Granite Speech 5 each
+mel frame with its delta, then pairs (``num_mel_bins`` x 2 x 2); FunASR's low frame rate stacks
+7 frames every 6th (``num_stacked_frames`` x ``num_mel_bins``: 560). From each extractor's
+source in transformers 5.24 (``frame_stacking``, ``delta_expansion``, ``num_frames_lfr``,
+``stride_lfr``)."""
+
+
+PROJECTED_MASK_EXTRACTORS = frozenset({"GraniteSpeechFeatureExtractor"})
+"""Feature extractors whose ``input_features_mask`` marks the *projected* audio tokens, not
+the frames (Granite Speech: all true for a clip without padding, and optional): not fed."""
+
+
 def feature_extractor(config: Any) -> str | None:
     """The class name of the feature extractor transformers pairs with the config's model
     type (``FEATURE_EXTRACTOR_MAPPING_NAMES``), or None."""
@@ -1300,6 +1320,11 @@ def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[Inp
         return (InputTensor(key, (batch, bins, frames), sizes.dtype),
                 frames / FEATURE_FRAMES_PER_SECOND)
     frames = max(1, round(seconds * FEATURE_FRAMES_PER_SECOND))
+    if extractor in STACKED_EXTRACTORS:
+        width, stride = STACKED_EXTRACTORS[extractor]
+        stacked = getattr(audio, "num_stacked_frames", None)
+        bins *= stacked if isinstance(stacked, int) and stacked > 0 else width
+        frames = -(-frames // stride)
     window = getattr(audio, "n_window", None)
     if isinstance(window, int) and window > 0:  # Qwen3-ASR pads to whole 2 x n_window chunks
         frames = -(-frames // (2 * window)) * 2 * window

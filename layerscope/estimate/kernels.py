@@ -168,9 +168,16 @@ def sdpa_backend(
     (``check_head_dim_size_flash``); the memory-efficient kernel allows a value head size of
     its own (DeepSeek's multi-head latent attention: 192 for query/key, 128 for value).
 
+    Both fused kernels need query, key and value of one batch size
+    (``check_batch_size_and_num_heads_dense``); a query broadcast over a batch of keys (Granite
+    Speech's Q-Former: one set of learned queries for every window) takes the math kernel.
+
     Returns:
         ``"flash"``, ``"efficient"`` or ``"math"`` (PyTorch's ``sdp_utils.cpp`` order).
     """
+    batches = {query.shape[0], key.shape[0]} | ({value.shape[0]} if value is not None else set())
+    if query.dim() == 4 and len(batches) > 1:
+        return "math"
     head_dim = query.shape[-1]
     same_dims = head_dim == key.shape[-1] and (value is None or value.shape[-1] == head_dim)
     gqa = enable_gqa and key.shape[-3] != query.shape[-3]
