@@ -446,6 +446,7 @@ def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
         prepare_copy,
         step_inputs,
     )
+    from layerscope.estimate.trace import takes_use_cache
 
     def realize(specs: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -524,9 +525,11 @@ def _pipeline(folder: str, result: dict[str, Any]) -> None:
             state["memory"] = estimate_memory(state["model"], state["plan"], **settings())
         except EstimateError as exc:  # a vision-language model's images need a longer sequence
             found = re.search(r"use seq_len >= (\d+)", str(exc))
-            if found is None:
+            exact = re.search(r"use seq_len=(\d+)", str(exc))  # the one length it trains on
+            if found is None and exact is None:
                 raise
-            state["seq_len"] = result["seq_len"] = int(found.group(1)) + SEQ_LEN
+            state["seq_len"] = result["seq_len"] = (
+                int(found.group(1)) + SEQ_LEN if found else int(exact.group(1)) if exact else 0)
             state["memory"] = estimate_memory(state["model"], state["plan"], **settings())
 
     def time_() -> None:

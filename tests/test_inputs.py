@@ -181,6 +181,65 @@ def test_top1_routers_loop_over_the_experts_hit(model_type, architecture, fields
     assert e.peak_bytes > 0 and BALANCED_ROUTING in e.inputs.assumptions
 
 
+def test_canine_ids_are_unicode_code_points():
+    """CANINE has no vocabulary: it hashes Unicode code points into embedding buckets."""
+    model = empty_model(_config(
+        "canine", "CanineForSequenceClassification", hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, num_hash_buckets=64, num_hash_functions=4,
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=32)
+    ids = next(t for t in e.inputs.tensors if t.name == "input_ids")
+    assert ids.shape == (B, 32) and int(ids.value.max()) < 0x110000  # U+0000..U+10FFFF
+    assert _inputs(e)["labels"] == ((B,), torch.long)
+
+
+def test_reformer_trains_only_on_its_axial_grid():
+    """Reformer's axial position embeddings are an 8 x 4 grid here: a training batch must be
+    exactly 32 tokens long; inference takes a shorter one."""
+    model = empty_model(_config(
+        "reformer", "ReformerForSequenceClassification", hidden_size=64, attention_head_size=16,
+        num_attention_heads=4, attn_layers=["local", "lsh"], feed_forward_size=128,
+        axial_pos_shape=[8, 4], axial_pos_embds_dim=[16, 48], local_attn_chunk_length=8,
+        lsh_attn_chunk_length=8, max_position_embeddings=32, vocab_size=300, pad_token_id=0,
+    ))
+    with pytest.raises(EstimateError, match=r"exactly 32 tokens .* use seq_len=32"):
+        estimate_memory(model, batch_size=B, seq_len=16)
+    assert _inputs(estimate_memory(model, batch_size=B, seq_len=8 * 4))["input_ids"][0] == (B, 32)
+    assert estimate_memory(model, batch_size=B, seq_len=16, inference=True).peak_bytes > 0
+
+
+def test_hybrid_of_linear_attention_only_keeps_no_cache():
+    """Granite-MoE-hybrid's forward takes use_cache through **kwargs: a cache made from the
+    config would be asked its length by linear-attention layers only, and fail."""
+    model = empty_model(_config(
+        "granitemoehybrid", "GraniteMoeHybridForCausalLM", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=128,
+        layer_types=["linear_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=16,
+        mamba_d_state=16, mamba_chunk_size=16,
+    ))
+    assert estimate_memory(model, batch_size=B, seq_len=16).peak_bytes > 0
+
+
+def test_bf16_fft_is_refused_and_fp32_estimated():
+    model = empty_model(_config(
+        "fnet", "FNetForSequenceClassification", hidden_size=64, num_hidden_layers=2,
+        intermediate_size=128, vocab_size=300, pad_token_id=3, eos_token_id=2,
+    ))
+    with pytest.raises(UnsupportedModelError, match="no bfloat16 FFT.*precision='fp32'"):
+        estimate_memory(model, batch_size=B, seq_len=16, precision="bf16-mixed")
+    assert estimate_memory(model, batch_size=B, seq_len=16, precision="fp32").peak_bytes > 0
+
+
+def test_assisted_decoding_drafter_is_refused_with_the_reason():
+    model = empty_model(_config(
+        "gemma4_unified_assistant", "Gemma4UnifiedAssistantForCausalLM",
+        text_config={"model_type": "gemma4_unified_text", **TEXT}, backbone_hidden_size=64,
+    ))
+    with pytest.raises(UnsupportedModelError, match="drafter for assisted decoding"):
+        estimate_memory(model, batch_size=B, seq_len=16)
+
+
 # -- configs whose depth is a read-only property, hybrid stacks ----------------------------------
 @pytest.mark.parametrize("model_type, architecture, fields", [
     ("mamba", "MambaForCausalLM", dict(hidden_size=64, state_size=8, num_hidden_layers=2,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerscope.compat import fake_tensor_mode
+from layerscope.errors import UnsupportedModelError
 from layerscope.estimate.kernels import CudaKernels, flash_attention_forward, sdpa_backend
 from layerscope.estimate.trace import _Tracker
 
@@ -151,3 +152,13 @@ def test_query_broadcast_over_a_batch_of_keys_takes_the_math_kernel():
         with CudaKernels(torch.bfloat16):
             out = F.scaled_dot_product_attention(q, kv, kv)
         assert out.shape == (100, 4, 3, 16)
+
+
+def test_bfloat16_fft_is_refused_as_on_a_cuda_gpu():
+    """CUDA autocast does not cast FFTs and cuFFT has no bfloat16 kernel: FNet's FFT after its
+    bf16 projection fails on a GPU; an fp32 FFT runs."""
+    with fake_tensor_mode(), CudaKernels(torch.bfloat16):
+        x = torch.empty(2, 8, 16)
+        assert torch.fft.fftn(x, dim=(1, 2)).dtype == torch.complex64
+        with pytest.raises(UnsupportedModelError, match="no bfloat16 FFT"):
+            torch.fft.fftn(nn.Linear(16, 16)(x), dim=(1, 2))

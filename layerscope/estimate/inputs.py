@@ -207,6 +207,7 @@ class Sizes:
     image_size: int | None = None
     audio_seconds: float | None = None
     dtype: torch.dtype = torch.float32
+    training: bool = True
 
 
 def step_inputs(model: nn.Module, sizes: Sizes,
@@ -230,6 +231,12 @@ def step_inputs(model: nn.Module, sizes: Sizes,
     task = task_of(model)
     config = getattr(model, "config", None)
     b, s = sizes.batch_size, sizes.seq_len
+    if _accepts(model, "shared_kv_states") and not _accepts(model, "labels"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a drafter for assisted decoding: its forward reads the "
+            "main model's input embeddings and key/value states (shared_kv_states) and computes "
+            "no loss, so it has no training step of its own; estimate the main model"
+        )
     if task == "image-classification":
         if not _accepts(model, "pixel_values") and _accepts(model, "input_ids"):
             # ImageGPT: an image is a sequence of colour-cluster tokens
@@ -274,6 +281,14 @@ def step_inputs(model: nn.Module, sizes: Sizes,
         return _flattened_patches(model, config, sizes)  # not Kosmos-2.5: a decoder only
     vocab = _vocab(model, config)
     specials = _special_ids(config)
+    required = _training_length(config)
+    if sizes.training and required is not None and s != required:
+        raise EstimateError(
+            f"seq_len={s}: {type(model).__name__} trains only on sequences of exactly "
+            f"{required} tokens (its axial position embeddings: config.axial_pos_shape "
+            f"{tuple(getattr(config, 'axial_pos_shape', ()))} multiply to the length); use "
+            f"seq_len={required}"
+        )
     if task == "sequence-classification":
         eos = _eos_pooled(model, config)
         ids = _tokens("input_ids", b, s, vocab, specials, eos=eos)
@@ -314,6 +329,16 @@ def step_inputs(model: nn.Module, sizes: Sizes,
                           target_len=target)
     labels = InputTensor("labels", ids.shape, ids.dtype, same_as="input_ids")
     return StepInputs(task if task != "seq2seq" else "causal-lm", (ids, labels), tokens=s)
+
+
+def _training_length(config: Any) -> int | None:
+    """The one sequence length a model trains on, where it has one: Reformer's axial position
+    embeddings (``axial_pos_embds``) are a grid of ``axial_pos_shape`` that a training batch
+    must fill exactly (transformers raises otherwise; inference takes any shorter length)."""
+    shape = getattr(config, "axial_pos_shape", None)
+    if not getattr(config, "axial_pos_embds", False) or not isinstance(shape, (list, tuple)):
+        return None
+    return math.prod(int(d) for d in shape)
 
 
 def causal_lm_inputs(batch: int, seq_len: int, vocab: int) -> StepInputs:
@@ -371,14 +396,21 @@ def text_config(config: Any, decoder: bool = True) -> Any:
     return config
 
 
+UNICODE_CODE_POINTS = 0x110000
+"""Ids of a character-level model without a vocabulary (CANINE: ids are Unicode code points,
+U+0000 to U+10FFFF, hashed into ``num_hash_buckets`` embedding rows)."""
+
+
 def _vocab(model: nn.Module, config: Any) -> int:
     """Token ids range over the text config's ``vocab_size`` (the input embeddings' rows when
-    the config does not say)."""
+    the config does not say; Unicode code points where the model hashes them into buckets)."""
     vlm = getattr(config, "vlm_config", None)  # an action model's vision-language model
     for cfg in (text_config(config), config, *([text_config(vlm)] if vlm is not None else [])):
         vocab = getattr(cfg, "vocab_size", None)
         if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
             return vocab
+    if isinstance(getattr(config, "num_hash_buckets", None), int):
+        return UNICODE_CODE_POINTS
     emb = getattr(model, "get_input_embeddings", lambda: None)
     try:
         module = emb()

@@ -17,6 +17,10 @@ things that differ between CPU and CUDA behave as on CUDA:
   ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``; the chosen aten kernel then runs on
   fake tensors, so autograd saves exactly what that kernel saves (flash: output + fp32
   logsumexp; efficient: output + logsumexp + RNG state; math: the softmax matrix).
+* **FFTs.** CUDA autocast leaves ``torch.fft`` alone (not in its lists, unlike the CPU's and
+  XPU's) and cuFFT has no bfloat16 kernel (``promote_type_fft`` in ``SpectralOps.cpp``): a
+  bfloat16 FFT (FNet's token mixing after its bf16 projection) is refused with an
+  :class:`~layerscope.errors.UnsupportedModelError`, where the CPU would compute it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from layerscope.errors import UnsupportedModelError
 
 # CUDA autocast policy, aten/src/ATen/autocast_mode.cpp (names as __torch_function__ sees them).
 _LOWER_PRECISION = frozenset({
@@ -82,6 +88,14 @@ class CudaKernels(TorchFunctionMode):
                 args, kwargs = self._cast_all(args, kwargs, torch.float32, low_only=True)
         if name == "scaled_dot_product_attention":
             return cuda_sdpa(*args, **kwargs)
+        if name.startswith("fft_") and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dtype == torch.bfloat16:
+            raise UnsupportedModelError(
+                f"torch.fft.{name.removeprefix('fft_')} of a bfloat16 tensor: a CUDA GPU has no "
+                "bfloat16 FFT (cuFFT takes fp32, fp64 and fp16 at power-of-two sizes) and CUDA "
+                "autocast does not cast FFTs, so this model cannot train in bf16; estimate it "
+                "with precision='fp32'"
+            )
         if name == "dropout":
             return _fused_dropout(func, args, kwargs)
         if name in ("grouped_mm", "_grouped_mm") and _needs_grouped_fallback(args, kwargs):

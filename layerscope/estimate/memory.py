@@ -524,7 +524,7 @@ def input_sizes(setup: TrainingSetup) -> Sizes:
     return Sizes(
         batch_size=setup.batch_size, seq_len=setup.seq_len, target_len=setup.target_len,
         images=setup.images, image_size=setup.image_size, audio_seconds=setup.audio_seconds,
-        dtype=setup.precision_info.param_dtype,
+        dtype=setup.precision_info.param_dtype, training=not setup.inference,
     )
 
 
