@@ -475,6 +475,65 @@ def test_stacked_filter_bank_frames_as_the_extractor_stacks_them():
     assert shapes["attention_mask"][0] == (B, 75)
 
 
+def test_text_to_speech_codes_in_the_decoder():
+    """Dia writes audio as codes of 3 codebooks: decoder_input_ids B x T x 3 and labels one row
+    per codebook, B*3 x T, the layout of its loss."""
+    model = empty_model(_config(
+        "dia", "DiaForConditionalGeneration",
+        encoder_config={"model_type": "dia_encoder", "hidden_size": 64, "num_hidden_layers": 1,
+                        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16,
+                        "intermediate_size": 128, "vocab_size": 256},
+        decoder_config={"model_type": "dia_decoder", "hidden_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                        "intermediate_size": 128, "cross_num_attention_heads": 4,
+                        "cross_head_dim": 16, "cross_num_key_value_heads": 4,
+                        "cross_hidden_size": 64, "vocab_size": 40, "num_channels": 3,
+                        "max_position_embeddings": 64},
+        delay_pattern=[0, 1, 2],
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=32, target_len=20)
+    shapes = _inputs(e)
+    assert shapes["input_ids"][0] == (B, 32)
+    assert shapes["decoder_input_ids"][0] == (B, 20, 3)
+    assert shapes["labels"][0] == (B * 3, 20)
+    codes = next(t for t in e.inputs.tensors if t.name == "decoder_input_ids")
+    assert int(codes.value.max()) < 40
+
+
+def test_speech_to_text_codes_beside_the_text():
+    """Kyutai speech-to-text reads each frame's text token and its audio codes together:
+    input_ids B x S x (1 + num_codebooks), text labels B x S."""
+    model = empty_model(_config(
+        "kyutai_speech_to_text", "KyutaiSpeechToTextForConditionalGeneration",
+        codebook_vocab_size=65, vocab_size=300, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, ffn_dim=128,
+        num_codebooks=4, audio_bos_token_id=64, audio_pad_token_id=299, pad_token_id=3,
+        bos_token_id=1, max_position_embeddings=128, sliding_window=64,
+        codec_config={"model_type": "mimi", "hidden_size": 64, "num_filters": 64,
+                      "num_hidden_layers": 1, "intermediate_size": 128,
+                      "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16,
+                      "codebook_size": 64, "num_quantizers": 4, "upsample_groups": 64},
+    ))
+    e = estimate_memory(model, batch_size=B, seq_len=25)
+    shapes = _inputs(e)
+    assert shapes["input_ids"][0] == (B, 25, 1 + 4)
+    assert shapes["labels"][0] == (B, 25)
+    ids = next(t for t in e.inputs.tensors if t.name == "input_ids").value
+    assert int(ids[..., 1:].max()) < 65  # codes within one codebook
+
+
+def test_pop2piano_reads_spectrogram_frames_as_embeddings():
+    """Pop2Piano's extractor makes log-mel frames as wide as its T5 (d_model), 22050 / 1024
+    frames a second, which its encoder reads as input embeddings."""
+    model = empty_model(_config(
+        "pop2piano", "Pop2PianoForConditionalGeneration", vocab_size=300, d_model=64, d_kv=16,
+        d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    ))
+    shapes = _inputs(estimate_memory(model, batch_size=B, seq_len=16, audio_seconds=2.0))
+    assert shapes["input_features"][0] == (B, round(2.0 * 22_050 / 1_024), 64)  # 43 frames
+
+
 def test_voxtral_realtime_text_is_as_long_as_its_audio():
     """Voxtral Realtime sums each token's embedding with one audio embedding of
     audio_length_per_tok frames: seq_len tokens hear seq_len x 8 frames."""

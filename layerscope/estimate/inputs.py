@@ -255,6 +255,9 @@ def step_inputs(model: nn.Module, sizes: Sizes,
         else:
             media = (_pixel_values(model, config, b, sizes),)
         return StepInputs(task, (*media, _class_labels(config, b)))
+    if task == "speech-seq2seq" and not _accepts(model, "input_values") \
+            and not _accepts(model, "input_features"):
+        return _audio_codes(model, config, sizes)
     if task == "speech-seq2seq" and _accepts(model, "input_ids") and not _accepts(
             model, "decoder_input_ids"):
         task = "audio-text"  # a decoder-only LM that reads audio through placeholder tokens
@@ -1267,6 +1270,11 @@ source in transformers 5.24 (``frame_stacking``, ``delta_expansion``, ``num_fram
 ``stride_lfr``)."""
 
 
+EMBEDDING_EXTRACTORS = {"Pop2PianoFeatureExtractor": 22_050 / 1_024}
+"""Feature extractors whose frames are as wide as the model (``d_model``) and go to its
+encoder as input embeddings, and their frames per second: Pop2Piano's log-mel spectrogram of
+512 bins (its T5's width), hop 1024 at 22.05 kHz."""
+
 PROJECTED_MASK_EXTRACTORS = frozenset({"GraniteSpeechFeatureExtractor"})
 """Feature extractors whose ``input_features_mask`` marks the *projected* audio tokens, not
 the frames (Granite Speech: all true for a clip without padding, and optional): not fed."""
@@ -1334,6 +1342,13 @@ def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[Inp
                 break
         if bins:
             break
+    if bins is None and extractor in EMBEDDING_EXTRACTORS:
+        # frames as wide as the model, read as its encoder's input embeddings
+        width = getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
+        if isinstance(width, int):
+            frames = max(1, round(seconds * EMBEDDING_EXTRACTORS[extractor]))
+            return InputTensor(name or "input_features", (batch, frames, width), sizes.dtype), \
+                seconds
     if bins is None:
         raise UnsupportedModelError(
             f"{type(model).__name__}: the number of filter-bank features per frame is not in "
@@ -1363,6 +1378,59 @@ def _audio(model: nn.Module, config: Any, batch: int, sizes: Sizes) -> tuple[Inp
     if extractor in CHANNELS_FIRST_EXTRACTORS:
         return InputTensor(key, (batch, bins, frames), sizes.dtype), seconds
     return InputTensor(key, (batch, frames, bins), sizes.dtype), seconds
+
+
+def _audio_codes(model: nn.Module, config: Any, sizes: Sizes) -> StepInputs:
+    """A speech model that reads or writes audio as a neural codec's codes, one code per
+    codebook per frame, as its processor encodes them (the codec itself runs outside the
+    forward):
+
+    * text to codes (Dia): the text's ``input_ids`` B x S (bytes) to the encoder, the codes
+      ``decoder_input_ids`` B x T x C (C = the decoder config's ``num_channels``) and their
+      ``labels`` one row per codebook, B*C x T (its loss's layout);
+    * codes beside text (Kyutai speech-to-text): ``input_ids`` B x S x (1 + C), each frame's
+      text token then its C audio codes (``num_codebooks`` of ``codebook_vocab_size``), and the
+      text ``labels`` B x S; S = ``seq_len`` frames (12.5 a second for Mimi's codes).
+
+    Raises:
+        UnsupportedModelError: another audio layout.
+    """
+    b, s = sizes.batch_size, sizes.seq_len
+    name = type(model).__name__
+    decoder = getattr(config, "decoder_config", None)
+    channels = getattr(decoder, "num_channels", None)
+    if isinstance(channels, int) and _accepts(model, "decoder_input_ids"):
+        encoder = getattr(config, "encoder_config", None)
+        text_vocab = getattr(encoder, "vocab_size", None) or _vocab(model, config)
+        ids = _tokens("input_ids", b, s, text_vocab, ())
+        target = _target_len(config, sizes)
+        code_vocab = int(getattr(decoder, "vocab_size", 0))
+        codes = _tokens("decoder_input_ids", b * channels, target, code_vocab,
+                        _special_ids(decoder))
+        assert codes.value is not None  # _tokens gives values
+        value = codes.value.view(b, channels, target).transpose(1, 2).contiguous()
+        labels = _tokens("labels", b * channels, target, code_vocab, _special_ids(decoder))
+        return StepInputs("speech-seq2seq", (
+            ids, InputTensor("decoder_input_ids", (b, target, channels), torch.long, value), labels,
+        ), tokens=target, target_len=target)
+    books, book_vocab = getattr(config, "num_codebooks", None), getattr(
+        config, "codebook_vocab_size", None)
+    if isinstance(books, int) and isinstance(book_vocab, int) and not _accepts(
+            model, "decoder_input_ids"):
+        vocab = _vocab(model, config)
+        text = _tokens("input_ids", b, s, vocab, _special_ids(config))
+        codes = _tokens("codes", b, s * books, book_vocab, _special_ids(config))
+        assert text.value is not None and codes.value is not None  # _tokens gives values
+        value = torch.cat([text.value.unsqueeze(2), codes.value.view(b, s, books)], dim=2)
+        return StepInputs("speech-seq2seq", (
+            InputTensor("input_ids", (b, s, 1 + books), torch.long, value),
+            InputTensor("labels", (b, s), torch.long, text.value),
+        ), tokens=s)
+    raise UnsupportedModelError(
+        f"{name}: its forward takes neither input_values nor input_features, and its config "
+        "names no audio codes layout (decoder num_channels, or num_codebooks with "
+        "codebook_vocab_size)"
+    )
 
 
 def _whisper_style(config: Any, bins: int) -> bool:
