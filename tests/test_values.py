@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layerscope.errors import UnsupportedModelError
 from layerscope.estimate.values import (
+    ABOVE_THRESHOLD,
     BALANCED_ROUTING,
     RANDOM_DRAW,
     KnownConstants,
@@ -41,7 +42,7 @@ def test_what_activations_decide_is_refused_and_their_checks_pass():
         scores = hidden @ weight
         assert bool(~scores.isnan().any())  # a check on activations is taken to pass
         with pytest.raises(UnsupportedModelError, match=r"aten\.nonzero"):
-            torch.nonzero(scores > 0)
+            torch.nonzero(scores)
 
 
 def test_layerdrop_draws_never_skip_a_layer():
@@ -61,7 +62,7 @@ def test_written_with_something_unknown_forgets_the_value():
         weight = torch.empty(8, 1)
         known.know(weight, None)
         activation = torch.empty(6, 8) @ weight
-        mask.copy_(activation.squeeze(1) > 0)  # now it depends on the activation
+        mask.copy_(activation.squeeze(1).bool())  # now it depends on the activation
         assert known.value_of(mask) is None
 
 
@@ -113,3 +114,17 @@ def test_balanced_choice_spreads_picks_evenly():
     picks = balanced_choice(5, 2, 3)  # 5 rows, 2 picks of 3: 10 picks, 4 + 3 + 3
     assert picks.tolist() == [[0, 1], [2, 0], [1, 2], [0, 1], [2, 0]]
     assert torch.bincount(picks.flatten()).tolist() == [4, 3, 3]
+
+
+def test_thresholds_on_activations_are_taken_as_passed():
+    """BLT starts a patch at every byte whose entropy is above a threshold: taken as passed
+    everywhere, every one of the 10 bytes starts a patch."""
+    known = KnownValues()
+    with FakeTensorMode(), known:
+        weight = torch.empty(8, 1)
+        known.know(weight, None)
+        entropy = (torch.empty(2, 10, 8) @ weight).squeeze(-1)
+        starts = torch.arange(10).expand(2, 10)[entropy > 1.5]
+        kept = torch.arange(10).expand(2, 10)[~(entropy <= 1.5)]  # <= taken as passed too
+    assert starts.shape == (2 * 10,) and kept.shape == (0,)
+    assert known.assumptions == [ABOVE_THRESHOLD]

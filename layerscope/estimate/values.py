@@ -17,8 +17,9 @@ the real values, so the fake step takes the branch and the shapes the real step 
 changes for operators on other tensors: the mode only watches, so a step without data-dependent
 operators is traced exactly as without it.
 
-Three rules cover what the trace cannot know, the first two chosen so the estimate is of the
-step that uses the most memory, the third so it is of the step the model is trained for:
+Four rules cover what the trace cannot know, the first, second and fourth chosen so the
+estimate is of the step that uses the most memory, the third so it is of the step the model is
+trained for:
 
 * a uniform random draw (``torch.rand``, ``uniform_``) is taken at its upper end
   (:data:`RANDOM_DRAW`): LayerDrop, which skips a layer when a draw falls below its rate, never
@@ -32,7 +33,11 @@ step that uses the most memory, the third so it is of the step the model is trai
   train for and the load :mod:`~layerscope.estimate.experts` times; a sort's order is kept
   (ties). Models that route in a Python loop over the experts hit (JetMoE's ``tolist`` of
   expert sizes, Switch Transformers' and NLLB-MoE's ``nonzero``) are traced with that load
-  instead of being refused. A choice's *values* (the gates) stay unknown.
+  instead of being refused. A choice's *values* (the gates) stay unknown;
+* a threshold on activations (``>``, ``<``, ``>=``, ``<=`` of an unknown tensor) is taken as
+  passed everywhere (:data:`ABOVE_THRESHOLD`): where a model selects what to keep by a
+  threshold, it keeps everything (BLT starts a new patch at every byte whose entropy is above
+  its threshold: every byte is a patch, the longest sequence for its global transformer).
 
 Any other data-dependent operator on an activation is refused with an
 :class:`~layerscope.errors.UnsupportedModelError` that names the operator.
@@ -79,6 +84,10 @@ _CHOICES = {
     torch.ops.aten.topk.default, torch.ops.aten.argmax.default, torch.ops.aten.argmin.default,
     torch.ops.aten.sort.default, torch.ops.aten.sort.stable,
 }
+_THRESHOLDS = {torch.ops.aten.gt, torch.ops.aten.lt, torch.ops.aten.ge, torch.ops.aten.le}
+ABOVE_THRESHOLD = ("every threshold on activations taken as passed (e.g. each byte starts a "
+                   "patch where the model splits by entropy): the largest shapes")
+"""The note an estimate carries when a comparison of activations was taken as true."""
 _EMPTY = {
     torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like,
     torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
@@ -170,6 +179,13 @@ class KnownValues(TorchDispatchMode):
                 real = func(*tree_map(lambda t: _proxy(t, 0) if isinstance(t, torch.Tensor)
                                       else t, args), **kwargs)
             self._keep(out, real)
+            return out
+        if func.overloadpacket in _THRESHOLDS and not all_known and isinstance(out, torch.Tensor) \
+                and out.dtype == torch.bool and out.numel() <= MAX_KNOWN_ELEMENTS:
+            with disable_dispatch_modes():
+                self.know(out, torch.ones(out.shape, dtype=torch.bool))
+                if ABOVE_THRESHOLD not in self.assumptions:
+                    self.assumptions.append(ABOVE_THRESHOLD)
             return out
         if func in _CHOICES and not all_known:
             with disable_dispatch_modes():
