@@ -446,7 +446,6 @@ def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
         prepare_copy,
         step_inputs,
     )
-    from layerscope.estimate.trace import takes_use_cache
 
     def realize(specs: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

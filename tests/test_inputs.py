@@ -209,8 +209,8 @@ def test_reformer_trains_only_on_its_axial_grid():
 
 
 def test_hybrid_of_linear_attention_only_keeps_no_cache():
-    """Granite-MoE-hybrid's forward takes use_cache through **kwargs: a cache made from the
-    config would be asked its length by linear-attention layers only, and fail."""
+    """Granite-MoE-hybrid's forward takes use_cache only through **kwargs: a cache made from
+    the config would be asked its length by linear-attention layers only, and fail."""
     model = empty_model(_config(
         "granitemoehybrid", "GraniteMoeHybridForCausalLM", hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
@@ -218,7 +218,9 @@ def test_hybrid_of_linear_attention_only_keeps_no_cache():
         layer_types=["linear_attention", "linear_attention"], mamba_n_heads=8, mamba_d_head=16,
         mamba_d_state=16, mamba_chunk_size=16,
     ))
+    assert model.config.use_cache
     assert estimate_memory(model, batch_size=B, seq_len=16).peak_bytes > 0
+    assert model.config.use_cache  # set on the traced copy only
 
 
 def test_bf16_fft_is_refused_and_fp32_estimated():

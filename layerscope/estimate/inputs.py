@@ -363,11 +363,17 @@ def prepare_copy(model: nn.Module, sizes: Sizes) -> None:
       without one) and for an encoder-decoder, whose labels are shifted into decoder inputs
       with it;
     * the language of a model with per-language adapters (X-MOD: ``set_default_language``,
-      the first of ``config.languages``).
+      the first of ``config.languages``);
+    * no KV cache (``config.use_cache = False``) for a forward that reads it from the config
+      rather than from an argument (Granite-MoE-hybrid passes it on through ``**kwargs``;
+      a cache of linear-attention layers only cannot tell its length).
     """
     config = getattr(model, "config", None)
     if config is None:
         return
+    for cfg in {id(config): config, id(text_config(config)): text_config(config)}.values():
+        if getattr(cfg, "use_cache", False):
+            cfg.use_cache = False
     languages = getattr(config, "languages", None)
     if callable(getattr(model, "set_default_language", None)) and languages \
             and getattr(config, "default_language", None) is None:

@@ -444,7 +444,7 @@ def run_step(
         inputs = causal_lm_inputs(batch_size, seq_len, vocab_size)
     if inference:
         inputs = inputs.for_inference()
-    extra = {"use_cache": False} if takes_use_cache(model) else {}
+    extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
     tracker.ignore([*model.parameters(), *model.buffers()])
     kernels = CudaKernels(autocast_dtype)
     block_ids = {id(b): p for p, b in enumerate(blocks)}
@@ -577,23 +577,6 @@ def token_counter(model: nn.Module, mode: Any, autocast_dtype: torch.dtype | Non
             return count_features(out)
 
     return count
-
-
-def takes_use_cache(model: nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``use_cache``: by name, or through ``**kwargs`` it
-    passes on to its base model that does (Granite-MoE-hybrid: its cache would otherwise be
-    made from ``config.use_cache`` and its length asked of linear-attention layers only)."""
-    if _accepts(model, "use_cache"):
-        return True
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return False
-    base = getattr(model, "base_model", None)
-    return any(p.kind == p.VAR_KEYWORD for p in params) and isinstance(base, nn.Module) \
-        and base is not model and _accepts(base, "use_cache")
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
