@@ -221,6 +221,14 @@ def test_modules_to_save_train_a_copy_in_the_bases_dtype(llama):
     saved32 = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"],
                                                      modules_to_save=["lm_head"]), **fp32)
     assert saved32.gradient_bytes - plain32.gradient_bytes == _round(4 * V * H)
+    # DDP keeps a full replica: the same bf16 copy on each rank, not the adapters' fp32
+    ddp = {**kw, "distributed": "ddp", "num_gpus": 2}
+    plain_ddp = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"]), **ddp)
+    saved_ddp = estimate_memory(llama, lora=LoraConfig(r=4, target_modules=["q_proj"],
+                                                       modules_to_save=["lm_head"]), **ddp)
+    assert saved_ddp.weights_bytes - plain_ddp.weights_bytes == copy
+    assert saved_ddp.gradient_bytes - plain_ddp.gradient_bytes == copy
+    assert saved_ddp.optimizer_state_bytes - plain_ddp.optimizer_state_bytes == 2 * copy
 
 
 def test_a_names_plan(llama):

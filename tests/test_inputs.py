@@ -160,6 +160,9 @@ def test_routing_in_a_python_loop_is_traced_with_balanced_load():
     e = estimate_memory(model, batch_size=B, seq_len=16)
     assert e.peak_bytes > 0
     assert BALANCED_ROUTING in e.inputs.assumptions and BALANCED_ROUTING in e.inputs.describe()
+    # a sharded estimate traces its own step and says the same
+    ddp = estimate_memory(model, batch_size=B, seq_len=16, distributed="ddp", num_gpus=2)
+    assert BALANCED_ROUTING in ddp.inputs.assumptions
 
 
 @pytest.mark.parametrize("model_type, architecture, fields", [

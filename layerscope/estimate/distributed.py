@@ -183,7 +183,9 @@ def sharded_memory_of(setup: TrainingSetup) -> MemoryEstimate:
     result = _assemble(setup, trace, rep, states, pre.block_kinds, params)
     if setup.gradient_accumulation_steps > 1 and not setup.inference:
         result = _accumulated(setup, sharding, pre, trace, states, params, result, compute)
-    return dataclasses.replace(result, inputs=pre.inputs)  # what the step fed the model
+    # what the step fed the model, with the rules the trace took for activation-dependent shapes
+    inputs = pre.inputs and dataclasses.replace(pre.inputs, assumptions=trace.assumptions)
+    return dataclasses.replace(result, inputs=inputs)
 
 
 def _accumulated(
@@ -250,6 +252,9 @@ class StoredSizes:
     Attributes:
         trainable, frozen, adapter: bytes per element of trainable base parameters, frozen
             floating ones and LoRA adapters.
+        cast: DeepSpeed cast every floating tensor to ``adapter``'s size, peft's
+            ``modules_to_save`` copies too; otherwise each copy keeps the dtype of the module it
+            copies (peft upcasts tuner layers only), as on one GPU.
         packed: the id of each quantized weight of the full model -> its packed storage as
             ``(elements, bytes per element)``.
     """
@@ -257,6 +262,7 @@ class StoredSizes:
     trainable: int
     frozen: int
     adapter: int
+    cast: bool = False
     packed: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
@@ -272,10 +278,10 @@ def stored_sizes(setup: TrainingSetup, deepspeed: bool, param_dtype: torch.dtype
         remove_duplicate=False) if name in by_name}
     if deepspeed:
         size = int(dtype_bytes(param_dtype))
-        return StoredSizes(size, size, size, packed)
+        return StoredSizes(size, size, size, True, packed)
     return StoredSizes(int(dtype_bytes(setup.precision_info.param_dtype)),
                        int(dtype_bytes(setup.frozen_dtype)), int(dtype_bytes(setup.adapter_dtype)),
-                       packed)
+                       False, packed)
 
 
 def packed_weights(setup: TrainingSetup) -> dict[str, tuple[int, int]]:
@@ -322,6 +328,14 @@ def packed_resident(params: list[TensorInfo], num_blocks: int, sharding: Shardin
     return sum(rounded(p.numel * p.itemsize) for p in packed)
 
 
+def _adapter_size(p: torch.Tensor, pre: Prepared, sizes: StoredSizes) -> int:
+    """Bytes per element of a tensor peft adds: a ``modules_to_save`` copy in the dtype of the
+    module it copies (unless DeepSpeed cast everything), an adapter in the adapters' dtype."""
+    if id(p) in pre.saved_ids and not sizes.cast:
+        return p.element_size()
+    return sizes.adapter
+
+
 def _param_infos(pre: Prepared, sizes: StoredSizes, inference: bool) -> list[TensorInfo]:
     """Every tensor of the full model once, in registration order, each block's adapters after
     its own tensors (read from the reduced copy: a block has its kind's adapters); a quantized
@@ -337,8 +351,8 @@ def _param_infos(pre: Prepared, sizes: StoredSizes, inference: bool) -> list[Ten
         else:
             kept = pre.kept[position_of_kind[pre.kinds[block]]]
             found = [p for p in kept.parameters() if id(p) in pre.lora_ids]
-        return [TensorInfo(p.numel(), tuple(p.shape), sizes.adapter, not inference, block)
-                for p in found]
+        return [TensorInfo(p.numel(), tuple(p.shape), _adapter_size(p, pre, sizes),
+                           not inference, block) for p in found]
 
     out: list[TensorInfo] = []
     last: int | None = None
