@@ -68,6 +68,15 @@ def test_expert_loads_spread_like_random_routing():
     assert loads[-1] == pytest.approx(512 + 21.166 * 1.534, abs=0.1)
     assert loads[0] == pytest.approx(512 - 21.166 * 1.534, abs=0.1)
     assert experts.expert_loads(100, 1) == [100]
+    with pytest.raises(EstimateError, match="experts=0"):
+        experts.expert_loads(100, 0)
+
+
+def test_a_gemm_without_rows_is_refused():
+    from layerscope.estimate.roofline import gemm_seconds
+
+    with pytest.raises(EstimateError, match="m=0"):
+        gemm_seconds(1.0, 1e15, 0, 128, 128, 132, ragged="m")
 
 
 def test_uneven_loads_cost_tiles_in_grouped_gemms():

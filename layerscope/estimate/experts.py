@@ -119,8 +119,10 @@ def expert_loads(pairs: float, experts: int) -> list[float]:
     ``pairs``, up to the clamp at 0), so each expert's GEMM is tiled and timed on rows it could
     really get: 512 rows fill exactly four 128-row tiles, 530 need a fifth.
     """
-    if experts <= 1 or pairs <= 0:
-        return [pairs / max(experts, 1)] * max(experts, 1)
+    if experts < 1:
+        raise EstimateError(f"experts={experts!r} must be >= 1")
+    if experts == 1 or pairs <= 0:
+        return [pairs / experts] * experts
     p = 1 / experts
     sd = math.sqrt(pairs * p * (1 - p))
     z = NormalDist()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from layerscope.errors import EstimateError
 from layerscope.estimate.hardware import GPU
 from layerscope.setup import Precision
 
@@ -435,6 +436,8 @@ def gemm_seconds(flops: float, peak: float, m: float, n: int, k: float, sms: int
     """FLOP-bound time of a GEMM: its FLOPs over the busy SMs' share of ``peak``; on tensor
     cores, slower by :data:`UNALIGNED_GEMM_SPEED` when a dimension breaks 16-byte alignment
     (``ragged``: the dimension, ``"m"`` or ``"k"``, that only counts rows of a slice)."""
+    if m <= 0:
+        raise EstimateError(f"m={m!r}: a GEMM needs at least one row (empty ones have no kernel)")
     tiles, n_waves = waves(m, n, k, sms, batch)
     ok = not tensor_cores or _aligned_dims(m, n, k, element_bytes, ragged)
     flops *= tile_rows(m, ragged) / m

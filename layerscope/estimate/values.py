@@ -30,7 +30,9 @@ trained for:
   (a mixture-of-experts router's picks) — is the *balanced* one (:func:`balanced_choice`):
   row ``r``'s ``j``-th of ``k`` picks among ``n`` is ``(r * k + j) mod n``, so each expert
   receives ``tokens * top_k / num_experts`` rows, the load that routers' balancing losses
-  train for and the load :mod:`~layerscope.estimate.experts` times; a sort's order is kept
+  train for (the memory traced; the step time, :mod:`~layerscope.estimate.experts`, spreads
+  the rows as unevenly as random routing does, since a GEMM's time depends on its row count
+  and the peak memory barely does); a sort's order is kept
   (ties). Models that route in a Python loop over the experts hit (JetMoE's ``tolist`` of
   expert sizes, Switch Transformers' and NLLB-MoE's ``nonzero``) are traced with that load
   instead of being refused. A choice's *values* (the gates) stay unknown;
