@@ -437,15 +437,14 @@ def real_step(config: Any, class_name: str, seq_len: int) -> str | None:
     import torch
     import transformers
 
-    from layerscope.estimate.inputs import (
+    from layerscope.estimate.input_types import (
         Sizes,
         StepInputs,
         count_features,
         feature_arguments,
         features_function,
-        prepare_copy,
-        step_inputs,
     )
+    from layerscope.estimate.inputs import prepare_copy, step_inputs
 
     def realize(specs: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -504,9 +504,9 @@ class TrainingSetup:
         images: images per sequence of a vision-language model; their tokens count in
             ``seq_len``; 0 trains on text only. None: 1.
         image_size: pixels per image side; None: the vision config's ``image_size`` (models
-            that take any size: :data:`~layerscope.estimate.inputs.IMAGE_SIZE`).
+            that take any size: :data:`~layerscope.estimate.image_inputs.IMAGE_SIZE`).
         audio_seconds: seconds of audio per sample of a speech model; None: what the model
-            takes (Whisper: 30 s), else :data:`~layerscope.estimate.inputs.AUDIO_SECONDS`.
+            takes (Whisper: 30 s), else :data:`~layerscope.estimate.audio_inputs.AUDIO_SECONDS`.
 
     What each kind of model is fed is in :mod:`layerscope.estimate.inputs`.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from layerscope import TrainingSetup, UnsupportedModelError, empty_model, estimate_memory
-from layerscope.estimate.inputs import FLATTENED_PATCHES, TOKEN_BOX
+from layerscope.estimate.image_inputs import FLATTENED_PATCHES, TOKEN_BOX
 from layerscope.estimate.memory import step_inputs_of
 
 B = 2
@@ -187,7 +187,7 @@ def test_idefics_images_are_attended_through_a_mask_per_token():
 
 
 def test_instructblip_video_places_query_tokens_per_frame():
-    from layerscope.estimate.inputs import VIDEO_FRAMES
+    from layerscope.estimate.image_inputs import VIDEO_FRAMES
 
     queries = 4
     model = _model("instructblipvideo", "InstructBlipVideoForConditionalGeneration",
@@ -250,7 +250,7 @@ def test_molmo2_crops_and_the_patches_each_token_pools():
 def test_feature_arguments_the_inputs_lack_are_named():
     from torch import nn
 
-    from layerscope.estimate.inputs import required_arguments
+    from layerscope.estimate.input_types import required_arguments
 
     class Inner(nn.Module):
         def get_image_features(self, pixel_values, image_grids, pooling=None, **kwargs):

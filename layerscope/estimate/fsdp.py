@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from layerscope.errors import EstimateError, LayerscopeError
-from layerscope.estimate.inputs import StepInputs
+from layerscope.estimate.input_types import StepInputs
 from layerscope.estimate.sharding import Sharding
 from layerscope.estimate.trace import StepTrace, _Tracker, rounded, run_step
 

@@ -39,7 +39,8 @@ from layerscope.estimate.accumulation import (
 from layerscope.estimate.allocator import Op, StepEvents, build_ops, simulate_loop, step_events
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.hardware import GPU
-from layerscope.estimate.inputs import Sizes, StepInputs, prepare_copy, step_inputs, text_config
+from layerscope.estimate.input_types import Sizes, StepInputs, text_config
+from layerscope.estimate.inputs import prepare_copy, step_inputs
 from layerscope.estimate.optimizers import OPTIMIZERS, OptimizerMemory
 from layerscope.estimate.trace import (
     Replay,

@@ -42,14 +42,14 @@ from layerscope.compat import (
     unpacked_sequences,
 )
 from layerscope.errors import UnsupportedModelError
-from layerscope.estimate.inputs import (
+from layerscope.estimate.input_types import (
     InputTensor,
     StepInputs,
-    causal_lm_inputs,
     count_features,
     feature_arguments,
     features_function,
 )
+from layerscope.estimate.inputs import causal_lm_inputs
 from layerscope.estimate.kernels import CudaKernels
 from layerscope.estimate.values import KnownConstants, KnownValues
 
