@@ -33,7 +33,7 @@ Choices where a record leaves room (each printed with the point it affects):
   what most tools print); "GB" without a stated base is GiB (most scripts divide by 1024**3);
 - a sequence length given as ``<=L`` with truncation at ``L`` is ``L``: a run's peak is the
   peak of its longest batch, and Alpaca (the dataset of those runs) has samples beyond 512
-  tokens, so some batch is padded to ``L``;
+  tokens, so some batch is padded to ``L`` (unless the floor below contradicts it);
 - an unpacked record whose published figure is below what its stated batch and length must
   hold (:func:`stated_length_floor`, hand arithmetic) ran shorter batches than stated: not
   expressible, lengths unknown (never re-expressed at a length chosen to match);
@@ -681,28 +681,51 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
 
 def stated_length_floor(run: Run, params: int, config: dict[str, Any]) -> int | None:
     """Bytes per GPU that any step at the run's stated batch and length must hold, by hand
-    arithmetic and deliberately low (None when the config lacks the sizes): the parameters as
-    stored (2 bytes for a bf16 model, 4 for fp32, half a byte for a 4-bit base; divided by the
-    GPUs under FSDP or ZeRO-3) plus what every block keeps for backward, in bf16 -- its input
-    under checkpointing (layers x tokens x hidden x 2), else at least its MLP's gate and up
-    projections, which the SiLU-and-product's backward reads (layers x tokens x 2 x
-    intermediate x 2; one projection for an MLP that is not gated). Offloaded parameters
-    (``offload="params"``) count nothing."""
+    arithmetic and deliberately low (None when the config lacks the sizes), the sum of:
+
+    * the parameters as stored (2 bytes for a bf16 model, 4 for fp32, half a byte for a 4-bit
+      base; divided by the GPUs under FSDP or ZeRO-3; nothing when offloaded);
+    * under full fine-tuning with an AdamW (:data:`ADAM_STATES`), its two states per parameter
+      in the parameters' dtype (fp32 under mixed precision, where they follow the fp32
+      master), divided by the GPUs under FSDP and ZeRO; they exist from the first step on,
+      which the published peak of a run's steps includes; nothing when offloaded;
+    * what every block keeps for backward, in bf16: its input under checkpointing (layers x
+      tokens x hidden x 2), else at least its MLP's gate and up projections, which the
+      SiLU-and-product's backward reads (layers x tokens x 2 x intermediate x 2; one
+      projection for an MLP that is not gated);
+    * the loss: the causal-LM loss of transformers (every release) and of torchtune's
+      ``TransformerDecoder`` reads the logits in fp32 (``.float()``), and cross-entropy's
+      log-softmax keeps its fp32 output for backward while its input is still referenced, so
+      both are alive at once: 8 bytes per predicted token (tokens - one per row) and vocabulary
+      entry.
+    """
     layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
-    inter = config.get("intermediate_size")
-    if not (isinstance(layers, int) and isinstance(hidden, int) and isinstance(inter, int)):
+    inter, vocab = config.get("intermediate_size"), config.get("vocab_size")
+    if not all(isinstance(v, int) for v in (layers, hidden, inter, vocab)):
         return None
+    assert isinstance(layers, int) and isinstance(hidden, int) and isinstance(inter, int)
+    assert isinstance(vocab, int)
     per_param = (0.5 if run.quantization else
                  2 if run.precision in ("bf16-true", "16-true") or run.base_dtype else 4)
     shards = run.num_gpus if run.distributed in ("fsdp", "zero3") else 1
+    state_shards = run.num_gpus if run.distributed in ("fsdp", "zero1", "zero2", "zero3") else 1
     if run.offload == "params":  # the parameters live on the CPU
         per_param = 0
+    states = 0
+    if run.lora is None and run.optimizer in ADAM_STATES and run.offload is None:
+        states = int(params * 2 * (2 if run.precision in ("bf16-true", "16-true") else 4)
+                     / state_shards)
     tokens = run.batch_size * run.seq_len
     # a gated MLP (SwiGLU/GeGLU) keeps gate and up; any other keeps at least its activation's
     # input
     gated = 2 if config.get("model_type") in GATED_MLP else 1
     kept = hidden * 2 if run.gradient_checkpointing else gated * inter * 2
-    return int(params * per_param / shards) + layers * tokens * kept
+    loss = run.batch_size * (run.seq_len - 1) * vocab * 8
+    return int(params * per_param / shards) + states + layers * tokens * kept + loss
+
+
+ADAM_STATES = frozenset({"adamw", "adamw-fused", "adamw-hf"})
+"""Optimizers that keep two full-size states (``exp_avg``, ``exp_avg_sq``) per parameter."""
 
 
 GATED_MLP = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"})
@@ -714,7 +737,7 @@ def _contradicted(p: dict[str, Any], run: Run) -> str | None:
     """Why an unpacked record's stated length cannot be what ran, or None: its published
     figure is below :func:`stated_length_floor`, so its batches were shorter than stated and
     their lengths are unknown (a padded batch is as long as its longest sample)."""
-    if p["packing"] is not False or not isinstance(p["seq_len"], int):
+    if p["packing"] is not False:
         return None
     from layerscope.catalog import get_preset
 
@@ -725,8 +748,9 @@ def _contradicted(p: dict[str, Any], run: Run) -> str | None:
         run.num_gpus if run.summed else 1)
     if floor is None or floor <= per_gpu:
         return None
-    return (f"the stated {run.batch_size}x{run.seq_len} tokens cannot have run: parameters and "
-            f"the blocks' saved tensors alone are {floor / GB:.1f} GB > the published "
+    return (f"the stated {run.batch_size}x{run.seq_len} tokens cannot have run: parameters, "
+            f"optimizer states, the blocks' saved tensors and the loss's fp32 logits alone are "
+            f"{floor / GB:.1f} GB > the published "
             f"{per_gpu / GB:.1f} GB, so the unpacked batches were shorter (lengths unknown)")
 
 

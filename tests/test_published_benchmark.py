@@ -145,26 +145,40 @@ def test_the_floor_of_a_stated_length_is_hand_arithmetic() -> None:
     run = published.translate(record())
     assert isinstance(run, published.Run)
     config = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16,
-              "model_type": "llama"}
+              "vocab_size": 10, "model_type": "llama"}
     tiny = published.dataclasses.replace(run, batch_size=2, seq_len=4, precision="bf16-true",
                                          distributed="fsdp", num_gpus=2)
+    assert tiny.lora is not None  # adapters: no optimizer state for the base
     # 1000 bf16 parameters over 2 GPUs: 1000 B; no checkpointing: 2 layers x 8 tokens x gate
-    # and up (2 x 16) x 2 B = 1024 B
-    assert published.stated_length_floor(tiny, 1000, config) == 1000 + 1024
+    # and up (2 x 16) x 2 B = 1024 B; the loss: 2 rows x 3 predicted tokens x 10 x 8 B = 480 B
+    assert published.stated_length_floor(tiny, 1000, config) == 1000 + 1024 + 480
     # checkpointing keeps each block's input: 2 layers x 8 tokens x 8 x 2 B = 256 B
     ckpt = published.dataclasses.replace(tiny, gradient_checkpointing=True)
-    assert published.stated_length_floor(ckpt, 1000, config) == 1000 + 256
+    assert published.stated_length_floor(ckpt, 1000, config) == 1000 + 256 + 480
     # a 4-bit base is half a byte a parameter; one GPU keeps them all; fp32 is 4 bytes
     nf4 = published.dataclasses.replace(ckpt, quantization="nf4", distributed=None)
-    assert published.stated_length_floor(nf4, 1000, config) == 500 + 256
+    assert published.stated_length_floor(nf4, 1000, config) == 500 + 256 + 480
     fp32 = published.dataclasses.replace(ckpt, precision="32-true", distributed=None)
-    assert published.stated_length_floor(fp32, 1000, config) == 4000 + 256
+    assert published.stated_length_floor(fp32, 1000, config) == 4000 + 256 + 480
     assert published.stated_length_floor(ckpt, 1000, {"hidden_size": 8}) is None
+    assert published.stated_length_floor(ckpt, 1000, {**config, "vocab_size": None}) is None
     # an MLP that is not gated keeps one projection: 2 layers x 8 tokens x 16 x 2 B = 512 B
-    assert published.stated_length_floor(tiny, 1000, {**config, "model_type": "bert"}) == 1512
+    assert published.stated_length_floor(tiny, 1000, {**config, "model_type": "bert"}) == (
+        1000 + 512 + 480)
     # parameters offloaded to the CPU are not on the GPU
     off = published.dataclasses.replace(ckpt, offload="params")
-    assert published.stated_length_floor(off, 1000, config) == 256
+    assert published.stated_length_floor(off, 1000, config) == 256 + 480
+    # full fine-tuning with AdamW adds two states a parameter in its dtype, sharded:
+    # 1000 x 2 x 2 B / 2 GPUs = 2000 B in bf16; 1000 x 2 x 4 B / 2 = 4000 B under mixed precision
+    full = published.dataclasses.replace(ckpt, lora=None, optimizer="adamw")
+    assert published.stated_length_floor(full, 1000, config) == 1000 + 2000 + 256 + 480
+    mixed = published.dataclasses.replace(full, precision="bf16-mixed")
+    assert published.stated_length_floor(mixed, 1000, config) == 2000 + 4000 + 256 + 480
+    # ZeRO-2 shards the states, not the parameters; an optimizer without full states adds none
+    zero2 = published.dataclasses.replace(full, distributed="zero2")
+    assert published.stated_length_floor(zero2, 1000, config) == 2000 + 2000 + 256 + 480
+    sgd = published.dataclasses.replace(full, optimizer="sgd")
+    assert published.stated_length_floor(sgd, 1000, config) == 1000 + 256 + 480
 
 
 def test_an_unpacked_record_below_its_stated_lengths_floor_is_not_expressible() -> None:
