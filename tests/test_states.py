@@ -11,7 +11,13 @@ import pytest
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.sharding import DdpSettings, FsdpSettings, ZeroSettings, make_sharding
-from layerscope.estimate.states import TensorInfo, ddp_buckets, fsdp2_shard_numel, rank_states
+from layerscope.estimate.states import (
+    TensorInfo,
+    ddp_buckets,
+    fsdp2_shard_numel,
+    rank_states,
+    zero3_sub_groups,
+)
 
 
 def _model(trainable: bool = True) -> list[TensorInfo]:
@@ -95,6 +101,45 @@ def test_zero3_by_hand():
     # the head: the head's 1000 elements plus the last blocks kept for backward (3 * 200)
     assert s.head_extra == (3200, 3200 + 2048)
     assert s.optimizer_extra == max(1536 + 3072, 3072 + 3072)
+
+
+def test_zero3_sub_groups_close_once_full():
+    partitions = [250, 50, 3, 50, 3, 50, 3, 250]  # the model's partitions on 4 GPUs, in order
+    assert zero3_sub_groups(partitions, 10**9) == [659]  # sub_group_size covers the group
+    # 250 + 50 reaches 300 and closes; the rest, 3 + 50 + 3 + 50 + 3 + 250 = 359, closes last
+    assert zero3_sub_groups(partitions, 300) == [300, 359]
+    assert zero3_sub_groups(partitions, 0) == partitions  # every tensor a sub-group
+    assert zero3_sub_groups([], 300) == []
+
+
+def test_zero3_step_by_sub_group_and_fp64_norms():
+    def step(sub_group_size: int, optimizer: str) -> int:
+        sharding = make_sharding("zero3", 4, zero=ZeroSettings(reduce_bucket_size=1000,
+                                                               sub_group_size=sub_group_size))
+        return rank_states(_model(), num_blocks=3, sharding=sharding, optimizer=optimizer,
+                           compute_itemsize=2).optimizer_extra
+
+    # sub-groups [300, 359]: the larger flattened in bf16 (718 -> 1024) and cast to fp32
+    # (1436 -> 1536); adamw's foreach sqrt needs another fp32 copy (1536 + 1536)
+    assert step(300, "adamw-fused") == 1024 + 1536
+    assert step(300, "adamw") == 1536 + 1536
+    # one tensor per sub-group: the largest (250 elements) flattened and cast, 512 + 1024, is
+    # below the fp64 copy _get_norm_groups makes of it for the gradient norm: 2000 -> 2048
+    assert step(0, "adamw-fused") == 2048
+
+
+def test_zero3_on_one_gpu_gathers_nothing():
+    zero = ZeroSettings(reduce_bucket_size=1000, param_persistence_threshold=100)
+    s = _states("zero3", num_gpus=1, zero=zero)
+    # every partition is the whole tensor, and is what a module computes with: no persisted
+    # copy, no gathered blocks, head or embedding, no reduce-scatter copy of the bucket
+    assert s.weights == 2 * 2048 + 3 * (512 + 512)
+    assert s.forward_extra == s.backward_extra == (0, 0, 0)
+    assert s.embed_extra == s.head_extra == (0, 0)
+    # offloaded parameters: the GPU copy (``ds_tensor.to(device)``) is the gathered tensor
+    off = _states("zero3", num_gpus=1, offload="params", zero=zero)
+    assert off.forward_extra == (400,) * 3  # a block's (20 x 10) weight, once
+    assert off.embed_extra == (2000, 2000)
 
 
 def test_zero_offload():

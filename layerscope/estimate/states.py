@@ -291,6 +291,8 @@ def resident_tensors(params: Sequence[TensorInfo], *, num_blocks: int, sharding:
         return [] if offloaded else [rounded(fsdp2_shard_numel(p.shape, n) * p.itemsize) for p in params]
     if sharding.stage == 3:
         out = [] if offloaded else [rounded(ceil_div(p.numel, n) * p.itemsize) for p in params]
+        if n == 1 and not offloaded:  # a persisted tensor is its partition (no gather on one GPU)
+            return out
         return out + [rounded(p.numel * p.itemsize) for p in params
                       if p.numel <= sharding.zero.param_persistence_threshold]
     return [rounded(p.numel * p.itemsize) for p in params]
@@ -490,6 +492,27 @@ def zero_partition(numel: int, ranks: int) -> int:
     return ceil_div(numel, ZERO_ALIGNMENT * ranks) * ZERO_ALIGNMENT
 
 
+def zero3_sub_groups(partitions: Sequence[int], sub_group_size: int) -> list[int]:
+    """Elements of each ZeRO-3 optimizer sub-group, from the trainable tensors' partition sizes
+    (elements, in the optimizer's parameter order).
+
+    DeepSpeed's ``_create_fp16_sub_groups`` (``stage3.py``, v0.12) keeps the group whole when
+    ``sub_group_size`` covers it; otherwise it walks the parameters in order and closes a
+    sub-group as soon as it holds at least ``sub_group_size`` elements, the last one taking the
+    rest. A sub-group therefore overshoots ``sub_group_size`` by less than its last tensor, and
+    with ``sub_group_size=0`` every tensor is a sub-group of its own.
+    """
+    if sub_group_size >= sum(partitions):
+        return [sum(partitions)] if partitions else []
+    groups, current = [], 0
+    for numel in partitions:
+        current += numel
+        if current >= sub_group_size:
+            groups.append(current)
+            current = 0
+    return [*groups, current] if current else groups
+
+
 def _zero(
     params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool, recompute: bool = False,
@@ -509,6 +532,8 @@ def _zero(
         persisted = [p for p in params if p.numel <= z.param_persistence_threshold]
         weights = sum(rounded(ceil_div(p.numel, n) * md) for p in params)
         weights_gathered = sum(rounded(p.numel * md) for p in persisted)
+        if n == 1 and not offload_params:  # the partition is the tensor: nothing is gathered
+            weights_gathered = 0
         if offload_params:
             weights = 0
         weights += weights_gathered
@@ -517,9 +542,10 @@ def _zero(
                           optimizer_temporary=0, buffers=0, optimizer_extra=0, host=0,
                           trace_keeps_grads=False)
     master = rounded(part * 4)
-    if stage == 3:  # the optimizer steps one sub-group (<= sub_group_size elements) at a time
-        largest = max((ceil_div(p.numel, n) for p in trainable), default=0)
-        sub = min(part, z.sub_group_size + largest) if z.sub_group_size else part
+    largest_part = max((ceil_div(p.numel, n) for p in trainable), default=0)
+    if stage == 3:  # the optimizer steps one sub-group at a time
+        sub = max(zero3_sub_groups([ceil_div(p.numel, n) for p in trainable], z.sub_group_size),
+                  default=0)
     else:
         sub = part
     state, _ = _optimizer(optimizer, [(part, 4, (part,))])
@@ -541,11 +567,16 @@ def _zero(
         else:
             buffers += grad_buffer
             grads_gpu = grad_buffer
-            # _prepare_fp32_grad_for_sub_group: flatten (16-bit) then .to(fp32), then step
-            step = max(rounded(sub * md) + rounded(sub * 4), rounded(sub * 4) + temp)
+            # _get_norm_groups first: each gradient partition .double() for its norm, one at a
+            # time; then per sub-group _prepare_fp32_grad_for_sub_group: flatten (16-bit) then
+            # .to(fp32), then the optimizer on it
+            step = max(rounded(largest_part * 8), rounded(sub * md) + rounded(sub * 4),
+                       rounded(sub * 4) + temp)
         fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute,
                                                 offloaded=offload_params)
-        reduce_copy = bucket  # reduce_scatter_coalesced concatenates the bucket's partitions
+        # reduce_scatter_coalesced concatenates the bucket's partitions; one tensor that splits
+        # evenly (always, on one GPU) is reduced in place
+        reduce_copy = bucket if n > 1 else 0
         return RankStates(
             weights=weights, master_weights=master, gradients=grads_gpu, optimizer_state=state,
             optimizer_temporary=temp, buffers=buffers, optimizer_extra=step, host=host,
@@ -612,14 +643,23 @@ def _zero3_gathered(
     With ``offloaded`` parameters (``offload_param``), a gather first copies the rank's
     partition to the GPU and all-gathers from that copy (``all_gather_coalesced``:
     ``param.ds_tensor.to(device)`` into ``_dist_allgather_fn``), so the partition of the
-    largest tensor a part gathers is alive next to the gathered buffer (a whole tensor on one
-    GPU).
+    largest tensor a part gathers is alive next to the gathered buffer.
+
+    On one GPU nothing is all-gathered: ``all_gather_coalesced`` returns
+    ``_no_gather_coalesced``, whose ``NoGatherHandle`` sets ``param.data`` to
+    ``param.ds_tensor.data.to(device)`` (``partition_parameters.py``, v0.12): the partition
+    itself, or with ``offload_param`` its copy on the GPU, which is then the gathered tensor
+    (no second buffer). Measured on a CPU engine: ``benchmarks/zero3_cpu_probe.py``.
     """
     z = sharding.zero
     n = sharding.shard_size
+    if n == 1 and not offloaded:
+        return (0,) * num_blocks, (0,) * num_blocks, (0, 0), (0, 0)
 
     def staged(tensors: Sequence[TensorInfo]) -> int:
-        return ceil_div(max(p.numel for p in tensors), n) * md if offloaded and tensors else 0
+        if not offloaded or not tensors or n == 1:
+            return 0
+        return ceil_div(max(p.numel for p in tensors), n) * md
 
     big = [p for p in params if p.numel > z.param_persistence_threshold]
     per_block = [[p for p in big if p.block == i] for i in range(num_blocks)]
