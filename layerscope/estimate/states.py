@@ -575,8 +575,9 @@ def _zero(
         fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute,
                                                 offloaded=offload_params)
         # reduce_scatter_coalesced concatenates the bucket's partitions; one tensor that splits
-        # evenly (always, on one GPU) is reduced in place
-        reduce_copy = bucket if n > 1 else 0
+        # evenly (always, on one GPU) is reduced in place. One GPU with offloaded parameters
+        # keeps the copy: not measured (see _zero3_gathered)
+        reduce_copy = 0 if n == 1 and not offload_params else bucket
         return RankStates(
             weights=weights, master_weights=master, gradients=grads_gpu, optimizer_state=state,
             optimizer_temporary=temp, buffers=buffers, optimizer_extra=step, host=host,
@@ -645,11 +646,13 @@ def _zero3_gathered(
     ``param.ds_tensor.to(device)`` into ``_dist_allgather_fn``), so the partition of the
     largest tensor a part gathers is alive next to the gathered buffer.
 
-    On one GPU nothing is all-gathered: ``all_gather_coalesced`` returns
-    ``_no_gather_coalesced``, whose ``NoGatherHandle`` sets ``param.data`` to
-    ``param.ds_tensor.data.to(device)`` (``partition_parameters.py``, v0.12): the partition
-    itself, or with ``offload_param`` its copy on the GPU, which is then the gathered tensor
-    (no second buffer). Measured on a CPU engine: ``benchmarks/zero3_cpu_probe.py``.
+    On one GPU without ``offload_param`` nothing is gathered: ``all_gather_coalesced``
+    returns ``_no_gather_coalesced``, whose ``NoGatherHandle`` sets ``param.data`` to
+    ``param.ds_tensor.data.to(device)`` (``partition_parameters.py``, v0.12), the partition
+    itself (measured on a CPU engine: ``benchmarks/zero3_cpu_probe.py``). With
+    ``offload_param`` that ``.to`` is the tensor's one GPU copy in v0.12; the staged copy is
+    still counted there, as the estimate did before the measurement (not measured on CPU,
+    and older DeepSpeed releases may gather through the staged copy).
     """
     z = sharding.zero
     n = sharding.shard_size
@@ -657,9 +660,7 @@ def _zero3_gathered(
         return (0,) * num_blocks, (0,) * num_blocks, (0, 0), (0, 0)
 
     def staged(tensors: Sequence[TensorInfo]) -> int:
-        if not offloaded or not tensors or n == 1:
-            return 0
-        return ceil_div(max(p.numel for p in tensors), n) * md
+        return ceil_div(max(p.numel for p in tensors), n) * md if offloaded and tensors else 0
 
     big = [p for p in params if p.numel > z.param_persistence_threshold]
     per_block = [[p for p in big if p.block == i] for i in range(num_blocks)]
