@@ -12,15 +12,22 @@ layerscope's estimate (allocated bytes, exact sizes: no GPU allocator here) with
 components. Storages created by C++ outside the dispatcher (none expected at world size 1)
 are not seen.
 
-Needs DeepSpeed, which layerscope does not depend on: run in a separate environment, e.g.
-``DS_BUILD_OPS=0 DS_ACCELERATOR=cpu pip install deepspeed`` (0.12.6 needs small import fixes
-on torch 2.13 / numpy 2: its CPU accelerator's IPEX/oneCCL imports made optional and its
-backend set to gloo). Runs without a GPU::
+Needs DeepSpeed, which layerscope does not depend on (not in its dependencies or CI). Used:
+0.12.6 (Dec 2023), built from its sdist with ``DS_BUILD_OPS=0 DS_ACCELERATOR=cpu pip install
+--no-build-isolation --no-deps .`` after four import fixes for torch 2.13 / numpy 2 without
+Intel's extensions: ``accelerator/real_accelerator.py`` (both copies) without the
+``intel_extension_for_pytorch`` check; ``cpu_accelerator.py`` with ``oneccl_bindings_for_pytorch``
+optional and ``_communication_backend_name = 'gloo'``; ``elasticity/__init__.py`` with the
+``DSElasticAgent`` import in a try (torch moved ``log``); ``autotuning/scheduler.py`` with
+``BUFSIZE = 8192`` (numpy 2 removed it). This script patches the CPU accelerator's missing
+streams and its ``numactl``-based ``device_count`` at run time. Runs without a GPU::
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/zero3_cpu_probe.py [--steps 3]
 
-The optimizer is DeepSpeed's own, built from the config's ``{"type": "AdamW"}`` (FusedAdam on
-a GPU; on the CPU accelerator, whatever ``_configure_basic_optimizer`` builds there, printed).
+The optimizer is DeepSpeed's own, built from the config's ``{"type": "AdamW"}``: FusedAdam, on
+the CPU accelerator from its JIT-built CPU kernel (printed). ``--world-size N`` runs N ranks
+over gloo (rank 0 reports; each rank's memory is alike); ``--lora R`` trains peft LoRA adapters
+of rank R on every linear layer of the blocks (Qwen's recipe targets) over a frozen base.
 """
 
 from __future__ import annotations
@@ -33,9 +40,6 @@ from collections import Counter
 from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("LOCAL_RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")
 
@@ -44,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 MIB = 2**20
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _site() -> str:
@@ -179,6 +184,13 @@ def show(title: str, total: int, sites: Counter[str], top: int) -> None:
             print(f"   {b:>14,}  {b / MIB:9.2f} MiB  {site}")
 
 
+def lora_config(rank: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+
+
 def layerscope_estimate(args: argparse.Namespace, cfg: Any) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -192,11 +204,14 @@ def layerscope_estimate(args: argparse.Namespace, cfg: Any) -> None:
                         sub_group_size=args.sub_group_size,
                         reduce_bucket_size=h * h, prefetch_bucket_size=int(0.9 * h * h),
                         param_persistence_threshold=10 * h, max_live_parameters=10**9)
-    est = estimate_memory(model, batch_size=1, seq_len=args.seq_len, precision="bf16-mixed",
+    lora = {"lora": lora_config(args.lora)} if args.lora else {}
+    est = estimate_memory(model, batch_size=1, seq_len=args.seq_len, precision="bf16-mixed", **lora,
                           optimizer="adamw-fused", gradient_checkpointing=True,
                           gradient_accumulation_steps=args.accumulation,
-                          sharding=make_sharding(distributed="zero3", num_gpus=1, zero=zero))
-    print("\n== layerscope estimate_memory (zero3 x1, bf16-mixed, adamw-fused, ckpt)")
+                          sharding=make_sharding(distributed="zero3", num_gpus=args.world_size,
+                                                 zero=zero))
+    print(f"\n== layerscope estimate_memory (zero3 x{args.world_size}, bf16-mixed, adamw-fused, "
+          f"ckpt{f', lora {args.lora}' if args.lora else ''})")
     for f in ("peak_bytes", "peak_phase", "forward_peak_bytes", "backward_peak_bytes",
               "optimizer_peak_bytes", "weights_bytes", "master_weights_bytes", "gradient_bytes",
               "optimizer_state_bytes", "optimizer_temporary_bytes", "buffer_bytes", "held_bytes",
@@ -223,7 +238,23 @@ def main() -> None:
     ap.add_argument("--no-estimate", action="store_true")
     ap.add_argument("--events", type=int, default=0, metavar="BYTES",
                     help="also print, in order, every allocation and free of at least BYTES")
+    ap.add_argument("--world-size", type=int, default=1, help="ranks (processes, gloo)")
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="train LoRA adapters of this rank over a frozen base (0: full)")
     args = ap.parse_args()
+    if "RANK" not in os.environ:  # the launcher: one process per rank, rank 0 reports
+        import subprocess
+
+        children = []
+        for rank in range(args.world_size):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(args.world_size))
+            env.setdefault("MASTER_PORT", "29533")
+            out = None if rank == 0 else subprocess.DEVNULL
+            children.append(subprocess.Popen([sys.executable, *sys.argv], env=env, stdout=out,
+                                             stderr=out))
+        sys.exit(max(c.wait() for c in children))
+    rank = int(os.environ["RANK"])
 
     import deepspeed
     import torch.distributed as dist
@@ -232,7 +263,7 @@ def main() -> None:
     _patch_cpu_streams()
     cfg = qwen2_config(args)
     config = ds_config(args.hidden, args.accumulation, args.sub_group_size)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
     tracker = Tracker()
     with tracker:
         tracker.set_phase("init")
@@ -240,8 +271,14 @@ def main() -> None:
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.config.use_cache = False
+        if args.lora:  # as Qwen's finetune.py: peft over the loaded base, inputs require grad
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(args.lora))
+            model.enable_input_require_grads()
+        trainable = [p for p in model.parameters() if p.requires_grad]
         engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config,
-                                                       model_parameters=model.parameters())
+                                                       model_parameters=trainable)
         print(f"optimizer: {type(optimizer).__name__} over "
               f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__}")
         engine.train()
@@ -258,8 +295,13 @@ def main() -> None:
                 engine.step()
             print(f"step {step}: loss {loss.item():.4f}, live {tracker.total:,} B")
         tracker.set_phase("end")
+    if rank:
+        return
     n = sum(p.ds_numel for p in model.parameters())
-    print(f"\nparameters: {n:,} elements ({n * 2:,} B in bf16, {n * 4:,} B in fp32)")
+    t = sum(p.ds_numel for p in model.parameters() if p.requires_grad)
+    print(f"\nparameters: {n:,} elements ({n * 2:,} B in bf16, {n * 4:,} B in fp32), "
+          f"{t:,} trainable; adapters stored as "
+          f"{sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}")
     if args.events:
         print(f"\n== allocations (+) and frees (-) of at least {args.events:,} B, in order")
         sizes: dict[int, int] = {}
