@@ -96,10 +96,13 @@ def test_zero3_by_hand():
     assert s.master_weights == 3072  # 659 * 4 = 2636 -> 3072
     assert s.buffers == 2048 + 1536  # IPG bucket + gradient partition buffer (1318 -> 1536)
     assert s.gradients == 1536
-    # a block gathers its (20 x 10) weight: 400 bytes; backward adds the reduce-scatter copy
-    assert s.forward_extra == (400,) * 3 and s.backward_extra == (400 + 2048,) * 3
-    # the head: the head's 1000 elements plus the last blocks kept for backward (3 * 200)
-    assert s.head_extra == (3200, 3200 + 2048)
+    # a block gathers its (20 x 10) weight: 400 bytes, besides what stays gathered from earlier
+    # in forward until backward: every tensor here (far under the reuse distance), so the
+    # embedding (2000 B) and the blocks before (400 B each); backward adds the bucket's copy
+    assert s.forward_extra == (400 + 2000, 400 + 2000 + 400, 400 + 2000 + 800)
+    assert s.backward_extra == tuple(f + 2048 for f in s.forward_extra)
+    # the head: its 1000 elements plus the three blocks (3 * 200) and the embedding (1000)
+    assert s.head_extra == (5200, 5200 + 2048)
     assert s.optimizer_extra == max(1536 + 3072, 3072 + 3072)
 
 
@@ -128,6 +131,23 @@ def test_zero3_step_by_sub_group_and_fp64_norms():
     assert step(0, "adamw-fused") == 2048
 
 
+def test_zero3_keeps_what_is_reused_within_the_distance():
+    # an embedding and a head of 1e8 elements, three blocks of 1.5e8, on 2 GPUs, recomputed
+    params = [TensorInfo(10**8, (10**8,), 2, True, None)]
+    params += [TensorInfo(150 * 10**6, (150 * 10**6,), 2, True, i) for i in range(3)]
+    params.append(TensorInfo(10**8, (10**8,), 2, True, None))
+    sharding = make_sharding("zero3", 2, zero=ZeroSettings(prefetch_bucket_size=0))
+    s = rank_states(params, num_blocks=3, sharding=sharding, optimizer="adamw-fused",
+                    compute_itemsize=2, gradient_checkpointing=True)
+    # elements fetched between a block's forward and its recomputation: the rest of it, the
+    # head twice, the later blocks three times (forward, recomputation, backward), in 1e6:
+    # block 2: 150 + 200 = 350 -> kept; block 1: 150 + 200 + 450 = 800 -> kept;
+    # block 0: 150 + 200 + 900 = 1250 >= 1000 -> released, and so the embedding (3 * 450 + 200)
+    assert s.head_extra[0] == (100 + 150 + 150) * 10**6 * 2
+    # block 2's forward holds block 1 besides itself; blocks 0 and 1 hold nothing kept
+    assert s.forward_extra == (150 * 10**6 * 2, 150 * 10**6 * 2, 2 * 150 * 10**6 * 2)
+
+
 def test_zero3_on_one_gpu_gathers_nothing():
     zero = ZeroSettings(reduce_bucket_size=1000, param_persistence_threshold=100)
     s = _states("zero3", num_gpus=1, zero=zero)
@@ -148,8 +168,10 @@ def test_zero_offload():
     assert s.host == 1536 + 3072 + 6144 + 3072 + 8 * 512
     # a gather copies the rank's partition to the GPU first: a block's (20 x 10) weight gathers
     # 400 bytes from a 50-element (100-byte) copy; the head's 1000 elements from 250 (500 B)
-    assert s.forward_extra == (400 + 100,) * 3 and s.backward_extra == (400 + 100 + 2048,) * 3
-    assert s.head_extra == (3200 + 500, 3200 + 500 + 2048)
+    # (with the embedding and earlier blocks kept gathered, as in test_zero3_by_hand)
+    assert s.forward_extra == (400 + 100 + 2000, 400 + 100 + 2400, 400 + 100 + 2800)
+    assert s.backward_extra == tuple(f + 2048 for f in s.forward_extra)
+    assert s.head_extra == (5200 + 500, 5200 + 500 + 2048)
     assert s.embed_extra == (2000 + 500, 2000 + 500 + 2048)
     z2 = _states("zero2", offload="optimizer", zero=ZeroSettings(reduce_bucket_size=1000))
     # GPU staging buffer of the largest parameter: 1000 * 2 = 2000 -> 2048

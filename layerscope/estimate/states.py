@@ -683,14 +683,40 @@ def _zero3_gathered(
     root_sorted = sorted(root, key=lambda p: p.numel)
     embed = root_sorted[-1].numel * md if root_sorted else 0  # the embedding (or tied head)
     head = embed
-    kept, distance = 0, sum(p.numel for p in root)
-    for b in reversed(per_block):
-        distance += sum(p.numel for p in b)
-        if distance >= ZERO_MAX_REUSE_DISTANCE or kept + sum(p.numel for p in b) > cap:
+    head_n = head // md if md else 0
+    # Kept from forward into backward: a tensor is released after its module unless it is used
+    # again within ZERO_MAX_REUSE_DISTANCE elements fetched from the next module on
+    # (PartitionedParameterCoordinator.__params_to_release walks the trace). Between block i's
+    # forward and its next use come the rest of the block, the head in forward and again in
+    # backward, and each later block's backward: 3 passes with recomputation, else 2 (and
+    # twice the rest of block i).
+    passes = 3 if recompute else 2
+    sizes = [sum(p.numel for p in b) for b in per_block]
+    kept_blocks = [0] * num_blocks
+    kept = after = 0
+    for i in reversed(range(num_blocks)):
+        between = (passes - 1) * sizes[i] + 2 * head_n + passes * after
+        if between >= ZERO_MAX_REUSE_DISTANCE or kept + sizes[i] > cap:
             break
-        kept += sum(p.numel for p in b)
+        kept_blocks[i] = sizes[i]
+        kept += sizes[i]
+        after += sizes[i]
+    # the embedding (root tensors before the blocks, a tied head aside) is used again by its
+    # backward, which a trained embedding runs and which recomputation makes fetch (the
+    # trainer makes the embedding's output require grad for reentrant checkpointing): kept
+    # when everything between is under the distance. Measured: benchmarks/zero3_cpu_probe.py
+    first = next((k for k, p in enumerate(params) if p.block is not None), len(params))
+    before = {id(p) for p in params[:first]}
+    head_tensor = root_sorted[-1] if root_sorted else None
+    pre = sum(p.numel for p in root if id(p) in before and p is not head_tensor)
+    reused = recompute or any(p.trainable for p in root if id(p) in before)
+    kept_embed = pre if (pre and reused and kept + pre <= cap
+                         and passes * sum(sizes) + 2 * head_n < ZERO_MAX_REUSE_DISTANCE) else 0
+    held_before = [(sum(kept_blocks[:i]) + kept_embed) * md for i in range(num_blocks)]
+    blocks = [g + h for g, h in zip(blocks, held_before)]
+    backward = [g + h for g, h in zip(backward, held_before)]
     # max_live_parameters limits what is gathered ahead, never the tensor a module needs
-    head_live = max(head // md, min(head // md + kept, cap)) * md if md else 0
+    head_live = max(head_n, min(head_n + kept + kept_embed, cap)) * md if md else 0
     copy = staged(root_sorted[-1:])  # the embedding's (or tied head's) partition, gathered
     return (tuple(blocks), tuple(backward), (embed + copy, embed + copy),
             (head_live + copy, head_live + copy))
