@@ -637,9 +637,11 @@ def _zero3_gathered(
     not used again within ``stage3_max_reuse_distance`` gathered elements
     (``PartitionedParameterCoordinator.__params_to_release``): with gradient checkpointing a
     block's recomputation and its backward use the same parameters, so the whole block stays
-    gathered through its backward. Outside: the embedding, then the head; from the end of
-    forward to the start of backward the last blocks stay gathered while the elements gathered
-    after them stay under the reuse distance.
+    gathered through its backward. Outside: the embedding, then the head. From its forward to
+    its next use a block (or the embedding) stays gathered when the elements fetched in between
+    (the rest of it, the head in forward and backward, each later block's backward and
+    recomputation) stay under the reuse distance: the last blocks of a model whose head is
+    small, everything in a small model; those are held through the parts in between.
 
     With ``offloaded`` parameters (``offload_param``), a gather first copies the rank's
     partition to the GPU and all-gathers from that copy (``all_gather_coalesced``:
