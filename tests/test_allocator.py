@@ -386,3 +386,20 @@ def test_reserved_is_whole_segments_above_the_peak(tiny):
         # the fit verdict: reserved memory plus the CUDA context
         assert e.required_bytes() == e.reserved_bytes + CUDA_CONTEXT_BYTES
         assert e.fits(e.required_bytes()) and not e.fits(e.required_bytes() - 1)
+
+
+def test_optimizer_ops_run_in_their_order():
+    """A step that allocates 24 MiB and 12 MiB, frees the 24, then allocates 20 MiB: the 20
+    reuses the 24's cached segment (split, 4 MiB left), so 36 MiB are reserved, where the three
+    made at once (``optimizer_temporaries``) would reserve 56."""
+    step = StepEvents(ops=(), handles=0, leftover=())
+    ops = ((0, 24 * MiB), (1, 12 * MiB), (0, 0), (2, 20 * MiB), (1, 0), (2, 0))
+    loop = simulate_loop((), step, optimizer_ops=ops, cublas_workspace=0)
+    assert (loop.reserved_peak, loop.allocated_peak, loop.steps) == (36 * MiB, 36 * MiB, 2)
+    at_once = simulate_loop((), step, optimizer_temporaries=(24 * MiB, 12 * MiB, 20 * MiB),
+                            cublas_workspace=0)
+    assert at_once.reserved_peak == 56 * MiB
+    with pytest.raises(EstimateError, match="frees handle 0"):
+        simulate_loop((), step, optimizer_ops=((0, 0),))
+    with pytest.raises(EstimateError, match="unfreed"):
+        simulate_loop((), step, optimizer_ops=((0, MiB),))

@@ -16,6 +16,7 @@ from layerscope.estimate.states import (
     ddp_buckets,
     fsdp2_shard_numel,
     rank_states,
+    zero3_allocations,
     zero3_sub_groups,
 )
 
@@ -146,6 +147,29 @@ def test_zero3_keeps_what_is_reused_within_the_distance():
     assert s.head_extra[0] == (100 + 150 + 150) * 10**6 * 2
     # block 2's forward holds block 1 besides itself; blocks 0 and 1 hold nothing kept
     assert s.forward_extra == (150 * 10**6 * 2, 150 * 10**6 * 2, 2 * 150 * 10**6 * 2)
+
+
+def test_zero3_allocations_in_order():
+    sharding = make_sharding("zero3", 4, zero=ZeroSettings(
+        reduce_bucket_size=1000, param_persistence_threshold=100, sub_group_size=300))
+    init, step = zero3_allocations(_model(), sharding=sharding, optimizer="adamw-fused")
+    fused_state = 512 + 1536 + 1536  # step, exp_avg, exp_avg_sq of a 300- or 359-element tensor
+    assert init == [
+        (0, 512), (1, 512), (2, 512),  # the persisted biases, whole (20 B each)
+        (3, 1536),  # the flat bf16 partition: 659 * 2 = 1318
+        (4, 1024), (5, 1536), (4, 0),  # sub-group 300: a bf16 clone (600) cast to fp32 (1200)
+        (7, 1024), (8, 1536), (7, 0),  # sub-group 359: 718, then 1436
+        (10, 1536),  # a zero fp32 gradient of the largest sub-group (1436) ...
+        (11, fused_state), (12, fused_state),  # ... while each sub-group's states are made
+        (10, 0),
+        (14, 1536), (15, 2048),  # the gradient partition buffer (1318), the bucket (2000)
+    ]
+    # fp64 copies of each gradient partition for the norm: 250 * 8 = 2000, 50 * 8, 3 * 8
+    norms = [2048, 512, 512, 512, 512, 512, 512, 2048]
+    assert step[:16] == [op for i, b in enumerate(norms) for op in ((2 * i, b), (2 * i, 0))]
+    # per sub-group: flattened bf16 (600 or 718), its fp32 cast (1200 or 1436), freed in turn
+    assert step[16:] == [(16, 1024), (17, 1536), (16, 0), (17, 0),
+                         (20, 1024), (21, 1536), (20, 0), (21, 0)]
 
 
 def test_zero3_on_one_gpu_gathers_nothing():

@@ -487,6 +487,7 @@ def simulate_loop(
     *,
     optimizer_state: Sequence[int] = (),
     optimizer_temporaries: Sequence[int] = (),
+    optimizer_ops: Sequence[Op] = (),
     inference: bool = False,
     max_split_size: int | None = None,
     max_steps: int = MAX_STEPS,
@@ -498,7 +499,8 @@ def simulate_loop(
     (``build``) are allocated, then each step runs ``step``'s events; a training step
     then runs ``optimizer.step()`` (the first one creates ``optimizer_state``, block by block,
     while the gradients are alive; every one allocates ``optimizer_temporaries`` and frees
-    them) and ``zero_grad(set_to_none=True)`` (frees ``step.leftover``). Steps repeat until
+    them, then runs ``optimizer_ops``, ordered allocations and frees that must free all they
+    allocate) and ``zero_grad(set_to_none=True)`` (frees ``step.leftover``). Steps repeat until
     one ends with the cache as the previous one left it, or ``max_steps``.
     """
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -531,6 +533,16 @@ def simulate_loop(
             temporaries = [alloc.malloc(size) for size in optimizer_temporaries if size]
             for b in temporaries:
                 alloc.free(b)
+            made: dict[int, _Block] = {}
+            for h, size in optimizer_ops:
+                if size:
+                    made[h] = alloc.malloc(size)
+                elif h in made:
+                    alloc.free(made.pop(h))
+                else:
+                    raise EstimateError(f"optimizer_ops frees handle {h}, which it did not allocate")
+            if made:
+                raise EstimateError(f"optimizer_ops leave {len(made)} allocation(s) unfreed")
         for h in step.leftover:
             alloc.free(blocks[h])  # type: ignore[arg-type]
         state = (alloc.reserved, alloc.cache_state())

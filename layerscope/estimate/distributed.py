@@ -29,7 +29,13 @@ from torch import nn
 from layerscope.errors import EstimateError
 from layerscope.estimate.cache import model_cache
 from layerscope.estimate.sharding import Sharding
-from layerscope.estimate.states import RankStates, TensorInfo, rank_states, resident_tensors
+from layerscope.estimate.states import (
+    RankStates,
+    TensorInfo,
+    rank_states,
+    resident_tensors,
+    zero3_allocations,
+)
 from layerscope.estimate.trace import Replay, Segment, StepTrace, reduced_copy, replay, rounded, run_step
 from layerscope.units import dtype_bytes
 
@@ -485,9 +491,17 @@ def _reserved(
     build = build_ops([(size, False) for size in [*tensors, *buffers] if size])
     kept = [b for b in (states.master_weights, states.optimizer_state, states.buffers) if b]
     temporaries = [states.optimizer_extra] if states.optimizer_extra and not setup.inference else []
+    step_ops: list[tuple[int, int]] = []
+    if sharding.stage == 3 and sharding.offload is None and not setup.inference:
+        # DeepSpeed's own allocations in their order: the engine's initialisation, then each
+        # optimizer step's (zero3_allocations)
+        init, step_ops = zero3_allocations(params, sharding=sharding, optimizer=setup.optimizer)
+        build = build_ops([(size, False) for size in buffers if size])
+        build += tuple((h + len(build), size) for h, size in init)
+        kept, temporaries = [], []
     loop = simulate_loop(build, step_events(trace, block_kinds, setup.inference),
                          optimizer_state=kept, optimizer_temporaries=temporaries,
-                         inference=setup.inference)
+                         optimizer_ops=step_ops, inference=setup.inference)
     extra = segment_size(round_size(held)) if held else 0
     return max(peak, loop.reserved_peak + extra)
 

@@ -513,6 +513,72 @@ def zero3_sub_groups(partitions: Sequence[int], sub_group_size: int) -> list[int
     return [*groups, current] if current else groups
 
 
+def zero3_allocations(
+    params: Sequence[TensorInfo], *, sharding: Sharding, optimizer: str,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """DeepSpeed ZeRO-3's own GPU allocations in order, without offloading, as
+    :mod:`~layerscope.estimate.allocator` ops ``(handle, bytes)`` (``bytes == 0``: free): the
+    engine's initialisation, then one ``optimizer.step()``.
+
+    Initialisation (``stage3.py``, v0.12; the order measured by ``benchmarks/zero3_cpu_probe.py``
+    ``--events``): the frozen tensors' partitions (and, on several GPUs, the persisted tensors)
+    from ``zero.Init``; ``defragment`` then moves the trainable partitions to the host, empties
+    the cache and makes one flat 16-bit buffer; per sub-group a 16-bit clone cast to the fp32
+    master (``_create_fp32_partitions``); a zero fp32 gradient of the largest sub-group while
+    the optimizer makes each sub-group's states (``initialize_optimizer_states``); the gradient
+    partition buffer and the IPG bucket (``_setup_for_real_optimizer``).
+
+    A step: ``_get_norm_groups`` copies each gradient partition to fp64 for its norm, one at a
+    time; then per sub-group the flattened 16-bit gradients cast to fp32, the optimizer's
+    temporaries, and the fp32 gradient freed (``_release_sub_group``).
+    """
+    z = sharding.zero
+    n = sharding.shard_size
+    md = max((p.itemsize for p in params), default=2)
+    parts = [ceil_div(p.numel, n) for p in params if p.trainable and p.numel]
+    subs = zero3_sub_groups(parts, z.sub_group_size)
+    init: list[tuple[int, int]] = []
+
+    def make(ops: list[tuple[int, int]], nbytes: int) -> int:
+        ops.append((len(ops), rounded(nbytes)))
+        return len(ops) - 1
+
+    for p in params:
+        if not p.trainable and p.numel:
+            make(init, ceil_div(p.numel, n) * p.itemsize)
+    if n > 1:
+        for p in params:
+            if 0 < p.numel <= z.param_persistence_threshold:
+                make(init, p.numel * md)
+    if parts:
+        make(init, sum(parts) * md)
+        for sub in subs:
+            clone = make(init, sub * md)
+            make(init, sub * 4)
+            init.append((clone, 0))
+        zeros = make(init, max(subs) * 4)
+        for sub in subs:
+            state, _ = _optimizer(optimizer, [(sub, 4, (sub,))])
+            if state:
+                make(init, state)
+        init.append((zeros, 0))
+        make(init, sum(parts) * md)
+    if z.contiguous_gradients and z.reduce_bucket_size:
+        make(init, z.reduce_bucket_size * md)
+    step: list[tuple[int, int]] = []
+    for numel in parts:
+        step.append((make(step, numel * 8), 0))
+    for sub in subs:
+        flat = make(step, sub * md)
+        fp32 = make(step, sub * 4)
+        step.append((flat, 0))
+        _, temp = _optimizer(optimizer, [(sub, 4, (sub,))])
+        if temp:
+            step.append((make(step, temp), 0))
+        step.append((fp32, 0))
+    return init, step
+
+
 def _zero(
     params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool, recompute: bool = False,
