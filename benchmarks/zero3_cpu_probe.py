@@ -300,7 +300,7 @@ def main() -> None:
     n = sum(p.ds_numel for p in model.parameters())
     t = sum(p.ds_numel for p in model.parameters() if p.requires_grad)
     print(f"\nparameters: {n:,} elements ({n * 2:,} B in bf16, {n * 4:,} B in fp32), "
-          f"{t:,} trainable; adapters stored as "
+          f"{t:,} trainable, stored as "
           f"{sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}")
     if args.events:
         print(f"\n== allocations (+) and frees (-) of at least {args.events:,} B, in order")
