@@ -193,6 +193,8 @@ class Run:
     double_quant: bool = False  # bnb_4bit_use_double_quant
     zero: tuple[tuple[str, Any], ...] = ()  # DeepSpeed zero_optimization entries of the recipe
     context_bytes: int | None = None  # the CUDA context the source measured (None: default)
+    torchao: bool = False  # a torchao NF4 base (else bitsandbytes)
+    torchao_version: str | None = None  # its release (None: 0.3 or later)
 
     def features(self) -> list[str]:
         out = []
@@ -477,6 +479,18 @@ torch.float32)``, "to mimic DeepSpeed's casting": a bf16-loaded model then train
 sharded parameters, gradients and AdamW state and bf16 compute (``bf16-mixed``)."""
 
 
+TORCHTUNE_TORCHAO = {
+    # group -> (torchao version, source): the torchao a torchtune record's commit pinned
+    "torchtune_qlora_tutorial": ("0.1", (
+        "torchao 0.1: torchtune's pyproject.toml @0914d5cfb (2024-04-15, the tutorial's commit) "
+        "pins torchao==0.1 (tag v0.1, 2024-04-04), which quantizes each weight in one piece "
+        "(chunks came with pytorch/ao #196, 2024-05-01, in 0.2.0)")),
+}
+"""The torchao release a torchtune record ran, from the dependency pin at the record's commit:
+NF4 quantization's load-time temporaries and stored scale factors changed between releases
+(:mod:`layerscope.estimate.torchao`)."""
+
+
 PEFT_BASE_LAYER = "2023-12-06"
 """peft v0.7.0's release, the first whose ``LoraLayer.update_layer`` finds the base weight
 (``weight = getattr(self.get_base_layer(), "weight", None)``, then ``self.to(weight.device,
@@ -629,6 +643,14 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
     quant = None
     if re.search(r"(?i)nf4|4-bit", str(p["quant"])):
         quant = "nf4"
+    torchao, version = bool(quant and "torchao" in str(p["quant"])), None
+    if torchao:
+        version, why = TORCHTUNE_TORCHAO.get(
+            p["group"], (None, "torchao version not stated: 0.3 or later"))
+        assumptions.append(why)
+        if base_dtype is None and precision == "bf16-true":
+            base_dtype = "bf16"
+            assumptions.append("torchtune builds every parameter in the recipe's dtype (bf16)")
     accumulation = _accumulation(p)
     if accumulation is None:
         accumulation = 1
@@ -676,7 +698,7 @@ def translate(p: dict[str, Any]) -> Run | Verdict:
                bool(ckpt), lora, quant, base_dtype, lora_dtype, strategy, int(p["num_gpus"]),
                per_node, offload, accumulation, attn, gpu, stat, unit, summed,
                tuple(assumptions), orig_params, double_quant, zero,
-               context if where else None)
+               context if where else None, torchao, version)
 
 
 def stated_length_floor(run: Run, params: int, config: dict[str, Any]) -> int | None:
@@ -821,7 +843,11 @@ def settings(run: Run) -> dict[str, Any]:
     if run.quantization:
         from layerscope.quantization import Quantization
 
-        kw["quantization"] = Quantization(run.quantization, double_quant=run.double_quant)
+        if run.torchao:
+            kw["quantization"] = Quantization(run.quantization, library="torchao",
+                                              torchao_version=run.torchao_version)
+        else:
+            kw["quantization"] = Quantization(run.quantization, double_quant=run.double_quant)
     if run.base_dtype:
         kw["base_dtype"] = run.base_dtype
     if run.lora_dtype:
@@ -990,7 +1016,8 @@ def _setting(run: Run) -> str:
     if run.lora:
         parts.append(f"lora{run.lora.rank}")
     if run.quantization:
-        parts.append(run.quantization + ("+dq" if run.double_quant else ""))
+        parts.append(run.quantization + ("+dq" if run.double_quant else "") + (
+            f"(torchao {run.torchao_version or '0.3+'})" if run.torchao else ""))
     if run.distributed:
         fsdp1 = "(fsdp1)" if run.fsdp1_use_orig_params is not None else ""
         parts.append(f"{run.distributed}x{run.num_gpus}{fsdp1}")

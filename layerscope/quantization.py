@@ -17,6 +17,7 @@ costs is :mod:`layerscope.estimate.quant`'s; the step is traced with
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ dtype (``bfloat16`` is what FSDP needs to shard a 4-bit model with the other par
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """``bnb_4bit_compute_dtype`` values bitsandbytes can dequantise to."""
 
+LIBRARIES = ("bitsandbytes", "torchao")
+"""Who quantizes the base: ``bitsandbytes`` (transformers' ``from_pretrained`` with a
+``BitsAndBytesConfig``, the default) or ``torchao`` (its ``NF4Tensor``, as torchtune's QLoRA
+recipes build the model on the GPU: :mod:`layerscope.estimate.torchao`)."""
+
 INT8_THRESHOLD = 6.0
 """``llm_int8_threshold``, transformers' default: input columns with a value above it are
 multiplied in 16-bit (the outliers), the rest in int8."""
@@ -78,6 +84,13 @@ class Quantization:
         skip_modules: ``llm_int8_skip_modules`` (names or regexes of modules kept in full
             precision; replaces the defaults), or ``None`` for transformers' defaults.
         int8_threshold: ``llm_int8_threshold``.
+        library: :data:`LIBRARIES`: ``"bitsandbytes"`` (the default) or ``"torchao"``
+            (``NF4Tensor``, ``nf4`` only, always with its scalers quantized: ``double_quant``
+            is set; loaded as torchtune's single-device recipe loads it).
+        torchao_version: with ``library="torchao"``, the torchao release (``"0.1"``,
+            ``"0.2.0"``...): before 0.2 a weight is quantized in one piece, from 0.2 in chunks
+            of a million elements; before 0.3 each layer keeps its scale factors' full
+            intermediate (:mod:`layerscope.estimate.torchao`). ``None``: 0.3 or later.
     """
 
     method: str
@@ -86,6 +99,8 @@ class Quantization:
     quant_storage: torch.dtype | None = None
     skip_modules: tuple[str, ...] | None = None
     int8_threshold: float = INT8_THRESHOLD
+    library: str = "bitsandbytes"
+    torchao_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_TYPES:
@@ -93,6 +108,7 @@ class Quantization:
                 f"unknown quantization {self.method!r}; allowed: {', '.join(QUANT_TYPES)} or a "
                 "transformers BitsAndBytesConfig"
             )
+        self._check_library()
         if not isinstance(self.double_quant, bool):
             raise EstimateError(f"double_quant must be a bool, got {self.double_quant!r}")
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
@@ -117,9 +133,41 @@ class Quantization:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
             raise EstimateError(f"llm_int8_threshold must be a number >= 0, got {threshold!r}")
 
+    def _check_library(self) -> None:
+        if self.library not in LIBRARIES:
+            raise EstimateError(
+                f"quantization library must be one of {', '.join(LIBRARIES)}, got {self.library!r}"
+            )
+        version = self.torchao_version
+        if self.library != "torchao":
+            if version is not None:
+                raise EstimateError(
+                    f"torchao_version={version!r} needs library='torchao', got "
+                    f"library={self.library!r}"
+                )
+            return
+        if self.method != "nf4":
+            raise EstimateError(
+                f"library='torchao' quantizes to NF4 only (NF4Tensor), got method={self.method!r}"
+            )
+        if self.quant_storage not in (None, torch.uint8):
+            raise EstimateError(
+                "library='torchao' stores NF4 weights as uint8, got "
+                f"quant_storage={self.quant_storage!r}"
+            )
+        if version is not None and torchao_release(version) < (0, 1):
+            raise EstimateError(f"torchao_version must be 0.1 or later, got {version!r}")
+        object.__setattr__(self, "double_quant", True)  # NF4Tensor always quantizes its scalers
+
     @property
     def four_bit(self) -> bool:
         return self.method != "int8"
+
+    @property
+    def torchao_release(self) -> tuple[int, int]:
+        """``(major, minor)`` of ``torchao_version`` (``(0, 3)`` when not given: 0.3 and later
+        behave alike here)."""
+        return (0, 3) if self.torchao_version is None else torchao_release(self.torchao_version)
 
     @property
     def storage(self) -> torch.dtype:
@@ -128,8 +176,7 @@ class Quantization:
 
     def with_storage(self, storage: torch.dtype) -> Quantization:
         """The same with ``quant_storage`` set (a strategy that shards the packed weights)."""
-        return Quantization(self.method, self.double_quant, self.compute_dtype, storage,
-                            self.skip_modules, self.int8_threshold)
+        return dataclasses.replace(self, quant_storage=storage)
 
     @classmethod
     def of(cls, value: object) -> Quantization | None:
@@ -191,21 +238,40 @@ class Quantization:
 
     def replace_double_quant(self, double_quant: bool) -> Quantization:
         """The same with ``double_quant`` set (the command line's ``--double-quant``)."""
-        return Quantization(self.method, double_quant, self.compute_dtype, self.quant_storage,
-                            self.skip_modules, self.int8_threshold)
+        return dataclasses.replace(self, double_quant=double_quant)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: dtypes by their short torch names."""
-        return {
+        """JSON-ready: dtypes by their short torch names (the library only when not
+        bitsandbytes)."""
+        out: dict[str, Any] = {
             "method": self.method, "double_quant": self.double_quant,
             "compute_dtype": None if self.compute_dtype is None else _name(self.compute_dtype),
             "quant_storage": _name(self.storage),
             "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
         }
+        if self.library != "bitsandbytes":
+            out.update(library=self.library, torchao_version=self.torchao_version)
+        return out
 
     def describe(self) -> str:
-        """``"nf4"``, ``"nf4 + double quant"``, ``"int8"``."""
+        """``"nf4"``, ``"nf4 + double quant"``, ``"int8"``, ``"nf4 (torchao 0.1)"``."""
+        if self.library == "torchao":
+            return f"nf4 (torchao{'' if self.torchao_version is None else ' ' + self.torchao_version})"
         return self.method + (" + double quant" if self.double_quant else "")
+
+
+def torchao_release(version: object) -> tuple[int, int]:
+    """``(major, minor)`` of a torchao version string such as ``"0.1"`` or ``"0.2.0"``.
+
+    Raises:
+        EstimateError: not a string of the form ``MAJOR.MINOR[.PATCH]``.
+    """
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?", version) if isinstance(version, str) else None
+    if match is None:
+        raise EstimateError(
+            f"torchao_version must be a release such as '0.1' or '0.2.0', got {version!r}"
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 def _name(dtype: torch.dtype) -> str:

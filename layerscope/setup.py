@@ -646,6 +646,12 @@ class TrainingSetup:
         (``Int8Params`` is int8 storage, and its row scales are not a parameter to shard)."""
         sharding = self.sharding
         assert sharding is not None
+        if q.library == "torchao":
+            raise EstimateError(
+                f"quantization library='torchao' with distributed={sharding.distributed!r}: "
+                "only torchtune's single-device build is modelled; use one GPU or "
+                "library='bitsandbytes'"
+            )
         if not (sharding.is_fsdp or sharding.stage == 3):
             return q
         where = f"distributed={sharding.distributed!r}"
@@ -712,13 +718,15 @@ class TrainingSetup:
 
     @property
     def kbit_prepared(self) -> bool:
-        """Whether ``prepare_model_for_kbit_training`` ran (default: with a quantized base,
-        unless FSDP or ZeRO-3 shards it: TRL's ``SFTTrainer`` skips it for a sharded QLoRA
-        base, whose fp32 norms FSDP could not flatten with the 16-bit storage)."""
+        """Whether ``prepare_model_for_kbit_training`` ran (default: with a bitsandbytes
+        base, unless FSDP or ZeRO-3 shards it: TRL's ``SFTTrainer`` skips it for a sharded QLoRA
+        base, whose fp32 norms FSDP could not flatten with the 16-bit storage; torchtune, which
+        quantizes with torchao, keeps every parameter in the recipe's dtype)."""
         if self.prepare_kbit is None:
             sharding = self.sharding
             sharded = sharding is not None and (sharding.is_fsdp or sharding.stage == 3)
-            return self.quantization is not None and not sharded
+            q = self.quantization
+            return q is not None and q.library == "bitsandbytes" and not sharded
         return self.prepare_kbit
 
     @property

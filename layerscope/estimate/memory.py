@@ -599,6 +599,8 @@ def _trace_step(setup: TrainingSetup) -> _Step:
     # peft makes each adapter in its base weight's dtype (a quantized weight is not floating:
     # the adapter keeps the fp32 it was made in), then re-makes it in its own
     made = 4 if setup.quantization is not None else setup.frozen_dtype.itemsize
+    if setup.quantization is not None and setup.quantization.library == "torchao":
+        made = setup.adapter_dtype.itemsize  # torchtune makes them in the recipe's dtype
     build += [(h + len(build), size) for h, size in build_ops(
         (), [(rounded(n * made), rounded(n * b)) for n, b, _ in lora_tensors])]
     train_list = [
@@ -756,6 +758,8 @@ def _base_weights(setup: TrainingSetup, named: list[tuple[str, nn.Parameter]],
     from layerscope.estimate.quant import layer_storage, load_allocations
 
     q, model = setup.quantization, setup.model
+    if q is not None and q.library == "torchao":
+        return _torchao_base_weights(setup, named, is_trainable)
     layers = {f"{m.name}.weight": m for m in setup.quantized_layers}
     biases = {f"{m.name}.bias" for m in setup.quantized_layers if m.bias}
     trainable_bytes = setup.precision_info.param_dtype.itemsize
@@ -812,6 +816,60 @@ def _base_weights(setup: TrainingSetup, named: list[tuple[str, nn.Parameter]],
         if h is not None:
             ops.append((h, 0))
     return total, quantized, ops
+
+
+def _torchao_base_weights(setup: TrainingSetup, named: list[tuple[str, nn.Parameter]],
+                          is_trainable: dict[int, bool]) -> tuple[int, int, list[Op]]:
+    """:func:`_base_weights` for a torchao NF4 base: each parameter kept as the setup keeps it,
+    a quantized weight as ``NF4Tensor`` stores it, built and loaded as torchtune's recipe does
+    (:func:`~layerscope.estimate.torchao.torchtune_build_ops`: a template block, the embedding,
+    norm and head, the blocks as its copies, then the checkpoint, in the model config's dtype,
+    quantized again into every layer). A tied parameter counts once."""
+    from layerscope.estimate.quant import layer_storage
+    from layerscope.estimate.torchao import OpRecorder, torchtune_build_ops
+    from layerscope.quantization import config_dtype
+
+    q, model = setup.quantization, setup.model
+    assert q is not None
+    layers = {f"{m.name}.weight": m for m in setup.quantized_layers}
+    blocks_name, stack = _block_stack(setup.scan, model)
+    prefix = f"{blocks_name}." if blocks_name else None
+    blocks: list[list[tuple[int, int]]] = [[] for _ in stack]
+    others: list[int] = []
+    total = quantized = 0
+    seen: set[int] = set()
+    for name, p in named:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name in layers:
+            m = layers[name]
+            size = layer_storage(q, m.n_out, m.n_in).allocated_bytes
+            quantized += size
+            entry = (m.n_out * m.n_in, 0)
+        else:
+            kept = p.element_size()
+            if p.is_floating_point():
+                kept = (setup.precision_info.param_dtype if is_trainable[id(p)]
+                        else setup.frozen_dtype).itemsize
+            size = rounded(p.numel() * kept)
+            entry = (0, size)
+        total += size
+        index = name[len(prefix):].partition(".")[0] if prefix and name.startswith(prefix) else ""
+        if index.isdigit() and int(index) < len(blocks):
+            blocks[int(index)].append(entry)
+        elif entry[0]:
+            raise EstimateError(
+                f"library='torchao': {name} is quantized outside the block stack; torchtune's "
+                "build (a template block and its copies) is what is modelled"
+            )
+        else:
+            others.append(size)
+    buffers = [rounded(b.numel() * b.element_size()) for b in model.buffers()]
+    total += sum(buffers)
+    rec = OpRecorder()
+    torchtune_build_ops(rec, q, blocks, others, buffers, config_dtype(model))
+    return total, quantized, rec.ops
 
 
 def _lora_tensors(

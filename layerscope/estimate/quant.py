@@ -92,7 +92,12 @@ def linear8bit_storage(n_out: int, n_in: int) -> LayerStorage:
 
 
 def layer_storage(q: Quantization, n_out: int, n_in: int) -> LayerStorage:
-    """:func:`linear4bit_storage` or :func:`linear8bit_storage` for ``q``."""
+    """:func:`linear4bit_storage` or :func:`linear8bit_storage` for ``q`` (a torchao base:
+    :func:`~layerscope.estimate.torchao.nf4_storage`)."""
+    if q.library == "torchao":
+        from layerscope.estimate.torchao import nf4_storage
+
+        return nf4_storage(q, n_out, n_in)
     if q.four_bit:
         return linear4bit_storage(n_out, n_in, double_quant=q.double_quant,
                                   quant_storage=q.storage)
@@ -292,9 +297,16 @@ def dequant_bytes(q: Quantization, n_out: int, n_in: int, dtype: torch.dtype) ->
     under double quantisation ``dequantize_blockwise`` first reads the uint8 absmax and writes it
     in fp32, and the offset is added (read and written again). int8 (backward only):
     ``CB.to(dtype, copy=True)`` then ``mul_`` by the row scales (read and write again).
+    torchao: :func:`~layerscope.estimate.torchao.dequantize_bytes` (bf16), then a cast to
+    ``dtype`` when it is not bf16.
     """
     n = n_out * n_in
     s = dict(layer_storage(q, n_out, n_in).tensors)
+    if q.library == "torchao":
+        from layerscope.estimate.torchao import dequantize_bytes
+
+        nbytes, kernels = dequantize_bytes(n)
+        return nbytes + (n * (2 + dtype.itemsize) if dtype != torch.bfloat16 else 0), kernels
     if not q.four_bit:
         return float(n + n * dtype.itemsize + 2 * n * dtype.itemsize + 3 * s["SCB"]), 4.0
     nbytes = s["weight"] + s["absmax"] + n * dtype.itemsize
