@@ -239,3 +239,36 @@ def test_estimate_with_a_torchao_base(llama1024):
     assert new.weights_bytes - new.quantized_base_bytes >= 2 * embed_head
     with pytest.raises(EstimateError, match="library='torchao' with distributed='ddp'"):
         estimate_memory(llama1024, quantization=LATEST, distributed="ddp", num_gpus=2, **kw)
+
+
+def test_step_dequantizes_with_get_original_weight_and_saves_nothing():
+    """torchao's linear_nf4 on a 64 x 128 bf16 input, weight 256 x 128 (n = 32768)."""
+    from layerscope.compat import fake_tensor_mode
+    from layerscope.estimate.kernels import CudaKernels
+    from layerscope.estimate.torchao import LinearNF4
+    from layerscope.estimate.trace import _Tracker
+
+    layer = LinearNF4(128, 256, None)
+    mode = fake_tensor_mode()
+    with mode:
+        layer.weight = torch.empty(layer.weight.shape, dtype=torch.uint8)
+        x = torch.empty(64, 128, dtype=torch.bfloat16).requires_grad_()
+        grad = torch.empty(64, 256, dtype=torch.bfloat16)
+    tracker = _Tracker()
+    tracker.ignore([x, grad, layer.weight])
+    with mode, CudaKernels(None), tracker:
+        out = layer(x)
+        tracker.switch(("head", "bwd"))
+        torch.autograd.backward(out, grad)
+        tracker.switch(("head", "end"))
+    seg = tracker.segments()
+    fwd, bwd = seg[("embed", "fwd")], seg[("head", "bwd")]
+    n, blocks = 256 * 128, 256 * 128 // 64
+    # get_original_weight's highest point, at the stack: both int64 index halves (4n bytes
+    # each), both table lookups and both scaled halves (n bytes each: n/2 bf16), the scalers
+    # (2 * blocks), and the stacked bf16 weight (2n)
+    dequantized = 4 * n + 4 * n + n + n + 2 * blocks + n + n + 2 * n
+    assert dequantized == 459_776
+    out_bytes, grad_in = 64 * 256 * 2, 64 * 128 * 2
+    assert (fwd.high, fwd.net) == (dequantized, out_bytes)  # only the output stays
+    assert (bwd.high, bwd.net) == (dequantized, grad_in)  # dequantized again, then x.grad

@@ -227,7 +227,8 @@ def quantize_copy(
     loaded_dtype: torch.dtype, autocast: bool, packed_parameters: bool = False,
 ) -> set[int]:
     """Replace the modules ``names`` of ``model`` (a reduced copy: ``nn.Linear``/``Conv1D``, or
-    peft's LoRA layer wrapping one) by the stand-ins. Returns the ids of their bias parameters
+    peft's LoRA layer wrapping one) by the stand-ins (a torchao base: ``LinearNF4`` of
+    :mod:`layerscope.estimate.torchao`). Returns the ids of their bias parameters
     (bitsandbytes casts a bias to the input's dtype on the first forward and keeps it so).
     ``packed_parameters``: a 4-bit stand-in's packed weight is a frozen parameter, as
     ``Params4bit`` is, for a trace where FSDP shards and gathers it (else a buffer: the one-GPU
@@ -243,14 +244,19 @@ def quantize_copy(
         if bias is not None:
             biases.add(id(bias))
         stand_in: nn.Module
-        if q.four_bit:
+        if q.library == "torchao":
+            from layerscope.estimate.torchao import LinearNF4
+
+            stand_in = LinearNF4(n_in, n_out, bias)  # one GPU only (setup refuses sharding)
+        elif q.four_bit:
             stand_in = Linear4bit(n_in, n_out, bias, q, compute_dtype, loaded_dtype,
                                   packed_parameters)
         else:
             stand_in = Linear8bitLt(n_in, n_out, bias, q, loaded_dtype)
         if wrapper is not None:
             wrapper.base_layer = stand_in
-            wrapper.forward = types.MethodType(_lora_forward(autocast, q.four_bit), wrapper)
+            clone = q.four_bit and q.library == "bitsandbytes"  # torchtune's LoRALinear: none
+            wrapper.forward = types.MethodType(_lora_forward(autocast, clone), wrapper)
         else:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, stand_in)

@@ -33,14 +33,21 @@ commit 0914d5cfb, the QLoRA tutorial's) builds the model under the GPU device co
    to the GPU in the checkpoint's dtype, ``to_nf4`` converts it to bf16 and quantizes it, and
    the layer's five tensors are replaced (the old ones freed, in attribute order); other
    parameters are copied in place (a CPU-to-GPU copy converts on the host: nothing on the GPU).
+
+The step: ``linear_nf4`` (``LinearNF4``) dequantizes the whole weight with
+``get_original_weight`` before the forward matmul and again before the input-gradient matmul,
+and saves no activation (:class:`LinearNF4`, a stand-in for the traced step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
+from layerscope.compat import no_function_modes
 from layerscope.errors import EstimateError
 from layerscope.estimate.allocator import Op
 from layerscope.estimate.quant import LayerStorage
@@ -290,3 +297,71 @@ def torchtune_build_ops(
             data, scalers, factor, mean, table = made[i]
             rec.free(scalers, factor, mean, data, table)  # torchtune's attribute order
             made[i] = fresh
+
+
+# -- the step ---------------------------------------------------------------------------------
+def _original_weight(n_out: int, n_in: int) -> torch.Tensor:
+    """``get_original_weight`` on fake tensors: :func:`dequantize_ops`' allocations and frees;
+    returns the bf16 weight."""
+    n = n_out * n_in
+    blocks = n // BLOCK_SIZE
+    shifted = torch.empty((n // 2,), dtype=torch.uint8)
+    high = torch.empty((n // 2,), dtype=torch.int64)
+    del shifted
+    masked = torch.empty((n // 2,), dtype=torch.uint8)
+    low = torch.empty((n // 2,), dtype=torch.int64)
+    del masked
+    first, second = torch.empty((n // 2,), dtype=torch.bfloat16), torch.empty((n // 2,), dtype=torch.bfloat16)
+    divided = torch.empty((blocks,), dtype=torch.bfloat16)
+    scalers = torch.empty((blocks,), dtype=torch.bfloat16)
+    del divided
+    halves = []
+    for _ in range(2):
+        repeated = torch.empty((n // 2,), dtype=torch.bfloat16)
+        halves.append(torch.empty((n // 2,), dtype=torch.bfloat16))
+        del repeated
+    weight = torch.empty((n_out, n_in), dtype=torch.bfloat16)
+    del high, low, first, second, scalers, halves
+    return weight
+
+
+class _LinearNF4Function(torch.autograd.Function):
+    """torchao's ``LinearNF4``: ``F.linear(input, weight.to(input.dtype))``; backward
+    ``grad_output @ weight.to(grad_output.dtype)``; only the NF4 weight is kept (a ctx
+    attribute, already resident)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int]
+                ) -> torch.Tensor:
+        ctx.shape = shape
+        weight = _original_weight(*shape)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        with no_function_modes():  # a custom function's backward runs outside autocast
+            if not ctx.needs_input_grad[0]:
+                return None, None, None
+            weight = _original_weight(*ctx.shape)
+            if weight.dtype != grad.dtype:
+                weight = weight.to(grad.dtype)
+            return torch.matmul(grad, weight), None, None
+
+
+class LinearNF4(nn.Module):
+    """Stand-in for a frozen linear whose weight is a torchao ``NF4Tensor`` (torchtune's
+    ``LoRALinear(quantize_base=True)`` base): the packed weight as a uint8 buffer (counted
+    with the model's weights, not by the trace), the step as :class:`_LinearNF4Function`."""
+
+    def __init__(self, n_in: int, n_out: int, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.register_buffer(
+            "weight", torch.empty((n_out * n_in // 2, 1), dtype=torch.uint8, device="meta"))
+        self.bias = bias
+        self.shape = (n_out, n_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _LinearNF4Function.apply(x, self.bias, self.shape)  # type: ignore[no-untyped-call]
+        return out

@@ -296,11 +296,12 @@ class Walk:
     def lora_forward(self, g: Gemm, quantized: bool = False) -> None:
         """x.to(adapter dtype), A, B, * scaling, + base output, .to(output dtype); over a
         4-bit layer peft first clones the base output (``result = result.clone()``, the
-        "defensive clone" of its bitsandbytes ``Linear4bit``)."""
+        "defensive clone" of its bitsandbytes ``Linear4bit``; torchtune's ``LoRALinear`` over
+        a torchao base does not)."""
         w, ab, lb, r = self.w, self.prec.act_bytes, self.adapter_bytes, self.rank
         t = self.tokens * g.share
         q = self.traffic.quantization
-        if quantized and q is not None and q.four_bit:
+        if quantized and q is not None and q.four_bit and q.library == "bitsandbytes":
             w.stream(t * g.n_out * 2 * ab, 1)
         w.gemm(t, r, g.n_in, dtype_bytes=lb, matmul=self._adapter_matmul())
         w.gemm(t, g.n_out, r, dtype_bytes=lb, matmul=self._adapter_matmul())
