@@ -272,3 +272,18 @@ def test_step_dequantizes_with_get_original_weight_and_saves_nothing():
     out_bytes, grad_in = 64 * 256 * 2, 64 * 128 * 2
     assert (fwd.high, fwd.net) == (dequantized, out_bytes)  # only the output stays
     assert (bwd.high, bwd.net) == (dequantized, grad_in)  # dequantized again, then x.grad
+
+
+def test_report_names_the_torchao_base(llama1024):
+    from layerscope.render.console import base_text
+    from layerscope.setup import make_setup
+
+    setup = make_setup(llama1024, None, batch_size=1, seq_len=16, precision="bf16-true", lora=8,
+                       quantization=V01, base_dtype="bf16", lora_dtype="bf16")
+    assert base_text(setup.to_dict()) == (
+        "Base: nf4 (torchao 0.1, torchtune's build), loaded in bfloat16, adapters bfloat16")
+    bnb = make_setup(llama1024, None, batch_size=1, seq_len=16, precision="bf16-true", lora=8,
+                     quantization="nf4", base_dtype="bf16", lora_dtype="bf16")
+    assert base_text(bnb.to_dict()).startswith(
+        "Base: nf4 (compute bfloat16, storage uint8), loaded in bfloat16, "
+        "prepare_model_for_kbit_training")

@@ -61,8 +61,13 @@ def base_text(settings: Mapping[str, Any]) -> str | None:
     q = settings.get("quantization")
     if q is None:
         return None
-    parts = [f"{q['method']}{' + double quant' if q['double_quant'] else ''} "
-             f"(compute {q['compute_dtype']}, storage {q['quant_storage']})",
+    if q.get("library") == "torchao":  # NF4Tensor: its own layout and dequantization
+        version = q.get("torchao_version")
+        described = f"nf4 (torchao{'' if version is None else ' ' + version}, torchtune's build)"
+    else:
+        described = (f"{q['method']}{' + double quant' if q['double_quant'] else ''} "
+                     f"(compute {q['compute_dtype']}, storage {q['quant_storage']})")
+    parts = [described,
              f"loaded in {settings['base_dtype']}"]
     if settings.get("prepare_kbit"):
         parts.append("prepare_model_for_kbit_training (frozen norms, embeddings, head in fp32)")
