@@ -53,6 +53,7 @@ class Live:
     def __init__(self) -> None:
         self.live: dict[int, tuple[StorageWeakRef, str]] = {}
         self.peak, self.peak_at, self.peak_comp = 0, "", collections.Counter[str]()
+        self.peak_count = collections.Counter[str]()
         self.stack: list[str] = []
         self.phase = "state"
 
@@ -74,8 +75,10 @@ class Live:
         if total > self.peak:
             self.peak, self.peak_at = total, where
             self.peak_comp = collections.Counter()
+            self.peak_count = collections.Counter[str]()
             for key, n in sizes.items():
                 self.peak_comp[self.live[key][1]] += n
+                self.peak_count[self.live[key][1]] += 1
         return total
 
 
@@ -164,7 +167,8 @@ def with_lora(model: Any, args: argparse.Namespace) -> Any:
         model = get_peft_model(model, config, autocast_adapter_dtype=False)
     else:
         model = get_peft_model(model, config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    reentrant = {"use_reentrant": not args.non_reentrant}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
     return model
 
 
@@ -180,7 +184,8 @@ def measure(rank: int, args: argparse.Namespace) -> None:
         model = FullyShardedDataParallel(
             model, sharding_strategy=ShardingStrategy.FULL_SHARD,
             auto_wrap_policy=fsdp_auto_wrap_policy(model),
-            mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
+            mixed_precision=None if args.no_mixed_precision else MixedPrecision(
+                param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
             use_orig_params=False, device_id=torch.device("cpu"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -224,7 +229,13 @@ def measure(rank: int, args: argparse.Namespace) -> None:
                 by_kind[tuple(parts) if len(parts) == 2 else (parts[0], parts[2] or parts[1], parts[3])] += n
             for kind, n in by_kind.most_common(args.top):
                 print(f"  {n / MIB:10.3f} MiB  {' | '.join(kind)}")
-            estimate(cfg, args)
+            for tag, n in sorted(live.peak_comp.items(), key=lambda kv: -kv[1]):
+                if args.detail and args.detail in tag:
+                    print(f"    {n / MIB:8.3f} MiB in {live.peak_count[tag]:3d}  {tag}")
+            if os.environ.get("OLD"):  # layerscope needs the current peft: run without OLD for it
+                print("layerscope estimate: not run with OLD (it needs the installed peft)")
+            else:
+                estimate(cfg, args)
 
 
 def estimate(cfg: Any, args: argparse.Namespace) -> None:
@@ -273,6 +284,9 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--no-mixed-precision", action="store_true", help="FSDP1 without MixedPrecision")
+    ap.add_argument("--non-reentrant", action="store_true", help="use_reentrant=False checkpointing")
+    ap.add_argument("--detail", default="", help="also print every tag at the peak containing this text")
     ap.add_argument("--cache", default="/tmp/layerscope_qlora_probe",
                     help="where the tiny checkpoint is saved")
     args = ap.parse_args()
