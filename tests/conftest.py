@@ -74,3 +74,30 @@ def device(request: pytest.FixtureRequest) -> str:
 
 def flags(model: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def layer_step(layer: nn.Module, tokens: int, n_in: int, n_out: int,
+               x_dtype: torch.dtype = torch.bfloat16, autocast: torch.dtype | None = None
+               ) -> tuple[object, object, torch.Tensor]:
+    """Forward of ``layer`` (its meta buffers made fake) on a ``tokens x n_in`` input that needs
+    a gradient, then backward with a ``tokens x n_out`` gradient that exists beforehand, traced
+    as the estimator traces a step; returns the forward and backward segments and the input."""
+    from layerscope.compat import fake_tensor_mode
+    from layerscope.estimate.kernels import CudaKernels
+    from layerscope.estimate.trace import _Tracker
+
+    mode = fake_tensor_mode()
+    with mode:
+        for name, b in list(layer.named_buffers()):
+            setattr(layer, name, torch.empty(b.shape, dtype=b.dtype))
+        x = torch.empty(tokens, n_in, dtype=x_dtype).requires_grad_()
+        grad = torch.empty(tokens, n_out, dtype=x_dtype)
+    tracker = _Tracker()
+    tracker.ignore([x, grad, *layer.buffers()])
+    with mode, CudaKernels(autocast), tracker:
+        out = layer(x)
+        tracker.switch(("head", "bwd"))
+        torch.autograd.backward(out, grad)
+        tracker.switch(("head", "end"))
+    seg = tracker.segments()
+    return seg[("embed", "fwd")], seg[("head", "bwd")], x

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, layer_step
 
 from layerscope import estimate_memory
-from layerscope.compat import fake_tensor_mode
 from layerscope.errors import EstimateError
 from layerscope.estimate.bnb import Linear4bit, Linear8bitLt
-from layerscope.estimate.kernels import CudaKernels
-from layerscope.estimate.trace import _Tracker
 from layerscope.plan import FreezePlan
 from layerscope.quantization import Quantization
 from layerscope.setup import TrainingSetup
@@ -21,24 +18,8 @@ TOKENS, N_IN, N_OUT = 64, 128, 256
 
 
 def _step(layer, x_dtype=torch.bfloat16, autocast=None):
-    """Forward of ``layer`` (its meta buffers made fake) on a 64 x 128 input that needs a
-    gradient, then backward with a gradient that exists beforehand; returns the forward and
-    backward segments."""
-    mode = fake_tensor_mode()
-    with mode:
-        for name, b in list(layer.named_buffers()):
-            setattr(layer, name, torch.empty(b.shape, dtype=b.dtype))
-        x = torch.empty(TOKENS, N_IN, dtype=x_dtype).requires_grad_()
-        grad = torch.empty(TOKENS, N_OUT, dtype=x_dtype)
-    tracker = _Tracker()
-    tracker.ignore([x, grad, *layer.buffers()])
-    with mode, CudaKernels(autocast), tracker:
-        out = layer(x)
-        tracker.switch(("head", "bwd"))
-        torch.autograd.backward(out, grad)
-        tracker.switch(("head", "end"))
-    seg = tracker.segments()
-    return seg[("embed", "fwd")], seg[("head", "bwd")], x
+    """:func:`conftest.layer_step` on a 64 x 128 input into 256 outputs."""
+    return layer_step(layer, TOKENS, N_IN, N_OUT, x_dtype, autocast)
 
 
 def _linear4bit(q, compute=torch.bfloat16, loaded=torch.bfloat16):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import layer_step
 
 from layerscope.errors import EstimateError
 from layerscope.estimate.allocator import Op
@@ -243,26 +244,9 @@ def test_estimate_with_a_torchao_base(llama1024):
 
 def test_step_dequantizes_with_get_original_weight_and_saves_nothing():
     """torchao's linear_nf4 on a 64 x 128 bf16 input, weight 256 x 128 (n = 32768)."""
-    from layerscope.compat import fake_tensor_mode
-    from layerscope.estimate.kernels import CudaKernels
     from layerscope.estimate.torchao import LinearNF4
-    from layerscope.estimate.trace import _Tracker
 
-    layer = LinearNF4(128, 256, None)
-    mode = fake_tensor_mode()
-    with mode:
-        layer.weight = torch.empty(layer.weight.shape, dtype=torch.uint8)
-        x = torch.empty(64, 128, dtype=torch.bfloat16).requires_grad_()
-        grad = torch.empty(64, 256, dtype=torch.bfloat16)
-    tracker = _Tracker()
-    tracker.ignore([x, grad, layer.weight])
-    with mode, CudaKernels(None), tracker:
-        out = layer(x)
-        tracker.switch(("head", "bwd"))
-        torch.autograd.backward(out, grad)
-        tracker.switch(("head", "end"))
-    seg = tracker.segments()
-    fwd, bwd = seg[("embed", "fwd")], seg[("head", "bwd")]
+    fwd, bwd, _ = layer_step(LinearNF4(128, 256, None), 64, 128, 256)
     n, blocks = 256 * 128, 256 * 128 // 64
     # get_original_weight's highest point, at the stack: both int64 index halves (4n bytes
     # each), both table lookups and both scaled halves (n bytes each: n/2 bf16), the scalers
