@@ -128,6 +128,28 @@ def test_flat_settings_replace_the_sharding_s(llama):
     assert setup.replace(num_gpus=4).sharding.num_gpus == 4
 
 
+def test_reserved_simulation_gets_the_optimizer_allocation_by_allocation(llama, monkeypatch):
+    import layerscope.estimate.allocator as allocator
+
+    seen = {}
+    simulate = allocator.simulate_loop
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return simulate(*args, **kwargs)
+
+    monkeypatch.setattr(allocator, "simulate_loop", spy)
+    est = estimate_memory(llama, batch_size=1, seq_len=16, precision="bf16-true",
+                          sharding=make_sharding("fsdp", 4, fsdp=FsdpSettings(version=1)))
+    # a state pair and a foreach temporary per trainable tensor's local slice, not one block
+    trainable = sum(1 for p in llama.parameters() if p.requires_grad)
+    assert len(seen["optimizer_state"]) == 2 * trainable
+    assert sum(seen["optimizer_state"]) == est.optimizer_state_bytes
+    # the sharded gradients come from backward; the step adds only its temporaries
+    assert len(seen["optimizer_temporaries"]) == trainable
+    assert sum(seen["optimizer_temporaries"]) == est.optimizer_temporary_bytes
+
+
 def test_zero3_on_one_gpu_is_allowed(llama):
     est = estimate_memory(llama, batch_size=1, seq_len=16, distributed="zero3", num_gpus=1)
     assert est.num_gpus == 1 and est.master_weights_bytes == _round(4 * PARAMS)

@@ -74,6 +74,8 @@ def test_zero2_by_hand():
     assert s.extra("head", "bwd", None) == bucket + 1536 and s.extra("head", "fwd", None) == 0
     # step: partition grads + flat copy + fp32 cast = 1536 + 1536 + 3072, or fp32 + foreach sqrt
     assert s.optimizer_extra == max(1536 + 1536 + 3072, 3072 + 3072) == 6144
+    # what the step allocates beyond the partition grads backward left: the cast and the sqrt
+    assert s.step_blocks == (3072, 3072)
     assert not s.trace_keeps_grads
     assert part * 4 <= s.master_weights
 
@@ -254,6 +256,23 @@ def test_fsdp1_mixed_flat_parameters():
     root = 2048  # the root, kept gathered: 2000 -> 2048
     assert mixed.backward_extra[0] == root + 400_384 + 2 * 400_384 + 100_352
     assert apart.backward_extra[0] == root + 400_384 + 2 * 200_192 + 50_176
+
+
+def test_optimizer_blocks_as_the_optimizer_allocates_them():
+    # DDP: AdamW keeps a state pair per tensor and its foreach sqrt makes one temporary each
+    ddp = _states("ddp")
+    sizes = (2048, *(512,) * 6, 2048)  # embedding, three (weight, bias) blocks, head
+    assert ddp.state_blocks == tuple(b for size in sizes for b in (size, size))
+    assert ddp.step_blocks == sizes and sum(ddp.step_blocks) == ddp.optimizer_extra
+    # FSDP1 without use_orig_params steps each unit's flat shard: blocks 210 elements / 4 ->
+    # 53 * 2 B -> 512, the root 2000 / 4 -> 1000 B -> 1024
+    sharding = make_sharding("fsdp", 4, fsdp=FsdpSettings(version=1, use_orig_params=False))
+    flat = rank_states(_model(), num_blocks=3, sharding=sharding, optimizer="adamw",
+                       compute_itemsize=2)
+    assert flat.state_blocks == (512, 512, 512, 512, 512, 512, 1024, 1024)
+    # the sharded gradients are made in backward (they are in the extras), not by the step
+    assert flat.step_blocks == (512, 512, 512, 1024)
+    assert flat.optimizer_extra == flat.gradients + sum(flat.step_blocks)
 
 
 def test_inputs_are_checked():

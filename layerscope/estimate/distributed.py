@@ -429,8 +429,9 @@ def _assemble(
     parts = ["embed", "head", *block_kinds]
     if sharding.is_fsdp and sharding.fsdp.version == 2:  # its gathered storages are resized
         during = fsdp2_gathered(params, len(block_kinds), sharding, prec, "backward")
-    else:
-        during = max(rep.forward_extra, rep.backward_extra)
+    else:  # the most held at any moment: a segment, once reserved, stays reserved
+        during = max(rep.forward_extra, rep.backward_extra, *states.forward_extra,
+                     *states.backward_extra, *states.embed_extra, *states.head_extra)
     reserved = _reserved(setup, trace, states, params, block_kinds, peak, during)
     return MemoryEstimate(
         peak_bytes=peak,
@@ -489,8 +490,10 @@ def _reserved(
     buffers = [rounded(b.numel() * b.element_size()) for b in setup.model.buffers()]
     buffers += quant_state_sizes(setup)
     build = build_ops([(size, False) for size in [*tensors, *buffers] if size])
-    kept = [b for b in (states.master_weights, states.optimizer_state, states.buffers) if b]
-    temporaries = [states.optimizer_extra] if states.optimizer_extra and not setup.inference else []
+    state = states.state_blocks or (states.optimizer_state,)
+    kept = [b for b in (states.master_weights, *state, states.buffers) if b]
+    step = states.step_blocks or (states.optimizer_extra,)
+    temporaries = [b for b in step if b] if not setup.inference else []
     step_ops: list[tuple[int, int]] = []
     if sharding.stage == 3 and sharding.offload is None and not setup.inference:
         # DeepSpeed's own allocations in their order: the engine's initialisation, then each

@@ -105,6 +105,11 @@ class RankStates:
             that block's forward / backward (gathered parameters, buckets, sharded gradients
             so far); ``embed_extra`` and ``head_extra`` for the parts outside the blocks as
             ``(forward, backward)``.
+        state_blocks: ``optimizer_state`` allocation by allocation, as the optimizer makes it
+            (one state tensor per parameter tensor it steps); empty: one allocation.
+        step_blocks: what ``optimizer.step()`` allocates, all alive together, beyond what
+            backward left (sharded gradients made in backward are in the extras, not here);
+            empty: ``optimizer_extra`` as one allocation.
     """
 
     weights: int
@@ -120,6 +125,8 @@ class RankStates:
     backward_extra: tuple[int, ...] = ()
     embed_extra: tuple[int, int] = (0, 0)
     head_extra: tuple[int, int] = (0, 0)
+    state_blocks: tuple[int, ...] = ()
+    step_blocks: tuple[int, ...] = ()
 
     @property
     def persistent(self) -> int:
@@ -227,12 +234,20 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def _optimizer(name: str, tensors: Sequence[tuple[int, int, tuple[int, ...]]]) -> tuple[int, int]:
+    state, temp = _optimizer_blocks(name, tensors)
+    return sum(state), sum(temp)
+
+
+def _optimizer_blocks(
+    name: str, tensors: Sequence[tuple[int, int, tuple[int, ...]]]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The optimizer's state and step temporaries over ``tensors``, allocation by allocation."""
     if name not in OPTIMIZERS:
         raise EstimateError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
     if not tensors:
-        return 0, 0
+        return (), ()
     mem = OPTIMIZERS[name](tensors)
-    return mem.state, mem.temporary
+    return mem.state_blocks, mem.temporary_blocks
 
 
 def rank_states(
@@ -330,7 +345,8 @@ def _replicated(
     weights = sum(rounded(p.numel * p.itemsize) for p in params)
     train = [(p.numel, p.itemsize, p.shape) for p in params if p.trainable]
     grads = sum(rounded(n * b) for n, b, _ in train)
-    state, temp = (0, 0) if inference else _optimizer(optimizer, train)
+    state_blocks, temp_blocks = ((), ()) if inference else _optimizer_blocks(optimizer, train)
+    state, temp = sum(state_blocks), sum(temp_blocks)
     buckets = 0
     view = False
     if sharding.distributed == "ddp" and not inference:
@@ -339,7 +355,7 @@ def _replicated(
     return RankStates(
         weights=weights, master_weights=0, gradients=0 if inference else (buckets if view else grads),
         optimizer_state=state, optimizer_temporary=temp, buffers=buckets, optimizer_extra=temp,
-        host=0, trace_keeps_grads=not view,
+        host=0, trace_keeps_grads=not view, state_blocks=state_blocks, step_blocks=temp_blocks,
     )
 
 
@@ -374,7 +390,8 @@ def fsdp2_states(
         if p.trainable:
             units[p.block] = units.get(p.block, 0) + k * b
     grads = 0 if inference else sum(rounded(v) for v in units.values())
-    state, temp = (0, 0) if inference else _optimizer(optimizer, train)
+    state_blocks, temp_blocks = ((), ()) if inference else _optimizer_blocks(optimizer, train)
+    state, temp = sum(state_blocks), sum(temp_blocks)
     if sharding.offload == "params":
         return RankStates(
             weights=0, master_weights=0, gradients=0, optimizer_state=0, optimizer_temporary=0,
@@ -384,7 +401,7 @@ def fsdp2_states(
     return RankStates(
         weights=weights, master_weights=0, gradients=grads, optimizer_state=state,
         optimizer_temporary=temp, buffers=0, optimizer_extra=temp, host=0,
-        trace_keeps_grads=True,
+        trace_keeps_grads=True, state_blocks=state_blocks, step_blocks=temp_blocks,
     )
 
 
@@ -435,14 +452,23 @@ def _fsdp1(
         rounded(ceil_div(g * b, f * n)) if g else 0  # the flat gradient in the unit's dtype
         for g, b, f in zip(grad_numel, flat_bytes, flat)
     ]
-    # optimizer: use_orig_params gives it each trainable tensor's local slice
-    train = [(ceil_div(p.numel, n), p.itemsize, (ceil_div(p.numel, n),))
-             for p in params if p.trainable]
-    state, temp = (0, 0) if inference else _optimizer(optimizer, train)
+    # optimizer: use_orig_params gives it each trainable tensor's local slice, else each flat
+    # shard: a unit's, or an adapter's (peft's wrap policy makes each adapter a unit)
+    pieces = [[p] for p in params if p.trainable]
+    if not cfg.use_orig_params:
+        pieces = []
+        for u in units:
+            trained = [p for p in u if p.trainable]
+            pieces += [trained] if trained and len(trained) == len(u) else [[p] for p in trained]
+    shards = [(ceil_div(sum(p.numel for p in piece), n), piece[0].itemsize) for piece in pieces]
+    train = [(k, b, (k,)) for k, b in shards]
+    state_blocks, temp_blocks = ((), ()) if inference else _optimizer_blocks(optimizer, train)
+    state, temp = sum(state_blocks), sum(temp_blocks)
     host = 0
     if sharding.offload == "params":  # CPUOffload: shards, their gradients and the optimizer
         host = weights + sum(sharded_grad) + state + temp
         weights, state, temp = 0, 0, 0
+        state_blocks, temp_blocks = (), ()
 
     if sharding.offload == "params":  # sharded gradients go to the CPU as they are reduced
         sharded_grad = [0] * len(sharded_grad)
@@ -478,6 +504,7 @@ def _fsdp1(
         weights=weights, master_weights=0, gradients=sharded_total, optimizer_state=state,
         optimizer_temporary=temp, buffers=0, optimizer_extra=sharded_total + temp, host=host,
         trace_keeps_grads=False, forward_extra=tuple(fwd), backward_extra=tuple(bwd),
+        state_blocks=state_blocks, step_blocks=temp_blocks,
         embed_extra=(unsharded[root],
                      unsharded[root] + sum(sharded_grad[:num_blocks]) + head_grads + root_g),
         head_extra=(unsharded[root] + all_blocks, unsharded[root] + all_blocks + head_grads),
@@ -683,12 +710,17 @@ def _zero(
             trace_keeps_grads=True,
         )
     during = buckets + g_part  # IPG buckets and grads_in_partition through backward
+    # the step beyond grads_in_partition (held since backward): the flat copy and its fp32
+    # cast, or the cast and the optimizer's temporary, whichever is more
+    cast = (rounded(part * md), rounded(part * 4))
+    update = (rounded(part * 4), temp)
     return RankStates(
         weights=weights, master_weights=master, gradients=g_part, optimizer_state=state,
         optimizer_temporary=temp, buffers=0,
         optimizer_extra=max(prepare, rounded(part * 4) + temp), host=0,
         trace_keeps_grads=False, backward_extra=(during,) * num_blocks,
         embed_extra=(0, during), head_extra=(0, during),
+        step_blocks=tuple(b for b in max(cast, update, key=sum) if b),
     )
 
 
