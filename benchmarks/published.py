@@ -30,7 +30,9 @@ data-parallel strategy (:mod:`layerscope.estimate.comm`).
 
 Choices where a record leaves room (each printed with the point it affects):
 - a statistic that is not stated is taken as reserved (``torch.cuda.max_memory_reserved``,
-  what most tools print); "GB" without a stated base is GiB (most scripts divide by 1024**3);
+  what most tools print); "GB" without a stated base is GiB (most scripts divide by 1024**3),
+  unless a figure of the same table, per GPU, exceeds its GPU's whole memory in GiB, which no
+  statistic can: that table's figures are then 10**9 bytes (:func:`decimal_groups`);
 - a sequence length given as ``<=L`` with truncation at ``L`` is ``L``: a run's peak is the
   peak of its longest batch, and Alpaca (the dataset of those runs) has samples beyond 512
   tokens, so some batch is padded to ``L`` (unless the floor below contradicts it);
@@ -67,6 +69,7 @@ import statistics
 import sys
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -776,11 +779,41 @@ def _contradicted(p: dict[str, Any], run: Run) -> str | None:
             f"{per_gpu / GB:.1f} GB, so the unpacked batches were shorter (lengths unknown)")
 
 
-def judge(p: dict[str, Any]) -> Run | Verdict:
-    """A comparable :class:`Run`, or a :class:`Verdict` saying why not (yet)."""
+def decimal_groups(points: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Groups whose "GB" without a stated base cannot be GiB, with the figure that shows it:
+    one of the group's figures, per GPU, is above its GPU's whole memory (``nvidia-smi``'s
+    total) in GiB, which neither the allocator's statistics nor ``nvidia-smi`` can show. The
+    group's figures are then read as 10**9 bytes, the SI reading ("GB" as 1000 MiB, the other
+    one left, would be 4.9% more)."""
+    from layerscope.estimate.hardware import get_gpu
+
+    out: dict[str, str] = {}
+    for i, p in enumerate(points):
+        run = translate(p)
+        if isinstance(run, Verdict) or run.unit != "GiB" or run.gpu is None:
+            continue
+        if not any("'GB' without a stated base" in a for a in run.assumptions):
+            continue
+        per_gpu = p["value"] / (run.num_gpus if run.summed else 1)
+        memory = get_gpu(run.gpu).memory_bytes / GIB
+        if per_gpu > memory and p["group"] not in out:
+            out[p["group"]] = (f"'GB' read as 10**9 bytes: #{i}'s {per_gpu:g} per GPU is more "
+                               f"than a {run.gpu}'s {memory:.2f} GiB (as 1000 MiB, the other "
+                               f"reading left, the figures would be 4.9% more)")
+    return out
+
+
+def judge(p: dict[str, Any], decimal: Mapping[str, str] | None = None) -> Run | Verdict:
+    """A comparable :class:`Run`, or a :class:`Verdict` saying why not (yet). ``decimal``:
+    :func:`decimal_groups` of the points read."""
     run = translate(p)
     if isinstance(run, Verdict):
         return run
+    why = (decimal or {}).get(p["group"])
+    if why and run.unit == "GiB" and any("'GB' without a stated base" in a
+                                         for a in run.assumptions):
+        kept = tuple(a for a in run.assumptions if "'GB' without a stated base" not in a)
+        run = dataclasses.replace(run, unit="GB", assumptions=(*kept, why))
     contradiction = _contradicted(p, run)
     if contradiction:
         return Verdict("not expressible", (contradiction,))
@@ -1055,13 +1088,14 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()  # the traced steps' notices are not results
     points = [json.loads(line) for line in args.points.read_text().splitlines() if line]
+    decimal = decimal_groups(points)
     tally = Tally()
     rows, bounds, times = [], [], []
     for i, p in enumerate(points):
         if args.filter and args.filter not in p["group"] and args.filter not in p["model"]:
             continue
         times.append((i, p))
-        verdict = judge(p)
+        verdict = judge(p, decimal)
         published = f"{p['value']:g}"
         if isinstance(verdict, Verdict):
             tally.status[verdict.status] += 1

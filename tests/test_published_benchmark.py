@@ -258,3 +258,22 @@ def test_a_recipes_deepspeed_optimizer_replaces_the_scripts() -> None:
     # another project's DeepSpeed run keeps its stated optimizer
     run = published.translate(record(**{**qwen, "group": "elsewhere"}))
     assert isinstance(run, published.Run) and run.optimizer == "adamw"
+
+
+def test_gb_that_cannot_be_gib_is_read_as_1e9_bytes_for_the_whole_table() -> None:
+    unstated = "gpu_memory_GB (method unstated)"
+    small = record(metric=unstated, value=30, group="table")
+    # 2 x 80 GiB A100s cannot hold 162 GiB: the table's 'GB' is not GiB
+    big = record(metric="total_memory_summed_over_GPUs_GB (method unstated)", value=162,
+                 num_gpus=2, parallelism="DeepSpeed ZeRO-3, 2 GPUs", group="table")
+    other = record(metric=unstated, value=30, group="other")
+    decimal = published.decimal_groups([small, big, other])
+    assert set(decimal) == {"table"} and "#1's 81 per GPU" in decimal["table"]
+    run = published.judge(small, decimal)
+    assert run.unit == "GB" and decimal["table"] in run.assumptions
+    assert not any("without a stated base" in a for a in run.assumptions)
+    assert published.judge(other, decimal).unit == "GiB"
+    assert published.judge(small).unit == "GiB"  # without the table's evidence
+    # a stated unit is never re-read
+    stated = record(value=100, group="table")
+    assert published.judge(stated, decimal).unit == published.judge(stated).unit
