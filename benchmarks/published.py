@@ -306,6 +306,14 @@ def _accumulation(p: dict[str, Any]) -> int | None:
     return int(m.group(1)) if m else None
 
 
+UNSTATED_GB = "'GB' without a stated base"
+"""The start of the assumption :func:`_statistic` notes when it takes such a figure as GiB."""
+
+
+def _unstated_gb(run: Run) -> bool:
+    return any(UNSTATED_GB in a for a in run.assumptions)
+
+
 def _statistic(metric: str) -> tuple[str, str, bool, list[str]]:
     """(statistic, unit, summed over GPUs, assumptions) from the record's metric."""
     notes: list[str] = []
@@ -327,7 +335,7 @@ def _statistic(metric: str) -> tuple[str, str, bool, list[str]]:
     else:
         unit = "GiB"
         if "GB" in metric:
-            notes.append("'GB' without a stated base: taken as GiB")
+            notes.append(f"{UNSTATED_GB}: taken as GiB")
     return stat, unit, "summed_over_GPUs" in metric, notes
 
 
@@ -792,7 +800,7 @@ def decimal_groups(points: Sequence[dict[str, Any]]) -> dict[str, str]:
         run = translate(p)
         if isinstance(run, Verdict) or run.unit != "GiB" or run.gpu is None:
             continue
-        if not any("'GB' without a stated base" in a for a in run.assumptions):
+        if not _unstated_gb(run):
             continue
         per_gpu = p["value"] / (run.num_gpus if run.summed else 1)
         memory = get_gpu(run.gpu).memory_bytes / GIB
@@ -810,9 +818,8 @@ def judge(p: dict[str, Any], decimal: Mapping[str, str] | None = None) -> Run | 
     if isinstance(run, Verdict):
         return run
     why = (decimal or {}).get(p["group"])
-    if why and run.unit == "GiB" and any("'GB' without a stated base" in a
-                                         for a in run.assumptions):
-        kept = tuple(a for a in run.assumptions if "'GB' without a stated base" not in a)
+    if why and run.unit == "GiB" and _unstated_gb(run):
+        kept = tuple(a for a in run.assumptions if UNSTATED_GB not in a)
         run = dataclasses.replace(run, unit="GB", assumptions=(*kept, why))
     contradiction = _contradicted(p, run)
     if contradiction:

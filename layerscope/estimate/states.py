@@ -606,6 +606,19 @@ def zero3_allocations(
     return init, step
 
 
+def _ops_peak(ops: Sequence[tuple[int, int]]) -> int:
+    """The most bytes alive at once over allocator ops ``(handle, bytes)`` (0 bytes: free)."""
+    alive: dict[int, int] = {}
+    peak = 0
+    for h, size in ops:
+        if size:
+            alive[h] = size
+            peak = max(peak, sum(alive.values()))
+        else:
+            alive.pop(h)
+    return peak
+
+
 def _zero(
     params: Sequence[TensorInfo], num_blocks: int, sharding: Sharding, optimizer: str,
     inference: bool, recompute: bool = False,
@@ -635,7 +648,6 @@ def _zero(
                           optimizer_temporary=0, buffers=0, optimizer_extra=0, host=0,
                           trace_keeps_grads=False)
     master = rounded(part * 4)
-    largest_part = max((ceil_div(p.numel, n) for p in trainable), default=0)
     if stage == 3:  # the optimizer steps one sub-group at a time
         sub = max(zero3_sub_groups([ceil_div(p.numel, n) for p in trainable], z.sub_group_size),
                   default=0)
@@ -660,11 +672,9 @@ def _zero(
         else:
             buffers += grad_buffer
             grads_gpu = grad_buffer
-            # _get_norm_groups first: each gradient partition .double() for its norm, one at a
-            # time; then per sub-group _prepare_fp32_grad_for_sub_group: flatten (16-bit) then
-            # .to(fp32), then the optimizer on it
-            step = max(rounded(largest_part * 8), rounded(sub * md) + rounded(sub * 4),
-                       rounded(sub * 4) + temp)
+            # the step's highest point: its fp64 norm copies, then per sub-group the flat
+            # 16-bit gradients, their fp32 cast and the optimizer's temporaries
+            step = _ops_peak(zero3_allocations(params, sharding=sharding, optimizer=optimizer)[1])
         fwd, bwd, embed, head = _zero3_gathered(params, num_blocks, sharding, md, recompute,
                                                 offloaded=offload_params)
         # reduce_scatter_coalesced concatenates the bucket's partitions; one tensor that splits
@@ -717,7 +727,7 @@ def _zero(
     return RankStates(
         weights=weights, master_weights=master, gradients=g_part, optimizer_state=state,
         optimizer_temporary=temp, buffers=0,
-        optimizer_extra=max(prepare, rounded(part * 4) + temp), host=0,
+        optimizer_extra=max(g_part + sum(cast), sum(update)), host=0,
         trace_keeps_grads=False, backward_extra=(during,) * num_blocks,
         embed_extra=(0, during), head_extra=(0, during),
         step_blocks=tuple(b for b in max(cast, update, key=sum) if b),
